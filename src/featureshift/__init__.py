@@ -1,0 +1,20 @@
+"""featureshift: see what transfer learning does to a network."""
+__version__ = "0.1.0"
+
+from .errors import FeatureshiftError  # noqa: E402
+from .models import (ModelInfo, attach_info, available_models, create_model, list_layers,  # noqa: E402
+                     model_info)
+from .snapshot import SnapshotMeta, load_snapshot, read_meta, save_snapshot  # noqa: E402
+
+
+def load(model_or_snapshot: str, weights: str = "imagenet"):
+    """A network from a model name or a snapshot path: (model, SnapshotMeta or None)."""
+    from pathlib import Path
+
+    if model_or_snapshot.endswith(".safetensors") or Path(model_or_snapshot).is_file():
+        return load_snapshot(model_or_snapshot)
+    return create_model(model_or_snapshot, weights=weights), None
+
+
+__all__ = ["FeatureshiftError", "ModelInfo", "SnapshotMeta", "attach_info", "available_models", "create_model",
+           "list_layers", "load", "load_snapshot", "model_info", "read_meta", "save_snapshot", "__version__"]

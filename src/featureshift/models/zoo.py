@@ -1,0 +1,289 @@
+"""One registry of networks: a name and a weights choice in, a plain nn.Module out.
+
+Every model takes normalized RGB input (torchvision's convention) and carries a
+`ModelInfo` (architecture, classes, preprocessing) that snapshots store and every
+command reads, so a fine-tuned network is rebuilt exactly as it was saved.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import urllib.error
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from ..errors import FeatureshiftError, did_you_mean
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Builder arguments fixed per architecture so that "imagenet" and "random" weights
+# and a snapshot reload all produce the same module tree (and the same layer names).
+_ARCH_KWARGS: dict[str, dict[str, Any]] = {
+    "googlenet": {"aux_logits": False, "transform_input": True},
+    "inception_v3": {"aux_logits": True, "transform_input": True},
+}
+
+
+@dataclasses.dataclass
+class ModelInfo:
+    arch: str  # torchvision builder name, or "timm/<name>"
+    num_classes: int
+    class_names: list[str] = dataclasses.field(repr=False)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    input_size: int = 224
+    resize_size: int = 256
+    weights: str = "random"  # where the weights came from: imagenet, random, a file path
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelInfo":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in fields}
+        d["mean"], d["std"] = tuple(d.get("mean", IMAGENET_MEAN)), tuple(d.get("std", IMAGENET_STD))
+        return cls(**d)
+
+
+def model_info(model: nn.Module) -> ModelInfo:
+    info = getattr(model, "featureshift_info", None)
+    if info is None:
+        raise FeatureshiftError(
+            "This network was not made by featureshift.create_model or load_snapshot, so its preprocessing "
+            "and classes are unknown. Create it with featureshift.create_model(name, weights=...) or attach "
+            "featureshift.ModelInfo to it with featureshift.attach_info(model, info)."
+        )
+    return info
+
+
+def attach_info(model: nn.Module, info: ModelInfo) -> nn.Module:
+    object.__setattr__(model, "featureshift_info", info)
+    return model
+
+
+def torchvision_models() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        return None
+    return timm
+
+
+def available_models() -> list[str]:
+    names = torchvision_models()
+    timm = _timm()
+    if timm is not None:
+        names += [f"timm/{n}" for n in timm.list_models()]
+    return names
+
+
+def _resolve_name(name: str) -> tuple[str, str]:
+    """-> (library, builder name)."""
+    if name.startswith(("timm/", "timm:")):
+        lib, base = "timm", name[5:]
+    elif name in torchvision_models():
+        return "torchvision", name
+    else:
+        lib, base = "timm", name
+    timm = _timm()
+    if timm is not None and timm.is_model(base):
+        return "timm", base
+    hint = did_you_mean(name, available_models())
+    extra = "" if timm is not None else " Any timm model works too after `pip install 'featureshift[timm]'`."
+    raise FeatureshiftError(
+        f"Unknown model '{name}'.{hint} Models are torchvision classification builder names "
+        f"(googlenet, inception_v3, vgg16, squeezenet1_1, resnet18, ...).{extra}"
+    )
+
+
+def _imagenet_enum(name: str):
+    try:
+        return torchvision.models.get_model_weights(name).DEFAULT
+    except (ValueError, KeyError):
+        return None
+
+
+def _offline_error(what: str, url: str, path: Path, err: Exception) -> FeatureshiftError:
+    return FeatureshiftError(
+        f"Could not download the ImageNet weights of {what} ({err.__class__.__name__}: {err}). "
+        f"If this machine is offline, download {url} elsewhere and place it by hand at {path}, "
+        "then run the command again; or use --weights random, or the offline model "
+        "`--model squeezenet1_1 --weights imagenet`."
+    )
+
+
+def build(arch: str, num_classes: int = 1000, pretrained: bool = False, progress: bool = True) -> nn.Module:
+    """The bare architecture (random init, or ImageNet weights), head sized for num_classes."""
+    lib, base = _resolve_name(arch)
+    if lib == "timm":
+        timm = _timm()
+        try:
+            model = timm.create_model(base, pretrained=pretrained)
+        except Exception as e:  # hub download failures come in many types
+            if not pretrained:
+                raise
+            cache = os.environ.get("HF_HUB_CACHE", str(Path.home() / ".cache" / "huggingface" / "hub"))
+            raise _offline_error(f"timm/{base}", f"the Hugging Face hub repository of timm/{base}", Path(cache), e)
+    else:
+        kwargs = dict(_ARCH_KWARGS.get(base, {}))
+        if pretrained and base == "squeezenet1_1":
+            from .squeezenet_offline import load_state_dict
+
+            model = torchvision.models.squeezenet1_1(weights=None)
+            model.load_state_dict(load_state_dict())
+        elif pretrained:
+            enum = _imagenet_enum(base)
+            if enum is None:
+                raise FeatureshiftError(f"torchvision has no ImageNet weights for '{base}'; use --weights random or a file.")
+            path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(enum.url)
+            try:
+                # torchvision fixes the builder arguments itself when it loads weights
+                model = torchvision.models.get_model(base, weights=enum, progress=progress)
+            except (urllib.error.URLError, OSError, RuntimeError) as e:
+                if path.exists() and isinstance(e, RuntimeError):
+                    raise FeatureshiftError(
+                        f"The cached ImageNet weights {path} could not be read ({e}). Delete the file so it is "
+                        "downloaded again, or replace it by hand."
+                    ) from e
+                raise _offline_error(base, enum.url, path, e) from e
+        else:
+            if base in ("googlenet", "inception_v3"):
+                kwargs["init_weights"] = True
+            model = torchvision.models.get_model(base, weights=None, **kwargs)
+    if num_classes != current_num_classes(model):
+        replace_head(model, num_classes)
+    return model
+
+
+def _head_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The final classifier layer(s): the last Linear / 1x1 Conv producing the logits, plus aux heads."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    if not layers:
+        raise FeatureshiftError(f"Cannot find a classifier layer in {type(model).__name__}.")
+    last_name, last = layers[-1]
+    out = last.out_features if isinstance(last, nn.Linear) else last.out_channels
+    heads = [(last_name, last)]
+    for n, m in layers[:-1]:
+        o = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+        if "aux" in n.lower() and o == out:
+            heads.append((n, m))
+    return heads
+
+
+def current_num_classes(model: nn.Module) -> int:
+    _, m = _head_modules(model)[0]
+    return m.out_features if isinstance(m, nn.Linear) else m.out_channels
+
+
+def replace_head(model: nn.Module, num_classes: int) -> list[str]:
+    """Swap the classifier (and aux classifiers) for fresh ones with num_classes outputs."""
+    if hasattr(model, "reset_classifier") and hasattr(model, "default_cfg"):  # timm
+        model.reset_classifier(num_classes)
+        return [n for n, _ in _head_modules(model)]
+    names = []
+    for name, old in _head_modules(model):
+        if isinstance(old, nn.Linear):
+            new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+        else:
+            new = nn.Conv2d(old.in_channels, num_classes, old.kernel_size, old.stride, old.padding, bias=old.bias is not None)
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, new)
+        names.append(name)
+    return names
+
+
+def _preprocessing(lib: str, base: str, model: nn.Module) -> dict[str, Any]:
+    if lib == "timm":
+        timm = _timm()
+        cfg = timm.data.resolve_data_config({}, model=model)
+        size = int(cfg["input_size"][-1])
+        return dict(mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), input_size=size,
+                    resize_size=int(round(size / cfg.get("crop_pct", 0.875))))
+    enum = _imagenet_enum(base)
+    if enum is None:
+        return {}
+    t = enum.transforms()
+    crop = t.crop_size[0] if isinstance(t.crop_size, (list, tuple)) else t.crop_size
+    resize = t.resize_size[0] if isinstance(t.resize_size, (list, tuple)) else t.resize_size
+    return dict(mean=tuple(t.mean), std=tuple(t.std), input_size=int(crop), resize_size=int(resize))
+
+
+def imagenet_classes() -> list[str]:
+    return list(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def create_model(name: str, weights: str = "imagenet", num_classes: int | None = None,
+                 progress: bool = True) -> nn.Module:
+    """A network in eval mode taking normalized RGB input, with `featureshift_info` attached.
+
+    weights: "imagenet" (standard download-and-cache; squeezenet1_1 works offline),
+    "random", or the path of a snapshot (.safetensors) or a state-dict file.
+    """
+    if weights not in ("imagenet", "random"):
+        path = Path(weights)
+        if not path.exists():
+            raise FeatureshiftError(
+                f"--weights '{weights}' is neither 'imagenet', 'random', nor an existing file. "
+                "Give the path of a snapshot or a saved state dict."
+            )
+        if path.suffix == ".safetensors":
+            from ..snapshot import load_snapshot
+
+            model, meta = load_snapshot(path)
+            if meta.info.arch != name and not meta.info.arch.endswith("/" + name):
+                raise FeatureshiftError(
+                    f"The snapshot {path} holds a '{meta.info.arch}' network, not '{name}'. "
+                    f"Use --model {meta.info.arch}, or pass the snapshot itself where a model is expected."
+                )
+            return model
+        return _from_state_dict_file(name, path, progress)
+    lib, base = _resolve_name(name)
+    arch = f"timm/{base}" if lib == "timm" else base
+    model = build(arch, pretrained=weights == "imagenet", progress=progress)
+    classes = imagenet_classes() if current_num_classes(model) == 1000 else [str(i) for i in range(current_num_classes(model))]
+    info = ModelInfo(arch=arch, num_classes=len(classes), class_names=classes, weights=weights,
+                     **_preprocessing(lib, base, model))
+    if num_classes is not None and num_classes != info.num_classes:
+        replace_head(model, num_classes)
+        info.num_classes, info.class_names = num_classes, [str(i) for i in range(num_classes)]
+    return attach_info(model.eval(), info)
+
+
+def _from_state_dict_file(name: str, path: Path, progress: bool) -> nn.Module:
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)  # never run code from the file
+    except Exception as e:
+        raise FeatureshiftError(
+            f"Could not read weights from {path} ({e.__class__.__name__}: {e}). Give a featureshift snapshot "
+            "(.safetensors) or a file saved with torch.save(model.state_dict(), path)."
+        ) from e
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    model = create_model(name, weights="random", progress=progress)
+    info = model_info(model)
+    head = [n for n, _ in _head_modules(model)][0]
+    key = f"{head}.weight"
+    if key in sd and sd[key].shape[0] != info.num_classes:
+        replace_head(model, sd[key].shape[0])
+        info.num_classes = sd[key].shape[0]
+        info.class_names = [str(i) for i in range(info.num_classes)]
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0:3]
+        raise FeatureshiftError(
+            f"The weights in {path} do not fit a '{name}' network: {' '.join(first)} Check --model."
+        ) from e
+    info.weights = str(path)
+    return model.eval()

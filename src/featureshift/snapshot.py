@@ -1,0 +1,147 @@
+"""The snapshot file: one network state, self-contained and safe to open.
+
+A snapshot is a safetensors file: the weights plus JSON metadata (architecture,
+classes, preprocessing, epoch, metrics, training configuration, the parent
+snapshot's checksum). Opening one never executes code from the file. Files are
+written atomically, so a crash never leaves a half-written snapshot under its name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import FeatureshiftError
+from .io import atomic_path
+from .models.zoo import ModelInfo, attach_info, build, model_info
+
+FORMAT = "featureshift.snapshot/1"
+
+
+@dataclasses.dataclass
+class SnapshotMeta:
+    info: ModelInfo
+    epoch: int | None = None
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    parent: str | None = None  # checksum of the snapshot this one was trained from
+    checksum: str = ""  # sha256 of the weights (names, dtypes, shapes, bytes); metadata excluded
+    created: str = ""
+    version: str = __version__
+    path: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["info"] = self.info.to_dict()
+        d.pop("path")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], path: str | None = None) -> "SnapshotMeta":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in fields}
+        d["info"] = ModelInfo.from_dict(d["info"])
+        return cls(**d, path=path)
+
+
+def weights_checksum(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    # clone: safetensors refuses tensors that share storage
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+
+
+def save_snapshot(model: nn.Module, path: str | Path, *, epoch: int | None = None,
+                  metrics: dict[str, Any] | None = None, config: dict[str, Any] | None = None,
+                  parent: str | None = None, info: ModelInfo | None = None) -> SnapshotMeta:
+    """Write `model` and its metadata to `path` atomically; returns the metadata written."""
+    from safetensors.torch import save_file
+
+    state = _state(model)
+    meta = SnapshotMeta(
+        info=info or model_info(model), epoch=epoch, metrics=dict(metrics or {}), config=dict(config or {}),
+        parent=parent, checksum=weights_checksum(state),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": FORMAT, "featureshift": json.dumps(meta.to_dict(), default=str)})
+    meta.path = str(path)
+    return meta
+
+
+def _bad(path: Path, why: str) -> FeatureshiftError:
+    return FeatureshiftError(
+        f"{path} is not a readable featureshift snapshot: {why}. It may be truncated or damaged; "
+        "use another snapshot or save it again."
+    )
+
+
+def read_meta(path: str | Path) -> SnapshotMeta:
+    """The metadata of a snapshot, without loading its weights."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FeatureshiftError(f"Snapshot {path} does not exist.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except Exception as e:
+        raise _bad(path, f"{e.__class__.__name__}: {e}") from e
+    if raw.get("format") != FORMAT or "featureshift" not in raw:
+        raise _bad(path, "it holds no featureshift metadata (plain safetensors weights can be loaded with "
+                   "`--model NAME --weights FILE` once saved as a state dict)")
+    try:
+        return SnapshotMeta.from_dict(json.loads(raw["featureshift"]), path=str(path))
+    except (ValueError, KeyError, TypeError) as e:
+        raise _bad(path, f"its metadata is malformed ({e})") from e
+
+
+def load_snapshot(path: str | Path, device: str | torch.device = "cpu", verify: bool = True
+                  ) -> tuple[nn.Module, SnapshotMeta]:
+    """(network in eval mode, metadata). The weights' checksum is verified unless verify=False."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = read_meta(path)
+    try:
+        state = load_file(str(path))
+    except Exception as e:
+        raise _bad(path, f"{e.__class__.__name__}: {e}") from e
+    if verify and weights_checksum(state) != meta.checksum:
+        raise _bad(path, "its weights do not match the checksum stored with them")
+    model = build_from_state(meta.info, state, path)
+    return attach_info(model.to(device).eval(), meta.info), meta
+
+
+def build_from_state(info: ModelInfo, state: dict[str, torch.Tensor], source: Path | str) -> nn.Module:
+    # Build on the meta device (no time spent on a random init that is overwritten at once).
+    with torch.device("meta"):
+        model = build(info.arch, num_classes=info.num_classes, pretrained=False)
+    try:
+        model.load_state_dict(state, assign=True)
+    except RuntimeError as e:
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()][:3]
+        raise FeatureshiftError(
+            f"The weights in {source} do not fit the '{info.arch}' architecture its metadata names "
+            f"({' '.join(lines)[:400]}). The file was probably edited or written by another tool."
+        ) from e
+    leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftovers:  # non-persistent buffers: build normally and load again
+        model = build(info.arch, num_classes=info.num_classes, pretrained=False)
+        model.load_state_dict(state)
+    return model
