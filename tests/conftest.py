@@ -1,0 +1,23 @@
+import os
+
+import pytest
+
+# Keep converted offline weights out of the user's cache during tests, but share them across tests.
+os.environ.setdefault("FEATURESHIFT_CACHE", os.path.join(os.path.dirname(__file__), "..", ".featureshift-cache"))
+
+
+@pytest.fixture(scope="session")
+def squeezenet():
+    """The offline ImageNet SqueezeNet: real features for tests that need them."""
+    import featureshift
+
+    return featureshift.create_model("squeezenet1_1", weights="imagenet")
+
+
+@pytest.fixture(scope="session")
+def photos():
+    """Real photographs bundled with scikit-image: name -> PIL image."""
+    from PIL import Image
+    from skimage import data
+
+    return {n: Image.fromarray(getattr(data, n)()) for n in ("chelsea", "coffee", "astronaut", "rocket")}

@@ -1,0 +1,109 @@
+import json
+import os
+
+import pytest
+import torch
+
+import featureshift
+from featureshift import FeatureshiftError, create_model, load_snapshot, read_meta, save_snapshot
+from featureshift.snapshot import weights_checksum
+
+
+def outputs(model, seed=0):
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(x)
+
+
+@pytest.mark.parametrize("arch", ["squeezenet1_1", "googlenet", "resnet18"])
+def test_round_trip_gives_identical_outputs(tmp_path, arch):
+    model = create_model(arch, weights="random", num_classes=5)
+    featureshift.models.model_info(model).class_names = ["a b", "ü", "<b>", "d", "e"]
+    path = tmp_path / "000.safetensors"
+    meta = save_snapshot(model, path, epoch=3, metrics={"val_acc": 0.5}, config={"lr": 1e-3}, parent="abc")
+    loaded, meta2 = load_snapshot(path)
+    assert torch.equal(outputs(model), outputs(loaded))
+    assert not loaded.training
+    assert meta2.epoch == 3 and meta2.metrics == {"val_acc": 0.5} and meta2.config == {"lr": 1e-3}
+    assert meta2.parent == "abc" and meta2.checksum == meta.checksum
+    assert meta2.info.class_names == ["a b", "ü", "<b>", "d", "e"] and meta2.info.arch == arch
+    assert featureshift.model_info(loaded).num_classes == 5
+
+
+def test_checksum_depends_on_weights_only(tmp_path, squeezenet):
+    a = save_snapshot(squeezenet, tmp_path / "a.safetensors", epoch=0)
+    b = save_snapshot(squeezenet, tmp_path / "b.safetensors", epoch=7, metrics={"x": 1.0})
+    assert a.checksum == b.checksum == weights_checksum(squeezenet.state_dict())
+
+
+def test_write_is_atomic(tmp_path, squeezenet, monkeypatch):
+    path = tmp_path / "s.safetensors"
+    save_snapshot(squeezenet, path, epoch=0)
+    before = path.read_bytes()
+    import safetensors.torch
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a snapshot")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(OSError):
+        save_snapshot(squeezenet, path, epoch=1)
+    assert path.read_bytes() == before  # the old snapshot is untouched
+    assert os.listdir(tmp_path) == ["s.safetensors"]  # no temp file left behind
+    with pytest.raises(OSError):
+        save_snapshot(squeezenet, tmp_path / "new.safetensors", epoch=1)
+    assert not (tmp_path / "new.safetensors").exists()
+
+
+def test_truncated_snapshot_is_a_clear_error(tmp_path, squeezenet):
+    path = tmp_path / "s.safetensors"
+    save_snapshot(squeezenet, path, epoch=0)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(FeatureshiftError, match="s.safetensors"):
+        load_snapshot(path)
+    path.write_bytes(b"")
+    with pytest.raises(FeatureshiftError, match="not a readable featureshift snapshot"):
+        read_meta(path)
+
+
+def test_damaged_weights_fail_the_checksum(tmp_path, squeezenet):
+    path = tmp_path / "s.safetensors"
+    save_snapshot(squeezenet, path, epoch=0)
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF  # flip bits inside the last tensor
+    path.write_bytes(bytes(data))
+    with pytest.raises(FeatureshiftError, match="checksum"):
+        load_snapshot(path)
+
+
+def test_architecture_mismatch_is_a_clear_error(tmp_path, squeezenet):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "s.safetensors"
+    save_snapshot(squeezenet, path, epoch=0)
+    with safe_open(str(path), "pt") as f:
+        raw = f.metadata()
+    meta = json.loads(raw["featureshift"])
+    meta["info"]["arch"] = "resnet18"
+    raw["featureshift"] = json.dumps(meta)
+    save_file(load_file(path), str(path), metadata=raw)
+    with pytest.raises(FeatureshiftError, match="do not fit the 'resnet18' architecture"):
+        load_snapshot(path)
+
+
+def test_plain_safetensors_file_is_not_a_snapshot(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.zeros(3)}, str(path))
+    with pytest.raises(FeatureshiftError, match="no featureshift metadata"):
+        read_meta(path)
+
+
+def test_missing_snapshot(tmp_path):
+    with pytest.raises(FeatureshiftError, match="does not exist"):
+        load_snapshot(tmp_path / "nope.safetensors")
