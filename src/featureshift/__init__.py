@@ -5,6 +5,11 @@ from .errors import FeatureshiftError  # noqa: E402
 from .models import (ModelInfo, attach_info, available_models, create_model, list_layers,  # noqa: E402
                      model_info)
 from .snapshot import SnapshotMeta, load_snapshot, read_meta, save_snapshot  # noqa: E402
+from . import render  # noqa: E402  (a callable package: featureshift.render(...) == featureshift.render.render(...))
+from . import train  # noqa: E402  (a callable module: featureshift.train(...) == featureshift.train.train(...))
+# featureshift.timeline.timeline(...) and featureshift.merge.merge(...): the modules stay reachable by name.
+from .timeline import SnapshotVisualizer, TimelineResult  # noqa: E402
+from .merge import MergeResult  # noqa: E402
 
 
 def load(model_or_snapshot: str, weights: str = "imagenet"):
@@ -17,4 +22,5 @@ def load(model_or_snapshot: str, weights: str = "imagenet"):
 
 
 __all__ = ["FeatureshiftError", "ModelInfo", "SnapshotMeta", "attach_info", "available_models", "create_model",
-           "list_layers", "load", "load_snapshot", "model_info", "read_meta", "save_snapshot", "__version__"]
+           "list_layers", "load", "render", "load_snapshot", "model_info", "read_meta", "save_snapshot", "__version__", "train",
+           "MergeResult", "SnapshotVisualizer", "TimelineResult"]

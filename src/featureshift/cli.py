@@ -107,11 +107,457 @@ def info(snapshot, as_json):
             click.echo(f"  {k:<18} {v}")
 
 
+@main.command()
+@click.argument("pattern", required=False)
+@_handle_errors
+def models(pattern):
+    """List the model names --model accepts (torchvision builders; timm/<name> when timm is installed).
+
+    PATTERN keeps the names that contain it.
+    """
+    from .models import available_models
+
+    for name in available_models():
+        if not pattern or pattern.lower() in name.lower():
+            click.echo(name)
+
+
 # Commands of the other capabilities are registered below, one section each.
 # --- train (issue 3) ---
+@main.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="A TOML file of options (keys as the flags, with _ or -); flags given here override it.")
+@click.option("--data", help="Training images: a folder with one sub-folder of images per class.")
+@click.option("--val", help="A separate validation folder (same class folders) [default: split --data].")
+@click.option("--val-fraction", type=float, help="Share of each class held out for validation by a seeded split "
+              "that is the same on every run and resume  [default: 0.2].")
+@click.option("--model", help="Model name (googlenet, inception_v3, vgg16, squeezenet1_1, resnet50, timm/...) or a "
+              "snapshot file to continue from  [default: googlenet].")
+@click.option("--weights", help="Starting weights: " + WEIGHTS_HELP + "  [default: imagenet]")
+@click.option("--epochs", type=int, help="Epochs to train; 0 only saves the original network  [default: 10]. "
+              "With --resume: the new total.")
+@click.option("--batch-size", type=int, help="[default: 32]")
+@click.option("--cutoff", help="Freeze the first N parameter-holding layers (forward order), or every layer up to "
+              "and including LAYER (a name from `featureshift layers`)  [default: all layers train].")
+@click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd", "rmsprop"]), help="[default: adam]")
+@click.option("--lr", type=float, help="Learning rate  [default: 0.001].")
+@click.option("--weight-decay", type=float, help="[default: 0]")
+@click.option("--momentum", type=float, help="For sgd and rmsprop  [default: 0.9].")
+@click.option("--nesterov/--no-nesterov", default=None, help="Nesterov momentum for sgd  [default: off].")
+@click.option("--schedule", type=click.Choice(["none", "cosine", "step"]),
+              help="Learning-rate schedule: cosine decays to 0 over the epochs; step multiplies by --gamma every "
+              "--step-size epochs  [default: none].")
+@click.option("--step-size", type=int, help="Epochs between steps of the step schedule  [default: 10].")
+@click.option("--gamma", type=float, help="Factor of the step schedule  [default: 0.1].")
+@click.option("--snapshot-every", type=int, help="Save a snapshot every K epochs (and always before training and "
+              "after the last epoch)  [default: 1].")
+@click.option("--image-size", type=int, help="Input size in pixels  [default: the model's own].")
+@click.option("--augment/--no-augment", default=None, help="Random crops and flips of training images (never of "
+              "validation images)  [default: on].")
+@click.option("--seed", type=int, help="Seed of the split, initialization and data order; the same seed gives the "
+              "same metrics on CPU  [default: 0].")
+@click.option("--out", help="Run folder to write  [default: runs/MODEL-DATA-TIME].")
+@click.option("--resume", type=click.Path(file_okay=False), help="Continue the run in this folder from its last "
+              "finished epoch (with --epochs N: extend it to N epochs).")
+@click.option("--force", is_flag=True, default=None, help="Replace a run already in --out.")
+@click.option("--device", help="auto, cpu, cuda or cuda:N  [default: auto].")
+@click.option("--workers", type=int, help="Image-decoding worker processes  [default: with CUDA CPUs - 1, at most 8; on "
+              "CPU 0 below 4 cores, else 1-2].")
+@click.option("--amp/--no-amp", default=None, help="Mixed precision on CUDA  [default: on].")
+@click.option("--channels-last/--no-channels-last", default=None, help="channels_last memory format on CUDA  "
+              "[default: on].")
+@click.option("--tensorboard", is_flag=True, default=None, help="Also write TensorBoard scalars to RUN/tensorboard "
+              "(needs `pip install 'featureshift[tensorboard]'`).")
+@click.option("--quiet", "-q", is_flag=True, default=None, help="No progress bars or per-epoch lines (warnings "
+              "and errors still go to stderr).")
+@click.option("--visualize", multiple=True, metavar="LAYER", help="Render LAYER's first --columns channels on each "
+              "snapshot as soon as it is written, into RUN/timeline/LAYER/merged.png (repeat for several layers).")
+@click.option("--columns", type=int, default=5, show_default=True, help="Channels per row with --visualize.")
+@click.option("--vis-steps", type=int, default=512, show_default=True, help="Render steps with --visualize.")
+@click.option("--vis-size", type=int, default=128, show_default=True, help="Render size with --visualize.")
+@_handle_errors
+def train(config_file, visualize, columns, vis_steps, vis_size, **options):
+    """Fine-tune a pretrained classifier, saving snapshots before training and every K epochs.
+
+    The run folder gets snapshots/NNN.safetensors (000 = before training), metrics.jsonl
+    (per epoch: loss and accuracy on training and validation data, learning rate, seconds),
+    run.json (resolved settings, versions, dataset summary) and what --resume needs. The
+    folder's path is printed when training ends.
+
+    \b
+      featureshift train --model googlenet --data flowers17 --epochs 50 --cutoff inception4c --out runs/g
+      featureshift train --config run.toml --lr 3e-4
+      featureshift train --resume runs/g --epochs 100
+    """
+    from .train import train as train_api
+
+    given = {k: v for k, v in options.items() if v is not None}
+    hook = _visualize_hook(visualize, columns, vis_steps, vis_size, given)
+    run = train_api(config_file, on_snapshot=hook, **given)
+    if hook is not None:
+        _finish_visualize(hook, run)
+    click.echo(str(run))
+
+
+@main.command()
+@click.option("--out", default="demo-run", show_default=True, help="Folder for the demo's dataset and run.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@_handle_errors
+def demo(out, quiet):
+    """Run featureshift end to end on a generated dataset (no download, a few minutes on a CPU).
+
+    Fine-tunes the ImageNet SqueezeNet on textures it draws itself, with a snapshot
+    after every epoch, into OUT/run.
+    """
+    from .demo import run_demo
+
+    click.echo(str(run_demo(out, quiet=quiet)))
+
 # --- vis (issue 4) ---
+def _parse_channels(spec: str) -> list[int]:
+    """'0-4,17' -> [0, 1, 2, 3, 4, 17]."""
+    out: list[int] = []
+    for part in spec.replace(" ", "").split(","):
+        try:
+            lo, _, hi = part.partition("-")
+            out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+        except ValueError:
+            raise FeatureshiftError(f"--channels '{spec}': '{part}' is not a channel number or a range like 0-4. "
+                                    "Example: --channels 0-4,17") from None
+    if not out:
+        raise FeatureshiftError(f"--channels '{spec}' names no channels. Example: --channels 0-4,17")
+    return list(dict.fromkeys(out))
+
+
+def _layers_from_stdin(stream) -> list[str]:
+    """Layer names from piped text: the first tab-separated field of each line (the `layers` listing)."""
+    if stream.isatty():
+        raise FeatureshiftError("'-' reads layer names from standard input, but nothing is piped in. Example: "
+                                "featureshift layers googlenet | grep inception4c | featureshift vis googlenet - -o out.png")
+    names = []
+    for line in stream.read().splitlines():
+        name = line.split("\t")[0].strip()
+        if name and not name.startswith("#") and line != "name\ttype\tchannels\tsize":
+            names.append(name)
+    if not names:
+        raise FeatureshiftError("Standard input held no layer names ('-' reads one per line, the first tab-separated "
+                                "field). Check the command before the pipe, e.g. `featureshift layers MODEL | grep NAME`.")
+    return names
+
+
+@main.command()
+@click.argument("model_or_snapshot")
+@click.argument("layers", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="The grid image (.png). Each tile is also saved as OUTPUT_tiles/<layer>_<channel>.png.")
+@click.option("--columns", type=int, default=None, help="Render channels 0..N-1 of every layer  [default: 5].")
+@click.option("--channels", "channel_spec", help="Channels to render instead of --columns, e.g. 0-4,17.")
+@click.option("--objective", type=click.Choice(["channel", "neuron", "negative", "logit", "diversity"]),
+              default="channel", show_default=True,
+              help="channel: spatial mean; neuron: center position; negative: minimize; logit: class logit "
+                   "(layer 'logits', channels = class indices); diversity: several different images per channel.")
+@click.option("--diversity", type=int, default=None,
+              help="Images per channel, pushed apart by a Gram-matrix penalty  [default: 4 with --objective "
+                   "diversity, else 1].")
+@click.option("--steps", type=int, default=512, show_default=True, help="Optimization steps (the old tool: 2048).")
+@click.option("--size", type=int, default=128, show_default=True, help="Image size in pixels (the old tool: 144).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Fixes each channel's starting noise and transforms; same seed, same image.")
+@click.option("--lr", type=float, default=0.05, show_default=True, help="Adam learning rate.")
+@click.option("--param", type=click.Choice(["fft", "pixel"]), default="fft", show_default=True,
+              help="Image parameterization: 1/f-scaled Fourier spectrum, or plain pixels.")
+@click.option("--batch-size", type=int, default=None,
+              help="Images optimized together  [default: as many as memory allows].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--labels/--no-labels", default=True, show_default=True,
+              help="Label rows with the layer and columns with the channel.")
+@click.option("--weights", default="imagenet", show_default=True,
+              help="For a model name: " + WEIGHTS_HELP + " Ignored for a snapshot.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_handle_errors
+def vis(model_or_snapshot, layers, output, columns, channel_spec, objective, diversity, steps, size, seed, lr,
+        param, batch_size, device, labels, weights, quiet):
+    """Render what channels of LAYERS respond to (feature visualization), as one grid image.
+
+    Rows are layers, columns channels. LAYERS are names from `featureshift layers`; the
+    layer 'logits' is the network output (channels = classes). A single '-' reads layer
+    names from standard input, the first tab-separated field of each line:
+
+    \b
+      featureshift vis googlenet inception4a inception4c -o out.png --columns 5
+      featureshift layers googlenet | grep inception4c | \\
+          featureshift vis run/snapshots/003.safetensors - -o sample.png --columns 5
+      featureshift vis squeezenet1_1 logits --channels 1,130,949 --objective logit -o classes.png
+
+    Lucid's method: 1/f Fourier parameterization with decorrelated colors, random pad, jitter,
+    scale and rotation, Adam. `--steps 2048 --size 144` reproduces the original tool.
+    """
+    from .grid import make_grid, to_pil
+    from .io import save_image
+    from .render import render
+
+    if columns is not None and channel_spec:
+        raise FeatureshiftError("Give either --columns N (channels 0..N-1) or --channels LIST, not both.")
+    if columns is not None and columns < 1:
+        raise FeatureshiftError(f"--columns must be at least 1, not {columns}.")
+    channels = _parse_channels(channel_spec) if channel_spec else list(range(columns or 5))
+    names = []
+    for name in layers:
+        names += _layers_from_stdin(sys.stdin) if name == "-" else [name]
+    names = list(dict.fromkeys(names))
+    out = Path(output)
+    if out.suffix.lower() != ".png":
+        raise FeatureshiftError(f"-o {output}: the grid is written as PNG; give a name ending in .png.")
+    net, _ = load_network(model_or_snapshot, weights)
+    result = render(net, [(name, c) for name in names for c in channels], objective=objective, steps=steps,
+                    size=size, seed=seed, lr=lr, param=param, batch_size=batch_size, device=device, quiet=quiet,
+                    diversity=diversity)
+    copies = len(result.targets) // (len(names) * len(channels))
+    tiles_dir = out.with_name(out.stem + "_tiles")
+    rows, i = [], 0
+    for name in names:
+        row = []
+        for c in channels:
+            for k in range(copies):
+                ok = i not in result.failed
+                row.append(result.images[i] if ok else None)
+                if ok:
+                    save_image(tiles_dir / f"{name}_{c}{f'_{k}' if copies > 1 else ''}.png", to_pil(result.images[i]))
+                i += 1
+        rows.append(row)
+    col_labels = [f"{c}" if copies == 1 else f"{c}.{k}" for c in channels for k in range(copies)]
+    grid = make_grid(rows, row_labels=names if labels else None, col_labels=col_labels if labels else None,
+                     pad=2 if labels else 0, missing_label="NaN")
+    save_image(out, grid)
+    for j, why in result.failed.items():
+        layer, c = result.targets[j]
+        click.echo(f"featureshift: warning: {layer} channel {c}: {why}", err=True)
+    click.echo(f"{out}  ({len(names)} layer{'s' * (len(names) != 1)} x {len(col_labels)} images; "
+               f"tiles in {tiles_dir})")
+
+
 # --- timeline / merge (issue 5) ---
+def _visualize_hook(layers, columns, steps, size, train_options):
+    """train --visualize: a timeline hook rendering with the training's device and quietness."""
+    if not layers:
+        return None
+    from .timeline import SnapshotVisualizer
+
+    return SnapshotVisualizer(list(layers), columns, steps=steps, size=size,
+                              device=train_options.get("device", "auto"), quiet=bool(train_options.get("quiet")))
+
+
+def _finish_visualize(hook, run):
+    """Wait for the last render; then render whatever is still missing (a resumed run whose
+    snapshots were never visualized, or one with no new epochs)."""
+    from .timeline import timeline as run_timeline
+
+    hook.close()
+    result = run_timeline(run, hook.layers, hook.channels, **hook.options)
+    for epoch, why in result.missing.items():
+        click.echo(f"featureshift: warning: timeline row of epoch {epoch} is missing: {why}", err=True)
+    for path in result.merged.values():
+        click.echo(f"timeline: {path}", err=True)
+    return result
+
+
+@main.command()
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--layer", "layers", multiple=True, required=True,
+              help="Layer to follow (repeat for several); `featureshift layers MODEL` lists them, "
+                   "'logits' means the classes.")
+@click.option("--columns", type=int, default=None, help="Render the first N channels [default: 5].")
+@click.option("--channels", default=None, help="Channels to render instead, e.g. 0-4,17.")
+@click.option("--snapshots", default=None, help="Epochs to use, e.g. 0,1,5-10 [default: every snapshot].")
+@click.option("--every", type=int, default=None, help="Use the snapshots whose epoch is a multiple of N.")
+@click.option("--steps", type=int, default=512, show_default=True, help="Optimization steps per image.")
+@click.option("--size", type=int, default=128, show_default=True, help="Image size in pixels.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of each channel's starting noise and transforms (the same on every snapshot).")
+@click.option("--objective", default="channel", show_default=True,
+              help="channel, neuron, negative, logit or diversity.")
+@click.option("--lr", type=float, default=0.05, show_default=True, help="Learning rate of the optimization.")
+@click.option("--device", default="auto", show_default=True, help="auto (a CUDA GPU if there is one), cpu, cuda.")
+@click.option("--batch-size", type=int, default=None, help="Images optimized at once [default: as memory allows].")
+@click.option("--force", is_flag=True, help="Render again even what the cache holds.")
+@click.option("--labels/--no-labels", default=True, help="Epoch, accuracy and channel labels, or a bare grid.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_handle_errors
+def timeline(run, layers, columns, channels, snapshots, every, steps, size, seed, objective, lr, device,
+             batch_size, force, labels, quiet):
+    """Render the same channels on every snapshot of the training run RUN.
+
+    Each row is one snapshot in training order (the first is before training), each column
+    one channel. Writes RUN/timeline/<layer>/: one row image per snapshot, merged.png and an
+    animated GIF per channel. Tiles are cached by snapshot checksum and settings, so a rerun
+    renders only new snapshots or changed settings, and an interrupted run resumes.
+
+    \b
+      featureshift timeline runs/flowers --layer inception4c.branch4.1 --columns 5
+      featureshift timeline runs/flowers --layer features.6 --channels 0-3,17 --every 5
+    """
+    from .timeline import timeline as run_timeline
+
+    if columns is not None and channels is not None:
+        raise FeatureshiftError("Give either --columns or --channels, not both.")
+    result = run_timeline(run, list(layers), channels if channels is not None else (columns or 5),
+                          snapshots=snapshots, every=every, steps=steps, size=size, seed=seed, objective=objective,
+                          lr=lr, device=device, batch_size=batch_size, force=force, labels=labels, quiet=quiet)
+    click.echo(result.summary())
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The image to write (.png).")
+@click.option("--labels", is_flag=True, help="Write each file's name to the left of its row.")
+@click.option("--keep-order", is_flag=True, help="Stack in the order given instead of natural numeric order.")
+@click.option("--title", default=None, help="A title above the stack.")
+@_handle_errors
+def merge(inputs, output, labels, keep_order, title):
+    """Stack images (files, or folders of them) top to bottom into one.
+
+    Natural numeric order (epoch2 before epoch10); any sizes, padded. The inputs are only
+    read, never renamed or moved, and the output or any earlier featureshift stack is
+    never taken as an input.
+
+    \b
+      featureshift merge rows/ -o merged.png --labels
+    """
+    from .merge import merge as run_merge
+
+    result = run_merge(inputs, output, labels=labels, keep_order=keep_order, title=title)
+    for path, why in result.skipped:
+        click.echo(f"skipped {path}: {why}", err=True)
+    click.echo(f"{len(result.inputs)} image(s) -> {result.output}")
+
+
 # --- compare / report (issue 6) ---
+def _render_options(defaults: bool):
+    """The render settings of vis/timeline; with defaults=False they stay None ("as before")."""
+    def d(v):
+        return v if defaults else None
+
+    extra = "" if defaults else " [default: as the run's timeline of the layer, else "
+
+    def h(text, v):
+        return text + (f"{extra}{v}]" if not defaults else "")
+
+    opts = [
+        click.option("--steps", type=int, default=d(512), show_default=defaults, help=h("Optimization steps per image.", 512)),
+        click.option("--size", type=int, default=d(128), show_default=defaults, help=h("Render size in pixels.", 128)),
+        click.option("--seed", type=int, default=d(0), show_default=defaults,
+                     help=h("Seed of each channel's noise and transforms, the same for both networks.", 0)),
+        click.option("--lr", type=float, default=d(0.05), show_default=defaults, help=h("Learning rate of the optimization.", 0.05)),
+        click.option("--param", type=click.Choice(["fft", "pixel"]), default=d("fft"), show_default=defaults,
+                     help=h("Image parameterization.", "fft")),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps."),
+        click.option("--batch-size", type=int, default=None, help="Images optimized at once [default: as memory allows]."),
+    ]
+
+    def wrap(fn):
+        for o in reversed(opts):
+            fn = o(fn)
+        return fn
+    return wrap
+
+
+def _probe_options(fn):
+    for o in reversed([
+        click.option("--probe", type=click.Path(), default=None,
+                     help="Folder of probe images (any layout) for CKA, correlation and dataset examples "
+                          "[default: the run's validation images]."),
+        click.option("--probe-limit", type=int, default=256, show_default=True,
+                     help="Use at most this many probe images (evenly spaced over the list)."),
+        click.option("--image-size", type=int, default=None,
+                     help="Size the probe images are resized to [default: the model's input size]."),
+    ]):
+        fn = o(fn)
+    return fn
+
+
+@main.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--layer", required=True, help="The layer to compare; `featureshift layers A` lists them.")
+@click.option("--columns", type=int, default=None, help="Show the first N channels [default: 8].")
+@click.option("--channels", default=None, help="Show these channels instead, e.g. 0-4,17.")
+@click.option("--most-changed", type=int, default=None, help="Show the N channels that changed most (see --by).")
+@click.option("--by", type=click.Choice(["weight", "correlation", "drift", "cross"]), default="weight",
+              show_default=True,
+              help="Measure to rank by: weight change, 1 - correlation (needs probe images), visual drift or "
+                   "1 - cross-activation (these two render every channel of the layer).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="The sheet to write (.png) [default: compare-LAYER.png].")
+@click.option("--weights", default="imagenet", show_default=True, help="For A or B given as a model name. " + WEIGHTS_HELP)
+@click.option("--rows", "table_rows", type=int, default=5, show_default=True,
+              help="Channels listed as most and as least changed.")
+@_probe_options
+@_render_options(defaults=True)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@_handle_errors
+def compare(a, b, layer, columns, channels, most_changed, by, output, weights, table_rows, probe, probe_limit,
+            image_size, steps, size, seed, lr, param, device, batch_size, quiet):
+    """Compare LAYER of two networks A and B, channel by channel.
+
+    A and B are snapshot files (e.g. RUN/snapshots/000.safetensors and RUN/snapshots/010.safetensors)
+    or model names (with --weights), e.g. the ImageNet original against a fine-tuned snapshot. Writes
+    a sheet with each channel's render at A above its render at B (same seed), labelled with its
+    measures, and prints the most and least changed channels of the layer. CKA and correlation use
+    --probe, or the validation images of the run that A or B belongs to. Measures: docs/metrics.md.
+
+    \b
+      featureshift compare runs/f/snapshots/000.safetensors runs/f/snapshots/050.safetensors \\
+          --layer inception4c --most-changed 8 -o changed.png
+    """
+    from .compare import compare as run_compare
+    from .timeline import _safe_name
+
+    output = output or f"compare-{_safe_name(layer)}.png"
+    result = run_compare(a, b, layer, columns=columns, channels=channels, most_changed=most_changed, by=by,
+                         output=output, probe=probe, probe_limit=probe_limit, image_size=image_size,
+                         weights=weights, steps=steps, size=size, seed=seed, lr=lr, param=param, device=device,
+                         batch_size=batch_size, quiet=quiet)
+    click.echo(result.table(table_rows))
+    click.echo(f"sheet: {result.output}")
+
+
+@main.command()
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--layer", "layers", multiple=True,
+              help="Layer to render and rank channel by channel (repeat for several) [default: the layers the run "
+                   "has timelines of, else one two thirds up the network].")
+@click.option("--columns", type=int, default=None, help="Render the first N channels [default: the timeline's, else 5].")
+@click.option("--channels", default=None, help="Channels to render instead, e.g. 0-4,17.")
+@click.option("--examples", type=int, default=6, show_default=True, help="Dataset examples per channel and snapshot.")
+@_probe_options
+@_render_options(defaults=False)
+@click.option("--open", "open_browser", is_flag=True, help="Open the report in the web browser.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@_handle_errors
+def report(run, layers, columns, channels, examples, probe, probe_limit, image_size, steps, size, seed, lr, param,
+           device, batch_size, open_browser, quiet):
+    """Write the HTML report of the training run RUN to RUN/report/ and print its path.
+
+    A static folder that opens from disk (no server, no network): configuration and dataset,
+    training curves, weight change and CKA of every stage over the epochs, the timelines, a page
+    per layer with its channels sortable by each measure, and a page per rendered channel with
+    its render at every snapshot (a slider), its dataset examples before and after, and its
+    measures over time. Renders come from the timeline cache (only missing ones are rendered),
+    probe statistics from RUN/metrics/cache; the measures are also written to RUN/metrics/.
+
+    \b
+      featureshift report runs/flowers --layer inception4c --columns 8 --open
+    """
+    from .report import build_report
+
+    if columns is not None and channels is not None:
+        raise FeatureshiftError("Give either --columns or --channels, not both.")
+    index = build_report(run, list(layers) or None, channels if channels is not None else columns, probe=probe,
+                         probe_limit=probe_limit, image_size=image_size, examples=examples, steps=steps, size=size,
+                         seed=seed, lr=lr, param=param, device=device, batch_size=batch_size,
+                         open_browser=open_browser, quiet=quiet)
+    click.echo(str(index))
+
 
 
 if __name__ == "__main__":

@@ -1,0 +1,451 @@
+"""The render loop: many (layer, channel) targets optimized together, fast and reproducibly.
+
+Speed comes from doing only the necessary work: every target is one image of one
+batch (targets of different layers share it, each image's objective gathering its own
+layer and channel), the forward pass stops after the deepest layer needed, the weights
+are frozen so no weight gradient is ever computed, and on CUDA the network runs in
+bf16/fp16 while the parameterization stays fp32.
+
+Reproducibility comes from giving every target its own random generator, seeded by
+`target_seed(seed, layer, channel)`: its initial spectrum and its whole sequence of
+transforms do not depend on which other targets share the batch, nor on the network,
+so two snapshots rendered with one seed differ only because the networks differ.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import math
+import sys
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ..errors import FeatureshiftError
+from ..models.layers import LayerInfo, Truncated, resolve_layers
+from ..models.zoo import model_info
+from .objectives import DIVERSITY_WEIGHT, LOGITS, Batch, Diversity, Objective, as_objective
+from .param import PARAMS, ImageParam, init_params
+from .transforms import Transforms
+
+# Bump whenever the same call would produce different pixels (timeline caches key on it).
+ENGINE_VERSION = "fs-render-1"
+
+_CPU_MAX_BATCH = 64  # beyond this a CPU gains no speed, only memory use
+_CUDA_MAX_BATCH = 1024
+
+
+def target_seed(seed: int, layer: str, channel: int, copy: int = 0) -> int:
+    """The seed of one target's generator: a stable hash (not Python's salted hash()).
+
+    `copy` numbers the extra images of one target rendered with diversity; copy 0 is the
+    target's ordinary render."""
+    key = f"{int(seed)}\x00{layer}\x00{int(channel)}" + (f"\x00{int(copy)}" if copy else "")
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
+
+
+@dataclasses.dataclass
+class RenderResult:
+    images: np.ndarray  # (N, size, size, 3) float32 in [0, 1]
+    targets: list[tuple[str, int]]
+    scores: np.ndarray  # (N,) objective of each final image, fed once untransformed
+    failed: dict[int, str]  # index -> why the image stopped early (NaN/Inf)
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+# --- the dead-ReLU fix -----------------------------------------------------------------
+
+class _RedirectedReLU(torch.autograd.Function):
+    """ReLU whose gradient, for an image where the ReLU blocks all of it, lets through the
+    part that would push negative inputs up (Lucid's redirected_relu_grad)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        negative = x < 0
+        relu_grad = grad.masked_fill(negative, 0)
+        # we minimize -objective: a positive gradient would push an already negative input lower
+        redirected = grad.masked_fill(negative & (grad > 0), 0)
+        blocked = relu_grad.flatten(1).abs().amax(1) == 0
+        return torch.where(blocked.view(-1, *[1] * (x.dim() - 1)), redirected, relu_grad)
+
+
+_RELUS = {torch.nn.functional.relu, torch.nn.functional.relu_, torch.relu, torch.relu_,
+          torch.Tensor.relu, torch.Tensor.relu_}
+
+
+class _RedirectReLU(TorchFunctionMode):
+    """Routes every ReLU call (nn.ReLU, F.relu, torch.relu, in-place or not) through
+    _RedirectedReLU while active; leaving the `with` block undoes it, even on error."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _RELUS:
+            return _RedirectedReLU.apply(args[0])
+        return func(*args, **(kwargs or {}))
+
+
+# --- running the network ----------------------------------------------------------------
+
+class _Features:
+    """`feats = net(x)`: the outputs of the needed layers, plus "logits" (the model's output)
+    when asked. Without logits the forward stops after the deepest layer (Truncated)."""
+
+    def __init__(self, model: nn.Module, infos: Sequence[LayerInfo], logits: bool):
+        self.model, self.logits = model, logits
+        self.names = [i.name for i in infos]
+        self._stored: dict[str, torch.Tensor] = {}
+        self._handles = []
+        self._truncated = None if logits or not infos else Truncated(model, self.names, layer_infos=infos)
+        modules = dict(model.named_modules())
+        if logits or len(self.names) > 1:
+            # A kept output must not be changed by a later in-place op (ReLU(inplace), +=):
+            # store it, and hand the rest of the network a copy. Registered after Truncated's
+            # hooks, so the deepest layer (where the forward stops) is never copied.
+            for name in self.names:
+                self._handles.append(modules[name].register_forward_hook(self._keep(name)))
+
+    def _keep(self, name):
+        def fn(module, args, out):
+            self._stored[name] = out
+            return out.clone()
+        return fn
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self._truncated is not None:
+            return self._truncated(x)
+        self._stored = {}
+        out = self.model(x)
+        feats = {n: self._stored[n] for n in self.names}
+        if self.logits:
+            feats[LOGITS] = out
+        return feats
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self._truncated is not None:
+            self._truncated.close()
+
+
+@contextlib.contextmanager
+def _prepared(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Eval mode, frozen weights, on `device`; everything restored afterwards."""
+    was_training = model.training
+    grads = [p.requires_grad for p in model.parameters()]
+    first = next(model.parameters(), None)
+    home = first.device if first is not None else torch.device("cpu")
+    try:
+        model.eval().to(device)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, g in zip(model.parameters(), grads):
+            p.requires_grad_(g)
+        model.to(home).train(was_training)
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FeatureshiftError("--device cuda was asked for, but PyTorch sees no CUDA GPU on this machine. "
+                                "Use --device cpu (or auto).")
+    return device
+
+
+def _autocast(device: torch.device, precision: str):
+    """bf16 (or fp16 where bf16 is missing) for the network on CUDA; fp32 elsewhere."""
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# --- checks ---------------------------------------------------------------------------
+
+def _check_args(targets, steps, size, lr, param, batch_size, copies) -> list[tuple[str, int]]:
+    if isinstance(targets, tuple) and len(targets) == 2 and isinstance(targets[0], str):
+        targets = [targets]
+    try:
+        clean = [(str(layer), int(ch)) for layer, ch in targets]
+    except (TypeError, ValueError) as e:
+        raise FeatureshiftError(f"Targets must be (layer name, channel index) pairs, e.g. [('inception4a', 3)] "
+                                f"({e}).") from e
+    if not clean:
+        raise FeatureshiftError("Nothing to render: give at least one (layer, channel) target.")
+    for name, value, low in (("steps", steps, 0), ("size", size, 1), ("diversity", copies, 1)):
+        if int(value) != value or value < low:
+            raise FeatureshiftError(f"{name} must be a whole number >= {low}, not {value}.")
+    if batch_size is not None and batch_size < 1:
+        raise FeatureshiftError(f"batch size must be at least 1, not {batch_size}.")
+    if not lr > 0:
+        raise FeatureshiftError(f"The learning rate must be positive, not {lr}.")
+    if param not in PARAMS:
+        raise FeatureshiftError(f"Unknown parameterization '{param}'; use one of {', '.join(PARAMS)}.")
+    return clean
+
+
+def _works(net: _Features, size: int, device: torch.device) -> bool:
+    try:
+        with torch.no_grad():
+            feats = net(torch.zeros(1, 3, size, size, device=device))
+    except (RuntimeError, FeatureshiftError):
+        return False
+    return all(f.numel() > 0 for f in feats.values())
+
+
+def _smallest_size(net: _Features, device: torch.device, margin: int, limit: int = 4096) -> int | None:
+    """The smallest canvas size at which the network reaches every needed layer (None: none does)."""
+    def ok(s):
+        return _works(net, s, device) and _works(net, s + margin, device)
+    hi = 8
+    while not ok(hi):
+        hi *= 2
+        if hi > limit:
+            return None
+    lo = hi // 2  # fails (or is below 8)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+    return hi
+
+
+def _check_size(net: _Features, size: int, out_size: int, device: torch.device, layers: list[str]) -> None:
+    small = min(size, out_size)
+    if _works(net, small, device) and _works(net, max(size, out_size), device):
+        return
+    smallest = _smallest_size(net, device, out_size - size)
+    where = ", ".join(layers)
+    if smallest is None:
+        raise FeatureshiftError(f"The network fails on any input size when run up to {where}; check the model.")
+    raise FeatureshiftError(
+        f"An image of {size} px is too small to reach {where} (the network sees {small} px after the "
+        f"transforms). The smallest size that works is {max(smallest, size + 1)} px: use --size {max(smallest, size + 1)} "
+        "or larger, or a shallower layer."
+    )
+
+
+def _check_channels(expanded: list[tuple[str, int]], infos: dict[str, LayerInfo], classes: int | None) -> None:
+    for layer, ch in dict.fromkeys(expanded):
+        count = classes if layer == LOGITS else infos[layer].channels
+        what = "classes (logits)" if layer == LOGITS else "channels"
+        if not 0 <= ch < count:
+            raise FeatureshiftError(
+                f"Channel {ch} is out of range for layer '{layer}', which has {count} {what}: "
+                f"use 0 to {count - 1}."
+            )
+
+
+# --- memory ---------------------------------------------------------------------------
+
+def _bytes_per_image(net: _Features, model: nn.Module, size: int, device: torch.device, param_numel: int) -> int:
+    """A rough upper estimate of one image's memory during a step: every leaf module's output
+    (kept for backward, plus its gradient and functional ops between modules) and the
+    parameters with their Adam state."""
+    total = [0]
+
+    def hook(module, args, out):
+        if isinstance(out, torch.Tensor):
+            total[0] += out.numel() * 4
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            net(torch.zeros(1, 3, size, size, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    return 4 * total[0] + 5 * 4 * param_numel
+
+
+def _available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.6)
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return int(info["MemAvailable"] * 0.3)
+    except (OSError, KeyError, ValueError):
+        return 2 << 30
+
+
+# --- the loop -------------------------------------------------------------------------
+
+def render(model: nn.Module, targets: Sequence[tuple[str, int]], *, objective: str | Objective = "channel",
+           steps: int = 512, size: int = 128, seed: int = 0, lr: float = 0.05, param: str = "fft",
+           batch_size: int | None = None, device: str | torch.device = "auto", quiet: bool = False,
+           diversity: int | None = None, diversity_weight: float = DIVERSITY_WEIGHT,
+           transforms: Transforms = Transforms(), decay_power: float = 1.0, init_sd: float = 0.01,
+           fft_divisor: float = 4.0, decorrelate: bool = True, relu_redirect_steps: int = 16,
+           precision: str = "auto", mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+           ) -> RenderResult:
+    """Render one image per (layer, channel) target (several with `diversity`) by gradient ascent.
+
+    targets: [(layer, channel), ...]; the layer "logits" is the network output (channel = class).
+    objective: "channel" (spatial mean), "neuron" (center), "negative", "logit", "diversity"
+    (channel minus `diversity_weight` x Gram similarity; `diversity` images per target, default 4),
+    or an Objective built from featureshift.render.objectives.
+    steps, size, lr: Adam steps, canvas size in px, learning rate (Lucid: 512, 128, 0.05).
+    param: "fft" (1/f-scaled spectrum) or "pixel"; decay_power, init_sd, fft_divisor, decorrelate
+    tune it. transforms: a Transforms (pad, jitter, scales, angles, jitter2), Transforms.none() for none.
+    batch_size: images optimized together (default: as many as memory allows).
+    device: "auto", "cpu" or "cuda"; precision: "auto" (bf16 on CUDA), "fp32", "bf16", "fp16".
+    mean/std: input normalization (default: the model's own, from model_info).
+    The model is used in eval mode with frozen weights; its state is restored afterwards.
+    """
+    if isinstance(objective, str) and objective == "diversity" and diversity is None:
+        diversity = 4
+    copies = diversity or 1
+    targets = _check_args(targets, steps, size, lr, param, batch_size, copies)
+    steps, size, copies = int(steps), int(size), int(copies)
+    obj = as_objective(objective, diversity_weight)
+    if copies > 1 and isinstance(objective, str) and objective != "diversity":
+        obj = obj - diversity_weight * Diversity()
+    if mean is None or std is None:
+        info = model_info(model)
+        mean, std = mean or info.mean, std or info.std
+    dev = _resolve_device(device)
+
+    # expanded: one entry per image; copies of a target are adjacent and share a group id
+    expanded = [t for t in targets for _ in range(copies)]
+    groups = [i for i in range(len(targets)) for _ in range(copies)]
+    seeds = [target_seed(seed, layer, ch, k) for (layer, ch) in targets for k in range(copies)]
+    own = {layer for layer, _ in targets}
+    needed = obj.layers(own)
+    inner = [n for n in dict.fromkeys(layer for layer, _ in targets) if n != LOGITS]
+    inner += sorted(needed - set(inner) - {LOGITS})
+    infos = {i.name: i for i in resolve_layers(model, inner)} if inner else {}
+    out_size = transforms.output_size(size)
+    if out_size < 1:
+        raise FeatureshiftError(f"The transforms crop more than the {size} px canvas holds; use a larger --size.")
+
+    settings = dict(engine=ENGINE_VERSION, objective=repr(obj), steps=steps, size=size, seed=seed, lr=lr,
+                    param=param, diversity=copies, transforms=dataclasses.asdict(transforms),
+                    decay_power=decay_power, init_sd=init_sd, fft_divisor=fft_divisor, decorrelate=decorrelate,
+                    relu_redirect_steps=relu_redirect_steps, mean=list(mean), std=list(std))
+    images = np.zeros((len(expanded), size, size, 3), np.float32)
+    scores = np.full(len(expanded), np.nan, np.float32)
+    failed: dict[int, str] = {}
+
+    # Shallow targets first, so a chunk of shallow targets stops its forward early.
+    depth = {name: info.last for name, info in infos.items()}
+    order = sorted(range(len(targets)), key=lambda t: depth.get(targets[t][0], math.inf))
+
+    with _prepared(model, dev):
+        net = _Features(model, [infos[n] for n in inner], LOGITS in needed)
+        try:
+            _check_size(net, size, out_size, dev, sorted(needed))
+            if LOGITS in own:
+                with torch.no_grad():
+                    classes = net(torch.zeros(1, 3, size, size, device=dev))[LOGITS].shape[1]
+            else:
+                classes = None
+            _check_channels(expanded, infos, classes)
+            image_param = ImageParam(param, size, decay_power, fft_divisor, decorrelate, dev)
+            param_numel = math.prod(init_params(param, size, [torch.Generator()]).shape)
+            if batch_size is None:
+                per_image = _bytes_per_image(net, model, out_size, dev, param_numel)
+                cap = _CUDA_MAX_BATCH if dev.type == "cuda" else _CPU_MAX_BATCH
+                batch_size = max(1, min(cap, _available_memory(dev) // max(per_image, 1)))
+            per_chunk = max(1, batch_size // copies)  # whole groups per chunk
+            chunks = [order[i:i + per_chunk] for i in range(0, len(order), per_chunk)]
+            norm = (torch.tensor(mean, device=dev).view(1, 3, 1, 1), torch.tensor(std, device=dev).view(1, 3, 1, 1))
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps * len(chunks), disable=quiet, file=sys.stderr, unit="step",
+                       desc=f"render {len(expanded)} image{'s' * (len(expanded) != 1)}", leave=False)
+            try:
+                for chunk in chunks:
+                    idx = [t * copies + k for t in chunk for k in range(copies)]
+                    imgs, sc, fails = _render_chunk(
+                        net, obj, image_param, transforms, norm, dev, precision,
+                        [expanded[i] for i in idx], [groups[i] for i in idx], [seeds[i] for i in idx],
+                        steps, size, lr, init_sd, relu_redirect_steps, bar)
+                    images[idx], scores[idx] = imgs, sc
+                    failed.update({idx[j]: why for j, why in fails.items()})
+            finally:
+                bar.close()
+        finally:
+            net.close()
+    return RenderResult(images, list(expanded), scores, dict(sorted(failed.items())), settings)
+
+
+def _render_chunk(net, obj, image_param, transforms, norm, dev, precision, targets, groups, seeds,
+                  steps, size, lr, init_sd, relu_redirect_steps, bar):
+    n = len(targets)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    params = init_params(image_param.kind, size, gens, init_sd).to(dev).requires_grad_(True)
+    # a second stream per target for the transforms, so they do not depend on the param shape
+    tgens = [torch.Generator().manual_seed(s ^ 0x5DEECE66D) for s in seeds]
+    draws = torch.stack([transforms.draw(g, steps) for g in tgens])  # (n, steps, 6)
+    thetas = transforms.theta(draws.reshape(-1, 6), size).view(n, steps, 2, 3).to(dev) if steps else None
+
+    layers = [layer for layer, _ in targets]
+    batch_info = dict(
+        channels=torch.tensor([c for _, c in targets], device=dev),
+        rows={layer: torch.tensor([i for i, l in enumerate(layers) if l == layer], device=dev)
+              for layer in dict.fromkeys(layers)},
+        groups=torch.tensor(groups, device=dev))
+    mean, std = norm
+    channels_last = torch.channels_last
+
+    def evaluate(x):
+        x = ((x - mean) / std).contiguous(memory_format=channels_last)
+        with _autocast(dev, precision):
+            feats = net(x)
+        return obj(Batch(feats=feats, **batch_info))
+
+    optimizer = torch.optim.Adam([params], lr=lr)
+    alive = torch.ones(n, dtype=torch.bool, device=dev)
+    fail_step = torch.full((n,), -1, dtype=torch.long, device=dev)
+    frozen = params.detach().clone()
+    sync_every = 1 if dev.type == "cpu" else 10
+    for step in range(steps):
+        optimizer.zero_grad(set_to_none=False)
+        img = image_param(params)
+        x = transforms.apply(img, thetas[:, step])
+        with (_RedirectReLU() if step < relu_redirect_steps else contextlib.nullcontext()):
+            values = evaluate(x)
+        (-torch.where(alive, values, 0.0).sum()).backward()
+        grad = params.grad
+        ok = torch.isfinite(values) & torch.isfinite(grad.flatten(1)).all(1)
+        newly = alive & ~ok
+        fail_step = torch.where(newly, step, fail_step)
+        alive = alive & ok
+        frozen = torch.where(_rows(newly, params), params.detach(), frozen)
+        params.grad = torch.where(_rows(alive, params), grad, 0.0)
+        optimizer.step()
+        with torch.no_grad():
+            params.copy_(torch.where(_rows(alive, params), params, frozen))  # stopped images stay put
+        bar.update(1)
+        if not bar.disable and (step % sync_every == 0 or step == steps - 1):
+            live = values.detach()[alive]
+            bar.set_postfix(objective=f"{live.mean().item():.4g}" if len(live) else "-")
+
+    with torch.no_grad():
+        final = image_param(params)
+        final_scores = evaluate(final).float()
+    final_scores = torch.where(alive, final_scores, float("nan"))
+    images = final.permute(0, 2, 3, 1).float().cpu().numpy()
+    fails = {i: f"the objective or its gradient became NaN/Inf at step {s}; its image at that step is kept"
+             for i, s in enumerate(fail_step.tolist()) if s >= 0}
+    return images, final_scores.cpu().numpy(), fails
+
+
+def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return mask.view(-1, *[1] * (like.dim() - 1))

@@ -1,0 +1,73 @@
+"""Lucid's random transforms, drawn per image and applied to the whole batch at once.
+
+Pad, jitter, scale, rotate and jitter again compose into one affine map per image, so a
+batch is resampled with a single `grid_sample` (one interpolation, no Python loop over
+images). Each image's draws come from its own generator: an image sees the same
+sequence of transforms whatever else shares its batch.
+
+Lucid changes the network's input size with the scale; here the output size is fixed at
+Lucid's average (size + 2*pad - jitter - jitter2, e.g. 140 px for 128), so the content is
+magnified by the drawn scale exactly as in Lucid while a batch keeps one shape.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_SCALES = tuple(1 + (i - 5) / 50 for i in range(11))
+DEFAULT_ANGLES = tuple(float(a) for a in range(-10, 11)) + (0.0,) * 5  # 0 weighted 6 times
+
+
+@dataclasses.dataclass(frozen=True)
+class Transforms:
+    """Per-step random transforms (Lucid's `standard_transforms`); every value settable."""
+    pad: int = 12
+    pad_value: float = 0.5
+    jitter: int = 8
+    scales: tuple[float, ...] = DEFAULT_SCALES
+    angles: tuple[float, ...] = DEFAULT_ANGLES  # degrees
+    jitter2: int = 4
+
+    @classmethod
+    def none(cls) -> "Transforms":
+        """No transforms at all: the network sees the canvas as it is."""
+        return cls(pad=0, jitter=0, scales=(1.0,), angles=(0.0,), jitter2=0)
+
+    def output_size(self, size: int) -> int:
+        return size + 2 * self.pad - self.jitter - self.jitter2
+
+    def draw(self, generator: torch.Generator, steps: int) -> torch.Tensor:
+        """(steps, 6) indices: jitter x, y; scale index; angle index; jitter2 x, y.
+
+        Row i is step i's draw whatever the number of steps (a shorter render sees the
+        start of a longer one's sequence)."""
+        u = torch.rand((steps, 6), generator=generator, dtype=torch.float64)
+        high = torch.tensor([self.jitter + 1] * 2 + [len(self.scales), len(self.angles)] + [self.jitter2 + 1] * 2,
+                            dtype=torch.float64)
+        return (u * high).floor().to(torch.int32).minimum(high.to(torch.int32) - 1)
+
+    def theta(self, draws: torch.Tensor, size: int) -> torch.Tensor:
+        """(B, 2, 3) affine matrices for `F.affine_grid` (output -> canvas, normalized coordinates)."""
+        d = draws.double()
+        scales = torch.tensor(self.scales, dtype=torch.float64)[draws[:, 2].long()]
+        angles = torch.tensor(self.angles, dtype=torch.float64)[draws[:, 3].long()] * (math.pi / 180)
+        t1 = d[:, 0:2] - self.jitter / 2  # crop offset on the padded canvas, in canvas pixels
+        t2 = d[:, 4:6] - self.jitter2 / 2  # crop offset after scale and rotation, in output pixels
+        cos, sin = torch.cos(angles), torch.sin(angles)
+        inv = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2) / scales[:, None, None]
+        shift = (inv @ t2[:, :, None])[:, :, 0] + t1
+        out = self.output_size(size)
+        return torch.cat([inv * (out / size), (shift * (2 / size))[:, :, None]], dim=2).float()
+
+    def apply(self, images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """Transform (B, 3, S, S) images with their own matrices (B, 2, 3) from `theta` -> (B, 3, S', S')."""
+        if self == Transforms.none():
+            return images
+        out = self.output_size(images.shape[-1])
+        grid = F.affine_grid(theta, [images.shape[0], 3, out, out], align_corners=False)
+        # grid_sample pads with zeros; shift so that the padding is pad_value
+        return F.grid_sample(images - self.pad_value, grid, mode="bilinear", padding_mode="zeros",
+                             align_corners=False) + self.pad_value

@@ -1,0 +1,168 @@
+"""Change metrics against known cases: identical networks, one re-initialized channel."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import featureshift
+from featureshift import metrics
+from featureshift.errors import FeatureshiftError
+
+from _fakerun import IMAGE_SIZE, LAYER, MODULE, RENDER, reinit
+
+
+@pytest.fixture(scope="module")
+def probe_dir(tmp_path_factory, photos):
+    """Eight real photographs and crops of them, as a probe folder with sub-folders."""
+    root = tmp_path_factory.mktemp("probe")
+    for i, (name, im) in enumerate(photos.items()):
+        (root / "a").mkdir(exist_ok=True)
+        (root / "b").mkdir(exist_ok=True)
+        im.resize((96, 80)).save(root / "a" / f"{name}.png")
+        w, h = im.size
+        im.crop((w // 4, h // 4, w // 4 + w // 2, h // 4 + h // 2)).resize((80, 80)).save(root / "b" / f"{name}.jpg")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def pair(squeezenet):
+    """(original, copy with channel 3 of LAYER re-initialized)."""
+    b = reinit(copy.deepcopy(squeezenet), MODULE, [3], seed=1)
+    featureshift.attach_info(b, squeezenet.featureshift_info)
+    return squeezenet, b
+
+
+def test_channel_sources_follow_the_architecture(squeezenet):
+    # A ReLU is made by the conv before it; a Fire block's channels by its two expand convs, in order.
+    (relu,) = metrics.channel_sources(squeezenet, LAYER)
+    assert relu.module == MODULE and list(relu.index[:4]) == [0, 1, 2, 3]
+    fire = {s.module: s.index for s in metrics.channel_sources(squeezenet, "features.6")}
+    assert set(fire) == {"features.6.expand1x1", "features.6.expand3x3"}
+    assert list(fire["features.6.expand1x1"][:2]) == [0, 1] and fire["features.6.expand1x1"][128] == -1
+    assert fire["features.6.expand3x3"][128] == 0 and fire["features.6.expand3x3"][255] == 127
+    # A residual block: conv2 and bn2 plus the downsample path, nothing from conv1.
+    resnet = featureshift.create_model("resnet18", weights="random")
+    names = {s.module for s in metrics.channel_sources(resnet, "layer2.0")}
+    assert names == {"layer2.0.conv2", "layer2.0.bn2", "layer2.0.downsample.0", "layer2.0.downsample.1"}
+
+
+def test_identical_networks_show_no_change(squeezenet, probe_dir):
+    twin = copy.deepcopy(squeezenet)
+    featureshift.attach_info(twin, squeezenet.featureshift_info)
+    wc = metrics.weight_change(squeezenet, twin, [LAYER, "features.6"])
+    assert wc[LAYER].value == 0 and wc["features.6"].value == 0
+    assert np.all(wc[LAYER].channels == 0)
+    paths = metrics.resolve_probe(probe=probe_dir)
+    assert len(paths) == 8  # the text file is not an image
+    sa = metrics.probe_stats(squeezenet, [LAYER], paths, image_size=IMAGE_SIZE, quiet=True)
+    sb = metrics.probe_stats(twin, [LAYER], paths, image_size=IMAGE_SIZE, quiet=True)
+    assert metrics.cka(sa, sb, LAYER) == pytest.approx(1.0, abs=1e-6)
+    assert np.allclose(metrics.channel_correlation(sa, sb, LAYER), 1.0)
+    images = [np.random.default_rng(i).random((32, 32, 3)).astype(np.float32) for i in range(3)]
+    assert np.all(metrics.visual_drift(images, images) == 0)
+    b_on_a, a_on_b = metrics.cross_activation(squeezenet, twin, [(LAYER, 1), (LAYER, 2), (LAYER, 3)], images, images)
+    ok = np.isfinite(b_on_a)
+    assert ok.any() and np.allclose(b_on_a[ok], 1.0) and np.allclose(a_on_b[ok], 1.0)
+
+
+def test_reinitialized_channel_changes_and_its_neighbours_do_not(pair, probe_dir):
+    a, b = pair
+    wc = metrics.weight_change(a, b, [LAYER, "features.6", "features.7"])[LAYER]
+    assert wc.channels[3] > 0.5
+    assert np.all(np.delete(wc.channels, 3) == 0)
+    assert 0 < wc.value < wc.channels[3]
+    paths = metrics.resolve_probe(probe=probe_dir)
+    sa = metrics.probe_stats(a, [LAYER, "features.7"], paths, image_size=IMAGE_SIZE, quiet=True)
+    sb = metrics.probe_stats(b, [LAYER, "features.7"], paths, image_size=IMAGE_SIZE, quiet=True)
+    corr = metrics.channel_correlation(sa, sb, LAYER)
+    assert corr[3] < 0.9
+    assert np.allclose(np.delete(corr, 3), 1.0)
+    assert metrics.cka(sa, sb, LAYER) < 1 - 1e-6
+    # The change reaches the next block through its input only: same weights, different activations.
+    assert metrics.weight_change(a, b, ["features.7"])["features.7"].value == 0
+
+    from featureshift.render import render
+
+    targets = [(LAYER, 2), (LAYER, 3)]
+    ra = render(a, targets, quiet=True, **RENDER).images
+    rb = render(b, targets, quiet=True, **RENDER).images
+    drift = metrics.visual_drift(ra, rb)
+    assert drift[0] == 0 and drift[1] > 0  # same seed: the unchanged channel renders the very same image
+    b_on_a, a_on_b = metrics.cross_activation(a, b, targets, ra, rb)
+    assert b_on_a[0] == pytest.approx(1.0) and a_on_b[0] == pytest.approx(1.0)
+    assert min(b_on_a[1], a_on_b[1]) < 0.9
+
+
+def test_cka_is_invariant_to_rotation_and_scale_and_low_for_unrelated_features():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 40))
+    q, _ = np.linalg.qr(rng.normal(size=(40, 40)))
+    y = 3.0 * x @ q
+    z = rng.normal(size=(64, 40))
+    grams = lambda f: [f[i:i + 32] @ f[i:i + 32].T for i in (0, 32)]  # noqa: E731
+    assert metrics.cka_from_grams(grams(x), grams(x)) == pytest.approx(1.0)
+    assert metrics.cka_from_grams(grams(x), grams(y)) == pytest.approx(1.0)
+    assert metrics.cka_from_grams(grams(x), grams(z)) < 0.2
+
+
+def test_visual_drift_ignores_position_but_not_content(photos):
+    cat = np.asarray(photos["chelsea"].resize((96, 96)), np.float32) / 255
+    rocket = np.asarray(photos["rocket"].resize((96, 96)), np.float32) / 255
+    shifted = np.roll(cat, 24, axis=1)
+    drift = metrics.visual_drift([cat, cat], [shifted, rocket])
+    assert 0 < drift[0] < drift[1] <= 1
+
+
+def test_probe_statistics_are_cached(squeezenet, probe_dir, tmp_path, monkeypatch):
+    paths = metrics.resolve_probe(probe=probe_dir, limit=6)
+    assert len(paths) == 6
+    first = metrics.probe_stats(squeezenet, [LAYER], paths, image_size=IMAGE_SIZE, cache_dir=tmp_path, quiet=True)
+    assert len(list(tmp_path.glob("probe-*.npz"))) == 1
+
+    def no_network(*a, **k):
+        raise AssertionError("the network ran although the statistics are cached")
+
+    monkeypatch.setattr(metrics, "Truncated", no_network)
+    again = metrics.probe_stats(squeezenet, [LAYER], paths, image_size=IMAGE_SIZE, cache_dir=tmp_path, quiet=True)
+    assert np.array_equal(first.layers[LAYER].pooled, again.layers[LAYER].pooled)
+    assert metrics.cka(first, again, LAYER) == pytest.approx(1.0)
+
+
+def test_bad_probe_and_mismatched_networks_are_clear_errors(squeezenet, tmp_path):
+    with pytest.raises(FeatureshiftError, match="does not exist"):
+        metrics.resolve_probe(probe=tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FeatureshiftError, match="no readable images"):
+        metrics.resolve_probe(probe=tmp_path / "empty")
+    resnet = featureshift.create_model("resnet18", weights="random")
+    with pytest.raises(FeatureshiftError, match="different architectures"):
+        metrics.weight_change(squeezenet, resnet, ["features.6"])
+
+
+def test_run_metrics_files(tmp_path_factory, photos):
+    from _fakerun import shared_report
+
+    run, _ = shared_report(tmp_path_factory, photos)
+    import csv
+
+    rows = list(csv.DictReader((run / "metrics" / "channels.csv").open()))
+    last = {int(r["channel"]): r for r in rows if r["epoch"] == "2" and r["layer"] == LAYER}
+    assert len(last) == 128
+    for c in (3, 5):  # re-initialized by epoch 2
+        assert float(last[c]["weight_change"]) > 0.5 and float(last[c]["correlation"]) < 0.9
+        assert float(last[c]["drift"]) > 0
+    for c in (2, 4):
+        assert float(last[c]["weight_change"]) == 0 and float(last[c]["drift"]) == 0
+        assert float(last[c]["cross_b_on_a"]) == pytest.approx(1.0)
+    assert last[7]["drift"] == ""  # not rendered: not measured
+    layers = list(csv.DictReader((run / "metrics" / "layers.csv").open()))
+    stem = [r for r in layers if r["layer"] == "features.0"]
+    assert [float(r["weight_change"]) for r in stem] == [0, 0, 0]
+    assert all(float(r["cka"]) == pytest.approx(1.0) for r in stem)
+    import json
+
+    ex = json.loads((run / "metrics" / "examples.json").read_text())
+    assert set(ex["layers"][LAYER]["channels"]) == {"2", "3", "4", "5"}
+    assert len(ex["layers"][LAYER]["channels"]["3"]["0"]) > 0

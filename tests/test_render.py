@@ -1,0 +1,434 @@
+"""The render engine: reproducibility, batching, truncation, objectives, bad input, quality.
+
+Fast settings throughout (tiny canvases, a few dozen steps, SqueezeNet); the quality
+proofs use the real offline ImageNet SqueezeNet.
+"""
+from __future__ import annotations
+
+import io
+import re
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from torch import nn
+
+import featureshift
+from featureshift import FeatureshiftError, attach_info, create_model, model_info
+from featureshift.cli import main
+from featureshift.grid import to_pil
+from featureshift.models import ModelInfo
+from featureshift.models.layers import Truncated
+from featureshift.render import ENGINE_VERSION, RenderResult, Transforms, objectives, render, target_seed
+from featureshift.render.objectives import Batch
+
+MID = "features.9"  # a middle layer of SqueezeNet 1.1 (Fire module output, 384 channels)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Other jobs share the test machine; one thread avoids OpenMP stalls under contention.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def squeeze():
+    return create_model("squeezenet1_1", weights="imagenet")
+
+
+def normalized(model, images: np.ndarray) -> torch.Tensor:
+    info = model_info(model)
+    x = torch.tensor(images).permute(0, 3, 1, 2)
+    return (x - torch.tensor(info.mean).view(1, 3, 1, 1)) / torch.tensor(info.std).view(1, 3, 1, 1)
+
+
+def channel_means(model, images: np.ndarray, layer: str) -> torch.Tensor:
+    with Truncated(model, [layer]) as net, torch.no_grad():
+        return net(normalized(model, images))[layer].mean((2, 3))
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    to_pil(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# --- reproducibility -------------------------------------------------------------------
+
+def test_same_seed_same_png_bytes_and_other_seed_differs(squeeze):
+    kw = dict(steps=12, size=40, quiet=True)
+    a = render(squeeze, [(MID, 3), ("features.6", 1)], seed=5, **kw)
+    b = render(squeeze, [(MID, 3), ("features.6", 1)], seed=5, **kw)
+    c = render(squeeze, [(MID, 3), ("features.6", 1)], seed=6, **kw)
+    assert isinstance(a, RenderResult) and a.images.dtype == np.float32 and a.images.shape == (2, 40, 40, 3)
+    assert 0 <= a.images.min() and a.images.max() <= 1
+    assert [png_bytes(i) for i in a.images] == [png_bytes(i) for i in b.images]
+    assert np.array_equal(a.scores, b.scores)
+    assert png_bytes(a.images[0]) != png_bytes(c.images[0])
+
+
+def test_target_seed_is_stable_and_distinct():
+    assert target_seed(0, "inception4a", 3) == target_seed(0, "inception4a", 3)
+    seeds = {target_seed(s, layer, c) for s in (0, 1) for layer in ("a", "b") for c in (0, 1, 2)}
+    assert len(seeds) == 12
+    assert target_seed(0, "a", 1, copy=0) == target_seed(0, "a", 1) != target_seed(0, "a", 1, copy=1)
+    assert 0 <= target_seed(123, "x", 7) < 2 ** 63
+    assert isinstance(ENGINE_VERSION, str) and ENGINE_VERSION
+
+
+def test_same_start_on_any_network(squeeze):
+    # zero steps: the image is the target's initial noise, which must not depend on the weights
+    other = create_model("squeezenet1_1", weights="random")
+    a = render(squeeze, [(MID, 4)], steps=0, size=32, quiet=True)
+    b = render(other, [("features.6", 0), (MID, 4)], steps=0, size=32, quiet=True)
+    assert np.array_equal(a.images[0], b.images[1])
+    assert not np.array_equal(b.images[0], b.images[1])
+
+
+def test_alone_or_in_a_batch_gives_the_same_image(squeeze):
+    kw = dict(steps=24, size=48, seed=2, quiet=True)
+    alone = render(squeeze, [(MID, 7)], **kw)
+    crowd = render(squeeze, [("features.3", 1), (MID, 7), ("features.6", 20), (MID, 8)], **kw)
+    # A batch of one runs other conv kernels than larger batches; the optimization amplifies
+    # that rounding noise to about 0.01 mean pixel difference here (0.03 after 160 steps,
+    # invisible), while another seed or a batch-wide random draw differs by > 0.15.
+    diff = np.abs(alone.images[0] - crowd.images[1]).mean()
+    assert diff < 0.02, diff
+    assert np.abs(alone.images[0] - crowd.images[3]).mean() > 0.1
+    assert crowd.targets == [("features.3", 1), (MID, 7), ("features.6", 20), (MID, 8)]
+    # batches of two or more use the same kernels: the same pixels exactly (on CPU)
+    pair = render(squeeze, [(MID, 8), (MID, 7)], **kw)
+    assert np.abs(pair.images[1] - crowd.images[1]).mean() < 1e-6
+
+
+def test_chunked_batches_match_one_batch_in_input_order(squeeze):
+    targets = [(MID, 1), ("features.3", 2), (MID, 2), ("features.6", 3), ("features.3", 4)]
+    kw = dict(steps=8, size=36, quiet=True)
+    whole = render(squeeze, targets, **kw)
+    chunked = render(squeeze, targets, batch_size=2, **kw)
+    assert chunked.targets == whole.targets == targets
+    assert np.abs(whole.images - chunked.images).mean() < 2e-3
+    assert np.allclose(whole.scores, chunked.scores, rtol=1e-2)
+
+
+# --- truncation and side effects -------------------------------------------------------
+
+def test_layers_after_the_deepest_target_never_run(squeeze):
+    calls: dict[str, list[bool]] = {}
+    watched = ["features.6", "features.7", "features.12", "classifier"]
+    handles = [squeeze.get_submodule(n).register_forward_hook(
+        lambda m, a, o, n=n: calls.setdefault(n, []).append(torch.is_grad_enabled())) for n in watched]
+    try:
+        render(squeeze, [("features.3", 0), ("features.6", 1)], steps=5, size=32, quiet=True)
+        ran = dict(calls)
+        calls.clear()
+        render(squeeze, [("logits", 1)], steps=2, size=32, quiet=True)
+    finally:
+        for h in handles:
+            h.remove()
+    assert ran["features.6"].count(True) == 5  # one forward with gradients per step
+    for later in watched[1:]:
+        # only the one-time layer listing (resolve_layers, no gradients) reaches past features.6
+        assert ran.get(later, []) in ([], [False]), later
+    assert calls["classifier"].count(True) == 2  # the logits need the whole network
+
+
+def _hooks(model):
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def _relu_grad_of_negative_input():
+    x = torch.full((2, 3), -1.0, requires_grad=True)
+    torch.nn.functional.relu(x).sum().backward()
+    return x.grad
+
+
+def test_model_state_restored_after_render_and_after_an_error(squeeze):
+    net = create_model("squeezenet1_1", weights="random").train()
+    net.features[0].weight.requires_grad_(False)
+    before = [p.requires_grad for p in net.parameters()]
+    hooks = _hooks(net)
+    render(net, [("features.6", 0)], steps=3, size=32, quiet=True)
+    assert net.training and [p.requires_grad for p in net.parameters()] == before and _hooks(net) == hooks
+
+    class Boom(objectives.Objective):
+        def layers(self, own):
+            return set(own)
+
+        def __call__(self, batch):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        render(net, [("features.6", 0)], objective=Boom(), steps=3, size=32, quiet=True)
+    assert net.training and [p.requires_grad for p in net.parameters()] == before and _hooks(net) == hooks
+    # the redirected-ReLU patch is gone: a plain ReLU blocks the gradient of a negative input again
+    assert torch.equal(_relu_grad_of_negative_input(), torch.zeros(2, 3))
+
+
+def test_weights_get_no_gradient(squeeze):
+    render(squeeze, [("features.6", 0)], steps=3, size=32, quiet=True)
+    assert all(p.grad is None for p in squeeze.parameters())
+
+
+class _DeadUnit(nn.Module):
+    """A channel that is zero for every image near grey: its ReLU blocks all gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1)
+        with torch.no_grad():
+            self.conv.weight.fill_(1.0)
+            self.conv.bias.fill_(-3.0)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+
+
+def _tiny(model):
+    return attach_info(model.eval(), ModelInfo(arch="tiny", num_classes=2, class_names=["a", "b"], input_size=32))
+
+
+def test_redirected_relu_revives_a_dead_channel():
+    net = _tiny(_DeadUnit())
+    kw = dict(steps=30, size=24, quiet=True)
+    dead = render(net, [("act", 0)], relu_redirect_steps=0, **kw)
+    revived = render(net, [("act", 0)], relu_redirect_steps=30, **kw)
+    assert dead.scores[0] == 0
+    assert revived.scores[0] > 0.01
+
+
+class _Explode(nn.Module):
+    """Channel 1 is -log(1 - green): maximizing it drives green past 1, where it is NaN."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+            self.conv.bias.zero_()
+
+    def forward(self, x):
+        x = self.conv(x)
+        return torch.cat([x[:, :1], -torch.log(1 - x[:, 1:2]), x[:, 2:]], 1)
+
+
+class _ExplodeNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.explode = _Explode()
+
+    def forward(self, x):
+        return self.explode(x)
+
+
+def test_nan_or_inf_stops_that_image_only():
+    net = _tiny(_ExplodeNet())
+    result = render(net, [("explode", 0), ("explode", 1), ("explode", 2)], steps=40, size=24, quiet=True)
+    assert list(result.failed) == [1] and "NaN/Inf" in result.failed[1]
+    assert np.isfinite(result.scores[[0, 2]]).all() and np.isnan(result.scores[1])
+    assert np.isfinite(result.images).all()
+    # the others went on to the end: they match a render without the failing target
+    alone = render(net, [("explode", 0), ("explode", 2)], steps=40, size=24, quiet=True)
+    assert np.abs(alone.images - result.images[[0, 2]]).mean() < 1e-4
+
+
+# --- objectives ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("objective", ["channel", "neuron", "negative"])
+def test_each_objective_improves(squeeze, objective):
+    layer = "features.9.expand3x3"  # before its ReLU, so it can go down as well as up
+    kw = dict(size=40, seed=1, quiet=True, objective=objective)
+    start = render(squeeze, [(layer, 11)], steps=0, **kw)
+    end = render(squeeze, [(layer, 11)], steps=16, **kw)
+    assert end.scores[0] > start.scores[0] + 1
+    with Truncated(squeeze, [layer]) as net, torch.no_grad():
+        feats = net(normalized(squeeze, end.images))[layer][0, 11]
+    expected = {"channel": feats.mean(), "negative": -feats.mean(), "neuron": feats[feats.shape[0] // 2, feats.shape[1] // 2]}
+    assert end.scores[0] == pytest.approx(float(expected[objective]), rel=1e-3)
+
+
+def test_logit_objective_and_logits_layer(squeeze):
+    start = render(squeeze, [("logits", 130)], steps=0, size=40, objective="logit", quiet=True)
+    end = render(squeeze, [("logits", 130)], steps=16, size=40, objective="logit", quiet=True)
+    assert end.scores[0] > start.scores[0]
+    with torch.no_grad():
+        assert end.scores[0] == pytest.approx(float(squeeze(normalized(squeeze, end.images))[0, 130]), rel=1e-3)
+    with pytest.raises(FeatureshiftError, match="logits"):
+        render(squeeze, [(MID, 1)], objective="logit", steps=1, size=32, quiet=True)
+
+
+def test_diversity_pushes_renders_of_one_channel_apart(squeeze):
+    kw = dict(steps=32, size=48, quiet=True, diversity=3)
+    plain = render(squeeze, [(MID, 5)], diversity_weight=0, **kw)
+    diverse = render(squeeze, [(MID, 5)], objective="diversity", **kw)
+    assert diverse.targets == [(MID, 5)] * 3 and diverse.images.shape[0] == 3
+
+    def similarity(images):
+        with Truncated(squeeze, [MID]) as net, torch.no_grad():
+            f = net(normalized(squeeze, images))[MID]
+        batch = Batch(feats={MID: f}, channels=torch.zeros(3, dtype=torch.long), rows={MID: torch.arange(3)},
+                      groups=torch.zeros(3, dtype=torch.long))
+        return float(objectives.diversity()(batch).mean())
+
+    assert similarity(diverse.images) < similarity(plain.images) - 0.05
+
+
+def test_objectives_compose():
+    torch.manual_seed(0)
+    f = {"a": torch.randn(4, 3, 5, 5), "b": torch.randn(4, 2, 3, 3)}
+    batch = Batch(feats=f, channels=torch.tensor([0, 2, 1, 1]), rows={"a": torch.tensor([0, 1]), "b": torch.tensor([2, 3])},
+                  groups=torch.arange(4))
+    own = objectives.channel()(batch)
+    assert torch.allclose(own, torch.stack([f["a"][0, 0].mean(), f["a"][1, 2].mean(), f["b"][2, 1].mean(),
+                                            f["b"][3, 1].mean()]))
+    combo = objectives.channel() + 2 * objectives.neuron() - objectives.channel()
+    assert torch.allclose(combo(batch), 2 * objectives.neuron()(batch))
+    assert torch.allclose(objectives.negative()(batch), -own)
+    fixed = objectives.channel("a", 1)
+    assert torch.allclose(fixed(batch), f["a"][:, 1].mean((1, 2)))
+    assert (fixed - 0.5 * objectives.channel()).layers({"b"}) == {"a", "b"}
+    assert repr(objectives.channel() - 100 * objectives.diversity()) == "channel() - 100*diversity()"
+    assert torch.equal(objectives.diversity()(batch), torch.zeros(4))  # nobody to differ from
+
+
+def test_composed_objective_and_pixel_param_render(squeeze):
+    obj = objectives.channel() - 0.5 * objectives.channel("features.3", 0)
+    start = render(squeeze, [(MID, 2)], objective=obj, steps=0, size=40, quiet=True)
+    end = render(squeeze, [(MID, 2)], objective=obj, steps=12, size=40, quiet=True)
+    assert end.scores[0] > start.scores[0]
+    px0 = render(squeeze, [(MID, 2)], param="pixel", steps=0, size=40, quiet=True)
+    px = render(squeeze, [(MID, 2)], param="pixel", steps=12, size=40, quiet=True)
+    assert px.scores[0] > px0.scores[0]
+
+
+def test_transforms_are_lucid_defaults_and_identity_when_drawn_neutral():
+    t = Transforms()
+    assert (t.pad, t.pad_value, t.jitter, t.jitter2) == (12, 0.5, 8, 4)
+    assert t.scales == pytest.approx([0.9, 0.92, 0.94, 0.96, 0.98, 1.0, 1.02, 1.04, 1.06, 1.08, 1.1])
+    assert sorted(set(t.angles)) == list(range(-10, 11)) and t.angles.count(0) == 6
+    assert t.output_size(128) == 140
+    img = torch.rand(1, 3, 16, 16)
+    # centered jitter, scale 1, angle 0: the canvas appears in the middle, padding around it
+    neutral = torch.tensor([[4, 4, 5, t.angles.index(0), 2, 2]])
+    out = t.apply(img, t.theta(neutral, 16))
+    assert out.shape == (1, 3, 28, 28)
+    assert torch.allclose(out[:, :, 6:22, 6:22], img, atol=1e-5)
+    assert torch.allclose(out[:, :, :6], torch.full_like(out[:, :, :6], 0.5))
+
+
+# --- bad input -------------------------------------------------------------------------
+
+def test_unknown_layer_names_the_closest(squeeze):
+    with pytest.raises(FeatureshiftError, match=r"features\.9"):
+        render(squeeze, [("features.99", 0)], steps=1, size=32, quiet=True)
+
+
+def test_channel_out_of_range_gives_the_count(squeeze):
+    with pytest.raises(FeatureshiftError, match="384 channels"):
+        render(squeeze, [(MID, 384)], steps=1, size=32, quiet=True)
+    with pytest.raises(FeatureshiftError, match="1000 classes"):
+        render(squeeze, [("logits", 1000)], steps=1, size=32, quiet=True)
+
+
+def test_size_too_small_states_the_smallest_that_works(squeeze):
+    with pytest.raises(FeatureshiftError, match="smallest size") as err:
+        render(squeeze, [("features.12", 0)], steps=1, size=8, quiet=True)
+    smallest = int(re.search(r"--size (\d+)", str(err.value)).group(1))
+    assert 8 < smallest < 64
+    render(squeeze, [("features.12", 0)], steps=1, size=smallest, quiet=True)
+    with pytest.raises(FeatureshiftError):
+        render(squeeze, [("features.12", 0)], steps=1, size=smallest - 1, quiet=True)
+
+
+def test_other_bad_arguments(squeeze):
+    for kwargs, pattern in [(dict(objective="chanel"), "channel"), (dict(param="wavelet"), "fft"),
+                            (dict(steps=-1), "steps"), (dict(lr=0), "learning rate")]:
+        with pytest.raises(FeatureshiftError, match=pattern):
+            render(squeeze, [(MID, 0)], size=32, quiet=True, **{"steps": 1, **kwargs})
+    with pytest.raises(FeatureshiftError, match="Nothing to render"):
+        render(squeeze, [], quiet=True)
+
+
+# --- the command -----------------------------------------------------------------------
+
+def _vis(tmp_path, *args, input=None):
+    return CliRunner().invoke(main, ["vis", "squeezenet1_1", *args, "--steps", "2", "--size", "32", "--quiet"],
+                              input=input, catch_exceptions=False)
+
+
+def test_vis_reads_layers_from_a_layers_listing_on_stdin(tmp_path):
+    listing = CliRunner().invoke(main, ["layers", "squeezenet1_1"]).output
+    picked = "".join(line + "\n" for line in listing.splitlines() if line.startswith(("features.3\t", "features.6\t")))
+    out = tmp_path / "sample.png"
+    r = _vis(tmp_path, "-", "-o", str(out), "--columns", "3", input=picked)
+    assert r.exit_code == 0, r.output
+    tiles = sorted(p.name for p in (tmp_path / "sample_tiles").iterdir())
+    assert tiles == [f"{layer}_{c}.png" for layer in ("features.3", "features.6") for c in range(3)]
+    assert Image.open(tmp_path / "sample_tiles" / "features.6_2.png").size == (32, 32)
+    labelled = Image.open(out).size
+    bare = tmp_path / "bare.png"
+    assert _vis(tmp_path, "-", "-o", str(bare), "--columns", "3", "--no-labels", input=picked).exit_code == 0
+    assert Image.open(bare).size == (3 * 32, 2 * 32)  # rows = layers, columns = channels, no labels, no gaps
+    assert labelled[0] > 3 * 32 and labelled[1] > 2 * 32
+
+
+def test_vis_channels_option_and_same_bytes_as_the_api(tmp_path, squeeze):
+    out = tmp_path / "g.png"
+    r = _vis(tmp_path, MID, "-o", str(out), "--channels", "0-1,17")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "g_tiles").iterdir()) == [f"{MID}_{c}.png" for c in (0, 1, 17)]
+    api = render(squeeze, [(MID, 17)], steps=2, size=32, quiet=True)
+    assert (tmp_path / "g_tiles" / f"{MID}_17.png").read_bytes() == png_bytes(api.images[0])
+    assert featureshift.render is not None and callable(featureshift.render)
+
+
+@pytest.mark.parametrize("args, input, message", [
+    (["-"], "", "no layer names"),
+    (["features.99"], None, "features.9"),
+    (["features.6", "--columns", "2", "--channels", "1"], None, "not both"),
+    (["features.6", "--channels", "1-x"], None, "not a channel number"),
+    (["features.6", "--channels", "300"], None, "256 channels"),
+])
+def test_vis_bad_input_is_one_clear_error(tmp_path, args, input, message):
+    r = CliRunner().invoke(main, ["vis", "squeezenet1_1", *args, "-o", str(tmp_path / "x.png"), "--steps", "1",
+                                  "--size", "32", "--quiet"], input=input)
+    assert r.exit_code == 2, r.output
+    assert message in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "x.png").exists()
+
+
+# --- quality proof (real ImageNet weights) ---------------------------------------------
+
+def test_each_class_render_is_classified_as_its_class(squeeze):
+    classes = [1, 9, 130, 291]  # goldfish, ostrich, flamingo, lion
+    result = render(squeeze, [("logits", c) for c in classes], steps=64, size=96, quiet=True)
+    with torch.no_grad():
+        predicted = squeeze(normalized(squeeze, result.images)).argmax(1).tolist()
+    assert predicted == classes
+
+
+def test_channel_renders_beat_natural_images(squeeze):
+    from skimage import data
+
+    def photo(a, size=64):
+        im = Image.fromarray(a).convert("RGB")
+        w, h = im.size
+        s = min(w, h)
+        im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize((size, size))
+        return np.asarray(im, np.float32) / 255
+
+    photos = np.stack([photo(getattr(data, n)()) for n in
+                       ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
+                        "retina", "colorwheel")])
+    channels = [0, 5, 17, 42, 99, 200]
+    result = render(squeeze, [(MID, c) for c in channels], steps=32, size=64, quiet=True)
+    rendered = channel_means(squeeze, result.images, MID)
+    natural = channel_means(squeeze, photos, MID)
+    for i, c in enumerate(channels):
+        assert rendered[i, c] > natural[:, c].max(), c

@@ -1,0 +1,229 @@
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from safetensors.torch import load_file
+
+import featureshift
+from featureshift import FeatureshiftError, read_meta
+from featureshift.data import make_synthetic_dataset
+from featureshift.run import list_snapshots, probe_samples, read_metrics, read_run, read_split, snapshot_path
+from featureshift.train import TrainConfig, make_config, plan_cutoff, train
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny tensors: one thread is as fast and does not fight other processes for the cores.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "textures", per_class=6, size=40)
+
+
+def fit(data, out, **kw):
+    opts = dict(data=str(data), model="squeezenet1_1", weights="imagenet", epochs=2, batch_size=8, image_size=48,
+                workers=0, quiet=True, out=str(out))
+    opts.update(kw)
+    return train(**opts)
+
+
+def without_time(rows):
+    return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
+
+
+def test_snapshots_before_training_and_every_k(data, tmp_path):
+    run = fit(data, tmp_path / "run", epochs=3, snapshot_every=2, cutoff=3)
+    assert [e for e, _ in list_snapshots(run)] == [0, 2, 3]  # 0, every 2nd, and the last
+    rows = read_metrics(run)
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3] and rows[0]["train_loss"] is None
+    assert all(0 <= r["val_acc"] <= 1 and r["val_loss"] > 0 for r in rows)
+    assert all(r["train_loss"] > 0 and r["lr"] == 1e-3 for r in rows[1:])
+    metas = [read_meta(p) for _, p in list_snapshots(run)]
+    assert [m.epoch for m in metas] == [0, 2, 3]
+    assert metas[1].metrics == rows[2] and metas[2].metrics == rows[3]
+    assert metas[0].parent is None and metas[1].parent == metas[0].checksum and metas[2].parent == metas[1].checksum
+    assert metas[2].info.class_names == ["checkers", "dots", "stripes"] and metas[2].info.num_classes == 3
+    assert metas[2].config["cutoff"] == 3 and metas[2].config["data"] == str(data)
+    info = read_run(run)
+    assert info["status"] == "finished" and info["epochs_done"] == 3
+    assert info["dataset"]["counts"]["dots"] == {"train": 5, "val": 1}
+    assert info["versions"]["torch"] == torch.__version__
+    model, _ = featureshift.load(str(snapshot_path(run, 3)))
+    assert model(torch.zeros(1, 3, 48, 48)).shape == (1, 3)
+    assert len(probe_samples(run)) == 3
+
+
+def test_frozen_layers_stay_bit_identical(data, tmp_path):
+    # resnet18 has batch norm: frozen ones must keep their running statistics too
+    run = fit(data, tmp_path / "run", model="resnet18", weights="random", cutoff="layer2", epochs=2, image_size=32)
+    first, last = (load_file(str(p)) for p in (snapshot_path(run, 0), snapshot_path(run, 2)))
+    frozen = read_run(run)["cutoff"]["frozen"]
+    assert frozen[0] == "conv1" and frozen[-1] == "layer2.1.bn2"
+    for k in first:
+        module = k.rsplit(".", 1)[0]
+        if module in frozen:
+            assert torch.equal(first[k], last[k]), k
+        elif k.endswith(("weight", "running_mean")) and module.startswith(("layer3", "layer4", "fc")):
+            assert not torch.equal(first[k], last[k]), k
+
+
+def test_cutoff_by_count_and_by_name():
+    model = featureshift.create_model("squeezenet1_1", weights="random")
+    plan = plan_cutoff(model, 4, 64)
+    assert plan.frozen == ["features.0", "features.3.squeeze", "features.3.expand1x1", "features.3.expand3x3"]
+    assert plan_cutoff(model, "features.3", 64).frozen == plan.frozen
+    assert plan_cutoff(model, "features.3.expand1x1_activation", 64).frozen == plan.frozen[:3]
+    assert plan_cutoff(model, None, 64).frozen == []
+    assert "frozen" in plan.table(4) and "trainable" in plan.table(4)
+    with pytest.raises(FeatureshiftError, match="Did you mean.*features.3"):
+        plan_cutoff(model, "features.3.squeze", 64)
+    with pytest.raises(FeatureshiftError, match="more than the 26"):
+        plan_cutoff(model, 99, 64)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(data, tmp_path):
+    opts = dict(epochs=3, schedule="cosine", workers=1, augment=True, cutoff="features.5")
+    whole = fit(data, tmp_path / "whole", **opts)
+
+    def kill_after_2(epoch, row):
+        if epoch == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        fit(data, tmp_path / "cut", on_epoch_end=kill_after_2, **opts)
+    cut = tmp_path / "cut"
+    assert read_run(cut)["status"] == "failed" and read_run(cut)["epochs_done"] == 2
+    # a kill during epoch 3 may leave its row half-done: resume rewrites the log from the state
+    (cut / "metrics.jsonl").write_text((cut / "metrics.jsonl").read_text() + '{"epoch": 3, "train_lo')
+    train(resume=str(cut), quiet=True)
+    assert without_time(read_metrics(cut)) == without_time(read_metrics(whole))
+    assert read_meta(snapshot_path(cut, 3)).checksum == read_meta(snapshot_path(whole, 3)).checksum
+    assert read_split(cut) == read_split(whole)  # the seeded split: identical across runs and on resume
+    assert read_run(cut)["status"] == "finished" and len(read_run(cut)["sessions"]) == 2
+
+    # a finished run extends to more epochs; its snapshot chain continues
+    train(resume=str(cut), epochs=4, quiet=True)
+    assert read_meta(snapshot_path(cut, 4)).parent == read_meta(snapshot_path(cut, 3)).checksum
+    with pytest.raises(FeatureshiftError, match="already trained 4 epochs"):
+        train(resume=str(cut), epochs=2)
+    with pytest.raises(FeatureshiftError, match="'lr' was 0.001 and cannot change"):
+        train(resume=str(cut), lr=0.1)
+
+
+def test_epochs_zero_saves_only_the_original_network(data, tmp_path):
+    run = fit(data, tmp_path / "run", epochs=0, model="resnet18", weights="random", image_size=32)
+    assert [e for e, _ in list_snapshots(run)] == [0]
+    assert [r["epoch"] for r in read_metrics(run)] == [0]
+    model, meta = featureshift.load(str(snapshot_path(run, 0)))
+    assert meta.info.weights == "random" and meta.info.num_classes == 3
+
+
+def test_odd_files_and_names_are_handled(data, tmp_path):
+    root = tmp_path / "odd"
+    for name, src in (("a b", "checkers"), ("ünï", "dots"), ("<b>&amp;", "stripes")):
+        shutil.copytree(data / src, root / name)
+    (root / "a b" / "zero.jpg").write_bytes(b"")
+    (root / "ünï" / "README.md").write_text("not an image")
+    jpg = (root / "a b" / "checkers_000.jpg").read_bytes()
+    (root / "a b" / "cut.jpg").write_bytes(jpg[: len(jpg) // 2])
+    Image.open(root / "ünï" / "dots_000.jpg").convert("CMYK").save(root / "ünï" / "cmyk.jpg")
+    Image.open(root / "ünï" / "dots_001.jpg").convert("L").save(root / "ünï" / "gray.png")
+    Image.open(root / "ünï" / "dots_002.jpg").convert("RGBA").save(root / "ünï" / "alpha.png")
+    Image.open(root / "ünï" / "dots_003.jpg").convert("I;16").save(root / "ünï" / "sixteen.png")
+    run = fit(root, tmp_path / "run", epochs=1)
+    info = read_run(run)
+    assert info["dataset"]["classes"] == ["<b>&amp;", "a b", "ünï"]
+    assert read_meta(snapshot_path(run, 1)).info.class_names == ["<b>&amp;", "a b", "ünï"]
+    skipped = {s["path"].rsplit("/", 1)[-1] for s in info["dataset"]["skipped"]}
+    assert skipped == {"zero.jpg", "README.md", "cut.jpg"} and info["dataset"]["skipped_count"] == 3
+    assert sum(c["train"] + c["val"] for c in info["dataset"]["counts"].values()) == 18 + 4
+
+
+def test_bad_input_errors_before_anything_is_written(data, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    single = tmp_path / "single"
+    shutil.copytree(data / "dots", single / "dots")
+    cases = [
+        (dict(data=str(tmp_path / "nope")), "does not exist"),
+        (dict(data=str(empty)), "no class sub-folders"),
+        (dict(data=str(single)), "single class"),
+        (dict(optimizer="adan"), "Did you mean: adam"),
+        (dict(cutoff="features.99"), "not a layer"),
+        (dict(lr=0), "above 0"),
+        (dict(val_fraction=1.5), "below 1"),
+        (dict(model="resnet1"), "Unknown model"),
+        (dict(out=str(data / "run")), "inside the dataset"),
+    ]
+    for kw, msg in cases:
+        out = tmp_path / "out"
+        with pytest.raises(FeatureshiftError, match=msg):
+            fit(kw.pop("data", data), kw.pop("out", out), **kw)
+        assert not out.exists(), kw
+    with pytest.raises(FeatureshiftError, match="Unknown training option 'epoch'.*epochs"):
+        train(data=str(data), epoch=3)
+
+
+def test_out_holding_a_run_is_refused_unless_force(data, tmp_path):
+    run = fit(data, tmp_path / "run", epochs=0)
+    before = snapshot_path(run, 0).read_bytes()
+    with pytest.raises(FeatureshiftError, match="already holds a training run.*--resume.*--force"):
+        fit(data, run, epochs=1)
+    assert snapshot_path(run, 0).read_bytes() == before and read_run(run)["epochs_done"] == 0
+    fit(data, run, epochs=1, force=True, seed=1)
+    assert read_run(run)["config"]["seed"] == 1 and [e for e, _ in list_snapshots(run)] == [0, 1]
+
+
+def test_tensorboard_missing_is_a_clear_error(data, tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+        pytest.skip("tensorboard is installed")
+    except ImportError:
+        pass
+    with pytest.raises(FeatureshiftError, match="pip install 'featureshift\\[tensorboard\\]'"):
+        fit(data, tmp_path / "run", tensorboard=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_file_and_flags(tmp_path):
+    (tmp_path / "run.toml").write_text('data = "imgs"\nepochs = 7\nbatch-size = 4\noptimizer = "sgd"\ncutoff = "12"\n')
+    cfg = make_config(tmp_path / "run.toml", epochs=2)
+    assert (cfg.epochs, cfg.batch_size, cfg.optimizer, cfg.cutoff) == (2, 4, "sgd", 12)
+    assert cfg.data == str(tmp_path / "imgs")  # relative to the file
+    assert TrainConfig().model == "googlenet"
+    (tmp_path / "bad.toml").write_text("lr = 0.1\nlearning_rate = 3\n")
+    with pytest.raises(FeatureshiftError, match="Unknown training option 'learning_rate'"):
+        make_config(tmp_path / "bad.toml")
+
+
+def test_cli_end_to_end(data, tmp_path):
+    from featureshift.cli import main
+
+    (tmp_path / "run.toml").write_text(
+        f'[train]\ndata = "{data}"\nmodel = "squeezenet1_1"\nepochs = 5\nbatch_size = 8\nimage_size = 48\n'
+        'optimizer = "sgd"\nnesterov = true\nschedule = "step"\nstep_size = 1\ngamma = 0.5\n')
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["train", "--config", str(tmp_path / "run.toml"), "--epochs", "2", "--out", str(out),
+                                  "--cutoff", "features.3", "--workers", "1"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == str(out)
+    assert "frozen" in r.stderr and "epoch   2/2" in r.stderr  # the table and per-epoch lines
+    cfg = read_run(out)["config"]
+    assert (cfg["epochs"], cfg["optimizer"], cfg["nesterov"], cfg["cutoff"]) == (2, "sgd", True, "features.3")
+    assert [r["lr"] for r in read_metrics(out)[1:]] == [0.001, 0.0005]
+    r = CliRunner().invoke(main, ["train", "--data", str(data), "--out", str(out)])
+    assert r.exit_code == 2 and "already holds a training run" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["train", "--resume", str(out), "--quiet"])
+    assert r.exit_code == 0 and "nothing to do" not in r.output
