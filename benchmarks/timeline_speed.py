@@ -39,8 +39,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--size", type=int, default=96)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice); on a machine "
+                    "shared with other work, 1 avoids threads spinning against each other.")
     ap.add_argument("--keep", help="Write the run here and keep it (default: a temporary folder).")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="fs-timeline-bench-"))
     run = root / "run"

@@ -92,17 +92,22 @@ def make_run(root: Path, photos, epochs=(0, 1, 2), only_first: bool = False) -> 
 
 RENDER = dict(steps=12, size=32)  # tiny renders: the tests check plumbing and known cases, not beauty
 IMAGE_SIZE = 64
-CHANNELS = [2, 3, 4, 5]
+CHANNELS = [2, 3]  # 3 is re-initialized at epoch 1, 2 never changes
 _BUILT: dict = {}
 
 
+def shared_run(tmp_path_factory, photos) -> Path:
+    """One hand-made run per test session."""
+    if "run" not in _BUILT:
+        _BUILT["run"] = make_run(tmp_path_factory.mktemp("fakerun"), photos)
+    return _BUILT["run"]
+
+
 def shared_report(tmp_path_factory, photos):
-    """One run and its report per test session, shared by the metrics, report and browser tests."""
+    """(run, report index) built once per test session, shared by the metrics, report and browser tests."""
     if "index" not in _BUILT:
         from featureshift.report import build_report
 
-        root = tmp_path_factory.mktemp("fakerun")
-        run = make_run(root, photos)
-        _BUILT["run"] = run
+        run = shared_run(tmp_path_factory, photos)
         _BUILT["index"] = build_report(run, [LAYER], CHANNELS, image_size=IMAGE_SIZE, quiet=True, **RENDER)
     return _BUILT["run"], _BUILT["index"]

@@ -52,6 +52,21 @@ def test_earlier_featureshift_stacks_are_never_inputs(rows, tmp_path):
     assert any(p.name == "old-merge.png" for p, _ in res.skipped)
 
 
+def test_timeline_folder_merges_its_rows_only(tmp_path):
+    from featureshift.timeline import save_merged
+
+    folder = tmp_path / "timeline"
+    folder.mkdir()
+    for e in (0, 1, 10):
+        Image.new("RGB", (30, 10), (e * 20, 0, 0)).save(folder / f"{e:03d}.png")
+    save_merged(folder / "merged.png", Image.new("RGB", (30, 30)), kind="timeline")
+    frames = [Image.new("RGB", (10, 10), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(folder / "channel_0000.gif", save_all=True, append_images=frames[1:])
+    res = merge([folder], tmp_path / "out.png")
+    assert [p.name for p in res.inputs] == ["000.png", "001.png", "010.png"]
+    assert sorted(p.name for p, _ in res.skipped) == ["channel_0000.gif", "merged.png"]
+
+
 def test_explicit_order_and_labels(rows, tmp_path):
     files = [rows / "row10.png", rows / "row1.png"]
     kept = merge(files, tmp_path / "a.png", keep_order=True)

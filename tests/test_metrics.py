@@ -9,7 +9,7 @@ import featureshift
 from featureshift import metrics
 from featureshift.errors import FeatureshiftError
 
-from _fakerun import IMAGE_SIZE, LAYER, MODULE, RENDER, reinit
+from _fakerun import IMAGE_SIZE, LAYER, MODULE, reinit
 
 
 @pytest.fixture(scope="module")
@@ -83,17 +83,6 @@ def test_reinitialized_channel_changes_and_its_neighbours_do_not(pair, probe_dir
     # The change reaches the next block through its input only: same weights, different activations.
     assert metrics.weight_change(a, b, ["features.7"])["features.7"].value == 0
 
-    from featureshift.render import render
-
-    targets = [(LAYER, 2), (LAYER, 3)]
-    ra = render(a, targets, quiet=True, **RENDER).images
-    rb = render(b, targets, quiet=True, **RENDER).images
-    drift = metrics.visual_drift(ra, rb)
-    assert drift[0] == 0 and drift[1] > 0  # same seed: the unchanged channel renders the very same image
-    b_on_a, a_on_b = metrics.cross_activation(a, b, targets, ra, rb)
-    assert b_on_a[0] == pytest.approx(1.0) and a_on_b[0] == pytest.approx(1.0)
-    assert min(b_on_a[1], a_on_b[1]) < 0.9
-
 
 def test_cka_is_invariant_to_rotation_and_scale_and_low_for_unrelated_features():
     rng = np.random.default_rng(0)
@@ -150,13 +139,13 @@ def test_run_metrics_files(tmp_path_factory, photos):
     rows = list(csv.DictReader((run / "metrics" / "channels.csv").open()))
     last = {int(r["channel"]): r for r in rows if r["epoch"] == "2" and r["layer"] == LAYER}
     assert len(last) == 128
-    for c in (3, 5):  # re-initialized by epoch 2
-        assert float(last[c]["weight_change"]) > 0.5 and float(last[c]["correlation"]) < 0.9
-        assert float(last[c]["drift"]) > 0
-    for c in (2, 4):
-        assert float(last[c]["weight_change"]) == 0 and float(last[c]["drift"]) == 0
-        assert float(last[c]["cross_b_on_a"]) == pytest.approx(1.0)
-    assert last[7]["drift"] == ""  # not rendered: not measured
+    # Channel 3 was re-initialized, channel 2 never changed; both were rendered with one seed.
+    assert float(last[3]["weight_change"]) > 0.5 and float(last[3]["correlation"]) < 0.9
+    assert float(last[3]["drift"]) > 0
+    assert min(float(last[3]["cross_b_on_a"]), float(last[3]["cross_a_on_b"])) < 0.9
+    assert float(last[2]["weight_change"]) == 0 and float(last[2]["drift"]) == 0
+    assert float(last[2]["cross_b_on_a"]) == pytest.approx(1.0) and float(last[2]["cross_a_on_b"]) == pytest.approx(1.0)
+    assert float(last[5]["weight_change"]) > 0.5 and last[5]["drift"] == ""  # changed, but not rendered
     layers = list(csv.DictReader((run / "metrics" / "layers.csv").open()))
     stem = [r for r in layers if r["layer"] == "features.0"]
     assert [float(r["weight_change"]) for r in stem] == [0, 0, 0]
@@ -164,5 +153,5 @@ def test_run_metrics_files(tmp_path_factory, photos):
     import json
 
     ex = json.loads((run / "metrics" / "examples.json").read_text())
-    assert set(ex["layers"][LAYER]["channels"]) == {"2", "3", "4", "5"}
+    assert set(ex["layers"][LAYER]["channels"]) == {"2", "3"}
     assert len(ex["layers"][LAYER]["channels"]["3"]["0"]) > 0

@@ -203,6 +203,20 @@ def test_redirected_relu_revives_a_dead_channel():
     assert revived.scores[0] > 0.01
 
 
+@pytest.mark.parametrize("relu", [lambda x: torch.nn.functional.relu(x, inplace=True), lambda x: (x.relu_(), x)[1],
+                                  torch.relu, nn.ReLU(inplace=True)])
+def test_redirected_relu_gradient_is_per_image_and_keeps_in_place_semantics(relu):
+    from featureshift.render.engine import _RedirectReLU
+
+    x = torch.tensor([[-1.0, 2.0], [-1.0, -3.0]], requires_grad=True)
+    with _RedirectReLU():
+        y = relu(x * 1)
+    assert y.tolist() == [[0.0, 2.0], [0.0, 0.0]]
+    (-y.sum()).backward()  # maximize the sum
+    # image 0 gets gradient through its active unit only; image 1, blocked, is pushed up everywhere
+    assert x.grad.tolist() == [[0.0, -1.0], [-1.0, -1.0]]
+
+
 class _Explode(nn.Module):
     """Channel 1 is -log(1 - green): maximizing it drives green past 1, where it is NaN."""
 

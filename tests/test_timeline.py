@@ -88,14 +88,20 @@ def test_cache_rerun_renders_nothing_and_new_snapshot_one_row(tmp_path, model):
     assert (first.rendered, first.cached) == (6, 0)
     merged_before = Image.open(first.merged[LAYER]).tobytes()
 
+    outputs = [first.merged[LAYER], *first.rows[LAYER].values(), *first.gifs[LAYER].values()]
+    stamps = {p: p.stat().st_mtime_ns for p in outputs}
     again = timeline(run, LAYER, "0,5", **FAST)
     assert (again.rendered, again.cached) == (0, 6)
     assert Image.open(again.merged[LAYER]).tobytes() == merged_before
+    assert {p: p.stat().st_mtime_ns for p in outputs} == stamps  # nothing changed, nothing rewritten
 
     write_snapshot(run, model, 3)
     grown = timeline(run, LAYER, "0,5", **FAST)
     assert (grown.rendered, grown.cached) == (2, 6)
     assert grown.epochs == [0, 1, 2, 3]
+    assert all(p.stat().st_mtime_ns == stamps[p] for p in first.rows[LAYER].values())  # old rows kept
+    assert grown.merged[LAYER].stat().st_mtime_ns != stamps[first.merged[LAYER]]
+    assert Image.open(grown.gifs[LAYER][5]).n_frames == 4
 
     # A changed setting re-renders only what it affects; another channel renders only that column.
     wider = timeline(run, LAYER, "0,5,7", snapshots="2-3", **FAST)

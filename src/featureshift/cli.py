@@ -259,6 +259,8 @@ def _layers_from_stdin(stream) -> list[str]:
 @click.option("--diversity", type=int, default=None,
               help="Images per channel, pushed apart by a Gram-matrix penalty  [default: 4 with --objective "
                    "diversity, else 1].")
+@click.option("--diversity-weight", type=float, default=100.0, show_default=True,
+              help="Weight of the diversity penalty (Lucid's; it depends on the scale of the layer's activations).")
 @click.option("--steps", type=int, default=512, show_default=True, help="Optimization steps (the old tool: 2048).")
 @click.option("--size", type=int, default=128, show_default=True, help="Image size in pixels (the old tool: 144).")
 @click.option("--seed", type=int, default=0, show_default=True,
@@ -275,7 +277,8 @@ def _layers_from_stdin(stream) -> list[str]:
               help="For a model name: " + WEIGHTS_HELP + " Ignored for a snapshot.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_handle_errors
-def vis(model_or_snapshot, layers, output, columns, channel_spec, objective, diversity, steps, size, seed, lr,
+def vis(model_or_snapshot, layers, output, columns, channel_spec, objective, diversity, diversity_weight, steps, size,
+        seed, lr,
         param, batch_size, device, labels, weights, quiet):
     """Render what channels of LAYERS respond to (feature visualization), as one grid image.
 
@@ -311,7 +314,7 @@ def vis(model_or_snapshot, layers, output, columns, channel_spec, objective, div
     net, _ = load_network(model_or_snapshot, weights)
     result = render(net, [(name, c) for name in names for c in channels], objective=objective, steps=steps,
                     size=size, seed=seed, lr=lr, param=param, batch_size=batch_size, device=device, quiet=quiet,
-                    diversity=diversity)
+                    diversity=diversity, diversity_weight=diversity_weight)
     copies = len(result.targets) // (len(names) * len(channels))
     tiles_dir = out.with_name(out.stem + "_tiles")
     rows, i = [], 0
@@ -374,16 +377,19 @@ def _finish_visualize(hook, run):
 @click.option("--size", type=int, default=128, show_default=True, help="Image size in pixels.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of each channel's starting noise and transforms (the same on every snapshot).")
-@click.option("--objective", default="channel", show_default=True,
-              help="channel, neuron, negative, logit or diversity.")
-@click.option("--lr", type=float, default=0.05, show_default=True, help="Learning rate of the optimization.")
-@click.option("--device", default="auto", show_default=True, help="auto (a CUDA GPU if there is one), cpu, cuda.")
+@click.option("--objective", type=click.Choice(["channel", "neuron", "negative", "logit", "diversity"]),
+              default="channel", show_default=True,
+              help="What each image maximizes, as in vis (diversity: the first of its images is shown).")
+@click.option("--lr", type=float, default=0.05, show_default=True, help="Adam learning rate.")
+@click.option("--param", type=click.Choice(["fft", "pixel"]), default="fft", show_default=True,
+              help="Image parameterization.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--batch-size", type=int, default=None, help="Images optimized at once [default: as memory allows].")
 @click.option("--force", is_flag=True, help="Render again even what the cache holds.")
 @click.option("--labels/--no-labels", default=True, help="Epoch, accuracy and channel labels, or a bare grid.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_handle_errors
-def timeline(run, layers, columns, channels, snapshots, every, steps, size, seed, objective, lr, device,
+def timeline(run, layers, columns, channels, snapshots, every, steps, size, seed, objective, lr, param, device,
              batch_size, force, labels, quiet):
     """Render the same channels on every snapshot of the training run RUN.
 
@@ -402,7 +408,8 @@ def timeline(run, layers, columns, channels, snapshots, every, steps, size, seed
         raise FeatureshiftError("Give either --columns or --channels, not both.")
     result = run_timeline(run, list(layers), channels if channels is not None else (columns or 5),
                           snapshots=snapshots, every=every, steps=steps, size=size, seed=seed, objective=objective,
-                          lr=lr, device=device, batch_size=batch_size, force=force, labels=labels, quiet=quiet)
+                          lr=lr, param=param, device=device, batch_size=batch_size, force=force, labels=labels,
+                          quiet=quiet)
     click.echo(result.summary())
 
 

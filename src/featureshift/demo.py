@@ -45,9 +45,19 @@ def step_timeline(run: Path, quiet: bool = False):
     from .timeline import timeline
 
     _say(f"[demo] rendering a timeline of {DEMO_LAYER}, channels 0-4, over every snapshot", quiet)
-    result = timeline(run, DEMO_LAYER, 5, steps=256, size=128, quiet=quiet)
+    result = timeline(run, DEMO_LAYER, 5, steps=128, size=128, quiet=quiet)
     _say(f"[demo] timeline: {result.merged[DEMO_LAYER]}", quiet)
     return result
+
+
+def step_report(run: Path, quiet: bool = False) -> Path:
+    """The HTML report: measures of change, dataset examples, a page per layer and channel."""
+    from .report import build_report
+
+    _say("[demo] measuring what changed and writing the HTML report (reuses the timeline's renders)", quiet)
+    index = build_report(run, quiet=quiet)
+    _say(f"[demo] report: {index}  (open it in a browser)", quiet)
+    return index
 
 
 def run_demo(out_dir: str | Path, quiet: bool = False) -> Path:
@@ -58,6 +68,7 @@ def run_demo(out_dir: str | Path, quiet: bool = False) -> Path:
     data = step_dataset(out, quiet)
     run = step_train(out, data, quiet)
     step_timeline(run, quiet)
+    step_report(run, quiet)
     # Later steps (timeline, compare, report) are appended here, each taking `run`.
     _say(f"[demo] done in {time.perf_counter() - start:.0f} s: run folder {run}", quiet)
     return out

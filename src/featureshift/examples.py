@@ -17,7 +17,6 @@ from PIL import Image
 from torch import nn
 
 from .grid import make_grid
-from .models.layers import Truncated
 
 MIN_CROP_FRACTION = 1 / 6  # a crop smaller than this of the image shows too little to recognize
 
@@ -33,8 +32,10 @@ class Example:
 def receptive_field(model: nn.Module, layer: str, image_size: int) -> int:
     """Side in pixels of the input region that drives one position of `layer`: where the
     gradient of the center position, on a noise image, is at least 1% of its largest value."""
+    from .metrics import truncated
+
     x = torch.randn(1, 3, image_size, image_size, device=next(model.parameters()).device, requires_grad=True)
-    with Truncated(model, [layer], size=image_size) as net:
+    with truncated(model, [layer]) as net:
         out = net(x)[layer]
     h, w = out.shape[2:]
     (g,) = torch.autograd.grad(out[0, :, h // 2, w // 2].sum(), x)

@@ -36,7 +36,7 @@ def natural_key(path: str | Path) -> tuple:
 
 
 def _is_featureshift_output(image: Image.Image) -> bool:
-    return OUTPUT_TEXT_KEY in (getattr(image, "text", None) or {})
+    return OUTPUT_TEXT_KEY in image.info  # a PNG text chunk written before the pixels
 
 
 def _collect(inputs: Sequence[str | Path]) -> list[Path]:
@@ -78,6 +78,9 @@ def merge(inputs: Sequence[str | Path], output: str | Path, *, labels: bool = Fa
             with Image.open(f) as im:
                 if _is_featureshift_output(im):
                     skipped.append((f, "it is a stacked image featureshift wrote earlier"))
+                    continue
+                if getattr(im, "is_animated", False):  # a timeline's per-channel GIFs sit beside its rows
+                    skipped.append((f, "it is animated"))
                     continue
                 images.append(im.convert("RGB"))
         except (UnidentifiedImageError, OSError) as e:

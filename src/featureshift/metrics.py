@@ -81,6 +81,11 @@ def _layer_info(model: nn.Module, layer: str) -> LayerInfo:
     return layers[layer] if layer in layers else resolve_layers(model, [layer], size)[0]
 
 
+def truncated(model: nn.Module, layers: Sequence[str]) -> Truncated:
+    """`Truncated` with the layer structure traced once per architecture, not on every call."""
+    return Truncated(model, list(layers), layer_infos=[_layer_info(model, l) for l in layers])
+
+
 def channel_sources(model: nn.Module, layer: str) -> list[ChannelSource]:
     """The modules whose parameters produce each channel of `layer`, found by tracing.
 
@@ -371,7 +376,7 @@ def probe_stats(model: nn.Module, layers: Sequence[str], paths: Sequence[Path], 
     hw: dict[str, tuple[int, int]] = {}
     from tqdm import tqdm
 
-    with Truncated(model, layers, size=image_size) as net, torch.no_grad():
+    with truncated(model, layers) as net, torch.no_grad():
         for x in tqdm(loader, desc=desc, unit="batch", disable=quiet, leave=False):
             feats = net(x.to(dev))
             for l in layers:
@@ -535,7 +540,7 @@ def texture_descriptors(images) -> list[np.ndarray]:
     net = _judge()
     info = net.featureshift_info
     x = _as_batch(images, info.mean, info.std, JUDGE_SIZE)
-    with torch.no_grad(), Truncated(net, list(JUDGE_LAYERS), size=JUDGE_SIZE) as t:
+    with torch.no_grad(), truncated(net, JUDGE_LAYERS) as t:
         feats = t(x)
     out = []
     for l in JUDGE_LAYERS:
@@ -578,7 +583,7 @@ def channel_activation(model: nn.Module, targets: Sequence[tuple[str, int]], ima
     dev = next(model.parameters()).device
     x = _as_batch(images, info.mean, info.std).to(dev)
     layers = list(dict.fromkeys(l for l, _ in targets))
-    with torch.no_grad(), Truncated(model, layers, size=x.shape[-1]) as net:
+    with torch.no_grad(), truncated(model, layers) as net:
         feats = net(x)
     return np.array([float(feats[l][i, c].float().mean()) for i, (l, c) in enumerate(targets)])
 

@@ -24,6 +24,8 @@ from PIL import Image, PngImagePlugin
 from .errors import FeatureshiftError
 from .grid import make_grid, to_pil
 from .io import save_image
+from .run import list_snapshots
+from .snapshot import load_snapshot, read_meta
 
 TIMELINE_DIR = "timeline"
 CACHE_DIR = "cache"
@@ -31,6 +33,7 @@ TILE_TEXT_KEY = "featureshift-tile"
 # PNG text chunk on every grid featureshift writes as a merge of other images, so that
 # `merge` never stacks its own (or the timeline's) earlier output.
 OUTPUT_TEXT_KEY = "featureshift-output"
+SIGNATURE_KEY = "featureshift-signature"  # what a row/merged/GIF was drawn from: unchanged files are not rewritten
 LOGITS = "logits"
 GIF_FRAME_MS = 600
 
@@ -134,19 +137,21 @@ def tile_key(checksum: str, layer: str, channel: int, settings: dict[str, Any]) 
 def read_tile(path: str | Path) -> tuple[Image.Image, dict[str, Any]]:
     """A cached tile and what it was rendered with (settings, checksum, score)."""
     with Image.open(path) as im:
-        info = json.loads(im.text.get(TILE_TEXT_KEY, "{}")) if hasattr(im, "text") else {}
-        return im.convert("RGB"), info
+        return im.convert("RGB"), json.loads(im.info.get(TILE_TEXT_KEY, "{}"))
 
 
-def _png_text(key: str, value: dict[str, Any]) -> PngImagePlugin.PngInfo:
+def _png_text(key: str, value: dict[str, Any] | str) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
-    info.add_text(key, json.dumps(value, default=str))
+    info.add_text(key, value if isinstance(value, str) else json.dumps(value, default=str))
     return info
 
 
-def save_merged(path: str | Path, image: Image.Image, **about) -> None:
+def save_merged(path: str | Path, image: Image.Image, signature: str | None = None, **about) -> None:
     """Write a stacked image tagged as featureshift output, which `merge` never takes as input."""
-    save_image(path, image, pnginfo=_png_text(OUTPUT_TEXT_KEY, about))
+    info = _png_text(OUTPUT_TEXT_KEY, about)
+    if signature:
+        info.add_text(SIGNATURE_KEY, signature)
+    save_image(path, image, pnginfo=info)
 
 
 # ---------------------------------------------------------------- planning
@@ -163,15 +168,7 @@ def _safe_name(layer: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", layer)
 
 
-def _list_snapshots(run_dir: Path) -> list[tuple[int, Path]]:
-    from .run import list_snapshots
-
-    return list_snapshots(run_dir)
-
-
 def _read_rows(entries: list[tuple[int, Path]]) -> list[_Row]:
-    from .snapshot import read_meta
-
     rows = []
     for epoch, path in entries:
         try:
@@ -284,15 +281,17 @@ def _col_label(layer: str, channel: int, class_names: list[str] | None) -> str:
     return f"ch {channel}"
 
 
-def _gif(path: Path, frames: list[Image.Image]) -> None:
+def _gif(path: Path, frames: list[Image.Image], signature: str) -> None:
     w = max(f.width for f in frames)
     h = max(f.height for f in frames)
     padded = []
     for f in frames:
         canvas = Image.new("RGB", (w, h), (255, 255, 255))
         canvas.paste(f, ((w - f.width) // 2, (h - f.height) // 2))
-        padded.append(canvas.convert("P", palette=Image.Palette.ADAPTIVE, colors=256))
-    save_image(path, padded[0], save_all=True, append_images=padded[1:], duration=GIF_FRAME_MS, loop=0)
+        # Fast octree: a median-cut palette costs more than all the rest of a cached rerun.
+        padded.append(canvas.quantize(colors=256, method=Image.Quantize.FASTOCTREE))
+    save_image(path, padded[0], save_all=True, append_images=padded[1:], duration=GIF_FRAME_MS, loop=0,
+               comment=signature)
 
 
 # ---------------------------------------------------------------- the timeline
@@ -320,7 +319,7 @@ def timeline(run_dir: str | Path, layers: str | Sequence[str], channels: int | s
     layers = [layers] if isinstance(layers, str) else list(dict.fromkeys(layers))
     if not layers:
         raise FeatureshiftError("Name at least one layer (--layer); `featureshift layers MODEL` lists them.")
-    entries = select_snapshots(_list_snapshots(run_dir), snapshots, every)
+    entries = select_snapshots(list_snapshots(run_dir), snapshots, every)
     rows = _read_rows(entries)
     good = [r for r in rows if r.meta is not None]
     if not good:
@@ -365,7 +364,6 @@ def timeline(run_dir: str | Path, layers: str | Sequence[str], channels: int | s
 
 def _render_jobs(rows, todo, settings, cache, result, device, batch_size, quiet, on_tile, tqdm) -> None:
     from .render import render
-    from .snapshot import load_snapshot
 
     by_epoch = {r.epoch: r for r in rows}
     order = [r.epoch for r in rows if r.epoch in todo]
@@ -413,46 +411,80 @@ def _render_jobs(rows, todo, settings, cache, result, device, batch_size, quiet,
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _signature(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
+
+
+def _stored_signature(path: Path) -> str | None:
+    """The signature an earlier run wrote into `path` (PNG text or GIF comment), read without decoding."""
+    try:
+        with Image.open(path) as im:
+            sig = im.info.get(SIGNATURE_KEY) or im.info.get("comment")
+    except (OSError, ValueError):
+        return None
+    return sig.decode(errors="replace") if isinstance(sig, bytes) else sig
+
+
 def _write_outputs(rows: list[_Row], result: TimelineResult, labels: bool, settings: dict[str, Any]) -> None:
+    """Rows, merged.png and GIFs of every layer. Each file carries a signature of its tiles and
+    labels and is rewritten only when that changes, so a rerun after one new snapshot does not
+    rewrite every row."""
     first = next(r for r in rows if r.meta is not None)
     class_names = first.meta.info.class_names
-    row_labels = [_row_label(r) for r in rows] if labels else None
+    row_labels = [_row_label(r) if labels else None for r in rows]
+    opened: dict[Path, Image.Image] = {}
+
+    def tile(layer: str, epoch: int, c: int) -> Image.Image | None:
+        path = result.tiles.get((layer, epoch, c))
+        if path is None:
+            return None
+        if path not in opened:
+            opened[path] = read_tile(path)[0]
+        return opened[path]
+
     for layer in result.layers:
         out_dir = result.run_dir / TIMELINE_DIR / _safe_name(layer)
         cols = result.channels[layer]
         col_labels = [_col_label(layer, c, class_names) for c in cols] if labels else None
-        grid: list[list] = []
+        # Per row: the tile keys (None: missing), or None when the whole row is missing.
+        keys: list[list[str | None] | None] = []
+        for r in rows:
+            found = [result.tiles.get((layer, r.epoch, c)) for c in cols]
+            keys.append(None if r.error and not any(found) else [p.stem if p else None for p in found])
         result.rows[layer] = {}
         for i, r in enumerate(rows):
-            if r.error and not any((layer, r.epoch, c) in result.tiles for c in cols):
-                grid.append([])  # the whole row is marked missing
+            if keys[i] is None:
                 continue
-            tiles = []
-            for c in cols:
-                path = result.tiles.get((layer, r.epoch, c))
-                tile, about = read_tile(path) if path is not None else (None, {})
-                if about.get("failed"):
-                    result.failed[(layer, r.epoch, c)] = about["failed"]
-                tiles.append(tile)
-            grid.append(tiles)
-            row_path = out_dir / f"{r.epoch:03d}.png"
-            save_image(row_path, make_grid([tiles], row_labels=[row_labels[i]] if labels else None,
-                                           col_labels=col_labels))
-            result.rows[layer][r.epoch] = row_path
-        title = f"{result.run_dir.name}: {layer}, {settings['objective']}" if labels else None
-        merged = make_grid(grid, row_labels=row_labels, col_labels=col_labels, title=title)
+            path = result.rows[layer][r.epoch] = out_dir / f"{r.epoch:03d}.png"
+            sig = _signature(keys[i], row_labels[i], col_labels)
+            if _stored_signature(path) != sig:
+                image = make_grid([[tile(layer, r.epoch, c) for c in cols]],
+                                  row_labels=[row_labels[i]] if labels else None, col_labels=col_labels)
+                save_image(path, image, pnginfo=_png_text(SIGNATURE_KEY, sig))
+
         result.merged[layer] = out_dir / "merged.png"
-        save_merged(result.merged[layer], merged, kind="timeline", layer=layer, epochs=result.epochs, channels=cols)
+        title = f"{result.run_dir.name}: {layer}, {settings['objective']}" if labels else None
+        sig = _signature(keys, row_labels, col_labels, title)
+        if _stored_signature(result.merged[layer]) != sig:
+            grid = [[] if k is None else [tile(layer, r.epoch, c) for c in cols] for r, k in zip(rows, keys)]
+            merged = make_grid(grid, row_labels=row_labels if labels else None, col_labels=col_labels, title=title)
+            save_merged(result.merged[layer], merged, signature=sig, kind="timeline", layer=layer,
+                        epochs=result.epochs, channels=cols)
+
         result.gifs[layer] = {}
+        present = [(r, k) for r, k in zip(rows, keys) if k is not None]
         for j, c in enumerate(cols):
-            frames = []
-            for i, row in enumerate(grid):
-                if not row:
-                    continue
-                frames.append(make_grid([[row[j]]], title=(f"epoch {rows[i].epoch}" if labels else None)))
-            if frames:
-                result.gifs[layer][c] = out_dir / f"channel_{c:04d}.gif"
-                _gif(result.gifs[layer][c], frames)
+            path = result.gifs[layer][c] = out_dir / f"channel_{c:04d}.gif"
+            titles = [row_labels[rows.index(r)].replace("\n", "  ") if labels else None for r, _ in present]
+            sig = _signature([k[j] for _, k in present], titles)
+            if present and _stored_signature(path) != sig:
+                frames = [make_grid([[tile(layer, r.epoch, c)]], title=t) for (r, _), t in zip(present, titles)]
+                _gif(path, frames, sig)
+    for key, path in result.tiles.items():  # header only, no decoding
+        with Image.open(path) as im:
+            failed = json.loads(im.info.get(TILE_TEXT_KEY, "{}")).get("failed")
+        if failed:
+            result.failed[key] = failed
 
 
 # ---------------------------------------------------------------- train --visualize

@@ -64,23 +64,30 @@ class _RedirectedReLU(torch.autograd.Function):
     part that would push negative inputs up (Lucid's redirected_relu_grad)."""
 
     @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x.clamp_min(0)
+    def forward(ctx, x, inplace):
+        if inplace:  # keep the caller's in-place semantics (`x.relu_(); use(x)`)
+            ctx.mark_dirty(x)
+            out = x.relu_()
+        else:
+            out = torch.relu(x)
+        ctx.save_for_backward(out)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        negative = x < 0
-        relu_grad = grad.masked_fill(negative, 0)
-        # we minimize -objective: a positive gradient would push an already negative input lower
-        redirected = grad.masked_fill(negative & (grad > 0), 0)
-        blocked = relu_grad.flatten(1).abs().amax(1) == 0
-        return torch.where(blocked.view(-1, *[1] * (x.dim() - 1)), redirected, relu_grad)
+        (out,) = ctx.saved_tensors
+        relu_grad = torch.ops.aten.threshold_backward(grad, out, 0)
+        blocked = ~relu_grad.flatten(1).any(1)
+        if not blocked.any():  # the common case: nothing to redirect
+            return relu_grad, None
+        rows = blocked.nonzero()[:, 0]
+        g = grad[rows]
+        # we minimize -objective: a positive gradient would push an input at or below zero lower
+        return relu_grad.index_put_((rows,), g.masked_fill((out[rows] <= 0) & (g > 0), 0)), None
 
 
-_RELUS = {torch.nn.functional.relu, torch.nn.functional.relu_, torch.relu, torch.relu_,
-          torch.Tensor.relu, torch.Tensor.relu_}
+_INPLACE_RELUS = {torch.nn.functional.relu_, torch.relu_, torch.Tensor.relu_}
+_RELUS = {torch.nn.functional.relu, torch.relu, torch.Tensor.relu} | _INPLACE_RELUS
 
 
 class _RedirectReLU(TorchFunctionMode):
@@ -88,9 +95,11 @@ class _RedirectReLU(TorchFunctionMode):
     _RedirectedReLU while active; leaving the `with` block undoes it, even on error."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         if func in _RELUS:
-            return _RedirectedReLU.apply(args[0])
-        return func(*args, **(kwargs or {}))
+            inplace = func in _INPLACE_RELUS or bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
+            return _RedirectedReLU.apply(args[0], inplace)
+        return func(*args, **kwargs)
 
 
 # --- running the network ----------------------------------------------------------------
@@ -208,10 +217,8 @@ def _works(net: _Features, size: int, device: torch.device) -> bool:
     return all(f.numel() > 0 for f in feats.values())
 
 
-def _smallest_size(net: _Features, device: torch.device, margin: int, limit: int = 4096) -> int | None:
-    """The smallest canvas size at which the network reaches every needed layer (None: none does)."""
-    def ok(s):
-        return _works(net, s, device) and _works(net, s + margin, device)
+def _smallest_size(ok, limit: int = 4096) -> int | None:
+    """The smallest canvas size for which ok(size) holds (None: none up to `limit`)."""
     hi = 8
     while not ok(hi):
         hi *= 2
@@ -224,18 +231,20 @@ def _smallest_size(net: _Features, device: torch.device, margin: int, limit: int
     return hi
 
 
-def _check_size(net: _Features, size: int, out_size: int, device: torch.device, layers: list[str]) -> None:
-    small = min(size, out_size)
-    if _works(net, small, device) and _works(net, max(size, out_size), device):
+def _check_size(net: _Features, size: int, transforms: Transforms, device: torch.device, layers: list[str]) -> None:
+    # the network sees the canvas (final score) and the transformed canvas (every step)
+    def ok(s):
+        return _works(net, s, device) and _works(net, transforms.output_size(s), device)
+
+    if ok(size):
         return
-    smallest = _smallest_size(net, device, out_size - size)
+    smallest = _smallest_size(ok)
     where = ", ".join(layers)
     if smallest is None:
-        raise FeatureshiftError(f"The network fails on any input size when run up to {where}; check the model.")
+        raise FeatureshiftError(f"The network fails on every input size when run up to {where}; check the model.")
     raise FeatureshiftError(
-        f"An image of {size} px is too small to reach {where} (the network sees {small} px after the "
-        f"transforms). The smallest size that works is {max(smallest, size + 1)} px: use --size {max(smallest, size + 1)} "
-        "or larger, or a shallower layer."
+        f"A {size} px image is too small for {where}: the network cannot compute that far on it. "
+        f"The smallest size that works is {smallest} px: use --size {smallest} or larger, or a shallower layer."
     )
 
 
@@ -329,7 +338,10 @@ def render(model: nn.Module, targets: Sequence[tuple[str, int]], *, objective: s
     needed = obj.layers(own)
     inner = [n for n in dict.fromkeys(layer for layer, _ in targets) if n != LOGITS]
     inner += sorted(needed - set(inner) - {LOGITS})
-    infos = {i.name: i for i in resolve_layers(model, inner)} if inner else {}
+    try:
+        infos = {i.name: i for i in resolve_layers(model, inner)} if inner else {}
+    except FeatureshiftError as e:
+        raise FeatureshiftError(f"{e} The network's output (class logits) is the layer '{LOGITS}'.") from None
     out_size = transforms.output_size(size)
     if out_size < 1:
         raise FeatureshiftError(f"The transforms crop more than the {size} px canvas holds; use a larger --size.")
@@ -349,7 +361,7 @@ def render(model: nn.Module, targets: Sequence[tuple[str, int]], *, objective: s
     with _prepared(model, dev):
         net = _Features(model, [infos[n] for n in inner], LOGITS in needed)
         try:
-            _check_size(net, size, out_size, dev, sorted(needed))
+            _check_size(net, size, transforms, dev, sorted(needed))
             if LOGITS in own:
                 with torch.no_grad():
                     classes = net(torch.zeros(1, 3, size, size, device=dev))[LOGITS].shape[1]

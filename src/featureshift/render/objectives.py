@@ -118,12 +118,12 @@ class _Unit(Objective):
         return {self.layer} if self.layer is not None else set(own)
 
     def __call__(self, batch):
+        # fp32 before reducing: under autocast the features are bf16/fp16
         if self.layer is not None:
-            return self.reduce(batch.feats[self.layer][:, self.channel]).float()
+            return self.reduce(batch.feats[self.layer][:, self.channel].float())
         out = torch.zeros(batch.size, device=batch.channels.device)
         for layer, rows in batch.rows.items():
-            values = self.reduce(batch.feats[layer][rows, batch.channels[rows]]).float()
-            out = out.index_put((rows,), values)
+            out = out.index_put((rows,), self.reduce(batch.feats[layer][rows, batch.channels[rows]].float()))
         return out
 
     def __repr__(self):

@@ -1,0 +1,167 @@
+"""Render speed and quality: featureshift against Lucent and against the bare network.
+
+    python benchmarks/render_speed.py [--steps 64] [--quality-steps 128] [--threads N]
+
+Speed (torchvision GoogLeNet, random weights, layer inception4a, 8 channels, 128 px canvas,
+the same number of Adam steps for every method, one model object), in image-steps/s:
+  (a) Lucent as its README uses it: one render_vis call per channel, its defaults (it
+      upsamples the image to 224 px and runs the whole network).
+  (b) Lucent at its best: one batched render_vis call, one objective per batch index,
+      fixed_image_size=128.
+  (c) the bare network: forward to inception4a plus the input gradient, frozen weights,
+      batch 8, no parameterization or transforms, at 128 px and at the size featureshift's
+      network input has (140 px); the faster memory format of the two is used.
+  (f) featureshift.render with its defaults (its 16 redirected-ReLU steps included).
+Quality: the median activation each method's final images reach (fed once, untransformed,
+to the same model) on real weights: the offline ImageNet SqueezeNet, layer features.9.
+
+Lucent is not a featureshift dependency; install it into the same environment with
+    pip install --no-deps torch-lucent==0.1.8 kornia==0.4.1 && pip install decorator ipython
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+from featureshift import create_model, model_info
+from featureshift.models.layers import Truncated
+from featureshift.render import render
+
+CHANNELS = [0, 1, 2, 3, 4, 5, 6, 7]
+SPEED_LAYER, QUALITY_LAYER = "inception4a", "features.9"
+
+
+def lucent():
+    try:
+        from lucent.optvis import objectives, param
+        from lucent.optvis import render as lucent_render
+    except ImportError as e:
+        sys.exit(f"Lucent is not installed ({e}). Install it with:\n"
+                 "  pip install --no-deps torch-lucent==0.1.8 kornia==0.4.1 && pip install decorator ipython")
+    return objectives, param, lucent_render
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def lucent_per_channel(model, layer, steps):
+    objectives, _, lr = lucent()
+    images = []
+    for c in CHANNELS:
+        out = lr.render_vis(model, objectives.channel(layer.replace(".", "_"), c), thresholds=(steps,),
+                            show_image=False, progress=False)
+        images.append(out[-1][0])
+    return np.stack(images)
+
+
+def lucent_batched(model, layer, steps):
+    objectives, param, lr = lucent()
+    obj = sum(objectives.channel(layer.replace(".", "_"), c, batch=i) for i, c in enumerate(CHANNELS))
+    out = lr.render_vis(model, obj, lambda: param.image(128, batch=len(CHANNELS)), thresholds=(steps,),
+                        show_image=False, progress=False, fixed_image_size=128)
+    return out[-1]
+
+
+def featureshift_render(model, layer, steps):
+    return render(model, [(layer, c) for c in CHANNELS], steps=steps, size=128, device="cpu", quiet=True).images
+
+
+def bare_network(model, layer, steps, size, channels_last):
+    """Forward to `layer` and the input gradient, frozen weights, nothing else."""
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.rand(len(CHANNELS), 3, size, size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    try:
+        with Truncated(model, [layer]) as net:
+            for _ in range(steps):
+                net(x)[layer][:, 0].mean().backward()
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+
+
+def activations(model, layer, images):
+    info = model_info(model)
+    x = torch.tensor(np.asarray(images, np.float32)).permute(0, 3, 1, 2)
+    x = (x - torch.tensor(info.mean).view(1, 3, 1, 1)) / torch.tensor(info.std).view(1, 3, 1, 1)
+    with Truncated(model, [layer]) as net, torch.no_grad():
+        f = net(x)[layer].mean((2, 3))
+    return [float(f[i, c]) for i, c in enumerate(CHANNELS)]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=64, help="Adam steps per method for the speed figures")
+    ap.add_argument("--quality-steps", type=int, default=128, help="steps for the activation comparison (0: skip)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads [default: torch's own]")
+    ap.add_argument("--skip-per-channel", action="store_true", help="leave out (a), the slowest")
+    args = ap.parse_args()
+    lucent()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    steps, n = args.steps, len(CHANNELS)
+    torch.manual_seed(0)
+    model = create_model("googlenet", weights="random")
+    rates = {}
+
+    def report(key, label, seconds, image_steps):
+        rates[key] = image_steps / seconds
+        print(f"{key:>6}  {label:<58} {rates[key]:7.1f} image-steps/s  ({seconds:.1f} s)", flush=True)
+
+    print(f"speed: googlenet (random weights), {SPEED_LAYER}, {n} channels, 128 px canvas, {steps} steps")
+    featureshift_render(model, SPEED_LAYER, 2)  # warm-up: first-call allocations, oneDNN kernels
+    if not args.skip_per_channel:
+        np.random.seed(0)
+        report("a", "lucent, one render_vis per channel (224 px)", timed(
+            lambda: lucent_per_channel(model, SPEED_LAYER, steps))[0], n * steps)
+    np.random.seed(0)
+    report("b", "lucent, batched, fixed_image_size=128", timed(lambda: lucent_batched(model, SPEED_LAYER, steps))[0],
+           n * steps)
+    for size in (128, 140):
+        best = min(timed(lambda: bare_network(model, SPEED_LAYER, steps, size, cl))[0] for cl in (False, True))
+        report(f"c{size}", f"bare network to {SPEED_LAYER} + input grad, {size} px", best, n * steps)
+    report("f", "featureshift.render (network sees 140 px)",
+           timed(lambda: featureshift_render(model, SPEED_LAYER, steps))[0], n * steps)
+    if "a" in rates:
+        print(f"f / a = {rates['f'] / rates['a']:.1f}x (target >= 6)")
+    print(f"f / b = {rates['f'] / rates['b']:.1f}x (target >= 2)")
+    print(f"f / c128 = {rates['f'] / rates['c128']:.0%}, f / c140 = {rates['f'] / rates['c140']:.0%} (target >= 80%)")
+
+    if args.quality_steps:
+        q = args.quality_steps
+        real = create_model("squeezenet1_1", weights="imagenet")
+        print(f"quality: squeezenet1_1 (ImageNet weights), {QUALITY_LAYER}, channels {CHANNELS}, {q} steps, "
+              "activation of the final 128 px image")
+        results = {}
+        for key, fn in [("a", lucent_per_channel), ("b", lucent_batched), ("f", featureshift_render)]:
+            if key == "a" and args.skip_per_channel:
+                continue
+            np.random.seed(0)
+            torch.manual_seed(0)
+            acts = activations(real, QUALITY_LAYER, fn(real, QUALITY_LAYER, q))
+            results[key] = statistics.median(acts)
+            print(f"{key:>6}  median {results[key]:8.1f}   per channel {' '.join(f'{a:.0f}' for a in acts)}", flush=True)
+        best_lucent = max(v for k, v in results.items() if k != "f")
+        print(f"f / best lucent median activation = {results['f'] / best_lucent:.2f} (target >= 1)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""featureshift compare: the before/after sheet, the ranking, and its errors."""
+import pytest
+from click.testing import CliRunner
+
+import featureshift
+from featureshift.cli import main
+from featureshift.compare import compare
+from featureshift.errors import FeatureshiftError
+
+from _fakerun import IMAGE_SIZE, LAYER, RENDER, shared_run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, photos):
+    return shared_run(tmp_path_factory, photos)
+
+
+def test_most_changed_channels_of_two_snapshots(run, tmp_path):
+    a, b = run / "snapshots/000.safetensors", run / "snapshots/002.safetensors"
+    out = tmp_path / "sheet.png"
+    result = compare(a, b, LAYER, most_changed=2, by="weight", output=out, image_size=IMAGE_SIZE, quiet=True,
+                     **RENDER)
+    assert set(result.channels) == {3, 5}  # exactly the two re-initialized channels
+    assert result.ranked()[0]["channel"] in (3, 5)
+    assert all(r["weight_change"] == 0 for r in result.rows if r["channel"] not in (3, 5))
+    # Correlation comes from the run's own validation images, found from the snapshot's folder.
+    assert result.probe_images == 12 and result.cka < 1
+    assert result.rows[3]["correlation"] < 0.9 and result.rows[2]["correlation"] == pytest.approx(1.0)
+    assert result.rows[3]["drift"] > 0
+    from PIL import Image
+
+    with Image.open(out) as im:
+        # two rows of renders (enlarged to at least 112 px) under labels
+        assert im.height > 2 * 112 and im.width > 2 * 112
+    text = result.table(3)
+    most = text.split("least changed")[0]
+    assert "most changed by weight" in most and " 3 " in most and " 5 " in most
+
+
+def test_cli_sheet_and_table(run, tmp_path):
+    out = tmp_path / "c.png"
+    r = CliRunner().invoke(main, ["compare", str(run / "snapshots/000.safetensors"), str(run / "snapshots/001.safetensors"),
+                                  "--layer", LAYER, "--channels", "2,3", "--steps", str(RENDER["steps"]),
+                                  "--size", str(RENDER["size"]), "--image-size", str(IMAGE_SIZE), "-o", str(out),
+                                  "--rows", "2", "-q"])
+    assert r.exit_code == 0, r.output
+    assert out.is_file()
+    assert "most changed by weight" in r.output and "least changed by weight" in r.output
+    first = r.output.split("most changed by weight:")[1].splitlines()[2].split()
+    assert first[0] == "3"  # the re-initialized channel heads the table
+
+
+def test_different_architectures_and_bad_choices_are_clear_errors(run, tmp_path):
+    snap = str(run / "snapshots/001.safetensors")
+    r = CliRunner().invoke(main, ["compare", "resnet18", snap, "--weights", "random", "--layer", "layer1", "-q"])
+    assert r.exit_code == 2
+    assert "different architectures" in r.output and "Traceback" not in r.output
+    with pytest.raises(FeatureshiftError, match="not a layer"):
+        compare(snap, snap, "features.99", quiet=True)
+    with pytest.raises(FeatureshiftError, match="needs probe images"):
+        compare("squeezenet1_1", snap, LAYER, weights="random", by="correlation", quiet=True)
+    with pytest.raises(FeatureshiftError, match="one of"):
+        compare(snap, snap, LAYER, columns=2, channels="1", quiet=True)
+    with pytest.raises(FeatureshiftError, match="does not exist"):
+        compare(snap, snap, LAYER, probe=tmp_path / "missing", quiet=True)
