@@ -10,7 +10,8 @@ the same number of Adam steps for every method, one model object), in image-step
       fixed_image_size=128.
   (c) the bare network: forward to inception4a plus the input gradient, frozen weights,
       batch 8, no parameterization or transforms, at 128 px and at the size featureshift's
-      network input has (140 px); the faster memory format of the two is used.
+      network input has (140 px); the faster memory format of the two is used. In fp32, and
+      also in bf16 autocast where featureshift uses it on this CPU (AMX).
   (f) featureshift.render with its defaults (its 16 redirected-ReLU steps included).
 Quality: the median activation each method's final images reach (fed once, untransformed,
 to the same model) on real weights: the offline ImageNet SqueezeNet, layer features.9.
@@ -77,7 +78,7 @@ def featureshift_render(model, layer, steps):
     return render(model, [(layer, c) for c in CHANNELS], steps=steps, size=128, device="cpu", quiet=True).images
 
 
-def bare_network(model, layer, steps, size, channels_last):
+def bare_network(model, layer, steps, size, channels_last, precision="fp32"):
     """Forward to `layer` and the input gradient, frozen weights, nothing else."""
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
@@ -89,10 +90,18 @@ def bare_network(model, layer, steps, size, channels_last):
     try:
         with Truncated(model, [layer]) as net:
             for _ in range(steps):
-                net(x)[layer][:, 0].mean().backward()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    y = net(x)[layer]
+                y[:, 0].float().mean().backward()
     finally:
         for p, f in zip(model.parameters(), flags):
             p.requires_grad_(f)
+
+
+def render_precision():
+    from featureshift.render.engine import _resolve_precision
+
+    return _resolve_precision(torch.device("cpu"), "auto")
 
 
 def activations(model, layer, images):
@@ -138,7 +147,12 @@ def main():
     for size in (128, 140):
         best = min(timed(lambda: bare_network(model, SPEED_LAYER, steps, size, cl))[0] for cl in (False, True))
         report(f"c{size}", f"bare network to {SPEED_LAYER} + input grad, {size} px", best, n * steps)
-    report("f", "featureshift.render (network sees 140 px)",
+    precision = render_precision()
+    if precision != "fp32":
+        for size in (128, 140):
+            report(f"c{size}{precision}", f"the same in {precision} autocast (as featureshift here), {size} px",
+                   timed(lambda: bare_network(model, SPEED_LAYER, steps, size, True, precision))[0], n * steps)
+    report("f", f"featureshift.render (network sees 140 px, {precision})",
            timed(lambda: featureshift_render(model, SPEED_LAYER, steps))[0], n * steps)
     if "a" in rates:
         print(f"f / a = {rates['f'] / rates['a']:.1f}x (target >= 6)")

@@ -58,7 +58,8 @@ def test_different_architectures_and_bad_choices_are_clear_errors(run, tmp_path)
     with pytest.raises(FeatureshiftError, match="not a layer"):
         compare(snap, snap, "features.99", quiet=True)
     with pytest.raises(FeatureshiftError, match="needs probe images"):
-        compare("squeezenet1_1", snap, LAYER, weights="random", by="correlation", quiet=True)
+        compare("squeezenet1_1", "squeezenet1_1", LAYER, weights="random", by="correlation", most_changed=2,
+                quiet=True)
     with pytest.raises(FeatureshiftError, match="one of"):
         compare(snap, snap, LAYER, columns=2, channels="1", quiet=True)
     with pytest.raises(FeatureshiftError, match="does not exist"):

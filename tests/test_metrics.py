@@ -155,3 +155,23 @@ def test_run_metrics_files(tmp_path_factory, photos):
     ex = json.loads((run / "metrics" / "examples.json").read_text())
     assert set(ex["layers"][LAYER]["channels"]) == {"2", "3"}
     assert len(ex["layers"][LAYER]["channels"]["3"]["0"]) > 0
+
+
+def test_dataset_examples_are_the_most_active_images_with_a_crop(pair, probe_dir):
+    from featureshift.examples import examples_sheet, find_examples, receptive_field
+
+    a, b = pair
+    paths = metrics.resolve_probe(probe=probe_dir)
+    stats = {m: metrics.probe_stats(net, [LAYER], paths, image_size=IMAGE_SIZE, quiet=True) for m, net in (("a", a), ("b", b))}
+    rf = receptive_field(a, LAYER, IMAGE_SIZE)
+    assert IMAGE_SIZE // 8 < rf <= IMAGE_SIZE
+    before = find_examples(stats["a"].layers[LAYER], 3, 4, paths, IMAGE_SIZE, rf)
+    after = find_examples(stats["b"].layers[LAYER], 3, 4, paths, IMAGE_SIZE, rf)
+    peak = stats["a"].layers[LAYER].peak[:, 3]
+    assert [e.index for e in before] == list(np.argsort(-peak)[:len(before)])
+    assert all(x.value >= y.value for x, y in zip(before, before[1:]))
+    for e in before + after:
+        x0, y0, x1, y1 = e.box
+        assert 0 <= x0 < x1 <= IMAGE_SIZE and 0 <= y0 < y1 <= IMAGE_SIZE and x1 - x0 == y1 - y0
+    sheet = examples_sheet(before, after, a.featureshift_info, IMAGE_SIZE, tile=40)
+    assert sheet.height >= 2 * 40 and sheet.width >= len(before) * 40

@@ -138,6 +138,17 @@ def test_layers_after_the_deepest_target_never_run(squeeze):
     assert calls["classifier"].count(True) == 2  # the logits need the whole network
 
 
+def test_an_inner_layer_is_read_before_later_in_place_ops(squeeze):
+    # features.3.squeeze (a conv) is followed by an in-place ReLU; rendered together with a
+    # deeper layer the forward goes on past it, and its score must still be the conv output
+    layer = "features.3.squeeze"
+    result = render(squeeze, [(layer, 0), ("features.6", 0)], objective="negative", steps=6, size=32, quiet=True)
+    with Truncated(squeeze, [layer]) as net, torch.no_grad():
+        conv = net(normalized(squeeze, result.images[:1]))[layer][0, 0]
+    assert result.scores[0] == pytest.approx(-float(conv.mean()), rel=1e-3)
+    assert float(conv.min()) < 0  # really before the ReLU
+
+
 def _hooks(model):
     return sum(len(m._forward_hooks) for m in model.modules())
 
@@ -243,12 +254,13 @@ class _ExplodeNet(nn.Module):
 
 def test_nan_or_inf_stops_that_image_only():
     net = _tiny(_ExplodeNet())
-    result = render(net, [("explode", 0), ("explode", 1), ("explode", 2)], steps=40, size=24, quiet=True)
+    kw = dict(steps=40, size=24, quiet=True, precision="fp32")  # bf16 rounding would hit the pole of the log
+    result = render(net, [("explode", 0), ("explode", 1), ("explode", 2)], **kw)
     assert list(result.failed) == [1] and "NaN/Inf" in result.failed[1]
     assert np.isfinite(result.scores[[0, 2]]).all() and np.isnan(result.scores[1])
     assert np.isfinite(result.images).all()
     # the others went on to the end: they match a render without the failing target
-    alone = render(net, [("explode", 0), ("explode", 2)], steps=40, size=24, quiet=True)
+    alone = render(net, [("explode", 0), ("explode", 2)], **kw)
     assert np.abs(alone.images - result.images[[0, 2]]).mean() < 1e-4
 
 
@@ -348,6 +360,9 @@ def test_channel_out_of_range_gives_the_count(squeeze):
         render(squeeze, [(MID, 384)], steps=1, size=32, quiet=True)
     with pytest.raises(FeatureshiftError, match="1000 classes"):
         render(squeeze, [("logits", 1000)], steps=1, size=32, quiet=True)
+    with pytest.raises(FeatureshiftError, match="128 channels"):  # a fixed unit inside a composed objective
+        render(squeeze, [(MID, 1)], objective=objectives.channel() + objectives.channel("features.3", 500),
+               steps=1, size=32, quiet=True)
 
 
 def test_size_too_small_states_the_smallest_that_works(squeeze):

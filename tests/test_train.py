@@ -1,4 +1,3 @@
-import json
 import shutil
 
 import pytest
@@ -227,3 +226,15 @@ def test_cli_end_to_end(data, tmp_path):
     assert r.exit_code == 2 and "already holds a training run" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(main, ["train", "--resume", str(out), "--quiet"])
     assert r.exit_code == 0 and "nothing to do" not in r.output
+
+
+def test_gpu_out_of_memory_suggests_a_smaller_batch(data, tmp_path):
+    def oom(epoch, row):
+        if epoch == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(FeatureshiftError, match="--batch-size 4"):
+        fit(data, tmp_path / "run", on_epoch_end=oom)
+    assert read_run(tmp_path / "run")["status"] == "failed"
+    train(resume=str(tmp_path / "run"), batch_size=4, quiet=True)  # the batch size may change on resume
+    assert [r["epoch"] for r in read_metrics(tmp_path / "run")] == [0, 1, 2]

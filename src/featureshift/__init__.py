@@ -17,6 +17,11 @@ from . import train  # noqa: E402  (a callable module: featureshift.train(...) =
 # featureshift.timeline.timeline(...) and featureshift.merge.merge(...): the modules stay reachable by name.
 from .timeline import SnapshotVisualizer, TimelineResult  # noqa: E402
 from .merge import MergeResult  # noqa: E402
+# featureshift.compare(...) == featureshift.compare.compare(...); featureshift.metrics.* for every measure.
+from . import compare  # noqa: E402
+from .compare import CompareResult  # noqa: E402
+from .metrics import RunMetrics, run_metrics  # noqa: E402
+from .report import build_report  # noqa: E402
 
 
 def load(model_or_snapshot: str, weights: str = "imagenet"):
@@ -30,4 +35,5 @@ def load(model_or_snapshot: str, weights: str = "imagenet"):
 
 __all__ = ["FeatureshiftError", "ModelInfo", "SnapshotMeta", "attach_info", "available_models", "create_model",
            "list_layers", "load", "render", "load_snapshot", "model_info", "read_meta", "save_snapshot", "__version__", "train",
-           "MergeResult", "SnapshotVisualizer", "TimelineResult"]
+           "MergeResult", "SnapshotVisualizer", "TimelineResult",
+           "CompareResult", "RunMetrics", "build_report", "compare", "run_metrics"]

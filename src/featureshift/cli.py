@@ -127,17 +127,17 @@ def models(pattern):
 @main.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="A TOML file of options (keys as the flags, with _ or -); flags given here override it.")
-@click.option("--data", help="Training images: a folder with one sub-folder of images per class.")
-@click.option("--val", help="A separate validation folder (same class folders) [default: split --data].")
+@click.option("--data", metavar="DIR", help="Training images: a folder with one sub-folder of images per class.")
+@click.option("--val", metavar="DIR", help="A separate validation folder (same class folders) [default: split --data].")
 @click.option("--val-fraction", type=float, help="Share of each class held out for validation by a seeded split "
               "that is the same on every run and resume  [default: 0.2].")
-@click.option("--model", help="Model name (googlenet, inception_v3, vgg16, squeezenet1_1, resnet50, timm/...) or a "
+@click.option("--model", metavar="NAME|SNAPSHOT", help="Model name (googlenet, inception_v3, vgg16, squeezenet1_1, resnet50, timm/...) or a "
               "snapshot file to continue from  [default: googlenet].")
-@click.option("--weights", help="Starting weights: " + WEIGHTS_HELP + "  [default: imagenet]")
+@click.option("--weights", metavar="WEIGHTS", help="Starting weights: " + WEIGHTS_HELP + "  [default: imagenet]")
 @click.option("--epochs", type=int, help="Epochs to train; 0 only saves the original network  [default: 10]. "
               "With --resume: the new total.")
 @click.option("--batch-size", type=int, help="[default: 32]")
-@click.option("--cutoff", help="Freeze the first N parameter-holding layers (forward order), or every layer up to "
+@click.option("--cutoff", metavar="N|LAYER", help="Freeze the first N parameter-holding layers (forward order), or every layer up to "
               "and including LAYER (a name from `featureshift layers`)  [default: all layers train].")
 @click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd", "rmsprop"]), help="[default: adam]")
 @click.option("--lr", type=float, help="Learning rate  [default: 0.001].")
@@ -156,11 +156,11 @@ def models(pattern):
               "validation images)  [default: on].")
 @click.option("--seed", type=int, help="Seed of the split, initialization and data order; the same seed gives the "
               "same metrics on CPU  [default: 0].")
-@click.option("--out", help="Run folder to write  [default: runs/MODEL-DATA-TIME].")
-@click.option("--resume", type=click.Path(file_okay=False), help="Continue the run in this folder from its last "
+@click.option("--out", metavar="DIR", help="Run folder to write  [default: runs/MODEL-DATA-TIME].")
+@click.option("--resume", type=click.Path(file_okay=False), metavar="RUN", help="Continue the run in this folder from its last "
               "finished epoch (with --epochs N: extend it to N epochs).")
 @click.option("--force", is_flag=True, default=None, help="Replace a run already in --out.")
-@click.option("--device", help="auto, cpu, cuda or cuda:N  [default: auto].")
+@click.option("--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N  [default: auto].")
 @click.option("--workers", type=int, help="Image-decoding worker processes  [default: with CUDA CPUs - 1, at most 8; on "
               "CPU 0 below 4 cores, else 1-2].")
 @click.option("--amp/--no-amp", default=None, help="Mixed precision on CUDA  [default: on].")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
+import types
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -128,9 +130,6 @@ def _check_pair(model_a: nn.Module, model_b: nn.Module, name_a: str, name_b: str
 def _select(count: int, columns, channels, most_changed, scores: np.ndarray | None) -> list[int]:
     from .timeline import parse_indices
 
-    given = [x is not None for x in (columns, channels, most_changed)]
-    if sum(given) > 1:
-        raise FeatureshiftError("Give one of --columns, --channels and --most-changed.")
     if channels is not None:
         chosen = parse_indices(channels, "channel")
         beyond = [c for c in chosen if c >= count]
@@ -169,12 +168,16 @@ def compare(a, b, layer: str, *, columns: int | None = None, channels: str | Seq
     from .io import save_image
     from .render import render
 
+    if sum(x is not None for x in (columns, channels, most_changed)) > 1:
+        raise FeatureshiftError("Give one of --columns, --channels and --most-changed.")
     if by not in CHANGE_METRICS:
         raise FeatureshiftError(f"Unknown measure '{by}'.{did_you_mean(by, CHANGE_METRICS)} "
                                 f"Rank by one of {', '.join(CHANGE_METRICS)}.")
     model_a, name_a, path_a = _open(a, weights)
     model_b, name_b, path_b = _open(b, weights)
     count = _check_pair(model_a, model_b, name_a, name_b, layer)
+    if most_changed is None:
+        _select(count, columns, channels, None, None)  # a bad choice fails now, not after the probe pass
 
     wc = weight_change(model_a, model_b, [layer])[layer]
     rows = [{"channel": c, "weight_change": float(wc.channels[c]), "correlation": math.nan, "drift": math.nan,
@@ -241,3 +244,13 @@ def compare(a, b, layer: str, *, columns: int | None = None, channels: str | Seq
         result.output = Path(output)
         save_image(result.output, sheet)
     return result
+
+
+class _CallableModule(types.ModuleType):
+    """featureshift.compare(...) is featureshift.compare.compare(...), like render and train."""
+
+    def __call__(self, *args, **kwargs) -> CompareResult:
+        return compare(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

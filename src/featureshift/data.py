@@ -114,7 +114,7 @@ def _visible(p: Path) -> bool:
 
 def _class_files(folder: Path) -> list[Path]:
     files = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         files += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
     return files
@@ -205,7 +205,8 @@ def stratified_split(samples: Sequence[Sample], val_fraction: float = 0.2, seed:
     return train, val
 
 
-def _sizes(info, image_size: int | None) -> tuple[int, int]:
+def transform_sizes(info, image_size: int | None = None) -> tuple[int, int]:
+    """(crop size, resize size) of the preprocessing: the model's own unless image_size is given."""
     size = int(image_size or info.input_size)
     resize = max(size, round(size * info.resize_size / info.input_size))
     return size, resize
@@ -215,7 +216,7 @@ def eval_transform(info, image_size: int | None = None) -> Callable:
     """The model's own preprocessing: resize, center crop, normalize (no randomness)."""
     from torchvision import transforms as T
 
-    size, resize = _sizes(info, image_size)
+    size, resize = transform_sizes(info, image_size)
     return T.Compose([T.Resize(resize, antialias=True), T.CenterCrop(size), T.ToTensor(),
                       T.Normalize(info.mean, info.std)])
 
@@ -224,7 +225,7 @@ def train_transform(info, image_size: int | None = None) -> Callable:
     """Training augmentation: a random crop of 25-100% of the image, random horizontal flip."""
     from torchvision import transforms as T
 
-    size, _ = _sizes(info, image_size)
+    size, _ = transform_sizes(info, image_size)
     return T.Compose([T.RandomResizedCrop(size, scale=(0.25, 1.0), antialias=True), T.RandomHorizontalFlip(),
                       T.ToTensor(), T.Normalize(info.mean, info.std)])
 

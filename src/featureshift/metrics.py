@@ -752,7 +752,7 @@ def run_metrics(run_dir: str | Path, layers: Sequence[str] = (), channels: dict[
     for l in layers:
         _layer_info(ref_model, l)  # an unknown layer fails here, naming the closest ones
     overview = list(overview) if overview is not None else overview_layers(ref_model)
-    all_layers = list(dict.fromkeys([*overview, *layers]))
+    all_layers = sorted(dict.fromkeys([*overview, *layers]), key=lambda l: _layer_info(ref_model, l).first)
     channels = {l: list((channels or {}).get(l, [])) for l in layers}
     renders = renders or {}
     image_size = image_size or ref_meta.info.input_size

@@ -30,7 +30,7 @@ from torch import nn
 
 from . import __version__
 from .data import (ImageDataset, collate_skip, eval_transform, scan_image_folder, stratified_split,
-                   train_transform)
+                   train_transform, transform_sizes)
 from .errors import FeatureshiftError, did_you_mean
 from .io import atomic_path
 from .models.zoo import ModelInfo, attach_info, model_info, replace_head
@@ -494,18 +494,18 @@ class _Trainer:
         if self.cuda and cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = make_optimizer(cfg, (p for p in model.parameters() if p.requires_grad))
-        size = cfg.image_size or info.input_size
+        size, resize = transform_sizes(info, cfg.image_size)
         self.workers = workers = cfg.workers if cfg.workers is not None else default_workers(self.device)
         common = dict(batch_size=cfg.batch_size, num_workers=workers, collate_fn=collate_skip,
                       pin_memory=self.cuda)
         tf = train_transform(info, cfg.image_size) if cfg.augment else eval_transform(info, cfg.image_size)
         self.train_loader = torch.utils.data.DataLoader(
-            ImageDataset(train, tf, min_size=2 * size if cfg.augment else size, skip_bad=True),
+            ImageDataset(train, tf, min_size=2 * size if cfg.augment else resize, skip_bad=True),
             shuffle=True, generator=self.loader_gen,
             # a last batch of one image breaks batch-norm in train mode
             drop_last=len(train) % cfg.batch_size == 1, **common)
         self.val_loader = torch.utils.data.DataLoader(
-            ImageDataset(val, eval_transform(info, cfg.image_size), min_size=size, skip_bad=True),
+            ImageDataset(val, eval_transform(info, cfg.image_size), min_size=resize, skip_bad=True),
             shuffle=False, **common) if val else None
 
     def autocast(self):
@@ -579,7 +579,7 @@ class _Trainer:
                 if n == 0 and "out of memory" not in str(e).lower():
                     raise FeatureshiftError(
                         f"The network could not train on {x.shape[-1]}px images ({str(e).splitlines()[0]}). "
-                        "Use a larger --image-size (inception_v3's auxiliary head needs 299)."
+                        "Use a larger --image-size."
                     ) from e
                 raise
             self.optimizer.zero_grad(set_to_none=True)
@@ -867,6 +867,9 @@ def _resume(cfg_overrides: dict[str, Any], run_dir: Path, on_epoch_end, on_snaps
         _warn_skipped(missing)
         gone = {p for p, _ in missing}
         train, val = [s for s in train if s[0] not in gone], [s for s in val if s[0] not in gone]
+        if not train:
+            raise FeatureshiftError(f"None of the training images of {run_dir} exist any more (was {run['dataset']['root']} "
+                                    "moved?). Put the dataset back where it was to resume.")
     trainer = _Trainer(cfg, run_dir, on_epoch_end, on_snapshot)
     trainer.prepare(model, info, train, val, classes)
     trainer.optimizer.load_state_dict(state["optimizer"])

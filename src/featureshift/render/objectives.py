@@ -71,6 +71,17 @@ class Objective:
         return Scaled(self, -1.0)
 
 
+def fixed_units(objective: Objective) -> list[tuple[str, int]]:
+    """The (layer, channel) units an objective reads for every image (given explicitly)."""
+    if isinstance(objective, Sum):
+        return [u for p in objective.parts for u in fixed_units(p)]
+    if isinstance(objective, Scaled):
+        return fixed_units(objective.inner)
+    if isinstance(objective, _Unit) and objective.layer is not None:
+        return [(objective.layer, objective.channel)]
+    return []
+
+
 class Sum(Objective):
     def __init__(self, parts: list[Objective]):
         self.parts = [q for p in parts for q in (p.parts if isinstance(p, Sum) else [p])]

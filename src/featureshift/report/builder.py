@@ -120,7 +120,10 @@ def _default_layer(model) -> str:
 
     # Two thirds of the way up the network, below the head: a layer that fine-tuning
     # usually changes visibly while its features are still recognizable.
-    layers = [l for l in overview_layers(model) if not l.startswith(("classifier", "fc", "head", "avgpool"))]
+    from ..metrics import _layer_info
+
+    layers = [l for l in overview_layers(model) if not l.startswith(("classifier", "fc", "head"))
+              and "Pool" not in _layer_info(model, l).type]
     return layers[min(len(layers) - 1, (2 * len(layers)) // 3)]
 
 
@@ -367,12 +370,11 @@ class _Writer:
             src = self.tile(layer, e, c)
             if src is not None:
                 frames.append({"epoch": e, "src": src, "label": self.frame_label(e)})
-        if not frames:
-            frames = [{"epoch": self.reference, "src": "", "label": "no render"}]
         sides = []
-        for e, title in ((self.reference, f"Epoch {self.reference} (before training)"), (self.last, f"Epoch {self.last}")):
-            if self.nothing and e != self.reference:
-                continue
+        shown = [(self.reference, f"Epoch {self.reference} (before training)")]
+        if not self.nothing:
+            shown.append((self.last, f"Epoch {self.last}"))
+        for e, title in shown:
             exs = m.examples.get((layer, c, e), [])
             crops = example_crops(exs, self.info, m.image_size, tile=112, cache=self._images)
             items = []

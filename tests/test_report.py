@@ -1,0 +1,104 @@
+"""featureshift report: the static HTML report of a run."""
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from featureshift.cli import main
+from featureshift.errors import FeatureshiftError
+from featureshift.report import build_report, channel_page, layer_page
+
+from _fakerun import CHANNELS, EVIL, IMAGE_SIZE, LAYER, RENDER, make_run, shared_report
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, photos):
+    return shared_report(tmp_path_factory, photos)
+
+
+def _refs(html: str) -> list[str]:
+    return re.findall(r'(?:src|href)="([^"]*)"', html)
+
+
+def test_every_page_exists_and_every_link_and_image_resolves(report):
+    run, index = report
+    assert index == run / "report" / "index.html"
+    pages = sorted(index.parent.glob("*.html"))
+    expected = {"index.html", layer_page(LAYER), *(channel_page(LAYER, c) for c in CHANNELS)}
+    assert {p.name for p in pages} == expected
+    for page in pages:
+        html = page.read_text()
+        for ref in _refs(html):
+            assert not ref.startswith(("http:", "https:", "//")), f"{page.name} reaches the network: {ref}"
+            assert (page.parent / ref.split("#")[0]).is_file(), f"{page.name}: broken reference {ref}"
+    index_html = index.read_text()
+    assert layer_page(LAYER) in index_html and "img/plots/curves.svg" in index_html
+    assert "img/plots/change.svg" in index_html  # per-layer change over epochs
+    layer_html = (index.parent / layer_page(LAYER)).read_text()
+    assert all(channel_page(LAYER, c) in layer_html for c in CHANNELS)
+    assert layer_html.count('data-channel="') == 128  # every channel listed, sortable
+    channel_html = (index.parent / channel_page(LAYER, 3)).read_text()
+    assert 'type="range"' in channel_html and channel_html.count("img/renders/") >= 3  # a render per snapshot
+    assert channel_html.count("img/examples/") >= 2  # dataset examples before and after
+    assert "img/plots/channel-" in channel_html
+
+
+def test_names_are_escaped(report):
+    run, index = report
+    html = index.read_text()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    for page in index.parent.glob("*.html"):
+        assert EVIL not in page.read_text()
+
+
+def test_rebuild_reuses_the_cached_renders_and_probe_pass(report, monkeypatch):
+    run, index = report
+    import featureshift.metrics as metrics
+    import featureshift.render as render_module
+
+    def no_render(*a, **k):
+        raise AssertionError("rendered again although the timeline cache has every tile")
+
+    monkeypatch.setattr(render_module, "render", no_render)
+    real = metrics.probe_stats
+    ran = []
+
+    def counting(*a, **k):
+        ran.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(metrics, "probe_stats", counting)
+    monkeypatch.setattr(metrics, "probe_loader", lambda *a, **k: (_ for _ in ()).throw(AssertionError("probe pass ran")))
+    again = build_report(run, [LAYER], CHANNELS, image_size=IMAGE_SIZE, quiet=True, **RENDER)
+    assert again == index and index.is_file() and ran
+
+
+def test_a_run_with_only_the_first_snapshot(tmp_path, photos):
+    run = make_run(tmp_path, photos, only_first=True)
+    r = CliRunner().invoke(main, ["report", str(run), "--layer", LAYER, "--channels", "2", "--steps", str(RENDER["steps"]),
+                                  "--size", str(RENDER["size"]), "--image-size", str(IMAGE_SIZE), "-q"])
+    assert r.exit_code == 0, r.output
+    index = Path(r.output.strip())
+    html = index.read_text()
+    assert "Nothing to compare yet" in html
+    assert "img/timeline-" in html and "img/plots/curves.svg" in html  # what exists is still shown
+    channel = (index.parent / channel_page(LAYER, 2)).read_text()
+    assert channel.count("img/renders/") >= 1 and "img/examples/" in channel
+
+
+def test_missing_probe_folder_is_a_clear_error_before_any_work(report, tmp_path, monkeypatch):
+    run, index = report
+    import featureshift.timeline as timeline
+
+    monkeypatch.setattr(timeline, "timeline", lambda *a, **k: pytest.fail("rendered before checking the probe"))
+    with pytest.raises(FeatureshiftError, match="probe folder .* does not exist"):
+        build_report(run, [LAYER], probe=tmp_path / "nowhere", quiet=True)
+    r = CliRunner().invoke(main, ["report", str(run), "--probe", str(tmp_path / "nowhere")])
+    assert r.exit_code == 2 and "does not exist" in r.output and "Traceback" not in r.output
+    assert index.is_file()  # the previous report is untouched
+
+
+def test_not_a_run_is_a_clear_error(tmp_path):
+    r = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert r.exit_code == 2 and "not a featureshift run" in r.output
