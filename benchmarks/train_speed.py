@@ -6,7 +6,7 @@ memory, so it has no data pipeline at all; featureshift decodes JPEGs lazily in
 DataLoader workers, augments them, and writes its per-epoch state and logs.
 The ratio is what the whole pipeline costs (target: at least 0.90).
 
-    python benchmarks/train_speed.py                 # squeezenet1_1, 128 px, batch 32
+    python benchmarks/train_speed.py                 # squeezenet1_1, 224 px, batch 32
     python benchmarks/train_speed.py --device cuda --model resnet50 --image-size 224 --images 2048
 """
 from __future__ import annotations
@@ -76,6 +76,21 @@ def plain_loop(args, root: Path, device: torch.device) -> list[tuple[float, floa
     return rates
 
 
+def pipeline_alone(args, root: Path) -> float:
+    """CPU s/image of featureshift's data pipeline by itself (decode, augment, batch, normalize; no network)."""
+    from featureshift.data import collate_skip, normalize_batch, train_transform, transform_sizes
+
+    info = model_info(create_model(args.model, weights="random"))
+    size, _ = transform_sizes(info, args.image_size)
+    ds = ImageDataset(scan_image_folder(root).samples, train_transform(info, args.image_size, normalize=False),
+                      min_size=2 * size)
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, collate_fn=collate_skip)
+    c = _cpu()
+    for x, _, _ in loader:
+        normalize_batch(x, info)
+    return (_cpu() - c) / len(ds)
+
+
 def featureshift_loop(args, root: Path, out: Path) -> list[tuple[float, float]]:
     """The same for `featureshift train`: whole epochs (decoding, augmentation, state and logs written)."""
     marks = [(time.perf_counter(), _cpu())]
@@ -95,9 +110,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="squeezenet1_1")
     ap.add_argument("--weights", default="imagenet")
-    ap.add_argument("--image-size", type=int, default=128)
-    ap.add_argument("--source-size", type=int, default=256, help="side of the generated JPEGs")
-    ap.add_argument("--images", type=int, default=192, help="training images (over 4 classes)")
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--source-size", type=int, default=320, help="side of the generated JPEGs")
+    ap.add_argument("--images", type=int, default=128, help="training images (over 4 classes)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=4, help="the first of each is a warm-up and not counted")
     ap.add_argument("--workers", type=int, default=None)
@@ -112,6 +127,7 @@ def main() -> None:
         tmp = Path(tmp)
         root = make_synthetic_dataset(tmp / "data", classes=("stripes", "checkers", "dots", "rings"),
                                       per_class=args.images // 4, size=args.source_size)
+        pipe = statistics.median(pipeline_alone(args, root) for _ in range(3))
         plain, ours = [], []
         for _ in range(args.repeats):  # alternate, so load from other processes hits both alike
             plain += plain_loop(args, root, device)[1:]
@@ -126,6 +142,8 @@ def main() -> None:
         print(f"{name:<40} {rate:7.1f} images/s  {cpu * 1000:7.1f} CPU ms/image  "
               f"(epochs: {', '.join(f'{r:.1f}' for r, _ in rows)} images/s)")
     print(f"throughput ratio featureshift / plain: {f / p:.3f}  (target >= 0.90)")
+    print(f"data pipeline alone: {pipe * 1000:.1f} CPU ms/image = {pipe / pc:.1%} of a plain training step's CPU time "
+          "(the most it can cost with no worker processes; workers take it off the training cores)")
     print(f"CPU-time ratio plain / featureshift:  {pc / fc:.3f}  (the same comparison, less sensitive to other load)")
 
 

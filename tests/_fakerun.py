@@ -2,15 +2,14 @@
 
 Epoch 0 is ImageNet SqueezeNet with a 3-class head; each later epoch re-initializes a
 few known channels, so the tests know exactly which neurons changed and which did not.
-One class folder is named like a script tag, to check that the report escapes names.
+One class is named like a script tag, to check that the report escapes names (on disk
+its folder nests, as no file name can hold the "/").
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 EVIL = "<script>alert(1)</script>"

@@ -2,7 +2,6 @@
 import pytest
 from click.testing import CliRunner
 
-import featureshift
 from featureshift.cli import main
 from featureshift.compare import compare
 from featureshift.errors import FeatureshiftError
@@ -62,5 +61,7 @@ def test_different_architectures_and_bad_choices_are_clear_errors(run, tmp_path)
                 quiet=True)
     with pytest.raises(FeatureshiftError, match="one of"):
         compare(snap, snap, LAYER, columns=2, channels="1", quiet=True)
+    with pytest.raises(FeatureshiftError, match="ending in .png"):
+        compare(snap, snap, LAYER, output=tmp_path / "sheet.txt", quiet=True)
     with pytest.raises(FeatureshiftError, match="does not exist"):
         compare(snap, snap, LAYER, probe=tmp_path / "missing", quiet=True)

@@ -238,3 +238,19 @@ def test_gpu_out_of_memory_suggests_a_smaller_batch(data, tmp_path):
     assert read_run(tmp_path / "run")["status"] == "failed"
     train(resume=str(tmp_path / "run"), batch_size=4, quiet=True)  # the batch size may change on resume
     assert [r["epoch"] for r in read_metrics(tmp_path / "run")] == [0, 1, 2]
+
+
+def test_separate_validation_folder(data, tmp_path):
+    val = tmp_path / "val"
+    for c in ("dots", "stripes"):
+        (val / c).mkdir(parents=True)
+        for p in sorted((data / c).iterdir())[:2]:
+            shutil.copy(p, val / c / p.name)
+    run = fit(data, tmp_path / "run", val=str(val), epochs=1)
+    ds = read_run(run)["dataset"]
+    assert ds["split"] == "folder" and ds["train_images"] == 18 and ds["val_images"] == 4
+    assert ds["counts"]["checkers"] == {"train": 6, "val": 0} and ds["counts"]["dots"] == {"train": 6, "val": 2}
+    assert {p.parent.parent for p, _ in probe_samples(run)} == {val}
+    (val / "cats").mkdir()
+    with pytest.raises(FeatureshiftError, match="'cats' that the training data does not have"):
+        fit(data, tmp_path / "run2", val=str(val), epochs=1)

@@ -170,6 +170,8 @@ def compare(a, b, layer: str, *, columns: int | None = None, channels: str | Seq
 
     if sum(x is not None for x in (columns, channels, most_changed)) > 1:
         raise FeatureshiftError("Give one of --columns, --channels and --most-changed.")
+    if output is not None and Path(output).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise FeatureshiftError(f"The sheet {output} needs an image file name ending in .png (or .jpg, .webp).")
     if by not in CHANGE_METRICS:
         raise FeatureshiftError(f"Unknown measure '{by}'.{did_you_mean(by, CHANGE_METRICS)} "
                                 f"Rank by one of {', '.join(CHANGE_METRICS)}.")

@@ -212,22 +212,39 @@ def transform_sizes(info, image_size: int | None = None) -> tuple[int, int]:
     return size, resize
 
 
-def eval_transform(info, image_size: int | None = None) -> Callable:
-    """The model's own preprocessing: resize, center crop, normalize (no randomness)."""
+def _to_tensor(info, normalize: bool) -> list:
+    from torchvision import transforms as T
+
+    if not normalize:  # uint8 CHW: a quarter of the bytes to move; normalize_batch finishes on the device
+        return [T.PILToTensor()]
+    return [T.ToTensor(), T.Normalize(info.mean, info.std)]
+
+
+def eval_transform(info, image_size: int | None = None, normalize: bool = True) -> Callable:
+    """The model's own preprocessing: resize, center crop, normalize (no randomness).
+
+    normalize=False: uint8 tensors, to be finished by normalize_batch.
+    """
     from torchvision import transforms as T
 
     size, resize = transform_sizes(info, image_size)
-    return T.Compose([T.Resize(resize, antialias=True), T.CenterCrop(size), T.ToTensor(),
-                      T.Normalize(info.mean, info.std)])
+    return T.Compose([T.Resize(resize, antialias=True), T.CenterCrop(size), *_to_tensor(info, normalize)])
 
 
-def train_transform(info, image_size: int | None = None) -> Callable:
+def train_transform(info, image_size: int | None = None, normalize: bool = True) -> Callable:
     """Training augmentation: a random crop of 25-100% of the image, random horizontal flip."""
     from torchvision import transforms as T
 
     size, _ = transform_sizes(info, image_size)
     return T.Compose([T.RandomResizedCrop(size, scale=(0.25, 1.0), antialias=True), T.RandomHorizontalFlip(),
-                      T.ToTensor(), T.Normalize(info.mean, info.std)])
+                      *_to_tensor(info, normalize)])
+
+
+def normalize_batch(x: torch.Tensor, info) -> torch.Tensor:
+    """A uint8 batch (from a transform with normalize=False) as the network's normalized float input."""
+    mean = torch.tensor(info.mean, device=x.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(info.std, device=x.device).view(1, 3, 1, 1) * 255
+    return (x.float() - mean) / std
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from . import __version__
-from .data import (ImageDataset, collate_skip, eval_transform, scan_image_folder, stratified_split,
-                   train_transform, transform_sizes)
+from .data import (ImageDataset, collate_skip, eval_transform, normalize_batch, scan_image_folder,
+                   stratified_split, train_transform, transform_sizes)
 from .errors import FeatureshiftError, did_you_mean
 from .io import atomic_path
 from .models.zoo import ModelInfo, attach_info, model_info, replace_head
@@ -498,14 +498,15 @@ class _Trainer:
         self.workers = workers = cfg.workers if cfg.workers is not None else default_workers(self.device)
         common = dict(batch_size=cfg.batch_size, num_workers=workers, collate_fn=collate_skip,
                       pin_memory=self.cuda)
-        tf = train_transform(info, cfg.image_size) if cfg.augment else eval_transform(info, cfg.image_size)
+        # uint8 from the workers, normalized on the device (see _to_device)
+        tf = (train_transform if cfg.augment else eval_transform)(info, cfg.image_size, normalize=False)
         self.train_loader = torch.utils.data.DataLoader(
             ImageDataset(train, tf, min_size=2 * size if cfg.augment else resize, skip_bad=True),
             shuffle=True, generator=self.loader_gen,
             # a last batch of one image breaks batch-norm in train mode
             drop_last=len(train) % cfg.batch_size == 1, **common)
         self.val_loader = torch.utils.data.DataLoader(
-            ImageDataset(val, eval_transform(info, cfg.image_size), min_size=resize, skip_bad=True),
+            ImageDataset(val, eval_transform(info, cfg.image_size, normalize=False), min_size=resize, skip_bad=True),
             shuffle=False, **common) if val else None
 
     def autocast(self):
@@ -523,7 +524,7 @@ class _Trainer:
         _warn_skipped(new)
 
     def _to_device(self, x, y):
-        x = x.to(self.device, non_blocking=True)
+        x = normalize_batch(x.to(self.device, non_blocking=True), self.info)
         if self.cuda and self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y.to(self.device, non_blocking=True)

@@ -150,6 +150,8 @@ def build_report(run_dir: str | os.PathLike, layers: str | Sequence[str] | None 
     from ..snapshot import load_snapshot, read_meta
     from ..timeline import timeline
 
+    if examples < 0:
+        raise FeatureshiftError(f"--examples must be 0 or more, not {examples}.")
     run_dir = Path(run_dir)
     run = read_run(run_dir)
     entries = list_snapshots(run_dir)
@@ -359,7 +361,22 @@ class _Writer:
             timeline = {"src": f"img/timeline-{_safe(layer)}.png", "width": _shown_width(self.merged[layer])}
         self.page(layer_page(layer), "layer.html", layer=layer, layer_type=li.type, channels=li.channels,
                   sources=sources, layer_wc=_num(lr.get("weight_change")), layer_cka=_num(lr.get("cka")),
-                  rendered=rendered, plot=plot, timeline=timeline, rows=rows)
+                  rendered=rendered, plot=plot, timeline=timeline, rows=rows,
+                  drift_scale=_num(self.drift_scale(layer), 2))
+
+    def drift_scale(self, layer: str) -> float | None:
+        """The median drift between renders of two different channels at the reference epoch:
+        a channel that drifted this far now looks like another neuron."""
+        import itertools
+
+        from ..metrics import _read_image, visual_drift
+
+        have = [c for c in self.chosen.get(layer, []) if (layer, self.reference, c) in self.tiles][:6]
+        pairs = list(itertools.combinations(have, 2))
+        if not pairs:
+            return None
+        images = {c: _read_image(self.tiles[(layer, self.reference, c)]) for c in have}
+        return float(np.median(visual_drift([images[a] for a, _ in pairs], [images[b] for _, b in pairs])))
 
     def write_channel(self, layer: str, c: int, prev, nxt) -> None:
         from ..examples import example_crops
