@@ -275,7 +275,8 @@ def test_each_objective_improves(squeeze, objective):
     assert end.scores[0] > start.scores[0] + 1
     with Truncated(squeeze, [layer]) as net, torch.no_grad():
         feats = net(normalized(squeeze, end.images))[layer][0, 11]
-    expected = {"channel": feats.mean(), "negative": -feats.mean(), "neuron": feats[feats.shape[0] // 2, feats.shape[1] // 2]}
+    center = feats[feats.shape[0] // 2, feats.shape[1] // 2]
+    expected = {"channel": feats.mean(), "negative": -feats.mean(), "neuron": center}
     assert end.scores[0] == pytest.approx(float(expected[objective]), rel=1e-3)
 
 
@@ -308,7 +309,8 @@ def test_diversity_pushes_renders_of_one_channel_apart(squeeze):
 def test_objectives_compose():
     torch.manual_seed(0)
     f = {"a": torch.randn(4, 3, 5, 5), "b": torch.randn(4, 2, 3, 3)}
-    batch = Batch(feats=f, channels=torch.tensor([0, 2, 1, 1]), rows={"a": torch.tensor([0, 1]), "b": torch.tensor([2, 3])},
+    batch = Batch(feats=f, channels=torch.tensor([0, 2, 1, 1]),
+                  rows={"a": torch.tensor([0, 1]), "b": torch.tensor([2, 3])},
                   groups=torch.arange(4))
     own = objectives.channel()(batch)
     assert torch.allclose(own, torch.stack([f["a"][0, 0].mean(), f["a"][1, 2].mean(), f["b"][2, 1].mean(),
@@ -412,8 +414,8 @@ def test_vis_channels_option_and_same_bytes_as_the_api(tmp_path, squeeze):
     r = _vis(tmp_path, MID, "-o", str(out), "--channels", "0-1,17")
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in (tmp_path / "g_tiles").iterdir()) == [f"{MID}_{c}.png" for c in (0, 1, 17)]
-    api = render(squeeze, [(MID, 17)], steps=2, size=32, quiet=True)
-    assert (tmp_path / "g_tiles" / f"{MID}_17.png").read_bytes() == png_bytes(api.images[0])
+    api = render(squeeze, [(MID, c) for c in (0, 1, 17)], steps=2, size=32, quiet=True)
+    assert (tmp_path / "g_tiles" / f"{MID}_17.png").read_bytes() == png_bytes(api.images[2])
     assert featureshift.render is not None and callable(featureshift.render)
 
 

@@ -161,8 +161,8 @@ def models(pattern):
               "finished epoch (with --epochs N: extend it to N epochs).")
 @click.option("--force", is_flag=True, default=None, help="Replace a run already in --out.")
 @click.option("--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N  [default: auto].")
-@click.option("--workers", type=int, help="Image-decoding worker processes  [default: with CUDA CPUs - 1, at most 8; on "
-              "CPU 0 below 4 cores, else 1-2].")
+@click.option("--workers", type=int, help="Image-decoding worker processes; 0 decodes in the main process  [default: "
+              "with CUDA CPUs - 1, at most 8; on CPU 1, or 2 from 8 cores].")
 @click.option("--amp/--no-amp", default=None, help="Mixed precision on CUDA  [default: on].")
 @click.option("--channels-last/--no-channels-last", default=None, help="channels_last memory format on CUDA  "
               "[default: on].")
