@@ -1,6 +1,10 @@
 import os
 
-import pytest
+# Before torch loads (see featureshift/__init__.py): spinning OpenMP threads stall badly when the
+# cores are shared with other work.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
 
 # Keep converted offline weights out of the user's cache during tests, but share them across tests.
 os.environ.setdefault("FEATURESHIFT_CACHE", os.path.join(os.path.dirname(__file__), "..", ".featureshift-cache"))

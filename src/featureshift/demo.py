@@ -69,6 +69,5 @@ def run_demo(out_dir: str | Path, quiet: bool = False) -> Path:
     run = step_train(out, data, quiet)
     step_timeline(run, quiet)
     step_report(run, quiet)
-    # Later steps (timeline, compare, report) are appended here, each taking `run`.
     _say(f"[demo] done in {time.perf_counter() - start:.0f} s: run folder {run}", quiet)
     return out
