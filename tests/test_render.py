@@ -161,11 +161,19 @@ def _relu_grad_of_negative_input():
 
 def test_model_state_restored_after_render_and_after_an_error(squeeze):
     net = create_model("squeezenet1_1", weights="random").train()
+    net(torch.rand(1, 3, 32, 32)).sum().backward()  # a model in the middle of training has .grad
     net.features[0].weight.requires_grad_(False)
+    net.features[0].weight.grad = None
+    weight_grads = [(p.grad.data_ptr(), p.grad.is_contiguous()) if p.grad is not None else None for p in net.parameters()]
     before = [p.requires_grad for p in net.parameters()]
+    storage = [(t.data_ptr(), t.is_contiguous()) for t in [*net.parameters(), *net.buffers()]]
     hooks = _hooks(net)
     render(net, [("features.6", 0)], steps=3, size=32, quiet=True)
     assert net.training and [p.requires_grad for p in net.parameters()] == before and _hooks(net) == hooks
+    # the render runs channels_last weights; the model gets its own tensors back
+    assert [(t.data_ptr(), t.is_contiguous()) for t in [*net.parameters(), *net.buffers()]] == storage
+    assert [(p.grad.data_ptr(), p.grad.is_contiguous()) if p.grad is not None else None
+            for p in net.parameters()] == weight_grads
 
     class Boom(objectives.Objective):
         def layers(self, own):

@@ -3,8 +3,8 @@
 Speed comes from doing only the necessary work: every target is one image of one
 batch (targets of different layers share it, each image's objective gathering its own
 layer and channel), the forward pass stops after the deepest layer needed, the weights
-are frozen so no weight gradient is ever computed, and on CUDA the network runs in
-bf16/fp16 while the parameterization stays fp32.
+are frozen so no weight gradient is ever computed and channels_last, and on CUDA (and
+CPUs with AMX) the network runs in bf16 while the parameterization stays fp32.
 
 Reproducibility comes from giving every target its own random generator, seeded by
 `target_seed(seed, layer, channel)`: its initial spectrum and its whole sequence of
@@ -77,13 +77,20 @@ class _RedirectedReLU(torch.autograd.Function):
     def backward(ctx, grad):
         (out,) = ctx.saved_tensors
         relu_grad = torch.ops.aten.threshold_backward(grad, out, 0)
-        blocked = ~relu_grad.flatten(1).any(1)
+        blocked = torch.linalg.vector_norm(_per_image(relu_grad), dim=1) == 0  # as Lucid (and faster than any())
         if not blocked.any():  # the common case: nothing to redirect
             return relu_grad, None
         rows = blocked.nonzero()[:, 0]
         g = grad[rows]
         # we minimize -objective: a positive gradient would push an input at or below zero lower
         return relu_grad.index_put_((rows,), g.masked_fill((out[rows] <= 0) & (g > 0), 0)), None
+
+
+def _per_image(t: torch.Tensor) -> torch.Tensor:
+    """(B, -1) view of a contiguous or channels_last tensor (each image is one block), without a copy."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        t = t.permute(0, 2, 3, 1)
+    return t.reshape(t.shape[0], -1)
 
 
 _INPLACE_RELUS = {torch.nn.functional.relu_, torch.relu_, torch.Tensor.relu_}
@@ -148,20 +155,32 @@ class _Features:
 
 @contextlib.contextmanager
 def _prepared(model: nn.Module, device: torch.device) -> Iterator[None]:
-    """Eval mode, frozen weights, on `device`; everything restored afterwards."""
+    """Eval mode, frozen weights, on `device`, weights channels_last; all restored afterwards.
+
+    channels_last weights keep every feature map channels_last even where the model itself
+    builds a contiguous tensor (googlenet's transform_input): max pooling is ~10x faster so,
+    and bf16 convolutions twice as fast. The original weight tensors are put back untouched."""
     was_training = model.training
-    grads = [p.requires_grad for p in model.parameters()]
-    first = next(model.parameters(), None)
-    home = first.device if first is not None else torch.device("cpu")
+    params = list(model.parameters())
+    grads = [p.requires_grad for p in params]
+    data = [p.data for p in params]
+    weight_grads = [p.grad for p in params]  # Module.to would convert these too: keep them out of it
+    buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
     try:
-        model.eval().to(device)
-        for p in model.parameters():
+        for p in params:
+            p.grad = None
+        model.eval().to(device=device, memory_format=torch.channels_last)
+        for p in params:
             p.requires_grad_(False)
         yield
     finally:
-        for p, g in zip(model.parameters(), grads):
+        for p, d, g, wg in zip(params, data, grads, weight_grads):
+            p.data = d
+            p.grad = wg
             p.requires_grad_(g)
-        model.to(home).train(was_training)
+        for m, name, b in buffers:
+            m._buffers[name] = b
+        model.train(was_training)
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -445,7 +464,7 @@ def _render_chunk(net, obj, image_param, transforms, norm, dev, precision, targe
     optimizer = torch.optim.Adam([params], lr=lr)
     alive = torch.ones(n, dtype=torch.bool, device=dev)
     fail_step = torch.full((n,), -1, dtype=torch.long, device=dev)
-    frozen = params.detach().clone()
+    frozen = params.detach().clone()  # each image's parameters when it stopped
     sync_every = 1 if dev.type == "cpu" else 10
     for step in range(steps):
         optimizer.zero_grad(set_to_none=False)
@@ -456,14 +475,17 @@ def _render_chunk(net, obj, image_param, transforms, norm, dev, precision, targe
         (-torch.where(alive, values, 0.0).sum()).backward()
         grad = params.grad
         ok = torch.isfinite(values) & torch.isfinite(grad.flatten(1)).all(1)
-        newly = alive & ~ok
-        fail_step = torch.where(newly, step, fail_step)
-        alive = alive & ok
-        frozen = torch.where(_rows(newly, params), params.detach(), frozen)
-        params.grad = torch.where(_rows(alive, params), grad, 0.0)
-        optimizer.step()
-        with torch.no_grad():
-            params.copy_(torch.where(_rows(alive, params), params, frozen))  # stopped images stay put
+        if dev.type == "cpu" and bool(ok.all()) and bool(alive.all()):
+            optimizer.step()  # the common case, checked for free on a CPU
+        else:  # without a host sync on a GPU
+            newly = alive & ~ok
+            fail_step = torch.where(newly, step, fail_step)
+            alive = alive & ok
+            frozen = torch.where(_rows(newly, params), params.detach(), frozen)
+            params.grad = torch.where(_rows(alive, params), grad, 0.0)
+            optimizer.step()
+            with torch.no_grad():
+                params.copy_(torch.where(_rows(alive, params), params, frozen))  # stopped images stay put
         bar.update(1)
         if not bar.disable and (step % sync_every == 0 or step == steps - 1):
             live = values.detach()[alive]
