@@ -18,7 +18,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+# Each script prints both sides of its comparison and their ratio. render_speed.py needs Lucent
+# (see docs/render.md); the others need nothing more.
 bench: $(STAMP)
+	$(PY) benchmarks/train_speed.py
+	$(PY) benchmarks/timeline_speed.py
 	$(PY) benchmarks/render_speed.py
 
 clean:

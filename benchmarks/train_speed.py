@@ -33,7 +33,7 @@ from featureshift.train import resolve_device, train  # noqa: E402
 
 
 def _cpu() -> float:
-    """CPU seconds of this process and of its finished children (DataLoader workers)."""
+    """CPU seconds of this process and of its finished children (DataLoader workers that have exited)."""
     ch = resource.getrusage(resource.RUSAGE_CHILDREN)
     return time.process_time() + ch.ru_utime + ch.ru_stime
 
@@ -144,7 +144,8 @@ def main() -> None:
     print(f"throughput ratio featureshift / plain: {f / p:.3f}  (target >= 0.90)")
     print(f"data pipeline alone: {pipe * 1000:.1f} CPU ms/image = {pipe / pc:.1%} of a plain training step's CPU time "
           "(the most it can cost with no worker processes; workers take it off the training cores)")
-    print(f"CPU-time ratio plain / featureshift:  {pc / fc:.3f}  (the same comparison, less sensitive to other load)")
+    print(f"CPU-time ratio plain / featureshift:  {pc / fc:.3f}  (less sensitive to other load, but it leaves "
+          "out the worker processes' CPU time: persistent workers report it only when they exit)")
 
 
 if __name__ == "__main__":

@@ -25,3 +25,14 @@ def photos():
     from skimage import data
 
     return {n: Image.fromarray(getattr(data, n)()) for n in ("chelsea", "coffee", "astronaut", "rocket")}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread is as fast and does not fight other processes for the cores."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

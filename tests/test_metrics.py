@@ -174,3 +174,22 @@ def test_dataset_examples_are_the_most_active_images_with_a_crop(pair, probe_dir
         assert 0 <= x0 < x1 <= IMAGE_SIZE and 0 <= y0 < y1 <= IMAGE_SIZE and x1 - x0 == y1 - y0
     sheet = examples_sheet(before, after, a.featureshift_info, IMAGE_SIZE, tile=40)
     assert sheet.height >= 2 * 40 and sheet.width >= len(before) * 40
+
+
+def test_probe_images_go_in_at_the_size_the_run_trained_at(tmp_path, photos):
+    # A run trained with --image-size 48 on a network whose own input size is 64: its activations,
+    # CKA and dataset examples must describe the network at the size it was trained at.
+    import json
+
+    from _fakerun import make_run
+    from featureshift.run import read_run, trained_image_size, write_run
+
+    run = make_run(tmp_path, photos, epochs=(0, 1))
+    info = read_run(run)
+    info["config"]["image_size"] = 48
+    write_run(run, info)
+    assert trained_image_size(run) == 48
+    result = metrics.run_metrics(run, overview=["features.0"], examples=0, quiet=True)
+    assert result.image_size == 48
+    assert json.loads((run / "metrics" / "summary.json").read_text())["image_size"] == 48
+    assert trained_image_size(tmp_path / "nowhere") is None

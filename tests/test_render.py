@@ -27,13 +27,7 @@ from featureshift.render.objectives import Batch
 MID = "features.9"  # a middle layer of SqueezeNet 1.1 (Fire module output, 384 channels)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Other jobs share the test machine; one thread avoids OpenMP stalls under contention.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -431,7 +425,7 @@ def test_vis_channels_option_and_same_bytes_as_the_api(tmp_path, squeeze):
     (["-"], "", "no layer names"),
     (["features.99"], None, "features.9"),
     (["features.6", "--columns", "2", "--channels", "1"], None, "not both"),
-    (["features.6", "--channels", "1-x"], None, "not a channel number"),
+    (["features.6", "--channels", "1-x"], None, "not a valid channel list"),
     (["features.6", "--channels", "300"], None, "256 channels"),
 ])
 def test_vis_bad_input_is_one_clear_error(tmp_path, args, input, message):

@@ -27,6 +27,11 @@ def test_every_page_exists_and_every_link_and_image_resolves(report):
     pages = sorted(index.parent.glob("*.html"))
     expected = {"index.html", layer_page(LAYER), *(channel_page(LAYER, c) for c in CHANNELS)}
     assert {p.name for p in pages} == expected
+    from featureshift.io import current_umask
+
+    # readable by others where the umask allows: the folder is made to be shared or served
+    assert index.parent.stat().st_mode & 0o777 == 0o777 & ~current_umask()
+    assert index.stat().st_mode & 0o777 == 0o666 & ~current_umask()
     for page in pages:
         html = page.read_text()
         for ref in _refs(html):

@@ -57,6 +57,18 @@ def test_write_is_atomic(tmp_path, squeezenet, monkeypatch):
     assert not (tmp_path / "new.safetensors").exists()
 
 
+def test_written_files_get_the_usual_permissions(tmp_path, squeezenet):
+    # Atomic writes go through a private temporary file; the result must not stay private
+    # (0600), or a run folder shared with colleagues or served as a web page cannot be read.
+    from featureshift.io import current_umask, write_text
+
+    mode = 0o666 & ~current_umask()
+    save_snapshot(squeezenet, tmp_path / "s.safetensors", epoch=0)
+    write_text(tmp_path / "n.json", "{}")
+    for name in ("s.safetensors", "n.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode
+
+
 def test_truncated_snapshot_is_a_clear_error(tmp_path, squeezenet):
     path = tmp_path / "s.safetensors"
     save_snapshot(squeezenet, path, epoch=0)

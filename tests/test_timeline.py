@@ -23,13 +23,7 @@ def write_snapshot(run, model, epoch, acc=None):
     return save_snapshot(model, run / "snapshots" / f"{epoch:03d}.safetensors", epoch=epoch, metrics=metrics)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny renders: one thread is as fast and does not fight other processes for the cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture

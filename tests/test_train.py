@@ -13,13 +13,7 @@ from featureshift.run import list_snapshots, probe_samples, read_metrics, read_r
 from featureshift.train import TrainConfig, make_config, plan_cutoff, train
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors: one thread is as fast and does not fight other processes for the cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +80,15 @@ def test_cutoff_by_count_and_by_name():
         plan_cutoff(model, "features.3.squeze", 64)
     with pytest.raises(FeatureshiftError, match="more than the 26"):
         plan_cutoff(model, 99, 64)
+
+
+def test_the_number_of_workers_does_not_change_the_result(data, tmp_path):
+    # Augmentation is seeded per sample from the main process, so a run is reproducible on
+    # another machine with another default worker count.
+    opts = dict(epochs=1, augment=True, cutoff="features.5")
+    runs = [fit(data, tmp_path / f"w{w}", workers=w, **opts) for w in (0, 2)]
+    assert without_time(read_metrics(runs[0])) == without_time(read_metrics(runs[1]))
+    assert read_meta(snapshot_path(runs[0], 1)).checksum == read_meta(snapshot_path(runs[1], 1)).checksum
 
 
 class Killed(Exception):

@@ -214,21 +214,6 @@ def demo(out, quiet):
     click.echo(str(run_demo(out, quiet=quiet)))
 
 # --- vis (issue 4) ---
-def _parse_channels(spec: str) -> list[int]:
-    """'0-4,17' -> [0, 1, 2, 3, 4, 17]."""
-    out: list[int] = []
-    for part in spec.replace(" ", "").split(","):
-        try:
-            lo, _, hi = part.partition("-")
-            out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
-        except ValueError:
-            raise FeatureshiftError(f"--channels '{spec}': '{part}' is not a channel number or a range like 0-4. "
-                                    "Example: --channels 0-4,17") from None
-    if not out:
-        raise FeatureshiftError(f"--channels '{spec}' names no channels. Example: --channels 0-4,17")
-    return list(dict.fromkeys(out))
-
-
 def _layers_from_stdin(stream) -> list[str]:
     """Layer names from piped text: the first tab-separated field of each line (the `layers` listing)."""
     if stream.isatty():
@@ -298,12 +283,13 @@ def vis(model_or_snapshot, layers, output, columns, channel_spec, objective, div
     from .grid import make_grid, to_pil
     from .io import save_image
     from .render import render
+    from .timeline import parse_indices
 
     if columns is not None and channel_spec:
         raise FeatureshiftError("Give either --columns N (channels 0..N-1) or --channels LIST, not both.")
     if columns is not None and columns < 1:
         raise FeatureshiftError(f"--columns must be at least 1, not {columns}.")
-    channels = _parse_channels(channel_spec) if channel_spec else list(range(columns or 5))
+    channels = parse_indices(channel_spec, "channel") if channel_spec else list(range(columns or 5))
     names = []
     for name in layers:
         names += _layers_from_stdin(sys.stdin) if name == "-" else [name]

@@ -21,6 +21,7 @@ from torch import nn
 
 from .errors import FeatureshiftError, did_you_mean
 from .models.zoo import model_info
+from .run import trained_image_size
 from .metrics import (CHANGE_METRICS, DEFAULT_PROBE_LIMIT, channel_correlation, cka, cross_activation,
                       probe_stats, resolve_probe, visual_drift, weight_change, _layer_info)
 
@@ -189,7 +190,7 @@ def compare(a, b, layer: str, *, columns: int | None = None, channels: str | Seq
     if probe is not None or run is not None:
         paths = resolve_probe(run, probe, probe_limit)
         # One size for both networks, or their activations would not be comparable.
-        image_size = image_size or model_info(model_a).input_size
+        image_size = image_size or trained_image_size(run) or model_info(model_a).input_size
         cache = run / "metrics" / "cache" if run is not None and probe is None else None
         sa = probe_stats(model_a, [layer], paths, image_size=image_size, cache_dir=cache, device=device,
                          quiet=quiet, desc="probe A")

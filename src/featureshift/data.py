@@ -265,7 +265,8 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int | tuple[int, int]):
+        i, seed = i if isinstance(i, tuple) else (i, None)  # (index, seed) from SeededShuffle
         path, label = self.samples[i]
         try:
             image = open_image(path, self.min_size)
@@ -274,7 +275,37 @@ class ImageDataset(torch.utils.data.Dataset):
             if self.skip_bad:
                 return None, (str(path), reason)
             raise FeatureshiftError(f"Could not read the image {path}: {reason}. Remove or replace the file.") from e
-        return self.transform(image), label
+        if seed is None:
+            return self.transform(image), label
+        # The CPU generator only (torch.manual_seed would seed every device: 50x slower); the
+        # caller's stream is put back, which matters when this runs in the main process.
+        gen = torch.default_generator
+        state = gen.get_state()
+        gen.manual_seed(seed)
+        try:
+            return self.transform(image), label
+        finally:
+            gen.set_state(state)
+
+
+class SeededShuffle(torch.utils.data.Sampler):
+    """A random order each epoch, and a random-augmentation seed per sample: yields (index, seed).
+
+    Both are drawn in the main process from `generator`, so the augmented images depend only
+    on its state: not on the number of DataLoader workers, nor on whether they were started
+    afresh (a resumed run) or kept alive across epochs (persistent workers).
+    """
+
+    def __init__(self, n: int, generator: torch.Generator):
+        self.n, self.generator = n, generator
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=self.generator).tolist()
+        seeds = torch.randint(0, 2**62, (self.n,), generator=self.generator).tolist()
+        return iter(zip(order, seeds))
 
 
 def collate_skip(batch):

@@ -33,6 +33,7 @@ from torch import nn
 from .errors import FeatureshiftError
 from .io import atomic_path, write_json, write_text
 from .models.layers import LayerInfo, Truncated, resolve_layers, trace_layers
+from .run import trained_image_size
 
 METRICS_VERSION = "1"
 PROBE_BATCH = 32  # images per forward pass, and per CKA minibatch (fixed so CKA never depends on memory settings)
@@ -755,7 +756,7 @@ def run_metrics(run_dir: str | Path, layers: Sequence[str] = (), channels: dict[
     all_layers = sorted(dict.fromkeys([*overview, *layers]), key=lambda l: _layer_info(ref_model, l).first)
     channels = {l: list((channels or {}).get(l, [])) for l in layers}
     renders = renders or {}
-    image_size = image_size or ref_meta.info.input_size
+    image_size = image_size or trained_image_size(run_dir) or ref_meta.info.input_size
     paths = resolve_probe(run_dir, probe, probe_limit)
     cache = out_dir / "cache"
     rf = {l: receptive_field(ref_model, l, image_size) for l in layers}

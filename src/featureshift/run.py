@@ -73,6 +73,20 @@ def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
         raise FeatureshiftError(f"{path} could not be read ({e}). The file was edited or damaged.") from e
 
 
+def trained_image_size(run_dir: str | os.PathLike | None) -> int | None:
+    """The input size the run trained at (its --image-size), or None: the model's own size.
+
+    Probe images go through the network at this size, so that activations, CKA and dataset
+    examples describe the network as it was trained, not at a size it never saw."""
+    if run_dir is None or not (Path(run_dir) / RUN_FILE).is_file():
+        return None
+    try:
+        size = read_run(run_dir).get("config", {}).get("image_size")
+    except FeatureshiftError:
+        return None
+    return int(size) if isinstance(size, int) and size > 0 else None
+
+
 def write_run(run_dir: str | os.PathLike, run: dict[str, Any]) -> None:
     write_json(Path(run_dir) / RUN_FILE, run)
 

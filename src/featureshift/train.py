@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .data import (ImageDataset, collate_skip, eval_transform, normalize_batch, scan_image_folder,
+from .data import (ImageDataset, SeededShuffle, collate_skip, eval_transform, normalize_batch, scan_image_folder,
                    stratified_split, train_transform, transform_sizes)
 from .errors import FeatureshiftError, did_you_mean
 from .io import atomic_path
@@ -350,8 +350,9 @@ def resolve_device(name: str) -> torch.device:
 
 def default_workers(device: torch.device) -> int:
     """DataLoader worker processes. On CPU the network's own threads use every core and decoding is
-    5-12% of a step, so one or two workers overlap it without crowding the cores (benchmarks/train_speed.py:
-    0.96x a plain in-memory loop with one worker on 2 cores, 0.93x with none); a GPU leaves the cores to decoding."""
+    5-12% of a step, so one or two (persistent) workers overlap it without crowding the cores
+    (benchmarks/train_speed.py on 2 cores: 0.94x a plain in-memory loop with one worker, 0.88x with none);
+    a GPU leaves the cores to decoding."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if device.type == "cuda":
         return min(8, max(1, cpus - 1))
@@ -496,13 +497,17 @@ class _Trainer:
         self.optimizer = make_optimizer(cfg, (p for p in model.parameters() if p.requires_grad))
         size, resize = transform_sizes(info, cfg.image_size)
         self.workers = workers = cfg.workers if cfg.workers is not None else default_workers(self.device)
+        # persistent: starting the worker processes anew every epoch cost about 10% of a small epoch on 2 cores
+        # The DataLoader draws its workers' base seed from `generator` each time workers start (once
+        # with persistent workers, again on resume): a throwaway one keeps that out of the training
+        # RNG streams. Augmentation is seeded per sample by SeededShuffle instead.
         common = dict(batch_size=cfg.batch_size, num_workers=workers, collate_fn=collate_skip,
-                      pin_memory=self.cuda)
+                      pin_memory=self.cuda, persistent_workers=workers > 0, generator=torch.Generator())
         # uint8 from the workers, normalized on the device (see _to_device)
         tf = (train_transform if cfg.augment else eval_transform)(info, cfg.image_size, normalize=False)
         self.train_loader = torch.utils.data.DataLoader(
             ImageDataset(train, tf, min_size=2 * size if cfg.augment else resize, skip_bad=True),
-            shuffle=True, generator=self.loader_gen,
+            sampler=SeededShuffle(len(train), self.loader_gen),
             # a last batch of one image breaks batch-norm in train mode
             drop_last=len(train) % cfg.batch_size == 1, **common)
         self.val_loader = torch.utils.data.DataLoader(

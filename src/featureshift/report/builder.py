@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import FeatureshiftError
-from ..io import save_image, write_bytes, write_text
+from ..io import current_umask, save_image, write_bytes, write_text
 from . import plots
 
 REPORT_DIR = "report"
@@ -200,6 +200,7 @@ def build_report(run_dir: str | os.PathLike, layers: str | Sequence[str] | None 
 
     out = run_dir / REPORT_DIR
     scratch = Path(tempfile.mkdtemp(prefix=".report-", dir=run_dir))
+    os.chmod(scratch, 0o777 & ~current_umask())  # mkdtemp makes 0700: the report is for sharing
     try:
         _Writer(scratch, run_dir, run, read_metrics(run_dir), first_meta, m, chosen, merged, tiles,
                 used_settings, quiet).write()
@@ -311,9 +312,11 @@ class _Writer:
                                             ("split", ds.get("split")), ("training images", ds.get("train_images")),
                                             ("validation images", ds.get("val_images"))) if v not in (None, "")]
         config_rows = [(k, _text(v)) for k, v in (run.get("config") or {}).items()]
-        for k in ("status", "device", "created", "updated"):
+        # What the run resolved (device "auto" -> "cpu"), labelled apart from the settings asked for.
+        for k, label in (("status", "status"), ("device", "device used"), ("workers", "workers used"),
+                         ("amp", "mixed precision used"), ("created", "created"), ("updated", "updated")):
             if run.get(k) is not None:
-                config_rows.append((k, _text(run[k])))
+                config_rows.append((label, _text(run[k])))
         cut = run.get("cutoff") or {}
         if cut.get("frozen") is not None:
             config_rows.append(("frozen modules", f"{len(cut['frozen'])}: " + _text(cut["frozen"])))
