@@ -207,7 +207,8 @@ def demo(out, quiet):
     """Run featureshift end to end on a generated dataset (no download, a few minutes on a CPU).
 
     Fine-tunes the ImageNet SqueezeNet on textures it draws itself, with a snapshot
-    after every epoch, into OUT/run.
+    after every epoch, into OUT/run, renders a timeline and writes the report; prints the
+    report's path.
     """
     from .demo import run_demo
 

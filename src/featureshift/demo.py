@@ -61,13 +61,13 @@ def step_report(run: Path, quiet: bool = False) -> Path:
 
 
 def run_demo(out_dir: str | Path, quiet: bool = False) -> Path:
-    """Run every demo step into out_dir; returns out_dir. Re-running replaces the previous demo."""
+    """Run every demo step into out_dir; returns the report's index.html. Re-running replaces the previous demo."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     data = step_dataset(out, quiet)
     run = step_train(out, data, quiet)
     step_timeline(run, quiet)
-    step_report(run, quiet)
+    index = step_report(run, quiet)
     _say(f"[demo] done in {time.perf_counter() - start:.0f} s: run folder {run}", quiet)
-    return out
+    return index
