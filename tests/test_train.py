@@ -257,3 +257,37 @@ def test_separate_validation_folder(data, tmp_path):
     (val / "cats").mkdir()
     with pytest.raises(FeatureshiftError, match="'cats' that the training data does not have"):
         fit(data, tmp_path / "run2", val=str(val), epochs=1)
+
+
+def test_a_run_being_trained_is_not_written_twice_and_a_killed_one_says_so(data, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from featureshift.run import describe_status
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "featureshift", "train", "--data", str(data), "--model", "squeezenet1_1",
+           "--epochs", "500", "--batch-size", "8", "--image-size", "32", "--workers", "0", "--quiet",
+           "--out", str(run)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "run.json").is_file() or read_run(run).get("epochs_done", 0) < 1:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "training did not get going"
+            time.sleep(0.2)
+        assert describe_status(read_run(run)) == f"running (process {proc.pid})"
+        for extra in (["--resume", str(run)], [*cmd[4:], "--force"]):
+            r = subprocess.run([sys.executable, "-m", "featureshift", "train", *extra],
+                               capture_output=True, text=True)
+            assert r.returncode == 2 and f"being trained right now by process {proc.pid}" in r.stderr
+    finally:
+        proc.send_signal(signal.SIGKILL)  # no chance to record anything
+        proc.wait()
+    info = read_run(run)
+    assert info["status"] == "running" and describe_status(info).startswith("stopped unexpectedly")
+    done = info["epochs_done"]
+    train(resume=str(run), epochs=done + 1, quiet=True)
+    assert read_run(run)["status"] == "finished" and read_run(run)["epochs_done"] == done + 1

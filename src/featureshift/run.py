@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,49 @@ def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, OSError) as e:
         raise FeatureshiftError(f"{path} could not be read ({e}). The file was edited or damaged.") from e
+
+
+def this_process() -> dict[str, Any]:
+    """Who is training a run: stored in run.json while its status is "running"."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid())}
+
+
+def _process_start(pid: int) -> int | None:
+    """The process's start time in clock ticks (Linux), so that a recycled pid is not taken for it."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def trainer_alive(run: dict[str, Any]) -> bool | None:
+    """For a run whose status is "running": is the process training it still alive?
+
+    True or False where it can be told (the same machine), None where not (another machine,
+    or a run written before featureshift recorded its trainer)."""
+    owner = run.get("trainer") or {}
+    pid = owner.get("pid")
+    if run.get("status") != "running" or not isinstance(pid, int) or owner.get("host") != socket.gethostname():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    start = _process_start(pid)
+    return owner.get("start") is None or start is None or start == owner["start"]
+
+
+def describe_status(run: dict[str, Any]) -> str:
+    """run.json's status for people: a "running" run whose process died says so."""
+    status = str(run.get("status", "?"))
+    alive = trainer_alive(run)
+    if alive is True:
+        return f"running (process {run['trainer']['pid']})"
+    if alive is False:
+        return "stopped unexpectedly (its training process is gone, e.g. killed); resume it with --resume"
+    return status
 
 
 def trained_image_size(run_dir: str | os.PathLike | None) -> int | None:

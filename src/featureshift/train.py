@@ -34,8 +34,8 @@ from .data import (ImageDataset, SeededShuffle, collate_skip, eval_transform, no
 from .errors import FeatureshiftError, did_you_mean
 from .io import atomic_path
 from .models.zoo import ModelInfo, attach_info, model_info, replace_head
-from .run import (SNAPSHOT_DIR, STATE_FILE, is_run, read_run, read_split, snapshot_path, write_metrics,
-                  write_run, write_split)
+from .run import (SNAPSHOT_DIR, STATE_FILE, describe_status, is_run, read_run, read_split, snapshot_path,
+                  this_process, trainer_alive, write_metrics, write_run, write_split)
 from .snapshot import build_from_state, save_snapshot
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
@@ -730,11 +730,17 @@ def _check_out(cfg: TrainConfig) -> Path:
                                 "Choose an --out folder outside the data.")
     if out.exists() and not out.is_dir():
         raise FeatureshiftError(f"--out {out} is a file; give a folder.")
+    if is_run(out) and cfg.force:
+        try:
+            r = read_run(out)
+        except FeatureshiftError:
+            r = {}
+        _refuse_if_training(r, out, "--force replacing it")
     if is_run(out) and not cfg.force:
         try:
             r = read_run(out)
             what = (f" ({r.get('model', {}).get('arch', '?')} on {r.get('dataset', {}).get('root', '?')}, "
-                    f"{r.get('epochs_done', 0)} epochs, {r.get('status', '?')})")
+                    f"{r.get('epochs_done', 0)} epochs, {describe_status(r)})")
         except FeatureshiftError:
             what = ""
         raise FeatureshiftError(
@@ -792,7 +798,8 @@ def _fresh(cfg: TrainConfig, on_epoch_end, on_snapshot=None) -> Path:
         for _, ci in samples:
             counts[index.classes[ci]][part] += 1
     trainer.run = {
-        "format": RUN_FORMAT, "status": "running", "created": _now(), "updated": _now(), "epochs_done": 0,
+        "format": RUN_FORMAT, "status": "running", "trainer": this_process(), "created": _now(), "updated": _now(),
+        "epochs_done": 0,
         "config": _stored_config(cfg),
         "model": info.to_dict(),
         "source": {"model": cfg.model, "weights": cfg.weights, "parent": trainer.parent},
@@ -828,8 +835,17 @@ def _info(msg: str) -> None:
     tqdm.write(msg, file=sys.stderr)
 
 
+def _refuse_if_training(run: dict[str, Any], run_dir: Path, what: str) -> None:
+    """Two processes writing one run folder would interleave its snapshots and logs."""
+    if trainer_alive(run) and run["trainer"]["pid"] != os.getpid():
+        raise FeatureshiftError(
+            f"{run_dir} is being trained right now by process {run['trainer']['pid']}; {what} would write into the "
+            f"same folder. Wait for it to finish, or stop it first (Ctrl-C, or `kill {run['trainer']['pid']}`).")
+
+
 def _resume(cfg_overrides: dict[str, Any], run_dir: Path, on_epoch_end, on_snapshot=None) -> Path:
     run = read_run(run_dir)
+    _refuse_if_training(run, run_dir, "resuming it")
     stored = run["config"]
     for k, v in cfg_overrides.items():
         if k in RESUMABLE or k in _NOT_STORED:
@@ -887,7 +903,8 @@ def _resume(cfg_overrides: dict[str, Any], run_dir: Path, on_epoch_end, on_snaps
     trainer.skipped_in_training = {p: why for p, why in state.get("skipped", [])}
     run["config"] = _stored_config(cfg)
     run.setdefault("sessions", []).append({"started": _now(), "from_epoch": done, "to_epoch": cfg.epochs})
-    run.update(status="running", device=str(trainer.device), workers=trainer.workers, error=None)
+    run.update(status="running", trainer=this_process(), device=str(trainer.device), workers=trainer.workers,
+               error=None)
     trainer.run = run
     if missing:
         run["dataset"]["skipped"] += [{"path": str(p), "reason": why} for p, why in missing]

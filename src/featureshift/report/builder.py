@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import FeatureshiftError
+from ..run import describe_status
 from ..io import current_umask, save_image, write_bytes, write_text
 from . import plots
 
@@ -316,7 +317,7 @@ class _Writer:
         for k, label in (("status", "status"), ("device", "device used"), ("workers", "workers used"),
                          ("amp", "mixed precision used"), ("created", "created"), ("updated", "updated")):
             if run.get(k) is not None:
-                config_rows.append((label, _text(run[k])))
+                config_rows.append((label, describe_status(run) if k == "status" else _text(run[k])))
         cut = run.get("cutoff") or {}
         if cut.get("frozen") is not None:
             config_rows.append(("frozen modules", f"{len(cut['frozen'])}: " + _text(cut["frozen"])))
