@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 import featureshift
 from featureshift import FeatureshiftError, read_meta
 from featureshift.data import make_synthetic_dataset
-from featureshift.run import list_snapshots, probe_samples, read_metrics, read_run, read_split, snapshot_path
+from featureshift.run import (list_snapshots, probe_samples, read_metrics, read_run, read_split, snapshot_path,
+                             write_metrics, write_run)
 from featureshift.train import TrainConfig, make_config, plan_cutoff, train
 
 
@@ -291,3 +292,16 @@ def test_a_run_being_trained_is_not_written_twice_and_a_killed_one_says_so(data,
     done = info["epochs_done"]
     train(resume=str(run), epochs=done + 1, quiet=True)
     assert read_run(run)["status"] == "finished" and read_run(run)["epochs_done"] == done + 1
+
+
+def test_resume_after_a_kill_between_the_state_and_the_log(data, tmp_path):
+    # The state of epoch 2 was saved, then the process died before metrics.jsonl and run.json caught up.
+    run = fit(data, tmp_path / "run", epochs=2, cutoff="features.5")
+    rows = read_metrics(run)
+    info = read_run(run)
+    info.update(status="running", epochs_done=1)
+    write_run(run, info)
+    write_metrics(run, rows[:2])
+    train(resume=str(run), epochs=2, quiet=True)  # nothing left to train, but the books are put right
+    assert read_run(run)["status"] == "finished" and read_run(run)["epochs_done"] == 2
+    assert read_metrics(run) == rows

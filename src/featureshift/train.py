@@ -876,9 +876,10 @@ def _resume(cfg_overrides: dict[str, Any], run_dir: Path, on_epoch_end, on_snaps
         if not cfg.quiet:
             _info(f"The run {run_dir} has finished all {done} epochs; nothing to do. "
                   f"Extend it with `featureshift train --resume {run_dir} --epochs N`.")
-        if run.get("status") != "finished":
-            run.update(status="finished", updated=_now())
-            write_run(run_dir, run)
+        # A kill between saving the state and updating run.json leaves these a step behind the state.
+        write_metrics(run_dir, [r for r in state["history"] if r["epoch"] <= done])
+        run.update(status="finished", epochs_done=done, updated=_now())
+        write_run(run_dir, run)
         return run_dir
 
     info = ModelInfo.from_dict(run["model"])
