@@ -497,10 +497,10 @@ class _Trainer:
         self.optimizer = make_optimizer(cfg, (p for p in model.parameters() if p.requires_grad))
         size, resize = transform_sizes(info, cfg.image_size)
         self.workers = workers = cfg.workers if cfg.workers is not None else default_workers(self.device)
-        # persistent: starting the worker processes anew every epoch cost about 10% of a small epoch on 2 cores
-        # The DataLoader draws its workers' base seed from `generator` each time workers start (once
-        # with persistent workers, again on resume): a throwaway one keeps that out of the training
-        # RNG streams. Augmentation is seeded per sample by SeededShuffle instead.
+        # Persistent workers: starting them anew every epoch cost about 10% of a small epoch on 2 cores.
+        # The DataLoader draws their base seed from `generator` whenever workers start (once, or again
+        # on resume): a throwaway one keeps that out of the training RNG streams. Augmentation is
+        # seeded per sample by SeededShuffle instead.
         common = dict(batch_size=cfg.batch_size, num_workers=workers, collate_fn=collate_skip,
                       pin_memory=self.cuda, persistent_workers=workers > 0, generator=torch.Generator())
         # uint8 from the workers, normalized on the device (see _to_device)
@@ -730,24 +730,21 @@ def _check_out(cfg: TrainConfig) -> Path:
                                 "Choose an --out folder outside the data.")
     if out.exists() and not out.is_dir():
         raise FeatureshiftError(f"--out {out} is a file; give a folder.")
-    if is_run(out) and cfg.force:
-        try:
-            r = read_run(out)
-        except FeatureshiftError:
-            r = {}
-        _refuse_if_training(r, out, "--force replacing it")
-    if is_run(out) and not cfg.force:
-        try:
-            r = read_run(out)
-            what = (f" ({r.get('model', {}).get('arch', '?')} on {r.get('dataset', {}).get('root', '?')}, "
-                    f"{r.get('epochs_done', 0)} epochs, {describe_status(r)})")
-        except FeatureshiftError:
-            what = ""
-        raise FeatureshiftError(
-            f"{out} already holds a training run{what}. Continue it with `featureshift train --resume {out}`, "
-            f"replace it with --force, or choose another --out folder."
-        )
-    return out
+    if not is_run(out):
+        return out
+    try:
+        r = read_run(out)
+    except FeatureshiftError:
+        r = None
+    if cfg.force:
+        _refuse_if_training(r or {}, out, "--force replacing it")
+        return out
+    what = "" if r is None else (f" ({r.get('model', {}).get('arch', '?')} on {r.get('dataset', {}).get('root', '?')}, "
+                                 f"{r.get('epochs_done', 0)} epochs, {describe_status(r)})")
+    raise FeatureshiftError(
+        f"{out} already holds a training run{what}. Continue it with `featureshift train --resume {out}`, "
+        f"replace it with --force, or choose another --out folder."
+    )
 
 
 def _clear_run(out: Path) -> None:
@@ -869,6 +866,7 @@ def _resume(cfg_overrides: dict[str, Any], run_dir: Path, on_epoch_end, on_snaps
         raise FeatureshiftError(f"{state_path} could not be read ({e.__class__.__name__}: {e}). "
                                 "Start the run again with --force.") from e
     done = int(state["epoch"])
+    history = [r for r in state["history"] if r["epoch"] <= done]
     if cfg.epochs < done:
         raise FeatureshiftError(f"The run {run_dir} has already trained {done} epochs; --epochs {cfg.epochs} would "
                                 f"shorten it. Give --epochs {done} or more.")
@@ -877,7 +875,7 @@ def _resume(cfg_overrides: dict[str, Any], run_dir: Path, on_epoch_end, on_snaps
             _info(f"The run {run_dir} has finished all {done} epochs; nothing to do. "
                   f"Extend it with `featureshift train --resume {run_dir} --epochs N`.")
         # A kill between saving the state and updating run.json leaves these a step behind the state.
-        write_metrics(run_dir, [r for r in state["history"] if r["epoch"] <= done])
+        write_metrics(run_dir, history)
         run.update(status="finished", epochs_done=done, updated=_now())
         write_run(run_dir, run)
         return run_dir
@@ -899,7 +897,7 @@ def _resume(cfg_overrides: dict[str, Any], run_dir: Path, on_epoch_end, on_snaps
     if state.get("scaler"):
         trainer.scaler.load_state_dict(state["scaler"])
     _set_rng_state(state["rng"], trainer.loader_gen)
-    trainer.history = [r for r in state["history"] if r["epoch"] <= done]
+    trainer.history = history
     trainer.parent = state["parent"]
     trainer.skipped_in_training = {p: why for p, why in state.get("skipped", [])}
     run["config"] = _stored_config(cfg)

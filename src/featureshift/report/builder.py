@@ -21,8 +21,8 @@ import numpy as np
 
 from .. import __version__
 from ..errors import FeatureshiftError
-from ..run import describe_status
 from ..io import current_umask, save_image, write_bytes, write_text
+from ..run import describe_status
 from . import plots
 
 REPORT_DIR = "report"
