@@ -33,9 +33,10 @@ import time
 import numpy as np
 import torch
 
-from featureshift import create_model, model_info
-from featureshift.models.layers import Truncated
-from featureshift.render import render
+from featureshift.models.info import model_info
+from featureshift.network import create_model
+from featureshift.models.layers import truncated
+from featureshift.optvis.engine import render
 
 CHANNELS = [0, 1, 2, 3, 4, 5, 6, 7]
 SPEED_LAYER, QUALITY_LAYER = "inception4a", "features.9"
@@ -92,7 +93,7 @@ def bare_network(model, layer, steps, size, channels_last, precision="fp32"):
         model.to(memory_format=torch.channels_last)
     x.requires_grad_(True)
     try:
-        with Truncated(model, [layer]) as net:
+        with truncated(model, [layer]) as net:
             for _ in range(steps):
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
                     y = net(x)[layer]
@@ -104,16 +105,16 @@ def bare_network(model, layer, steps, size, channels_last, precision="fp32"):
 
 
 def render_precision():
-    from featureshift.render.engine import _resolve_precision
+    from featureshift.optvis.engine import resolve_precision
 
-    return _resolve_precision(torch.device("cpu"), "auto")
+    return resolve_precision(torch.device("cpu"), "auto")
 
 
 def activations(model, layer, images):
     info = model_info(model)
     x = torch.tensor(np.asarray(images, np.float32)).permute(0, 3, 1, 2)
     x = (x - torch.tensor(info.mean).view(1, 3, 1, 1)) / torch.tensor(info.std).view(1, 3, 1, 1)
-    with Truncated(model, [layer]) as net, torch.no_grad():
+    with truncated(model, [layer]) as net, torch.no_grad():
         f = net(x)[layer].mean((2, 3))
     return [float(f[i, c]) for i, c in enumerate(CHANNELS)]
 

@@ -20,7 +20,7 @@ import torch
 
 import featureshift
 from featureshift.run import snapshot_path
-from featureshift.timeline import timeline
+from featureshift.commands.timeline.timeline import timeline
 
 
 def nudge(model, epoch: int) -> None:
@@ -56,7 +56,7 @@ def main() -> None:
                                    metrics={"val_acc": 0.33 + 0.06 * epoch})
     opts = dict(steps=args.steps, size=args.size, device=args.device)
     # One throwaway render first, so neither figure includes one-time start-up (kernels, allocator).
-    from featureshift.render import render
+    from featureshift.optvis.engine import render
     render(model, [(args.layer, 0)], steps=2, size=args.size, device=args.device, quiet=True)
     try:
         t, c = time.perf_counter(), time.process_time()

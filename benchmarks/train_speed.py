@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import resource
 import statistics
+import os
 import sys
 import tempfile
 import time
@@ -22,14 +23,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-# featureshift before torch: importing it first sets OpenMP's passive wait policy (see featureshift/__init__.py)
-from featureshift import create_model, model_info  # noqa: E402
+# Before torch loads OpenMP, as the featureshift command does (see featureshift/cli.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+from featureshift.network import create_model  # noqa: E402
+from featureshift.models.info import model_info  # noqa: E402
 from featureshift.data import (ImageDataset, eval_transform, make_synthetic_dataset,  # noqa: E402
                                scan_image_folder)
-from featureshift.models import replace_head  # noqa: E402
-from featureshift.train import resolve_device, train  # noqa: E402
+from featureshift.models.zoo import replace_head  # noqa: E402
+from featureshift.device import resolve_device  # noqa: E402
+from featureshift.commands.train.session import train  # noqa: E402
 
 
 def _cpu() -> float:

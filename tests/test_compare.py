@@ -3,7 +3,7 @@ import pytest
 from click.testing import CliRunner
 
 from featureshift.cli import main
-from featureshift.compare import compare
+from featureshift.commands.compare import compare
 from featureshift.errors import FeatureshiftError
 
 from _fakerun import IMAGE_SIZE, LAYER, RENDER, shared_run

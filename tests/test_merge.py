@@ -6,7 +6,7 @@ from PIL import Image
 
 from featureshift import FeatureshiftError
 from featureshift.cli import main
-from featureshift.merge import merge, natural_key
+from featureshift.commands.merge import merge, natural_key
 
 COLORS = {"row1.png": (255, 0, 0), "row2.png": (0, 255, 0), "row10.png": (0, 0, 255)}
 
@@ -53,7 +53,7 @@ def test_earlier_featureshift_stacks_are_never_inputs(rows, tmp_path):
 
 
 def test_timeline_folder_merges_its_rows_only(tmp_path):
-    from featureshift.timeline import save_merged
+    from featureshift.io import save_merged
 
     folder = tmp_path / "timeline"
     folder.mkdir()

@@ -5,8 +5,14 @@ import numpy as np
 import pytest
 
 import featureshift
-from featureshift import metrics
+import featureshift.metrics.probe
 from featureshift.errors import FeatureshiftError
+from featureshift.metrics.drift import cross_activation, visual_drift
+from featureshift.metrics.driver import run_metrics
+from featureshift.metrics.probe import probe_stats, resolve_probe
+from featureshift.metrics.similarity import channel_correlation, cka, cka_from_grams
+from featureshift.metrics.sources import channel_sources
+from featureshift.metrics.weights import weight_change
 
 from _fakerun import IMAGE_SIZE, LAYER, MODULE, reinit
 
@@ -35,52 +41,52 @@ def pair(squeezenet):
 
 def test_channel_sources_follow_the_architecture(squeezenet):
     # A ReLU is made by the conv before it; a Fire block's channels by its two expand convs, in order.
-    (relu,) = metrics.channel_sources(squeezenet, LAYER)
+    (relu,) = channel_sources(squeezenet, LAYER)
     assert relu.module == MODULE and list(relu.index[:4]) == [0, 1, 2, 3]
-    fire = {s.module: s.index for s in metrics.channel_sources(squeezenet, "features.6")}
+    fire = {s.module: s.index for s in channel_sources(squeezenet, "features.6")}
     assert set(fire) == {"features.6.expand1x1", "features.6.expand3x3"}
     assert list(fire["features.6.expand1x1"][:2]) == [0, 1] and fire["features.6.expand1x1"][128] == -1
     assert fire["features.6.expand3x3"][128] == 0 and fire["features.6.expand3x3"][255] == 127
     # A residual block: conv2 and bn2 plus the downsample path, nothing from conv1.
     resnet = featureshift.create_model("resnet18", weights="random")
-    names = {s.module for s in metrics.channel_sources(resnet, "layer2.0")}
+    names = {s.module for s in channel_sources(resnet, "layer2.0")}
     assert names == {"layer2.0.conv2", "layer2.0.bn2", "layer2.0.downsample.0", "layer2.0.downsample.1"}
 
 
 def test_identical_networks_show_no_change(squeezenet, probe_dir):
     twin = copy.deepcopy(squeezenet)
     featureshift.attach_info(twin, squeezenet.featureshift_info)
-    wc = metrics.weight_change(squeezenet, twin, [LAYER, "features.6"])
+    wc = weight_change(squeezenet, twin, [LAYER, "features.6"])
     assert wc[LAYER].value == 0 and wc["features.6"].value == 0
     assert np.all(wc[LAYER].channels == 0)
-    paths = metrics.resolve_probe(probe=probe_dir)
+    paths = resolve_probe(probe=probe_dir)
     assert len(paths) == 8  # the text file is not an image
-    sa = metrics.probe_stats(squeezenet, [LAYER], paths, image_size=IMAGE_SIZE, quiet=True)
-    sb = metrics.probe_stats(twin, [LAYER], paths, image_size=IMAGE_SIZE, quiet=True)
-    assert metrics.cka(sa, sb, LAYER) == pytest.approx(1.0, abs=1e-6)
-    assert np.allclose(metrics.channel_correlation(sa, sb, LAYER), 1.0)
+    sa = probe_stats(squeezenet, [LAYER], paths, image_size=IMAGE_SIZE, quiet=True)
+    sb = probe_stats(twin, [LAYER], paths, image_size=IMAGE_SIZE, quiet=True)
+    assert cka(sa, sb, LAYER) == pytest.approx(1.0, abs=1e-6)
+    assert np.allclose(channel_correlation(sa, sb, LAYER), 1.0)
     images = [np.random.default_rng(i).random((32, 32, 3)).astype(np.float32) for i in range(3)]
-    assert np.all(metrics.visual_drift(images, images) == 0)
-    b_on_a, a_on_b = metrics.cross_activation(squeezenet, twin, [(LAYER, 1), (LAYER, 2), (LAYER, 3)], images, images)
+    assert np.all(visual_drift(images, images) == 0)
+    b_on_a, a_on_b = cross_activation(squeezenet, twin, [(LAYER, 1), (LAYER, 2), (LAYER, 3)], images, images)
     ok = np.isfinite(b_on_a)
     assert ok.any() and np.allclose(b_on_a[ok], 1.0) and np.allclose(a_on_b[ok], 1.0)
 
 
 def test_reinitialized_channel_changes_and_its_neighbours_do_not(pair, probe_dir):
     a, b = pair
-    wc = metrics.weight_change(a, b, [LAYER, "features.6", "features.7"])[LAYER]
+    wc = weight_change(a, b, [LAYER, "features.6", "features.7"])[LAYER]
     assert wc.channels[3] > 0.5
     assert np.all(np.delete(wc.channels, 3) == 0)
     assert 0 < wc.value < wc.channels[3]
-    paths = metrics.resolve_probe(probe=probe_dir)
-    sa = metrics.probe_stats(a, [LAYER, "features.7"], paths, image_size=IMAGE_SIZE, quiet=True)
-    sb = metrics.probe_stats(b, [LAYER, "features.7"], paths, image_size=IMAGE_SIZE, quiet=True)
-    corr = metrics.channel_correlation(sa, sb, LAYER)
+    paths = resolve_probe(probe=probe_dir)
+    sa = probe_stats(a, [LAYER, "features.7"], paths, image_size=IMAGE_SIZE, quiet=True)
+    sb = probe_stats(b, [LAYER, "features.7"], paths, image_size=IMAGE_SIZE, quiet=True)
+    corr = channel_correlation(sa, sb, LAYER)
     assert corr[3] < 0.9
     assert np.allclose(np.delete(corr, 3), 1.0)
-    assert metrics.cka(sa, sb, LAYER) < 1 - 1e-6
+    assert cka(sa, sb, LAYER) < 1 - 1e-6
     # The change reaches the next block through its input only: same weights, different activations.
-    assert metrics.weight_change(a, b, ["features.7"])["features.7"].value == 0
+    assert weight_change(a, b, ["features.7"])["features.7"].value == 0
 
 
 def test_cka_is_invariant_to_rotation_and_scale_and_low_for_unrelated_features():
@@ -90,43 +96,43 @@ def test_cka_is_invariant_to_rotation_and_scale_and_low_for_unrelated_features()
     y = 3.0 * x @ q
     z = rng.normal(size=(64, 40))
     grams = lambda f: [f[i:i + 32] @ f[i:i + 32].T for i in (0, 32)]  # noqa: E731
-    assert metrics.cka_from_grams(grams(x), grams(x)) == pytest.approx(1.0)
-    assert metrics.cka_from_grams(grams(x), grams(y)) == pytest.approx(1.0)
-    assert metrics.cka_from_grams(grams(x), grams(z)) < 0.2
+    assert cka_from_grams(grams(x), grams(x)) == pytest.approx(1.0)
+    assert cka_from_grams(grams(x), grams(y)) == pytest.approx(1.0)
+    assert cka_from_grams(grams(x), grams(z)) < 0.2
 
 
 def test_visual_drift_ignores_position_but_not_content(photos):
     cat = np.asarray(photos["chelsea"].resize((96, 96)), np.float32) / 255
     rocket = np.asarray(photos["rocket"].resize((96, 96)), np.float32) / 255
     shifted = np.roll(cat, 24, axis=1)
-    drift = metrics.visual_drift([cat, cat], [shifted, rocket])
+    drift = visual_drift([cat, cat], [shifted, rocket])
     assert 0 < drift[0] < drift[1] <= 1
 
 
 def test_probe_statistics_are_cached(squeezenet, probe_dir, tmp_path, monkeypatch):
-    paths = metrics.resolve_probe(probe=probe_dir, limit=6)
+    paths = resolve_probe(probe=probe_dir, limit=6)
     assert len(paths) == 6
-    first = metrics.probe_stats(squeezenet, [LAYER], paths, image_size=IMAGE_SIZE, cache_dir=tmp_path, quiet=True)
+    first = probe_stats(squeezenet, [LAYER], paths, image_size=IMAGE_SIZE, cache_dir=tmp_path, quiet=True)
     assert len(list(tmp_path.glob("probe-*.npz"))) == 1
 
     def no_network(*a, **k):
         raise AssertionError("the network ran although the statistics are cached")
 
-    monkeypatch.setattr(metrics, "Truncated", no_network)
-    again = metrics.probe_stats(squeezenet, [LAYER], paths, image_size=IMAGE_SIZE, cache_dir=tmp_path, quiet=True)
+    monkeypatch.setattr(featureshift.metrics.probe, "truncated", no_network)
+    again = probe_stats(squeezenet, [LAYER], paths, image_size=IMAGE_SIZE, cache_dir=tmp_path, quiet=True)
     assert np.array_equal(first.layers[LAYER].pooled, again.layers[LAYER].pooled)
-    assert metrics.cka(first, again, LAYER) == pytest.approx(1.0)
+    assert cka(first, again, LAYER) == pytest.approx(1.0)
 
 
 def test_bad_probe_and_mismatched_networks_are_clear_errors(squeezenet, tmp_path):
     with pytest.raises(FeatureshiftError, match="does not exist"):
-        metrics.resolve_probe(probe=tmp_path / "nowhere")
+        resolve_probe(probe=tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FeatureshiftError, match="no readable images"):
-        metrics.resolve_probe(probe=tmp_path / "empty")
+        resolve_probe(probe=tmp_path / "empty")
     resnet = featureshift.create_model("resnet18", weights="random")
     with pytest.raises(FeatureshiftError, match="different architectures"):
-        metrics.weight_change(squeezenet, resnet, ["features.6"])
+        weight_change(squeezenet, resnet, ["features.6"])
 
 
 def test_run_metrics_files(tmp_path_factory, photos):
@@ -157,11 +163,11 @@ def test_run_metrics_files(tmp_path_factory, photos):
 
 
 def test_dataset_examples_are_the_most_active_images_with_a_crop(pair, probe_dir):
-    from featureshift.examples import examples_sheet, find_examples, receptive_field
+    from featureshift.metrics.examples import examples_sheet, find_examples, receptive_field
 
     a, b = pair
-    paths = metrics.resolve_probe(probe=probe_dir)
-    stats = {m: metrics.probe_stats(net, [LAYER], paths, image_size=IMAGE_SIZE, quiet=True) for m, net in (("a", a), ("b", b))}
+    paths = resolve_probe(probe=probe_dir)
+    stats = {m: probe_stats(net, [LAYER], paths, image_size=IMAGE_SIZE, quiet=True) for m, net in (("a", a), ("b", b))}
     rf = receptive_field(a, LAYER, IMAGE_SIZE)
     assert IMAGE_SIZE // 8 < rf <= IMAGE_SIZE
     before = find_examples(stats["a"].layers[LAYER], 3, 4, paths, IMAGE_SIZE, rf)
@@ -189,7 +195,7 @@ def test_probe_images_go_in_at_the_size_the_run_trained_at(tmp_path, photos):
     info["config"]["image_size"] = 48
     write_run(run, info)
     assert trained_image_size(run) == 48
-    result = metrics.run_metrics(run, overview=["features.0"], examples=0, quiet=True)
+    result = run_metrics(run, overview=["features.0"], examples=0, quiet=True)
     assert result.image_size == 48
     assert json.loads((run / "metrics" / "summary.json").read_text())["image_size"] == 48
     assert trained_image_size(tmp_path / "nowhere") is None

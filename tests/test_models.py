@@ -8,7 +8,7 @@ import torchvision.transforms.functional as TF
 import featureshift
 from featureshift import FeatureshiftError, create_model, list_layers, model_info
 from featureshift.models import squeezenet_offline
-from featureshift.models.layers import Truncated, resolve_layers
+from featureshift.models.layers import resolve_layers, truncated
 
 CATS = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
 CUPS = {"espresso", "cup", "coffee mug", "espresso maker"}
@@ -104,7 +104,7 @@ def test_reused_module_is_listed_once_with_its_call_count():
 
 def test_truncated_forward_stops_after_deepest_layer(squeezenet):
     ran = []
-    with Truncated(squeezenet, ["features.3", "features.6"]) as net:
+    with truncated(squeezenet, ["features.3", "features.6"]) as net:
         handle = squeezenet.features[12].register_forward_hook(lambda *a: ran.append(1))
         try:
             out = net(torch.zeros(2, 3, 128, 128))

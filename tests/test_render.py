@@ -19,10 +19,12 @@ import featureshift
 from featureshift import FeatureshiftError, attach_info, create_model, model_info
 from featureshift.cli import main
 from featureshift.grid import to_pil
-from featureshift.models import ModelInfo
-from featureshift.models.layers import Truncated
-from featureshift.render import ENGINE_VERSION, RenderResult, Transforms, objectives, render, target_seed
-from featureshift.render.objectives import Batch
+from featureshift.models.info import ModelInfo
+from featureshift.models.layers import truncated
+from featureshift.optvis import objectives
+from featureshift.optvis.engine import ENGINE_VERSION, RenderResult, render, target_seed
+from featureshift.optvis.objectives import Batch
+from featureshift.optvis.transforms import Transforms
 
 MID = "features.9"  # a middle layer of SqueezeNet 1.1 (Fire module output, 384 channels)
 
@@ -42,7 +44,7 @@ def normalized(model, images: np.ndarray) -> torch.Tensor:
 
 
 def channel_means(model, images: np.ndarray, layer: str) -> torch.Tensor:
-    with Truncated(model, [layer]) as net, torch.no_grad():
+    with truncated(model, [layer]) as net, torch.no_grad():
         return net(normalized(model, images))[layer].mean((2, 3))
 
 
@@ -137,7 +139,7 @@ def test_an_inner_layer_is_read_before_later_in_place_ops(squeeze):
     # deeper layer the forward goes on past it, and its score must still be the conv output
     layer = "features.3.squeeze"
     result = render(squeeze, [(layer, 0), ("features.6", 0)], objective="negative", steps=6, size=32, quiet=True)
-    with Truncated(squeeze, [layer]) as net, torch.no_grad():
+    with truncated(squeeze, [layer]) as net, torch.no_grad():
         conv = net(normalized(squeeze, result.images[:1]))[layer][0, 0]
     assert result.scores[0] == pytest.approx(-float(conv.mean()), rel=1e-3)
     assert float(conv.min()) < 0  # really before the ReLU
@@ -219,10 +221,10 @@ def test_redirected_relu_revives_a_dead_channel():
 @pytest.mark.parametrize("relu", [lambda x: torch.nn.functional.relu(x, inplace=True), lambda x: (x.relu_(), x)[1],
                                   torch.relu, nn.ReLU(inplace=True)])
 def test_redirected_relu_gradient_is_per_image_and_keeps_in_place_semantics(relu):
-    from featureshift.render.engine import _RedirectReLU
+    from featureshift.optvis.engine import RedirectReLU
 
     x = torch.tensor([[-1.0, 2.0], [-1.0, -3.0]], requires_grad=True)
-    with _RedirectReLU():
+    with RedirectReLU():
         y = relu(x * 1)
     assert y.tolist() == [[0.0, 2.0], [0.0, 0.0]]
     (-y.sum()).backward()  # maximize the sum
@@ -275,7 +277,7 @@ def test_each_objective_improves(squeeze, objective):
     start = render(squeeze, [(layer, 11)], steps=0, **kw)
     end = render(squeeze, [(layer, 11)], steps=16, **kw)
     assert end.scores[0] > start.scores[0] + 1
-    with Truncated(squeeze, [layer]) as net, torch.no_grad():
+    with truncated(squeeze, [layer]) as net, torch.no_grad():
         feats = net(normalized(squeeze, end.images))[layer][0, 11]
     center = feats[feats.shape[0] // 2, feats.shape[1] // 2]
     expected = {"channel": feats.mean(), "negative": -feats.mean(), "neuron": center}
@@ -299,7 +301,7 @@ def test_diversity_pushes_renders_of_one_channel_apart(squeeze):
     assert diverse.targets == [(MID, 5)] * 3 and diverse.images.shape[0] == 3
 
     def similarity(images):
-        with Truncated(squeeze, [MID]) as net, torch.no_grad():
+        with truncated(squeeze, [MID]) as net, torch.no_grad():
             f = net(normalized(squeeze, images))[MID]
         batch = Batch(feats={MID: f}, channels=torch.zeros(3, dtype=torch.long), rows={MID: torch.arange(3)},
                       groups=torch.zeros(3, dtype=torch.long))

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from featureshift.cli import main
 from featureshift.errors import FeatureshiftError
-from featureshift.report import build_report, channel_page, layer_page
+from featureshift.commands.report.builder import build_report, channel_page, layer_page
 
 from _fakerun import CHANNELS, EVIL, IMAGE_SIZE, LAYER, RENDER, make_run, shared_report
 
@@ -59,22 +59,23 @@ def test_names_are_escaped(report):
 
 def test_rebuild_reuses_the_cached_renders_and_probe_pass(report, monkeypatch):
     run, index = report
-    import featureshift.metrics as metrics
-    import featureshift.render as render_module
+    import featureshift.metrics.driver as driver
+    import featureshift.metrics.probe as probe
+    import featureshift.optvis.engine as render_module
 
     def no_render(*a, **k):
         raise AssertionError("rendered again although the timeline cache has every tile")
 
     monkeypatch.setattr(render_module, "render", no_render)
-    real = metrics.probe_stats
+    real = driver.probe_stats
     ran = []
 
     def counting(*a, **k):
         ran.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(metrics, "probe_stats", counting)
-    monkeypatch.setattr(metrics, "probe_loader", lambda *a, **k: (_ for _ in ()).throw(AssertionError("probe pass ran")))
+    monkeypatch.setattr(driver, "probe_stats", counting)
+    monkeypatch.setattr(probe, "probe_loader", lambda *a, **k: (_ for _ in ()).throw(AssertionError("probe pass ran")))
     again = build_report(run, [LAYER], CHANNELS, image_size=IMAGE_SIZE, quiet=True, **RENDER)
     assert again == index and index.is_file() and ran
 
@@ -94,7 +95,7 @@ def test_a_run_with_only_the_first_snapshot(tmp_path, photos):
 
 def test_missing_probe_folder_is_a_clear_error_before_any_work(report, tmp_path, monkeypatch):
     run, index = report
-    import featureshift.timeline as timeline
+    import featureshift.commands.timeline.timeline as timeline
 
     monkeypatch.setattr(timeline, "timeline", lambda *a, **k: pytest.fail("rendered before checking the probe"))
     with pytest.raises(FeatureshiftError, match="probe folder .* does not exist"):

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from featureshift.report import channel_page, layer_page
+from featureshift.commands.report.builder import channel_page, layer_page
 
 from _fakerun import CHANNELS, EVIL, LAYER, shared_report
 

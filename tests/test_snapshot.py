@@ -18,7 +18,7 @@ def outputs(model, seed=0):
 @pytest.mark.parametrize("arch", ["squeezenet1_1", "googlenet", "resnet18"])
 def test_round_trip_gives_identical_outputs(tmp_path, arch):
     model = create_model(arch, weights="random", num_classes=5)
-    featureshift.models.model_info(model).class_names = ["a b", "ü", "<b>", "d", "e"]
+    featureshift.model_info(model).class_names = ["a b", "ü", "<b>", "d", "e"]
     path = tmp_path / "000.safetensors"
     meta = save_snapshot(model, path, epoch=3, metrics={"val_acc": 0.5}, config={"lr": 1e-3}, parent="abc")
     loaded, meta2 = load_snapshot(path)

@@ -8,7 +8,11 @@ import featureshift
 from featureshift import FeatureshiftError, create_model, save_snapshot
 from featureshift.cli import main
 from featureshift.grid import MISSING_FILL
-from featureshift.timeline import SnapshotVisualizer, parse_indices, read_tile, select_snapshots, timeline
+from featureshift.commands.timeline.hook import SnapshotVisualizer
+from featureshift.commands.timeline.timeline import TimelineResult, timeline
+from featureshift.jobs.cache import read_tile
+from featureshift.run import select_snapshots
+from featureshift.selection import parse_indices
 
 LAYER = "features.3.squeeze"  # 16 channels, early in the network: renders stay cheap
 FAST = dict(steps=6, size=32, batch_size=16, quiet=True)  # a fixed batch skips the memory probe
@@ -69,10 +73,10 @@ def test_rows_follow_training_order_and_are_labeled(tmp_path, model):
     assert labeled.rendered == 0  # labels change the picture, not the tiles
     img = Image.open(labeled.merged[LAYER]).convert("RGB")
     assert img.width > merged.width and img.height > merged.height
-    from featureshift.timeline import _row_label, _read_rows
+    from featureshift.commands.timeline.timeline import read_rows, row_label
 
-    labels = [_row_label(r) for r in _read_rows([(e, run / "snapshots" / f"{e:03d}.safetensors")
-                                                  for e in (0, 2, 10)])]
+    labels = [row_label(r) for r in read_rows([(e, run / "snapshots" / f"{e:03d}.safetensors")
+                                                for e in (0, 2, 10)])]
     assert labels == ["epoch 0\nval 30.0%", "epoch 2\nval 34.0%", "epoch 10\nval 50.0%"]
 
 
@@ -232,22 +236,22 @@ def test_visualizer_in_background_renders_everything_by_close(tmp_path, model):
 
 
 def test_public_api_export():
-    assert featureshift.timeline.timeline is timeline
-    assert featureshift.TimelineResult is featureshift.timeline.TimelineResult
-    assert callable(featureshift.merge.merge)
+    assert featureshift.timeline is timeline
+    assert featureshift.TimelineResult is TimelineResult
+    assert callable(featureshift.merge)
 
 
 def test_one_render_call_per_snapshot_with_all_its_targets(tmp_path, model, monkeypatch):
-    import featureshift.render
+    import featureshift.optvis.engine as engine
 
     calls = []
-    real = featureshift.render.render
+    real = engine.render
 
     def counting(net, targets, **kw):
         calls.append(list(targets))
         return real(net, targets, **kw)
 
-    monkeypatch.setattr(featureshift.render, "render", counting)
+    monkeypatch.setattr(engine, "render", counting)
     run = make_run(tmp_path, model, [0, 1])
     res = timeline(run, [LAYER, "logits"], 2, **FAST)
     assert calls == [[(LAYER, 0), (LAYER, 1), ("logits", 0), ("logits", 1)]] * 2

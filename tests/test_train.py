@@ -8,10 +8,12 @@ from safetensors.torch import load_file
 
 import featureshift
 from featureshift import FeatureshiftError, read_meta
+from featureshift.commands.train.config import TrainConfig, make_config
+from featureshift.commands.train.cutoff import plan_cutoff
+from featureshift.commands.train.session import train
 from featureshift.data import make_synthetic_dataset
 from featureshift.run import (list_snapshots, probe_samples, read_metrics, read_run, read_split, snapshot_path,
                              write_metrics, write_run)
-from featureshift.train import TrainConfig, make_config, plan_cutoff, train
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py

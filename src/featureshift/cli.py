@@ -1,16 +1,45 @@
-"""Command line: parses, calls the Python API, prints. Every command's logic lives in the API."""
+"""Command line: parses, calls the Python API of the same name, prints.
+
+Every command's work lives in `featureshift.commands.*` (or, for the listings, in the
+foundations); this module only turns flags into arguments and results into lines.
+It imports nothing heavy, so `--help`, `--version` and argument errors answer at once.
+"""
 from __future__ import annotations
 
+import errno
 import functools
+import os
 import sys
-from pathlib import Path
 
 import click
 
-from . import __version__
+from .device import DEVICE_CHOICES, check_device_spec
 from .errors import FeatureshiftError
+from .optvis.settings import DEFAULT_SETTINGS, OBJECTIVES, PARAMS
+from .version import __version__
 
 WEIGHTS_HELP = "imagenet (download-and-cache; squeezenet1_1 works offline), random, or a weights file."
+# A writer killed by SIGPIPE exits 128 + 13 in every shell; coreutils do the same.
+EXIT_BROKEN_PIPE = 141
+_WRITE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG}
+
+
+def _quiet_stdout() -> None:
+    """After the reader of our output went away: send the rest nowhere, so Python's own
+    flush at exit does not print a second error."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def _write_error(e: OSError) -> str:
+    where = f" {e.filename}" if e.filename else ""
+    return (f"Could not write{where}: {e.strerror or e}. Files are written under a temporary name and renamed "
+            "when complete, so nothing half-written was left under a final name. Free some space or make the "
+            "folder writable (or choose another output folder), then run the same command again: finished "
+            "tiles and snapshots are kept, and a training run continues with `featureshift train --resume RUN`.")
 
 
 def _handle_errors(fn):
@@ -26,16 +55,122 @@ def _handle_errors(fn):
         except KeyboardInterrupt:
             click.echo("featureshift: interrupted", err=True)
             sys.exit(130)
+        except BrokenPipeError:
+            _quiet_stdout()
+            sys.exit(EXIT_BROKEN_PIPE)
+        except OSError as e:
+            if e.errno not in _WRITE_ERRORS:
+                raise
+            click.echo(f"featureshift: error: {_write_error(e)}", err=True)
+            sys.exit(2)
 
     return wrapper
 
 
-def load_network(model_or_snapshot: str, weights: str):
-    """A model name, or a snapshot file: the one way every command opens a network."""
-    from . import load
+def _warn(text: str) -> None:
+    click.echo(f"featureshift: warning: {text}", err=True)
 
-    return load(model_or_snapshot, weights=weights)
 
+# ---------------------------------------------------------------- shared options
+
+def _device_callback(ctx, param, value):
+    try:
+        return check_device_spec(value)
+    except FeatureshiftError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def device_option(fn):
+    return click.option("--device", default="auto", show_default=True, callback=_device_callback,
+                        help=f"Where to run: {DEVICE_CHOICES} (auto: a CUDA GPU, else MPS, else the CPU).")(fn)
+
+
+def quiet_option(fn):
+    return click.option("-q", "--quiet", is_flag=True, help="No progress bars or progress lines (warnings and "
+                        "errors still go to stderr).")(fn)
+
+
+def channel_options(default: int, most_changed: bool = False):
+    """--columns / --channels (/ --most-changed): the one way to choose channels."""
+    opts = [
+        click.option("--columns", type=int, default=None, help=f"The first N channels  [default: {default}]."),
+        click.option("--channels", "channels", default=None, help="These channels instead, e.g. 0-4,17."),
+    ]
+    if most_changed:
+        opts.append(click.option("--most-changed", type=int, default=None,
+                                 help="The N channels that changed most (see --by)."))
+
+    def wrap(fn):
+        for o in reversed(opts):
+            fn = o(fn)
+        return fn
+    return wrap
+
+
+def render_options(objective: bool, inherit: bool = False):
+    """The options of RenderSettings. With inherit=True they default to None: "as the run's
+    timeline of the layer, else the usual default" (the report)."""
+    d = DEFAULT_SETTINGS
+
+    def opt(flag, value, text, **kw):
+        if inherit:
+            return click.option(flag, default=None, help=f"{text}  [default: as the run's timeline, else {value}].", **kw)
+        return click.option(flag, default=value, show_default=True, help=text, **kw)
+
+    opts = [
+        opt("--steps", d.steps, "Optimization steps per image (the original tool: 2048).", type=int),
+        opt("--size", d.size, "Image size in pixels (the original tool: 144).", type=int),
+        opt("--seed", d.seed, "Seed of each channel's starting noise and transforms; same seed, same image.",
+            type=int),
+        opt("--lr", d.lr, "Adam learning rate.", type=float),
+        opt("--param", d.param, "Image parameterization: 1/f-scaled Fourier spectrum, or plain pixels.",
+            type=click.Choice(PARAMS)),
+    ]
+    if objective:
+        opts += [
+            click.option("--objective", type=click.Choice(OBJECTIVES), default=d.objective, show_default=True,
+                         help="channel: spatial mean; neuron: center position; negative: minimize; logit: class "
+                              "logit (layer 'logits', channels = class indices); diversity: several different "
+                              "images per channel."),
+            click.option("--diversity", type=int, default=None,
+                         help="Images per channel, pushed apart by a Gram-matrix penalty  [default: 4 with "
+                              "--objective diversity, else 1]."),
+            click.option("--diversity-weight", type=float, default=d.diversity_weight, show_default=True,
+                         help="Weight of the diversity penalty (Lucid's; it depends on the scale of the layer's "
+                              "activations)."),
+        ]
+    opts.append(click.option("--batch-size", type=int, default=None,
+                             help="Images optimized at once  [default: as many as memory allows]."))
+
+    def wrap(fn):
+        for o in reversed(opts):
+            fn = o(fn)
+        return fn
+    return wrap
+
+
+def settings_from(options: dict):
+    """RenderSettings from the render options a command received (None: keep the default)."""
+    keys = ("steps", "size", "seed", "lr", "param", "objective", "diversity", "diversity_weight")
+    return DEFAULT_SETTINGS.replace(**{k: options.pop(k) for k in keys if k in options})
+
+
+def probe_options(fn):
+    for o in reversed([
+        click.option("--probe", type=click.Path(), default=None,
+                     help="Folder of probe images (any layout) for CKA, correlation and dataset examples "
+                          "[default: the run's validation images]."),
+        click.option("--probe-limit", type=int, default=256, show_default=True,
+                     help="Use at most this many probe images (evenly spaced over the list)."),
+        click.option("--image-size", type=int, default=None,
+                     help="Size the probe images are resized to [default: the size the run trained at, else "
+                          "the model's input size]."),
+    ]):
+        fn = o(fn)
+    return fn
+
+
+# ---------------------------------------------------------------- the group
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="featureshift")
@@ -45,17 +180,30 @@ def main():
     Fine-tune a pretrained classifier with snapshots (train), render what its neurons
     respond to (vis), follow the same neurons through training (timeline), measure how
     much each one changed (compare) and open it all in a browser (report).
-    """
 
+    \b
+      featureshift demo                      # everything, offline, in about a minute
+      featureshift layers googlenet | grep inception4c
+      featureshift COMMAND --help            # each command's options and examples
+    """
+    # Before torch loads OpenMP, in this process only: spinning worker threads make every CPU op
+    # 10-20x slower as soon as another process wants the same cores.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+# ---------------------------------------------------------------- listings
 
 @main.command()
 @click.argument("model")
 @click.option("--weights", default="random", show_default=True,
               help="The listing does not depend on the weights, so none are downloaded by default. " + WEIGHTS_HELP)
-@click.option("--size", type=int, default=None, help="Input size for the spatial sizes [default: the model's own].")
+@click.option("--size", type=int, default=None,
+              help="Input size for the spatial sizes  [default: the size a snapshot was trained at, else the "
+                   "model's own].")
 @click.option("--header/--no-header", default=False, help="Print a header line first.")
+@quiet_option
 @_handle_errors
-def layers(model, weights, size, header):
+def layers(model, weights, size, header, quiet):
     """List the visualizable layers of MODEL (a model name or a snapshot file).
 
     One line per module whose output is a 4-D feature map, in forward-execution order:
@@ -64,30 +212,37 @@ def layers(model, weights, size, header):
 
     \b
       featureshift layers googlenet | grep inception4c
+      featureshift layers runs/flowers/snapshots/010.safetensors --header | cut -f1,3
     """
-    from .models import list_layers
+    from .models.layers import list_layers
+    from .network import open_network
 
-    net, _ = load_network(model, weights)
+    net = open_network(model, weights, progress=not quiet)
     if header:
         click.echo("name\ttype\tchannels\tsize")
-    for layer in list_layers(net, size):
+    for layer in list_layers(net.module, size):
         click.echo(layer.row())
 
 
 @main.command()
 @click.argument("snapshot", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON.")
+@quiet_option
 @_handle_errors
-def info(snapshot, as_json):
-    """Print the metadata of a SNAPSHOT file (architecture, classes, epoch, metrics, config)."""
+def info(snapshot, as_json, quiet):
+    """Print the metadata of a SNAPSHOT file (architecture, classes, epoch, metrics, config).
+
+    \b
+      featureshift info runs/flowers/snapshots/010.safetensors
+      featureshift info runs/flowers/snapshots/010.safetensors --json | jq .metrics
+    """
     import json
 
     from .snapshot import read_meta
 
     meta = read_meta(snapshot)
-    d = meta.to_dict()
     if as_json:
-        click.echo(json.dumps(d, indent=2, default=str))
+        click.echo(json.dumps(meta.to_dict(), indent=2, default=str))
         return
     i = meta.info
     classes = ", ".join(i.class_names[:10]) + (f", ... ({i.num_classes} in all)" if i.num_classes > 10 else "")
@@ -109,21 +264,26 @@ def info(snapshot, as_json):
 
 @main.command()
 @click.argument("pattern", required=False)
+@quiet_option
 @_handle_errors
-def models(pattern):
+def models(pattern, quiet):
     """List the model names --model accepts (torchvision builders; timm/<name> when timm is installed).
 
     PATTERN keeps the names that contain it.
+
+    \b
+      featureshift models incep
+      featureshift models timm/vit | head
     """
-    from .models import available_models
+    from .models.zoo import available_models
 
     for name in available_models():
         if not pattern or pattern.lower() in name.lower():
             click.echo(name)
 
 
-# Commands of the other capabilities are registered below, one section each.
-# --- train (issue 3) ---
+# ---------------------------------------------------------------- train
+
 @main.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="A TOML file of options (keys as the flags, with _ or -); flags given here override it.")
@@ -131,14 +291,15 @@ def models(pattern):
 @click.option("--val", metavar="DIR", help="A separate validation folder (same class folders) [default: split --data].")
 @click.option("--val-fraction", type=float, help="Share of each class held out for validation by a seeded split "
               "that is the same on every run and resume  [default: 0.2].")
-@click.option("--model", metavar="NAME|SNAPSHOT", help="Model name (googlenet, inception_v3, vgg16, squeezenet1_1, resnet50, timm/...) or a "
-              "snapshot file to continue from  [default: googlenet].")
+@click.option("--model", metavar="NAME|SNAPSHOT", help="Model name (googlenet, inception_v3, vgg16, squeezenet1_1, "
+              "resnet50, timm/...) or a snapshot file to continue from  [default: googlenet].")
 @click.option("--weights", metavar="WEIGHTS", help="Starting weights: " + WEIGHTS_HELP + "  [default: imagenet]")
 @click.option("--epochs", type=int, help="Epochs to train; 0 only saves the original network  [default: 10]. "
               "With --resume: the new total.")
 @click.option("--batch-size", type=int, help="[default: 32]")
-@click.option("--cutoff", metavar="N|LAYER", help="Freeze the first N parameter-holding layers (forward order), or every layer up to "
-              "and including LAYER (a name from `featureshift layers`)  [default: all layers train].")
+@click.option("--cutoff", metavar="N|LAYER", help="Freeze the first N parameter-holding layers (forward order), or "
+              "every layer up to and including LAYER (a name from `featureshift layers`)  [default: all layers "
+              "train].")
 @click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd", "rmsprop"]), help="[default: adam]")
 @click.option("--lr", type=float, help="Learning rate  [default: 0.001].")
 @click.option("--weight-decay", type=float, help="[default: 0]")
@@ -157,10 +318,11 @@ def models(pattern):
 @click.option("--seed", type=int, help="Seed of the split, initialization and data order; the same seed gives the "
               "same metrics on CPU  [default: 0].")
 @click.option("--out", metavar="DIR", help="Run folder to write  [default: runs/MODEL-DATA-TIME].")
-@click.option("--resume", type=click.Path(file_okay=False), metavar="RUN", help="Continue the run in this folder from its last "
-              "finished epoch (with --epochs N: extend it to N epochs).")
+@click.option("--resume", type=click.Path(file_okay=False), metavar="RUN", help="Continue the run in this folder "
+              "from its last finished epoch (with --epochs N: extend it to N epochs).")
 @click.option("--force", is_flag=True, default=None, help="Replace a run already in --out.")
-@click.option("--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N  [default: auto].")
+@click.option("--device", metavar="DEVICE", callback=lambda c, p, v: None if v is None else _device_callback(c, p, v),
+              help=f"{DEVICE_CHOICES}  [default: auto].")
 @click.option("--workers", type=int, help="Image-decoding worker processes; 0 decodes in the main process  [default: "
               "with CUDA CPUs - 1, at most 8; on CPU 1, or 2 from 8 cores].")
 @click.option("--amp/--no-amp", default=None, help="Mixed precision on CUDA  [default: on].")
@@ -173,8 +335,10 @@ def models(pattern):
 @click.option("--visualize", multiple=True, metavar="LAYER", help="Render LAYER's first --columns channels on each "
               "snapshot as soon as it is written, into RUN/timeline/LAYER/merged.png (repeat for several layers).")
 @click.option("--columns", type=int, default=5, show_default=True, help="Channels per row with --visualize.")
-@click.option("--vis-steps", type=int, default=512, show_default=True, help="Render steps with --visualize.")
-@click.option("--vis-size", type=int, default=128, show_default=True, help="Render size with --visualize.")
+@click.option("--vis-steps", type=int, default=DEFAULT_SETTINGS.steps, show_default=True,
+              help="Render steps with --visualize.")
+@click.option("--vis-size", type=int, default=DEFAULT_SETTINGS.size, show_default=True,
+              help="Render size with --visualize.")
 @_handle_errors
 def train(config_file, visualize, columns, vis_steps, vis_size, **options):
     """Fine-tune a pretrained classifier, saving snapshots before training and every K epochs.
@@ -188,20 +352,19 @@ def train(config_file, visualize, columns, vis_steps, vis_size, **options):
       featureshift train --model googlenet --data flowers17 --epochs 50 --cutoff inception4c --out runs/g
       featureshift train --config run.toml --lr 3e-4
       featureshift train --resume runs/g --epochs 100
+      featureshift train --model squeezenet1_1 --data tex --visualize features.9 --columns 8 --out runs/t
     """
-    from .train import train as train_api
+    from .commands.train.session import train as train_api
 
     given = {k: v for k, v in options.items() if v is not None}
-    hook = _visualize_hook(visualize, columns, vis_steps, vis_size, given)
-    run = train_api(config_file, on_snapshot=hook, **given)
-    if hook is not None:
-        _finish_visualize(hook, run)
+    run = train_api(config_file, visualize=list(visualize), visualize_channels=columns,
+                    visualize_settings=DEFAULT_SETTINGS.replace(steps=vis_steps, size=vis_size), **given)
     click.echo(str(run))
 
 
 @main.command()
 @click.option("--out", default="demo-run", show_default=True, help="Folder for the demo's dataset and run.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@quiet_option
 @_handle_errors
 def demo(out, quiet):
     """Run featureshift end to end on a generated dataset (no download, a few minutes on a CPU).
@@ -209,12 +372,17 @@ def demo(out, quiet):
     Fine-tunes the ImageNet SqueezeNet on textures it draws itself, with a snapshot
     after every epoch, into OUT/run, renders a timeline and writes the report; prints the
     report's path.
+
+    \b
+      featureshift demo --out /tmp/demo && xdg-open /tmp/demo/run/report/index.html
     """
-    from .demo import run_demo
+    from .commands.demo import run_demo
 
     click.echo(str(run_demo(out, quiet=quiet)))
 
-# --- vis (issue 4) ---
+
+# ---------------------------------------------------------------- vis
+
 def _layers_from_stdin(stream) -> list[str]:
     """Layer names from piped text: the first tab-separated field of each line (the `layers` listing)."""
     if stream.isatty():
@@ -236,36 +404,17 @@ def _layers_from_stdin(stream) -> list[str]:
 @click.argument("layers", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="The grid image (.png). Each tile is also saved as OUTPUT_tiles/<layer>_<channel>.png.")
-@click.option("--columns", type=int, default=None, help="Render channels 0..N-1 of every layer  [default: 5].")
-@click.option("--channels", "channel_spec", help="Channels to render instead of --columns, e.g. 0-4,17.")
-@click.option("--objective", type=click.Choice(["channel", "neuron", "negative", "logit", "diversity"]),
-              default="channel", show_default=True,
-              help="channel: spatial mean; neuron: center position; negative: minimize; logit: class logit "
-                   "(layer 'logits', channels = class indices); diversity: several different images per channel.")
-@click.option("--diversity", type=int, default=None,
-              help="Images per channel, pushed apart by a Gram-matrix penalty  [default: 4 with --objective "
-                   "diversity, else 1].")
-@click.option("--diversity-weight", type=float, default=100.0, show_default=True,
-              help="Weight of the diversity penalty (Lucid's; it depends on the scale of the layer's activations).")
-@click.option("--steps", type=int, default=512, show_default=True, help="Optimization steps (the old tool: 2048).")
-@click.option("--size", type=int, default=128, show_default=True, help="Image size in pixels (the old tool: 144).")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Fixes each channel's starting noise and transforms; same seed, same image.")
-@click.option("--lr", type=float, default=0.05, show_default=True, help="Adam learning rate.")
-@click.option("--param", type=click.Choice(["fft", "pixel"]), default="fft", show_default=True,
-              help="Image parameterization: 1/f-scaled Fourier spectrum, or plain pixels.")
-@click.option("--batch-size", type=int, default=None,
-              help="Images optimized together  [default: as many as memory allows].")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@channel_options(default=5)
+@render_options(objective=True)
+@device_option
 @click.option("--labels/--no-labels", default=True, show_default=True,
               help="Label rows with the layer and columns with the channel.")
 @click.option("--weights", default="imagenet", show_default=True,
               help="For a model name: " + WEIGHTS_HELP + " Ignored for a snapshot.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@quiet_option
 @_handle_errors
-def vis(model_or_snapshot, layers, output, columns, channel_spec, objective, diversity, diversity_weight, steps, size,
-        seed, lr,
-        param, batch_size, device, labels, weights, quiet):
+def vis(model_or_snapshot, layers, output, columns, channels, device, batch_size, labels, weights, quiet,
+        **render):
     """Render what channels of LAYERS respond to (feature visualization), as one grid image.
 
     Rows are layers, columns channels. LAYERS are names from `featureshift layers`; the
@@ -281,103 +430,36 @@ def vis(model_or_snapshot, layers, output, columns, channel_spec, objective, div
     Lucid's method: 1/f Fourier parameterization with decorrelated colors, random pad, jitter,
     scale and rotation, Adam. `--steps 2048 --size 144` reproduces the original tool.
     """
-    from .grid import make_grid, to_pil
-    from .io import save_image
-    from .render import render
-    from .timeline import parse_indices
+    from .commands.vis import vis as vis_api
 
-    if columns is not None and channel_spec:
-        raise FeatureshiftError("Give either --columns N (channels 0..N-1) or --channels LIST, not both.")
-    if columns is not None and columns < 1:
-        raise FeatureshiftError(f"--columns must be at least 1, not {columns}.")
-    channels = parse_indices(channel_spec, "channel") if channel_spec else list(range(columns or 5))
-    names = []
+    names: list[str] = []
     for name in layers:
         names += _layers_from_stdin(sys.stdin) if name == "-" else [name]
-    names = list(dict.fromkeys(names))
-    out = Path(output)
-    if out.suffix.lower() != ".png":
-        raise FeatureshiftError(f"-o {output}: the grid is written as PNG; give a name ending in .png.")
-    net, _ = load_network(model_or_snapshot, weights)
-    result = render(net, [(name, c) for name in names for c in channels], objective=objective, steps=steps,
-                    size=size, seed=seed, lr=lr, param=param, batch_size=batch_size, device=device, quiet=quiet,
-                    diversity=diversity, diversity_weight=diversity_weight)
-    copies = len(result.targets) // (len(names) * len(channels))
-    tiles_dir = out.with_name(out.stem + "_tiles")
-    rows, i = [], 0
-    for name in names:
-        row = []
-        for c in channels:
-            for k in range(copies):
-                ok = i not in result.failed
-                row.append(result.images[i] if ok else None)
-                if ok:
-                    save_image(tiles_dir / f"{name}_{c}{f'_{k}' if copies > 1 else ''}.png", to_pil(result.images[i]))
-                i += 1
-        rows.append(row)
-    col_labels = [f"{c}" if copies == 1 else f"{c}.{k}" for c in channels for k in range(copies)]
-    grid = make_grid(rows, row_labels=names if labels else None, col_labels=col_labels if labels else None,
-                     pad=2 if labels else 0, missing_label="NaN")
-    save_image(out, grid)
-    for j, why in result.failed.items():
-        layer, c = result.targets[j]
-        click.echo(f"featureshift: warning: {layer} channel {c}: {why}", err=True)
-    click.echo(f"{out}  ({len(names)} layer{'s' * (len(names) != 1)} x {len(col_labels)} images; "
-               f"tiles in {tiles_dir})")
+    result = vis_api(model_or_snapshot, list(dict.fromkeys(names)), output, columns=columns, channels=channels,
+                     settings=settings_from(render), weights=weights, device=device, batch_size=batch_size,
+                     labels=labels, quiet=quiet)
+    for warning in result.warnings:
+        _warn(warning)
+    click.echo(result.summary())
 
 
-# --- timeline / merge (issue 5) ---
-def _visualize_hook(layers, columns, steps, size, train_options):
-    """train --visualize: a timeline hook rendering with the training's device and quietness."""
-    if not layers:
-        return None
-    from .timeline import SnapshotVisualizer
-
-    return SnapshotVisualizer(list(layers), columns, steps=steps, size=size,
-                              device=train_options.get("device", "auto"), quiet=bool(train_options.get("quiet")))
-
-
-def _finish_visualize(hook, run):
-    """Wait for the last render; then render whatever is still missing (a resumed run whose
-    snapshots were never visualized, or one with no new epochs)."""
-    from .timeline import timeline as run_timeline
-
-    hook.close()
-    result = run_timeline(run, hook.layers, hook.channels, **hook.options)
-    for epoch, why in result.missing.items():
-        click.echo(f"featureshift: warning: timeline row of epoch {epoch} is missing: {why}", err=True)
-    for path in result.merged.values():
-        click.echo(f"timeline: {path}", err=True)
-    return result
-
+# ---------------------------------------------------------------- timeline / merge
 
 @main.command()
 @click.argument("run", type=click.Path(file_okay=False))
 @click.option("--layer", "layers", multiple=True, required=True,
               help="Layer to follow (repeat for several); `featureshift layers MODEL` lists them, "
                    "'logits' means the classes.")
-@click.option("--columns", type=int, default=None, help="Render the first N channels [default: 5].")
-@click.option("--channels", default=None, help="Channels to render instead, e.g. 0-4,17.")
+@channel_options(default=5)
 @click.option("--snapshots", default=None, help="Epochs to use, e.g. 0,1,5-10 [default: every snapshot].")
 @click.option("--every", type=int, default=None, help="Use the snapshots whose epoch is a multiple of N.")
-@click.option("--steps", type=int, default=512, show_default=True, help="Optimization steps per image.")
-@click.option("--size", type=int, default=128, show_default=True, help="Image size in pixels.")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed of each channel's starting noise and transforms (the same on every snapshot).")
-@click.option("--objective", type=click.Choice(["channel", "neuron", "negative", "logit", "diversity"]),
-              default="channel", show_default=True,
-              help="What each image maximizes, as in vis (diversity: the first of its images is shown).")
-@click.option("--lr", type=float, default=0.05, show_default=True, help="Adam learning rate.")
-@click.option("--param", type=click.Choice(["fft", "pixel"]), default="fft", show_default=True,
-              help="Image parameterization.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--batch-size", type=int, default=None, help="Images optimized at once [default: as memory allows].")
+@render_options(objective=True)
+@device_option
 @click.option("--force", is_flag=True, help="Render again even what the cache holds.")
 @click.option("--labels/--no-labels", default=True, help="Epoch, accuracy and channel labels, or a bare grid.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@quiet_option
 @_handle_errors
-def timeline(run, layers, columns, channels, snapshots, every, steps, size, seed, objective, lr, param, device,
-             batch_size, force, labels, quiet):
+def timeline(run, layers, columns, channels, snapshots, every, device, batch_size, force, labels, quiet, **render):
     """Render the same channels on every snapshot of the training run RUN.
 
     Each row is one snapshot in training order (the first is before training), each column
@@ -389,14 +471,13 @@ def timeline(run, layers, columns, channels, snapshots, every, steps, size, seed
       featureshift timeline runs/flowers --layer inception4c.branch4.1 --columns 5
       featureshift timeline runs/flowers --layer features.6 --channels 0-3,17 --every 5
     """
-    from .timeline import timeline as run_timeline
+    from .commands.timeline.timeline import timeline as timeline_api
+    from .selection import DEFAULT_COLUMNS, check_exclusive
 
-    if columns is not None and channels is not None:
-        raise FeatureshiftError("Give either --columns or --channels, not both.")
-    result = run_timeline(run, list(layers), channels if channels is not None else (columns or 5),
-                          snapshots=snapshots, every=every, steps=steps, size=size, seed=seed, objective=objective,
-                          lr=lr, param=param, device=device, batch_size=batch_size, force=force, labels=labels,
-                          quiet=quiet)
+    check_exclusive(columns, channels)
+    result = timeline_api(run, list(layers), channels if channels is not None else (columns or DEFAULT_COLUMNS),
+                          snapshots=snapshots, every=every, settings=settings_from(render), device=device,
+                          batch_size=batch_size, force=force, labels=labels, quiet=quiet)
     click.echo(result.summary())
 
 
@@ -406,8 +487,9 @@ def timeline(run, layers, columns, channels, snapshots, every, steps, size, seed
 @click.option("--labels", is_flag=True, help="Write each file's name to the left of its row.")
 @click.option("--keep-order", is_flag=True, help="Stack in the order given instead of natural numeric order.")
 @click.option("--title", default=None, help="A title above the stack.")
+@quiet_option
 @_handle_errors
-def merge(inputs, output, labels, keep_order, title):
+def merge(inputs, output, labels, keep_order, title, quiet):
     """Stack images (files, or folders of them) top to bottom into one.
 
     Natural numeric order (epoch2 before epoch10); any sizes, padded. The inputs are only
@@ -416,66 +498,24 @@ def merge(inputs, output, labels, keep_order, title):
 
     \b
       featureshift merge rows/ -o merged.png --labels
+      featureshift merge old-tool-pictures/epoch*.png -o merged.png --title "inception4c"
     """
-    from .merge import merge as run_merge
+    from .commands.merge import merge as merge_api
 
-    result = run_merge(inputs, output, labels=labels, keep_order=keep_order, title=title)
+    result = merge_api(inputs, output, labels=labels, keep_order=keep_order, title=title)
     for path, why in result.skipped:
         click.echo(f"skipped {path}: {why}", err=True)
-    click.echo(f"{len(result.inputs)} image(s) -> {result.output}")
+    if not quiet:
+        click.echo(f"{len(result.inputs)} image(s) -> {result.output}")
 
 
-# --- compare / report (issue 6) ---
-def _render_options(defaults: bool):
-    """The render settings of vis/timeline; with defaults=False they stay None ("as before")."""
-    def d(v):
-        return v if defaults else None
-
-    extra = "" if defaults else " [default: as the run's timeline of the layer, else "
-
-    def h(text, v):
-        return text + (f"{extra}{v}]" if not defaults else "")
-
-    opts = [
-        click.option("--steps", type=int, default=d(512), show_default=defaults, help=h("Optimization steps per image.", 512)),
-        click.option("--size", type=int, default=d(128), show_default=defaults, help=h("Render size in pixels.", 128)),
-        click.option("--seed", type=int, default=d(0), show_default=defaults,
-                     help=h("Seed of each channel's noise and transforms, the same for both networks.", 0)),
-        click.option("--lr", type=float, default=d(0.05), show_default=defaults, help=h("Learning rate of the optimization.", 0.05)),
-        click.option("--param", type=click.Choice(["fft", "pixel"]), default=d("fft"), show_default=defaults,
-                     help=h("Image parameterization.", "fft")),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps."),
-        click.option("--batch-size", type=int, default=None, help="Images optimized at once [default: as memory allows]."),
-    ]
-
-    def wrap(fn):
-        for o in reversed(opts):
-            fn = o(fn)
-        return fn
-    return wrap
-
-
-def _probe_options(fn):
-    for o in reversed([
-        click.option("--probe", type=click.Path(), default=None,
-                     help="Folder of probe images (any layout) for CKA, correlation and dataset examples "
-                          "[default: the run's validation images]."),
-        click.option("--probe-limit", type=int, default=256, show_default=True,
-                     help="Use at most this many probe images (evenly spaced over the list)."),
-        click.option("--image-size", type=int, default=None,
-                     help="Size the probe images are resized to [default: the model's input size]."),
-    ]):
-        fn = o(fn)
-    return fn
-
+# ---------------------------------------------------------------- compare / report
 
 @main.command()
 @click.argument("a")
 @click.argument("b")
 @click.option("--layer", required=True, help="The layer to compare; `featureshift layers A` lists them.")
-@click.option("--columns", type=int, default=None, help="Show the first N channels [default: 8].")
-@click.option("--channels", default=None, help="Show these channels instead, e.g. 0-4,17.")
-@click.option("--most-changed", type=int, default=None, help="Show the N channels that changed most (see --by).")
+@channel_options(default=8, most_changed=True)
 @click.option("--by", type=click.Choice(["weight", "correlation", "drift", "cross"]), default="weight",
               show_default=True,
               help="Measure to rank by: weight change, 1 - correlation (needs probe images), visual drift or "
@@ -485,12 +525,13 @@ def _probe_options(fn):
 @click.option("--weights", default="imagenet", show_default=True, help="For A or B given as a model name. " + WEIGHTS_HELP)
 @click.option("--rows", "table_rows", type=int, default=5, show_default=True,
               help="Channels listed as most and as least changed.")
-@_probe_options
-@_render_options(defaults=True)
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@probe_options
+@render_options(objective=False)
+@device_option
+@quiet_option
 @_handle_errors
 def compare(a, b, layer, columns, channels, most_changed, by, output, weights, table_rows, probe, probe_limit,
-            image_size, steps, size, seed, lr, param, device, batch_size, quiet):
+            image_size, device, batch_size, quiet, **render):
     """Compare LAYER of two networks A and B, channel by channel.
 
     A and B are snapshot files (e.g. RUN/snapshots/000.safetensors and RUN/snapshots/010.safetensors)
@@ -503,13 +544,12 @@ def compare(a, b, layer, columns, channels, most_changed, by, output, weights, t
       featureshift compare runs/f/snapshots/000.safetensors runs/f/snapshots/050.safetensors \\
           --layer inception4c --most-changed 8 -o changed.png
     """
-    from .compare import compare as run_compare
-    from .timeline import _safe_name
+    from .commands.compare import compare as compare_api
+    from .io import safe_name
 
-    output = output or f"compare-{_safe_name(layer)}.png"
-    result = run_compare(a, b, layer, columns=columns, channels=channels, most_changed=most_changed, by=by,
-                         output=output, probe=probe, probe_limit=probe_limit, image_size=image_size,
-                         weights=weights, steps=steps, size=size, seed=seed, lr=lr, param=param, device=device,
+    result = compare_api(a, b, layer, columns=columns, channels=channels, most_changed=most_changed, by=by,
+                         output=output or f"compare-{safe_name(layer)}.png", probe=probe, probe_limit=probe_limit,
+                         image_size=image_size, weights=weights, settings=settings_from(render), device=device,
                          batch_size=batch_size, quiet=quiet)
     click.echo(result.table(table_rows))
     click.echo(f"sheet: {result.output}")
@@ -520,16 +560,16 @@ def compare(a, b, layer, columns, channels, most_changed, by, output, weights, t
 @click.option("--layer", "layers", multiple=True,
               help="Layer to render and rank channel by channel (repeat for several) [default: the layers the run "
                    "has timelines of, else one two thirds up the network].")
-@click.option("--columns", type=int, default=None, help="Render the first N channels [default: the timeline's, else 5].")
-@click.option("--channels", default=None, help="Channels to render instead, e.g. 0-4,17.")
+@channel_options(default=5)
 @click.option("--examples", type=int, default=6, show_default=True, help="Dataset examples per channel and snapshot.")
-@_probe_options
-@_render_options(defaults=False)
+@probe_options
+@render_options(objective=False, inherit=True)
+@device_option
 @click.option("--open", "open_browser", is_flag=True, help="Open the report in the web browser.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@quiet_option
 @_handle_errors
-def report(run, layers, columns, channels, examples, probe, probe_limit, image_size, steps, size, seed, lr, param,
-           device, batch_size, open_browser, quiet):
+def report(run, layers, columns, channels, examples, probe, probe_limit, image_size, device, batch_size,
+           open_browser, quiet, **render):
     """Write the HTML report of the training run RUN to RUN/report/ and print its path.
 
     A static folder that opens from disk (no server, no network): configuration and dataset,
@@ -542,16 +582,15 @@ def report(run, layers, columns, channels, examples, probe, probe_limit, image_s
     \b
       featureshift report runs/flowers --layer inception4c --columns 8 --open
     """
-    from .report import build_report
+    from .commands.report.builder import build_report
+    from .selection import check_exclusive
 
-    if columns is not None and channels is not None:
-        raise FeatureshiftError("Give either --columns or --channels, not both.")
+    check_exclusive(columns, channels)
     index = build_report(run, list(layers) or None, channels if channels is not None else columns, probe=probe,
-                         probe_limit=probe_limit, image_size=image_size, examples=examples, steps=steps, size=size,
-                         seed=seed, lr=lr, param=param, device=device, batch_size=batch_size,
-                         open_browser=open_browser, quiet=quiet)
+                         probe_limit=probe_limit, image_size=image_size, examples=examples, device=device,
+                         batch_size=batch_size, open_browser=open_browser, quiet=quiet,
+                         **{k: v for k, v in render.items() if v is not None})
     click.echo(str(index))
-
 
 
 if __name__ == "__main__":

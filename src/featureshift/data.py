@@ -112,7 +112,8 @@ def _visible(p: Path) -> bool:
     return not p.name.startswith(".")
 
 
-def _class_files(folder: Path) -> list[Path]:
+def class_files(folder: Path) -> list[Path]:
+    """Every visible file under `folder`, at any depth, in a fixed (sorted) order."""
     files = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -148,7 +149,7 @@ def scan_image_folder(root: str | os.PathLike, progress: bool = False,
                 f"The folder {root} has class folder(s) {', '.join(repr(u) for u in unknown)} that the training "
                 f"data does not have (its classes: {', '.join(classes)}). Validation classes must be training classes."
             )
-    files = {f.name: _class_files(f) for f in folders}
+    files = {f.name: class_files(f) for f in folders}
     todo = [p for fs in files.values() for p in fs]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         results = pool.map(check_image, todo)
@@ -306,6 +307,45 @@ class SeededShuffle(torch.utils.data.Sampler):
         order = torch.randperm(self.n, generator=self.generator).tolist()
         seeds = torch.randint(0, 2**62, (self.n,), generator=self.generator).tolist()
         return iter(zip(order, seeds))
+
+
+class ShardedSeededBatches(torch.utils.data.Sampler):
+    """SeededShuffle's order and seeds, cut into global batches of `batch_size` and each batch split
+    among `world` processes: yields this rank's part of every global batch, a list of (index, seed).
+
+    Every rank draws the whole epoch from its own `generator` (all in the same state), so the ranks'
+    parts put together are exactly the batches one process would train on with a DataLoader over
+    SeededShuffle, and the generator ends the epoch in the same state whatever the number of ranks.
+    A last, smaller batch is split as evenly as it goes, and dropped where a rank would get fewer
+    than 2 images (one image breaks batch-norm in train mode; with one rank this is
+    make_loaders' rule). Use it as a DataLoader's batch_sampler.
+    """
+
+    def __init__(self, n: int, generator: torch.Generator, batch_size: int, rank: int, world: int):
+        if batch_size % world:
+            raise FeatureshiftError(f"The batch size {batch_size} does not divide among {world} processes; "
+                                    f"give a multiple of {world}.")
+        self.n, self.generator, self.batch_size, self.rank, self.world = n, generator, batch_size, rank, world
+
+    def global_sizes(self) -> list[int]:
+        """The number of images in each global batch of an epoch (before unreadable files are dropped)."""
+        full, last = divmod(self.n, self.batch_size)
+        return [self.batch_size] * full + ([last] if last >= 2 * self.world else [])
+
+    def __len__(self) -> int:
+        return len(self.global_sizes())
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=self.generator).tolist()
+        seeds = torch.randint(0, 2**62, (self.n,), generator=self.generator).tolist()
+        pairs = list(zip(order, seeds))
+        batches, start = [], 0
+        for size in self.global_sizes():
+            part, extra = divmod(size, self.world)
+            lo = start + self.rank * part + min(self.rank, extra)
+            batches.append(pairs[lo:lo + part + (self.rank < extra)])
+            start += size
+        return iter(batches)
 
 
 def collate_skip(batch):

@@ -1,4 +1,5 @@
-"""Atomic file writes: a crash never leaves a half-written file under its final name."""
+"""Atomic file writes (a crash never leaves a half-written file under its final name), and the
+PNG text tags and file names of what featureshift writes."""
 from __future__ import annotations
 
 import contextlib
@@ -56,3 +57,39 @@ def save_image(path: str | os.PathLike, image, **kwargs) -> None:
     fmt = {".png": "PNG", ".gif": "GIF", ".webp": "WEBP", ".jpg": "JPEG", ".jpeg": "JPEG"}[path.suffix.lower()]
     with atomic_path(path) as tmp:
         image.save(tmp, format=fmt, **kwargs)
+
+
+# PNG text chunk on every grid featureshift writes as a stack of other images, so that
+# `merge` never takes its own (or the timeline's) earlier output as an input.
+OUTPUT_TEXT_KEY = "featureshift-output"
+# What a derived image was drawn from: an unchanged file is not rewritten.
+SIGNATURE_KEY = "featureshift-signature"
+
+
+def safe_name(name: str) -> str:
+    """NAME (a layer name) as a file name: runs of anything but letters, digits, '.', '_', '-' become '_'."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def png_text(key: str, value: dict[str, Any] | str):
+    """A PngInfo holding one text chunk KEY; a dict is stored as JSON."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text(key, value if isinstance(value, str) else json.dumps(value, default=str))
+    return info
+
+
+def save_merged(path: str | os.PathLike, image, signature: str | None = None, **about) -> None:
+    """Write a stacked image tagged as featureshift output, which `merge` never takes as input."""
+    info = png_text(OUTPUT_TEXT_KEY, about)
+    if signature:
+        info.add_text(SIGNATURE_KEY, signature)
+    save_image(path, image, pnginfo=info)
+
+
+def is_featureshift_output(image) -> bool:
+    """Whether an opened image is a stack featureshift wrote (its tag is a text chunk before the pixels)."""
+    return OUTPUT_TEXT_KEY in image.info

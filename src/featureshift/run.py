@@ -10,16 +10,18 @@ Every file is replaced atomically, so a run killed at any moment stays readable.
 """
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import os
 import re
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 from .errors import FeatureshiftError
 from .io import write_json, write_text
 
+RUN_FORMAT = "featureshift.run/1"
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 SPLIT_FILE = "split.json"
@@ -61,6 +63,46 @@ def list_snapshots(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
             f"Resume it with `featureshift train --resume {run_dir}` or start it again with --force."
         )
     return sorted(found)
+
+
+def select_snapshots(entries: list[tuple[int, Path]], snapshots: str | Sequence[int] | None = None,
+                     every: int | None = None) -> list[tuple[int, Path]]:
+    """ENTRIES (from list_snapshots) narrowed to the epochs asked for: SNAPSHOTS ("0,1,5-10" or a
+    list of epochs) or the multiples of EVERY; all of them when neither is given."""
+    from .selection import parse_indices
+
+    if snapshots is not None and every is not None:
+        raise FeatureshiftError("Give either the snapshots to use or --every N, not both.")
+    if snapshots is not None:
+        by_epoch = dict(entries)
+        # A single epoch must exist; a range takes the snapshots inside it (runs save every K epochs).
+        parts = snapshots.split(",") if isinstance(snapshots, str) else [int(e) for e in snapshots]
+        wanted, absent = set(), []
+        for part in parts:
+            epochs = parse_indices(part, "snapshot")
+            found = [e for e in epochs if e in by_epoch]
+            if not found:
+                absent.append(str(part).strip())
+            wanted.update(found)
+        if absent:
+            raise FeatureshiftError(
+                f"The run has no snapshot for epoch(s) {', '.join(absent)}; its snapshots are at "
+                f"epochs {_epoch_list([e for e, _ in entries])}.")
+        return [(e, by_epoch[e]) for e in sorted(wanted)]
+    if every is not None:
+        if every < 1:
+            raise FeatureshiftError(f"--every must be at least 1, not {every}.")
+        chosen = [(e, p) for e, p in entries if e % every == 0]
+        if not chosen:
+            raise FeatureshiftError(
+                f"No snapshot's epoch is a multiple of {every}; the run's snapshots are at epochs "
+                f"{_epoch_list([e for e, _ in entries])}.")
+        return chosen
+    return list(entries)
+
+
+def _epoch_list(epochs: list[int]) -> str:
+    return ", ".join(map(str, epochs[:20])) + (f", ... ({len(epochs)} in all)" if len(epochs) > 20 else "")
 
 
 def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -133,6 +175,61 @@ def trained_image_size(run_dir: str | os.PathLike | None) -> int | None:
 
 def write_run(run_dir: str | os.PathLike, run: dict[str, Any]) -> None:
     write_json(Path(run_dir) / RUN_FILE, run)
+
+
+def timestamp() -> str:
+    """Now, as run.json records times: UTC, ISO 8601, to the second."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def new_run(**sections: Any) -> dict[str, Any]:
+    """The record of a run that starts now in this process (not yet written): SECTIONS (config, model,
+    dataset, ...) after the bookkeeping fields every run.json has."""
+    now = timestamp()
+    return {"format": RUN_FORMAT, "status": "running", "trainer": this_process(), "created": now, "updated": now,
+            "epochs_done": 0, **sections}
+
+
+def update_run(run_dir: str | os.PathLike, run: dict[str, Any] | None = None, **changes: Any) -> dict[str, Any]:
+    """Apply CHANGES to the record RUN (default: the run's run.json), stamp it and write it atomically.
+    Returns the record."""
+    if run is None:
+        run = read_run(run_dir)
+    run.update(changes, updated=timestamp())
+    write_run(run_dir, run)
+    return run
+
+
+def add_skipped(run: dict[str, Any], skipped: Iterable[tuple[str, str]]) -> None:
+    """Record files that could not be read, [(path, why)], in RUN's dataset summary (each path once)."""
+    ds = run["dataset"]
+    known = {s["path"] for s in ds["skipped"]}
+    for path, why in skipped:
+        if str(path) not in known:
+            ds["skipped"].append({"path": str(path), "reason": why})
+            known.add(str(path))
+    ds["skipped_count"] = len(ds["skipped"])
+
+
+def add_session(run: dict[str, Any], from_epoch: int, to_epoch: int) -> None:
+    """Record in RUN that training (re)started now, from FROM_EPOCH towards TO_EPOCH."""
+    run.setdefault("sessions", []).append({"started": timestamp(), "from_epoch": from_epoch, "to_epoch": to_epoch})
+
+
+def software_versions() -> dict[str, str]:
+    """The versions a run was trained with, for run.json."""
+    import platform
+
+    import numpy
+    import PIL
+    import torch
+    import torchvision
+
+    from .version import __version__
+
+    return {"featureshift": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "pillow": PIL.__version__, "numpy": numpy.__version__,
+            "platform": platform.platform()}
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:

@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
 from .errors import FeatureshiftError
 from .io import atomic_path
-from .models.zoo import ModelInfo, attach_info, build, model_info
+from .models.info import ModelInfo, attach_info, model_info
+from .models.zoo import aux_heads, build, drop_aux_heads
+from .version import __version__
 
 FORMAT = "featureshift.snapshot/1"
 
@@ -48,7 +49,20 @@ class SnapshotMeta:
         fields = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in fields}
         d["info"] = ModelInfo.from_dict(d["info"])
+        # Snapshots written before the info recorded the training size still have it in their config.
+        size = (d.get("config") or {}).get("image_size")
+        if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+            d["info"] = with_input_size(d["info"], size)
         return cls(**d, path=path)
+
+
+def with_input_size(info: ModelInfo, size: int | None) -> ModelInfo:
+    """INFO for a network trained on SIZE px crops: the input size every later command uses by
+    default (info, layers, probes), with the resize before the crop scaled alike. None: INFO as is."""
+    if not size or size == info.input_size:
+        return info
+    resize = max(size, round(size * info.resize_size / info.input_size))
+    return dataclasses.replace(info, input_size=int(size), resize_size=int(resize))
 
 
 def weights_checksum(state: dict[str, torch.Tensor]) -> str:
@@ -60,7 +74,7 @@ def weights_checksum(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+def state_on_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
     # clone: safetensors refuses tensors that share storage
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
 
@@ -71,7 +85,7 @@ def save_snapshot(model: nn.Module, path: str | Path, *, epoch: int | None = Non
     """Write `model` and its metadata to `path` atomically; returns the metadata written."""
     from safetensors.torch import save_file
 
-    state = _state(model)
+    state = state_on_cpu(model)
     meta = SnapshotMeta(
         info=info or model_info(model), epoch=epoch, metrics=dict(metrics or {}), config=dict(config or {}),
         parent=parent, checksum=weights_checksum(state),
@@ -132,6 +146,7 @@ def build_from_state(info: ModelInfo, state: dict[str, torch.Tensor], source: Pa
     # Build on the meta device (no time spent on a random init that is overwritten at once).
     with torch.device("meta"):
         model = build(info.arch, num_classes=info.num_classes, pretrained=False)
+    _drop_absent_aux_heads(model, state)
     try:
         model.load_state_dict(state, assign=True)
     except RuntimeError as e:
@@ -143,5 +158,12 @@ def build_from_state(info: ModelInfo, state: dict[str, torch.Tensor], source: Pa
     leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftovers:  # non-persistent buffers: build normally and load again
         model = build(info.arch, num_classes=info.num_classes, pretrained=False)
+        _drop_absent_aux_heads(model, state)
         model.load_state_dict(state)
     return model
+
+
+def _drop_absent_aux_heads(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    # A network fine-tuned at a size too small for its auxiliary classifier was trained without it.
+    absent = [h for h in aux_heads(model) if not any(k.startswith(h + ".") for k in state)]
+    drop_aux_heads(model, absent)

@@ -17,9 +17,7 @@ import torchvision
 from torch import nn
 
 from ..errors import FeatureshiftError, did_you_mean
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .info import IMAGENET_MEAN, IMAGENET_STD, ModelInfo, attach_info, model_info
 
 # Builder arguments fixed per architecture so that "imagenet" and "random" weights
 # and a snapshot reload all produce the same module tree (and the same layer names).
@@ -27,44 +25,6 @@ _ARCH_KWARGS: dict[str, dict[str, Any]] = {
     "googlenet": {"aux_logits": False, "transform_input": True},
     "inception_v3": {"aux_logits": True, "transform_input": True},
 }
-
-
-@dataclasses.dataclass
-class ModelInfo:
-    arch: str  # torchvision builder name, or "timm/<name>"
-    num_classes: int
-    class_names: list[str] = dataclasses.field(repr=False)
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    input_size: int = 224
-    resize_size: int = 256
-    weights: str = "random"  # where the weights came from: imagenet, random, a file path
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelInfo":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in fields}
-        d["mean"], d["std"] = tuple(d.get("mean", IMAGENET_MEAN)), tuple(d.get("std", IMAGENET_STD))
-        return cls(**d)
-
-
-def model_info(model: nn.Module) -> ModelInfo:
-    info = getattr(model, "featureshift_info", None)
-    if info is None:
-        raise FeatureshiftError(
-            "This network was not made by featureshift.create_model or load_snapshot, so its preprocessing "
-            "and classes are unknown. Create it with featureshift.create_model(name, weights=...) or attach "
-            "featureshift.ModelInfo to it with featureshift.attach_info(model, info)."
-        )
-    return info
-
-
-def attach_info(model: nn.Module, info: ModelInfo) -> nn.Module:
-    object.__setattr__(model, "featureshift_info", info)
-    return model
 
 
 def torchvision_models() -> list[str]:
@@ -165,7 +125,28 @@ def build(arch: str, num_classes: int = 1000, pretrained: bool = False, progress
     return model
 
 
-def _head_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+# The auxiliary classifiers of torchvision's inception networks (inception_v3; googlenet when built
+# with them), which run in train mode only.
+AUX_HEADS = ("AuxLogits", "aux1", "aux2")
+
+
+def aux_heads(model: nn.Module) -> list[str]:
+    """The names of MODEL's auxiliary classifiers that are present (empty for most networks)."""
+    return [n for n in AUX_HEADS if isinstance(getattr(model, n, None), nn.Module)]
+
+
+def drop_aux_heads(model: nn.Module, names: list[str] | None = None) -> list[str]:
+    """Remove auxiliary classifiers (all, or NAMES) so that train mode never runs them; returns the
+    names removed. Their weights leave the state dict; build_from_state rebuilds such a network."""
+    names = aux_heads(model) if names is None else names
+    for n in names:
+        setattr(model, n, None)
+    if names and hasattr(model, "aux_logits") and not aux_heads(model):
+        model.aux_logits = False
+    return names
+
+
+def head_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The final classifier layer(s): the last Linear / 1x1 Conv producing the logits, plus aux heads."""
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     if not layers:
@@ -181,7 +162,7 @@ def _head_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def current_num_classes(model: nn.Module) -> int:
-    _, m = _head_modules(model)[0]
+    _, m = head_modules(model)[0]
     return m.out_features if isinstance(m, nn.Linear) else m.out_channels
 
 
@@ -189,9 +170,9 @@ def replace_head(model: nn.Module, num_classes: int) -> list[str]:
     """Swap the classifier (and aux classifiers) for fresh ones with num_classes outputs."""
     if hasattr(model, "reset_classifier") and hasattr(model, "default_cfg"):  # timm
         model.reset_classifier(num_classes)
-        return [n for n, _ in _head_modules(model)]
+        return [n for n, _ in head_modules(model)]
     names = []
-    for name, old in _head_modules(model):
+    for name, old in head_modules(model):
         if isinstance(old, nn.Linear):
             new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
         else:
@@ -225,29 +206,14 @@ def imagenet_classes() -> list[str]:
 
 def create_model(name: str, weights: str = "imagenet", num_classes: int | None = None,
                  progress: bool = True) -> nn.Module:
-    """A network in eval mode taking normalized RGB input, with `featureshift_info` attached.
+    """The network NAME with "imagenet" or "random" weights, in eval mode, info attached.
 
-    weights: "imagenet" (standard download-and-cache; squeezenet1_1 works offline),
-    "random", or the path of a snapshot (.safetensors) or a state-dict file.
+    Other weight sources (a snapshot, a state-dict file) are decided by
+    `featureshift.network.open_network`, the one resolver of "which network".
     """
     if weights not in ("imagenet", "random"):
-        path = Path(weights)
-        if not path.exists():
-            raise FeatureshiftError(
-                f"--weights '{weights}' is neither 'imagenet', 'random', nor an existing file. "
-                "Give the path of a snapshot or a saved state dict."
-            )
-        if path.suffix == ".safetensors":
-            from ..snapshot import load_snapshot
-
-            model, meta = load_snapshot(path)
-            if meta.info.arch != name and not meta.info.arch.endswith("/" + name):
-                raise FeatureshiftError(
-                    f"The snapshot {path} holds a '{meta.info.arch}' network, not '{name}'. "
-                    f"Use --model {meta.info.arch}, or pass the snapshot itself where a model is expected."
-                )
-            return model
-        return _from_state_dict_file(name, path, progress)
+        raise ValueError(f"create_model builds imagenet or random weights, not {weights!r}; "
+                         "featureshift.network.open_network resolves files")
     lib, base = _resolve_name(name)
     arch = f"timm/{base}" if lib == "timm" else base
     model = build(arch, pretrained=weights == "imagenet", progress=progress)
@@ -260,30 +226,3 @@ def create_model(name: str, weights: str = "imagenet", num_classes: int | None =
     return attach_info(model.eval(), info)
 
 
-def _from_state_dict_file(name: str, path: Path, progress: bool) -> nn.Module:
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)  # never run code from the file
-    except Exception as e:
-        raise FeatureshiftError(
-            f"Could not read weights from {path} ({e.__class__.__name__}: {e}). Give a featureshift snapshot "
-            "(.safetensors) or a file saved with torch.save(model.state_dict(), path)."
-        ) from e
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    model = create_model(name, weights="random", progress=progress)
-    info = model_info(model)
-    head = [n for n, _ in _head_modules(model)][0]
-    key = f"{head}.weight"
-    if key in sd and sd[key].shape[0] != info.num_classes:
-        replace_head(model, sd[key].shape[0])
-        info.num_classes = sd[key].shape[0]
-        info.class_names = [str(i) for i in range(info.num_classes)]
-    try:
-        model.load_state_dict(sd)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0:3]
-        raise FeatureshiftError(
-            f"The weights in {path} do not fit a '{name}' network: {' '.join(first)} Check --model."
-        ) from e
-    info.weights = str(path)
-    return model.eval()

@@ -11,11 +11,11 @@ magnified by the drawn scale exactly as in Lucid while a batch keeps one shape.
 """
 from __future__ import annotations
 
+# torch loads inside the methods: the CLI reads these defaults without loading torch.
+
 import dataclasses
 import math
 
-import torch
-import torch.nn.functional as F
 
 DEFAULT_SCALES = tuple(1 + (i - 5) / 50 for i in range(11))
 DEFAULT_ANGLES = tuple(float(a) for a in range(-10, 11)) + (0.0,) * 5  # 0 weighted 6 times
@@ -44,6 +44,8 @@ class Transforms:
 
         Row i is step i's draw whatever the number of steps (a shorter render sees the
         start of a longer one's sequence)."""
+        import torch
+
         u = torch.rand((steps, 6), generator=generator, dtype=torch.float64)
         high = torch.tensor([self.jitter + 1] * 2 + [len(self.scales), len(self.angles)] + [self.jitter2 + 1] * 2,
                             dtype=torch.float64)
@@ -51,6 +53,8 @@ class Transforms:
 
     def theta(self, draws: torch.Tensor, size: int) -> torch.Tensor:
         """(B, 2, 3) affine matrices for `F.affine_grid` (output -> canvas, normalized coordinates)."""
+        import torch
+
         d = draws.double()
         scales = torch.tensor(self.scales, dtype=torch.float64)[draws[:, 2].long()]
         angles = torch.tensor(self.angles, dtype=torch.float64)[draws[:, 3].long()] * (math.pi / 180)
@@ -64,6 +68,8 @@ class Transforms:
 
     def apply(self, images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         """Transform (B, 3, S, S) images with their own matrices (B, 2, 3) from `theta` -> (B, 3, S', S')."""
+        import torch.nn.functional as F
+
         if self == Transforms.none():
             return images
         out = self.output_size(images.shape[-1])

@@ -12,6 +12,8 @@ from typing import Sequence
 
 import torch
 
+from .settings import PARAMS
+
 # Square root of ImageNet's color correlation matrix (Lucid); normalized by its largest
 # column norm so a unit step in the decorrelated space is at most a unit step in RGB.
 COLOR_CORRELATION_SQRT = torch.tensor([[0.26, 0.09, 0.02],
@@ -19,7 +21,6 @@ COLOR_CORRELATION_SQRT = torch.tensor([[0.26, 0.09, 0.02],
                                        [0.27, -0.09, 0.03]])
 COLOR_CORRELATION = COLOR_CORRELATION_SQRT / COLOR_CORRELATION_SQRT.norm(dim=0).max()
 
-PARAMS = ("fft", "pixel")
 
 
 def rfft2d_freqs(h: int, w: int) -> torch.Tensor:

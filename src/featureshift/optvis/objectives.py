@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from ..errors import FeatureshiftError, did_you_mean
+from .settings import DIVERSITY_WEIGHT
 
 LOGITS = "logits"  # the layer name meaning the network's output
 
@@ -242,8 +243,6 @@ def logit(cls: int | None = None) -> Objective:
 def diversity(layer: str | None = None) -> Objective:
     return Diversity(layer)
 
-
-DIVERSITY_WEIGHT = 100.0
 
 NAMED: dict[str, Callable[[float], Objective]] = {
     "channel": lambda w: channel(),

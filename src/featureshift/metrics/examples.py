@@ -1,7 +1,7 @@
 """Dataset examples: the probe images that activate a channel most, and the crop around
 where it fires, like the dataset examples of OpenAI Microscope.
 
-Found from the probe statistics (`metrics.probe_stats`), so they cost nothing beyond
+Found from the probe statistics (`probe.probe_stats`), so they cost nothing beyond
 the pass over the probe set that the metrics make anyway; shown for two snapshots side
 by side they answer "does this neuron still respond to the same things?".
 """
@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .grid import make_grid
+from ..grid import make_grid
+from ..models.layers import truncated
 
 MIN_CROP_FRACTION = 1 / 6  # a crop smaller than this of the image shows too little to recognize
 
@@ -32,8 +33,6 @@ class Example:
 def receptive_field(model: nn.Module, layer: str, image_size: int) -> int:
     """Side in pixels of the input region that drives one position of `layer`: where the
     gradient of the center position, on a noise image, is at least 1% of its largest value."""
-    from .metrics import truncated
-
     x = torch.randn(1, 3, image_size, image_size, device=next(model.parameters()).device, requires_grad=True)
     with truncated(model, [layer]) as net:
         out = net(x)[layer]
@@ -66,7 +65,7 @@ def find_examples(stats, channel: int, k: int, paths: Sequence[Path], image_size
 
 def probe_image(path: str | Path, info, image_size: int) -> Image.Image:
     """The probe image as the network saw it: the model's own resize and center crop."""
-    from .data import eval_transform, open_image
+    from ..data import eval_transform, open_image
 
     t = eval_transform(info, image_size)(open_image(path))
     t = t * torch.tensor(info.std).view(3, 1, 1) + torch.tensor(info.mean).view(3, 1, 1)

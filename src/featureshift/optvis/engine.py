@@ -26,14 +26,16 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import FeatureshiftError
-from ..models.layers import LayerInfo, Truncated, resolve_layers
-from ..models.zoo import model_info
-from .objectives import DIVERSITY_WEIGHT, LOGITS, Batch, Diversity, Objective, as_objective, fixed_units
-from .param import PARAMS, ImageParam, init_params
+from ..models.layers import Capture, LayerInfo, resolve_layers
+from ..device import resolve_device
+from ..models.info import model_info
+from .objectives import LOGITS, Batch, Diversity, Objective, as_objective, fixed_units
+from .param import ImageParam, init_params
+from .settings import METHODS, PARAMS, PRECISIONS, RenderSettings
 from .transforms import Transforms
 
 # Bump whenever the same call would produce different pixels (timeline caches key on it).
-ENGINE_VERSION = "fs-render-1"
+ENGINE_VERSION = "fs-render-2"
 
 _CPU_MAX_BATCH = 64  # beyond this a CPU gains no speed, only memory use
 _CUDA_MAX_BATCH = 1024
@@ -55,6 +57,11 @@ class RenderResult:
     scores: np.ndarray  # (N,) objective of each final image, fed once untransformed
     failed: dict[int, str]  # index -> why the image stopped early (NaN/Inf)
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Indices of images whose objective never had any gradient with respect to the image, at
+    # any step: the channel does not respond to its input at all (zero weights, a ReLU dead
+    # for every input the optimization tried). Their image is the starting noise, not a
+    # picture of the channel; commands say so instead of showing a flat tile.
+    no_response: set[int] = dataclasses.field(default_factory=set)
 
 
 # --- the dead-ReLU fix -----------------------------------------------------------------
@@ -97,7 +104,7 @@ _INPLACE_RELUS = {torch.nn.functional.relu_, torch.relu_, torch.Tensor.relu_}
 _RELUS = {torch.nn.functional.relu, torch.relu, torch.Tensor.relu} | _INPLACE_RELUS
 
 
-class _RedirectReLU(TorchFunctionMode):
+class RedirectReLU(TorchFunctionMode):
     """Routes every ReLU call (nn.ReLU, F.relu, torch.relu, in-place or not) through
     _RedirectedReLU while active; leaving the `with` block undoes it, even on error."""
 
@@ -111,46 +118,20 @@ class _RedirectReLU(TorchFunctionMode):
 
 # --- running the network ----------------------------------------------------------------
 
-class _Features:
+def _features(model: nn.Module, infos: Sequence[LayerInfo], logits: bool) -> Capture:
     """`feats = net(x)`: the outputs of the needed layers, plus "logits" (the model's output)
-    when asked. Without logits the forward stops after the deepest layer (Truncated)."""
+    when asked. Without logits the forward stops after the deepest layer."""
+    names = [i.name for i in infos]
+    # A kept output must not be changed by a later in-place op (ReLU(inplace), +=): keep it,
+    # and hand the rest of the network a copy. The deepest layer, where the forward stops,
+    # is never copied.
+    copy = _copy if logits or len(names) > 1 else None
+    return Capture(model, names, stop_after=None if logits else {i.name: i.calls for i in infos},
+                   on_output=copy, model_output=LOGITS if logits else None)
 
-    def __init__(self, model: nn.Module, infos: Sequence[LayerInfo], logits: bool):
-        self.model, self.logits = model, logits
-        self.names = [i.name for i in infos]
-        self._stored: dict[str, torch.Tensor] = {}
-        self._handles = []
-        self._truncated = None if logits or not infos else Truncated(model, self.names, layer_infos=infos)
-        modules = dict(model.named_modules())
-        if logits or len(self.names) > 1:
-            # A kept output must not be changed by a later in-place op (ReLU(inplace), +=):
-            # store it, and hand the rest of the network a copy. Registered after Truncated's
-            # hooks, so the deepest layer (where the forward stops) is never copied.
-            for name in self.names:
-                self._handles.append(modules[name].register_forward_hook(self._keep(name)))
 
-    def _keep(self, name):
-        def fn(module, args, out):
-            self._stored[name] = out
-            return out.clone()
-        return fn
-
-    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self._truncated is not None:
-            return self._truncated(x)
-        self._stored = {}
-        out = self.model(x)
-        feats = {n: self._stored[n] for n in self.names}
-        if self.logits:
-            feats[LOGITS] = out
-        return feats
-
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        if self._truncated is not None:
-            self._truncated.close()
+def _copy(name: str, module: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    return out.clone()
 
 
 @contextlib.contextmanager
@@ -183,19 +164,6 @@ def _prepared(model: nn.Module, device: torch.device) -> Iterator[None]:
         model.train(was_training)
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FeatureshiftError("--device cuda was asked for, but PyTorch sees no CUDA GPU on this machine. "
-                                "Use --device cpu (or auto).")
-    return device
-
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
 def _cpu_has_native_bf16() -> bool:
     try:  # AMX tiles: oneDNN runs bf16 convolutions about 1.5x faster than fp32
         return bool(torch.cpu._is_amx_tile_supported())
@@ -203,7 +171,7 @@ def _cpu_has_native_bf16() -> bool:
         return False
 
 
-def _resolve_precision(device: torch.device, precision: str) -> str:
+def resolve_precision(device: torch.device, precision: str) -> str:
     """The network's precision: bf16 (fp16 where bf16 is missing) on CUDA and on CPUs with
     native bf16 matrix units, fp32 elsewhere; the parameterization is always fp32."""
     if precision not in PRECISIONS:
@@ -245,7 +213,7 @@ def _check_args(targets, steps, size, lr, param, batch_size, copies) -> list[tup
     return clean
 
 
-def _works(net: _Features, size: int, device: torch.device) -> bool:
+def _works(net: Capture, size: int, device: torch.device) -> bool:
     try:
         with torch.no_grad():
             feats = net(torch.zeros(1, 3, size, size, device=device))
@@ -268,7 +236,7 @@ def _smallest_size(ok, limit: int = 4096) -> int | None:
     return hi
 
 
-def _check_size(net: _Features, size: int, transforms: Transforms, device: torch.device, layers: list[str]) -> None:
+def _check_size(net: Capture, size: int, transforms: Transforms, device: torch.device, layers: list[str]) -> None:
     # the network sees the canvas (final score) and the transformed canvas (every step)
     def ok(s):
         return _works(net, s, device) and _works(net, transforms.output_size(s), device)
@@ -298,24 +266,21 @@ def _check_channels(expanded: list[tuple[str, int]], infos: dict[str, LayerInfo]
 
 # --- memory ---------------------------------------------------------------------------
 
-def _bytes_per_image(net: _Features, model: nn.Module, size: int, device: torch.device, param_numel: int) -> int:
+def _bytes_per_image(net: Capture, model: nn.Module, size: int, device: torch.device, param_numel: int) -> int:
     """A rough upper estimate of one image's memory during a step: every leaf module's output
     (kept for backward, plus its gradient and functional ops between modules) and the
     parameters with their Adam state."""
-    total = [0]
+    total = 0
 
-    def hook(module, args, out):
+    def count(name, module, out):
+        nonlocal total
         if isinstance(out, torch.Tensor):
-            total[0] += out.numel() * 4
+            total += out.numel() * 4
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
-    try:
-        with torch.no_grad():
-            net(torch.zeros(1, 3, size, size, device=device))
-    finally:
-        for h in handles:
-            h.remove()
-    return 4 * total[0] + 5 * 4 * param_numel
+    leaves = [name for name, m in model.named_modules() if not list(m.children())]
+    with torch.no_grad(), Capture(model, leaves, on_output=count, keep=False):
+        net(torch.zeros(1, 3, size, size, device=device))
+    return 4 * total + 5 * 4 * param_numel
 
 
 def _available_memory(device: torch.device) -> int:
@@ -332,29 +297,28 @@ def _available_memory(device: torch.device) -> int:
 
 # --- the loop -------------------------------------------------------------------------
 
-def render(model: nn.Module, targets: Sequence[tuple[str, int]], *, objective: str | Objective = "channel",
-           steps: int = 512, size: int = 128, seed: int = 0, lr: float = 0.05, param: str = "fft",
-           batch_size: int | None = None, device: str | torch.device = "auto", quiet: bool = False,
-           diversity: int | None = None, diversity_weight: float = DIVERSITY_WEIGHT,
-           transforms: Transforms = Transforms(), decay_power: float = 1.0, init_sd: float = 0.01,
-           fft_divisor: float = 4.0, decorrelate: bool = True, relu_redirect_steps: int = 16,
-           precision: str = "auto", mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-           ) -> RenderResult:
-    """Render one image per (layer, channel) target (several with `diversity`) by gradient ascent.
+def render(model: nn.Module, targets: Sequence[tuple[str, int]], settings: RenderSettings | None = None, *,
+           device: str | torch.device = "auto", batch_size: int | None = None, quiet: bool = False,
+           mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+           **changes: Any) -> RenderResult:
+    """Render one image per (layer, channel) target (several with diversity) by gradient ascent.
 
     targets: [(layer, channel), ...]; the layer "logits" is the network output (channel = class).
-    objective: "channel" (spatial mean), "neuron" (center), "negative", "logit", "diversity"
-    (channel minus `diversity_weight` x Gram similarity; `diversity` images per target, default 4),
-    or an Objective built from featureshift.render.objectives.
-    steps, size, lr: Adam steps, canvas size in px, learning rate (Lucid: 512, 128, 0.05).
-    param: "fft" (1/f-scaled spectrum) or "pixel"; decay_power, init_sd, fft_divisor, decorrelate
-    tune it. transforms: a Transforms (pad, jitter, scales, angles, jitter2), Transforms.none() for none.
-    batch_size: images optimized together (default: as many as memory allows).
-    device: "auto", "cpu" or "cuda"; precision of the network: "auto" (bf16 on CUDA and on CPUs with
-    native bf16 units such as AMX, else fp32), "fp32", "bf16", "fp16"; scores are always fp32.
-    mean/std: input normalization (default: the model's own, from model_info).
+    settings: a RenderSettings (default: Lucid's recipe, 512 steps at 128 px); keyword CHANGES
+    override its fields, e.g. render(model, targets, steps=64, objective="neuron"). Objectives:
+    "channel" (spatial mean), "neuron" (center), "negative", "logit", "diversity", or an Objective
+    built from featureshift.optvis.objectives.
+    device: auto, cpu, cuda, cuda:N or mps. batch_size: images optimized together (default: as
+    many as memory allows). mean/std: input normalization (default: the model's own).
     The model is used in eval mode with frozen weights; its state is restored afterwards.
     """
+    s = (settings or RenderSettings()).replace(**changes)
+    if s.method != "lucid":
+        return _render_method(model, targets, s, device, batch_size, quiet, mean, std)
+    objective, steps, size, seed, lr, param = s.objective, s.steps, s.size, s.seed, s.lr, s.param
+    diversity, diversity_weight, transforms = s.diversity, s.diversity_weight, s.transforms
+    decay_power, init_sd, fft_divisor, decorrelate = s.decay_power, s.init_sd, s.fft_divisor, s.decorrelate
+    relu_redirect_steps, precision = s.relu_redirect_steps, s.precision
     if isinstance(objective, str) and objective == "diversity" and diversity is None:
         diversity = 4
     copies = diversity or 1
@@ -366,8 +330,8 @@ def render(model: nn.Module, targets: Sequence[tuple[str, int]], *, objective: s
     if mean is None or std is None:
         info = model_info(model)
         mean, std = mean or info.mean, std or info.std
-    dev = _resolve_device(device)
-    precision = _resolve_precision(dev, precision)
+    dev = resolve_device(str(device))
+    precision = resolve_precision(dev, precision)
 
     # expanded: one entry per image; copies of a target are adjacent and share a group id
     expanded = [t for t in targets for _ in range(copies)]
@@ -392,13 +356,14 @@ def render(model: nn.Module, targets: Sequence[tuple[str, int]], *, objective: s
     images = np.zeros((len(expanded), size, size, 3), np.float32)
     scores = np.full(len(expanded), np.nan, np.float32)
     failed: dict[int, str] = {}
+    no_response: set[int] = set()
 
     # Shallow targets first, so a chunk of shallow targets stops its forward early.
     depth = {name: info.last for name, info in infos.items()}
     order = sorted(range(len(targets)), key=lambda t: depth.get(targets[t][0], math.inf))
 
     with _prepared(model, dev):
-        net = _Features(model, [infos[n] for n in inner], LOGITS in needed)
+        net = _features(model, [infos[n] for n in inner], LOGITS in needed)
         try:
             _check_size(net, size, transforms, dev, sorted(needed))
             if LOGITS in needed:
@@ -423,17 +388,18 @@ def render(model: nn.Module, targets: Sequence[tuple[str, int]], *, objective: s
             try:
                 for chunk in chunks:
                     idx = [t * copies + k for t in chunk for k in range(copies)]
-                    imgs, sc, fails = _render_chunk(
+                    imgs, sc, fails, silent = _render_chunk(
                         net, obj, image_param, transforms, norm, dev, precision,
                         [expanded[i] for i in idx], [groups[i] for i in idx], [seeds[i] for i in idx],
                         steps, size, lr, init_sd, relu_redirect_steps, bar)
                     images[idx], scores[idx] = imgs, sc
                     failed.update({idx[j]: why for j, why in fails.items()})
+                    no_response.update(idx[j] for j in silent)
             finally:
                 bar.close()
         finally:
             net.close()
-    return RenderResult(images, list(expanded), scores, dict(sorted(failed.items())), settings)
+    return RenderResult(images, list(expanded), scores, dict(sorted(failed.items())), settings, no_response)
 
 
 def _render_chunk(net, obj, image_param, transforms, norm, dev, precision, targets, groups, seeds,
@@ -464,17 +430,19 @@ def _render_chunk(net, obj, image_param, transforms, norm, dev, precision, targe
     optimizer = torch.optim.Adam([params], lr=lr)
     alive = torch.ones(n, dtype=torch.bool, device=dev)
     fail_step = torch.full((n,), -1, dtype=torch.long, device=dev)
+    responded = torch.zeros(n, dtype=torch.bool, device=dev)
     frozen = params.detach().clone()  # each image's parameters when it stopped
     sync_every = 1 if dev.type == "cpu" else 10
     for step in range(steps):
         optimizer.zero_grad(set_to_none=False)
         img = image_param(params)
         x = transforms.apply(img, thetas[:, step])
-        with (_RedirectReLU() if step < relu_redirect_steps else contextlib.nullcontext()):
+        with (RedirectReLU() if step < relu_redirect_steps else contextlib.nullcontext()):
             values = evaluate(x)
         (-torch.where(alive, values, 0.0).sum()).backward()
         grad = params.grad
         ok = torch.isfinite(values) & torch.isfinite(grad.flatten(1)).all(1)
+        responded |= normalize_per_image(grad)
         if dev.type == "cpu" and bool(ok.all()) and bool(alive.all()):
             optimizer.step()  # the common case, checked for free on a CPU
         else:  # without a host sync on a GPU
@@ -498,8 +466,182 @@ def _render_chunk(net, obj, image_param, transforms, norm, dev, precision, targe
     images = final.permute(0, 2, 3, 1).float().cpu().numpy()
     fails = {i: f"the objective or its gradient became NaN/Inf at step {s}; its image at that step is kept"
              for i, s in enumerate(fail_step.tolist()) if s >= 0}
-    return images, final_scores.cpu().numpy(), fails
+    silent = [i for i, r in enumerate(responded.tolist()) if steps and not r and i not in fails]
+    return images, final_scores.cpu().numpy(), fails, silent
+
+
+def normalize_per_image(grad: torch.Tensor) -> torch.Tensor:
+    """Scale each image's gradient (row of GRAD) to unit RMS in place; True where it is not all zero.
+
+    Adam is blind to a gradient's scale except through its epsilon (1e-8): gradients far
+    below it, as from a randomly initialized network whose activations are around 1e-9,
+    barely move the image. At unit RMS every network that responds at all is optimized
+    alike, whatever the scale of its activations."""
+    flat = grad.view(grad.shape[0], -1)
+    peak = flat.abs().amax(1, keepdim=True)
+    tiny = torch.finfo(flat.dtype).tiny
+    flat.div_(peak.clamp_min(tiny))  # first to a peak of 1, so the squares below cannot underflow
+    flat.div_(flat.square().mean(1, keepdim=True).sqrt().clamp_min(tiny))
+    return peak[:, 0] > 0
 
 
 def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.view(-1, *[1] * (like.dim() - 1))
+
+
+# --- the other methods: MACO, feature accentuation ---------------------------------------
+
+def _method_plan(s: RenderSettings, dev: torch.device, count: int):
+    if s.method == "maco":
+        from .maco import MacoPlan
+
+        return MacoPlan(s, dev)
+    if s.method == "accent":
+        from .accent import AccentPlan
+
+        return AccentPlan(s, dev, count)
+    raise FeatureshiftError(f"Unknown method '{s.method}'; use one of {', '.join(METHODS)}.")
+
+
+def _render_method(model: nn.Module, targets: Sequence[tuple[str, int]], s: RenderSettings,
+                   device: str | torch.device, batch_size: int | None, quiet: bool,
+                   mean: Sequence[float] | None, std: Sequence[float] | None) -> RenderResult:
+    """render() for a method other than Lucid's.
+
+    A plan (optvis.maco.MacoPlan, optvis.accent.AccentPlan) says what is optimized
+    (`init`, `image`), what the network sees at each step (`draw`, then `views`:
+    `views_per_image` views of each image at `input_size` px, their objectives averaged)
+    and what else pulls on the parameters (`penalty_grad`). Targets, seeds, batching,
+    objectives, the dead-ReLU fix, precision, failures and final scores are render()'s."""
+    copies = s.copies
+    targets = _check_args(targets, s.steps, s.size, s.lr, s.param, batch_size, copies)
+    steps, size = int(s.steps), int(s.size)
+    obj = as_objective(s.objective, s.diversity_weight)
+    if copies > 1 and isinstance(s.objective, str) and s.objective != "diversity":
+        obj = obj - s.diversity_weight * Diversity()
+    if mean is None or std is None:
+        info = model_info(model)
+        mean, std = mean or info.mean, std or info.std
+    dev = resolve_device(str(device))
+    precision = resolve_precision(dev, s.precision)
+    plan = _method_plan(s, dev, len(targets))
+
+    expanded = [t for t in targets for _ in range(copies)]
+    groups = [i for i in range(len(targets)) for _ in range(copies)]
+    seeds = [target_seed(s.seed, layer, ch, k) for (layer, ch) in targets for k in range(copies)]
+    needed = obj.layers({layer for layer, _ in targets})
+    inner = [n for n in dict.fromkeys(layer for layer, _ in targets) if n != LOGITS]
+    inner += sorted(needed - set(inner) - {LOGITS})
+    try:
+        infos = {i.name: i for i in resolve_layers(model, inner)} if inner else {}
+    except FeatureshiftError as e:
+        raise FeatureshiftError(f"{e} The network's output (class logits) is the layer '{LOGITS}'.") from None
+
+    settings = dict(engine=ENGINE_VERSION, method=s.method, objective=repr(obj), steps=steps, size=size,
+                    seed=s.seed, lr=s.lr, diversity=copies, relu_redirect_steps=s.relu_redirect_steps,
+                    precision=precision, mean=list(mean), std=list(std),
+                    **{k: v for k, v in s.key_fields().items() if k in plan.settings})
+    images = np.zeros((len(expanded), size, size, 3), np.float32)
+    scores = np.full(len(expanded), np.nan, np.float32)
+    failed: dict[int, str] = {}
+    no_response: set[int] = set()
+    depth = {name: info.last for name, info in infos.items()}
+    order = sorted(range(len(targets)), key=lambda t: depth.get(targets[t][0], math.inf))
+
+    with _prepared(model, dev):
+        net = _features(model, [infos[n] for n in inner], LOGITS in needed)
+        try:
+            _check_size(net, size, plan.transforms, dev, sorted(needed))
+            classes = None
+            if LOGITS in needed:
+                with torch.no_grad():
+                    classes = net(torch.zeros(1, 3, size, size, device=dev))[LOGITS].shape[1]
+            _check_channels(expanded + fixed_units(obj), infos, classes)
+            if batch_size is None:
+                per_image = plan.views_per_image * _bytes_per_image(net, model, plan.input_size, dev,
+                                                                    plan.param_numel)
+                cap = _CUDA_MAX_BATCH if dev.type == "cuda" else _CPU_MAX_BATCH
+                batch_size = max(1, min(cap, _available_memory(dev) // max(per_image, 1)))
+            per_chunk = max(1, batch_size // copies)
+            chunks = [order[i:i + per_chunk] for i in range(0, len(order), per_chunk)]
+            norm = (torch.tensor(mean, device=dev).view(1, 3, 1, 1), torch.tensor(std, device=dev).view(1, 3, 1, 1))
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps * len(chunks), disable=quiet, file=sys.stderr, unit="step",
+                       desc=f"{s.method} {len(expanded)} image{'s' * (len(expanded) != 1)}", leave=False)
+            try:
+                for chunk in chunks:
+                    idx = [t * copies + k for t in chunk for k in range(copies)]
+                    imgs, sc, fails, silent = _method_chunk(
+                        plan, net, obj, norm, dev, precision, [expanded[i] for i in idx], [groups[i] for i in idx],
+                        [seeds[i] for i in idx], steps, s.lr, s.relu_redirect_steps, bar)
+                    images[idx], scores[idx] = imgs, sc
+                    failed.update({idx[j]: why for j, why in fails.items()})
+                    no_response.update(idx[j] for j in silent)
+            finally:
+                bar.close()
+        finally:
+            net.close()
+    return RenderResult(images, list(expanded), scores, dict(sorted(failed.items())), settings, no_response)
+
+
+def _batch_info(targets, groups, dev) -> dict[str, Any]:
+    layers = [layer for layer, _ in targets]
+    return dict(channels=torch.tensor([c for _, c in targets], device=dev),
+                rows={layer: torch.tensor([i for i, l in enumerate(layers) if l == layer], device=dev)
+                      for layer in dict.fromkeys(layers)},
+                groups=torch.tensor(groups, device=dev))
+
+
+def _method_chunk(plan, net, obj, norm, dev, precision, targets, groups, seeds, steps, lr, relu_redirect_steps, bar):
+    n, k = len(targets), plan.views_per_image
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    params = plan.init(gens, groups).requires_grad_(True)
+    thetas = plan.draw([torch.Generator().manual_seed(s ^ 0x5DEECE66D) for s in seeds], steps)
+    noise = [torch.Generator(device=dev).manual_seed(s ^ 0x2545F491) for s in seeds]
+    # view j of every image is one group of its own: diversity compares like views of the copies
+    view_info = _batch_info([t for t in targets for _ in range(k)], [g * k + j for g in groups for j in range(k)],
+                            dev)
+    image_info = _batch_info(targets, groups, dev)
+    mean, std = norm
+
+    def evaluate(x, info, precision=precision):
+        x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+        with _autocast(dev, precision):
+            feats = net(x)
+        return obj(Batch(feats=feats, **info))
+
+    optimizer = torch.optim.Adam([params], lr=lr)
+    alive = torch.ones(n, dtype=torch.bool, device=dev)
+    fail_step = torch.full((n,), -1, dtype=torch.long, device=dev)
+    responded = torch.zeros(n, dtype=torch.bool, device=dev)
+    frozen = params.detach().clone()
+    for step in range(steps):
+        optimizer.zero_grad(set_to_none=False)
+        x = plan.views(plan.image(params), thetas[:, step], noise)
+        with (RedirectReLU() if step < relu_redirect_steps else contextlib.nullcontext()):
+            values = evaluate(x, view_info).view(n, k).mean(1)
+        (-torch.where(alive, values, 0.0).sum()).backward()
+        grad = params.grad
+        ok = torch.isfinite(values) & torch.isfinite(grad.flatten(1)).all(1)
+        responded |= normalize_per_image(grad)
+        pull = plan.penalty_grad(params.detach(), groups)
+        if pull is not None:
+            grad.add_(pull)
+        newly = alive & ~ok
+        fail_step = torch.where(newly, step, fail_step)
+        alive = alive & ok
+        frozen = torch.where(_rows(newly, params), params.detach(), frozen)
+        params.grad = torch.where(_rows(alive, params), grad, 0.0)
+        optimizer.step()
+        with torch.no_grad():
+            params.copy_(torch.where(_rows(alive, params), params, frozen))
+        bar.update(1)
+
+    with torch.no_grad():
+        final = plan.image(params)
+        final_scores = torch.where(alive, evaluate(final, image_info, "fp32").float(), float("nan"))
+    fails = {i: f"the objective or its gradient became NaN/Inf at step {s}; its image at that step is kept"
+             for i, s in enumerate(fail_step.tolist()) if s >= 0}
+    silent = [i for i, r in enumerate(responded.tolist()) if steps and not r and i not in fails]
+    return final.permute(0, 2, 3, 1).float().cpu().numpy(), final_scores.cpu().numpy(), fails, silent

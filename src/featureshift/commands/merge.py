@@ -14,9 +14,9 @@ from typing import Sequence
 
 from PIL import Image, UnidentifiedImageError
 
-from .errors import FeatureshiftError
-from .grid import make_grid
-from .timeline import OUTPUT_TEXT_KEY, save_merged
+from ..errors import FeatureshiftError
+from ..grid import make_grid
+from ..io import is_featureshift_output, save_merged
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 
@@ -33,10 +33,6 @@ def natural_key(path: str | Path) -> tuple:
     name = Path(path).name
     parts = re.split(r"(\d+)", name.lower())
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts if p != "") + (str(path),)
-
-
-def _is_featureshift_output(image: Image.Image) -> bool:
-    return OUTPUT_TEXT_KEY in image.info  # a PNG text chunk written before the pixels
 
 
 def _collect(inputs: Sequence[str | Path]) -> list[Path]:
@@ -76,7 +72,7 @@ def merge(inputs: Sequence[str | Path], output: str | Path, *, labels: bool = Fa
             continue
         try:
             with Image.open(f) as im:
-                if _is_featureshift_output(im):
+                if is_featureshift_output(im):
                     skipped.append((f, "it is a stacked image featureshift wrote earlier"))
                     continue
                 if getattr(im, "is_animated", False):  # a timeline's per-channel GIFs sit beside its rows

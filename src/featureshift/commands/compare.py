@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
-import types
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,11 +17,17 @@ import numpy as np
 from PIL import Image
 from torch import nn
 
-from .errors import FeatureshiftError, did_you_mean
-from .models.zoo import model_info
-from .run import trained_image_size
-from .metrics import (CHANGE_METRICS, DEFAULT_PROBE_LIMIT, channel_correlation, cka, cross_activation,
-                      probe_stats, resolve_probe, visual_drift, weight_change, _layer_info)
+from ..errors import FeatureshiftError, did_you_mean
+from ..models.info import model_info
+from ..optvis.settings import DEFAULT_SETTINGS, RenderSettings
+from ..run import trained_image_size
+from ..selection import check_exclusive, select_channels
+from ..metrics.drift import cross_activation, visual_drift
+from ..metrics.driver import CHANGE_METRICS
+from ..metrics.probe import DEFAULT_PROBE_LIMIT, probe_stats, resolve_probe
+from ..metrics.similarity import channel_correlation, cka
+from ..metrics.weights import weight_change
+from ..models.layers import layer_info
 
 DEFAULT_COLUMNS = 8
 
@@ -73,7 +77,7 @@ def _fmt(v, digits: int = 3) -> str:
 
 def _enlarge(tile, least: int = 112):
     """Small renders are shown enlarged (nearest neighbour), so that the labels above them fit."""
-    from .grid import to_pil
+    from ..grid import to_pil
 
     if tile is None:
         return None
@@ -91,22 +95,30 @@ def change_score(row: dict[str, Any], by: str) -> float:
     return float(v)
 
 
-def _open(x, weights: str) -> tuple[nn.Module, str, Path | None]:
-    from . import load
+@dataclasses.dataclass
+class _Side:
+    """One of the two networks compared: the module, its name on the sheet, its snapshot file."""
+
+    model: nn.Module
+    name: str
+    path: Path | None = None
+
+
+def _open(x, weights: str) -> _Side:
+    from ..network import is_snapshot_spec, open_network
 
     if isinstance(x, nn.Module):
         info = getattr(x, "featureshift_info", None)
-        return x, info.arch if info is not None else type(x).__name__, None
-    x = str(x)
-    model, meta = load(x, weights=weights)
-    if meta is None:
-        return model, f"{x} ({weights})", None
-    epoch = f", epoch {meta.epoch}" if meta.epoch is not None else ""
-    return model, f"{Path(x).name}{epoch}", Path(x)
+        return _Side(x, info.arch if info is not None else type(x).__name__)
+    net = open_network(x, weights)
+    if not is_snapshot_spec(x):
+        return _Side(net.module, f"{x} ({weights})")
+    epoch = f", epoch {net.meta.epoch}" if net.meta.epoch is not None else ""
+    return _Side(net.module, f"{Path(x).name}{epoch}", Path(x))
 
 
 def _run_of(path: Path | None) -> Path | None:
-    from .run import is_run
+    from ..run import is_run
 
     if path is None:
         return None
@@ -121,71 +133,52 @@ def _check_pair(model_a: nn.Module, model_b: nn.Module, name_a: str, name_b: str
         raise FeatureshiftError(
             f"A ({name_a}) is a {ia.arch} and B ({name_b}) a {ib.arch}: different architectures have no "
             "channels in common. Compare two snapshots of the same network, e.g. two epochs of one run.")
-    ca, cb = _layer_info(model_a, layer).channels, _layer_info(model_b, layer).channels
+    ca, cb = layer_info(model_a, layer).channels, layer_info(model_b, layer).channels
     if ca != cb:
         raise FeatureshiftError(f"Layer '{layer}' has {ca} channels in A and {cb} in B, so its channels do not "
                                 "correspond; choose a layer below the classifier head.")
     return ca
 
 
-def _select(count: int, columns, channels, most_changed, scores: np.ndarray | None) -> list[int]:
-    from .timeline import parse_indices
-
-    if channels is not None:
-        chosen = parse_indices(channels, "channel")
-        beyond = [c for c in chosen if c >= count]
-        if beyond or not chosen:
-            raise FeatureshiftError(f"The layer has {count} channels (0-{count - 1}); "
-                                    f"{', '.join(map(str, beyond)) or 'none'} given is out of range.")
-        return chosen
-    if most_changed is not None:
-        if most_changed < 1:
-            raise FeatureshiftError(f"--most-changed must be at least 1, not {most_changed}.")
-        order = [int(i) for i in np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")
-                 if math.isfinite(scores[i])]
-        return order[:most_changed]
-    n = DEFAULT_COLUMNS if columns is None else columns
-    if n < 1:
-        raise FeatureshiftError(f"--columns must be at least 1, not {n}.")
-    return list(range(min(n, count)))
-
-
 def compare(a, b, layer: str, *, columns: int | None = None, channels: str | Sequence[int] | None = None,
             most_changed: int | None = None, by: str = "weight", output: str | os.PathLike | None = None,
             probe: str | os.PathLike | None = None, probe_limit: int | None = DEFAULT_PROBE_LIMIT,
-            image_size: int | None = None, weights: str = "imagenet", steps: int = 512, size: int = 128,
-            seed: int = 0, lr: float = 0.05, param: str = "fft", device: str = "auto",
-            batch_size: int | None = None, quiet: bool = False, **render_options) -> CompareResult:
+            image_size: int | None = None, weights: str = "imagenet", settings: RenderSettings | None = None,
+            device: str = "auto", batch_size: int | None = None, quiet: bool = False, **changes) -> CompareResult:
     """Compare `layer` of networks A and B (snapshot files, model names, or modules).
 
     Channels on the sheet: the first `columns` (default 8), the `channels` given ("0-4,17"),
     or the `most_changed` N by the measure `by` (weight, correlation, drift, cross; see
     docs/metrics.md). Representation measures use the `probe` folder, or else the
     validation images of the run A or B belongs to; without either they are left out.
-    Both networks render each channel with the same seed and settings. The sheet is
-    written to `output` if given.
+    Both networks render each channel with the same `settings` (a RenderSettings, with
+    keyword `changes` to its fields, e.g. steps=64). The sheet is written to `output` if given.
     """
-    from .grid import make_grid
-    from .io import save_image
-    from .render import render
+    from ..grid import make_grid
+    from ..io import save_image
+    from ..optvis.engine import render
 
-    if sum(x is not None for x in (columns, channels, most_changed)) > 1:
-        raise FeatureshiftError("Give one of --columns, --channels and --most-changed.")
+    settings = (settings or DEFAULT_SETTINGS).replace(**changes)
+    check_exclusive(columns, channels, most_changed)
     if output is not None and Path(output).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise FeatureshiftError(f"The sheet {output} needs an image file name ending in .png (or .jpg, .webp).")
     if by not in CHANGE_METRICS:
         raise FeatureshiftError(f"Unknown measure '{by}'.{did_you_mean(by, CHANGE_METRICS)} "
                                 f"Rank by one of {', '.join(CHANGE_METRICS)}.")
-    model_a, name_a, path_a = _open(a, weights)
-    model_b, name_b, path_b = _open(b, weights)
+    side_a, side_b = _open(a, weights), _open(b, weights)
+    model_a, model_b, name_a, name_b = side_a.model, side_b.model, side_a.name, side_b.name
     count = _check_pair(model_a, model_b, name_a, name_b, layer)
+
+    def select(scores=None) -> list[int]:
+        return select_channels(count, columns, channels, most_changed, scores, layer=layer, default=DEFAULT_COLUMNS)
+
     if most_changed is None:
-        _select(count, columns, channels, None, None)  # a bad choice fails now, not after the probe pass
+        select()  # a bad choice fails now, not after the probe pass
 
     wc = weight_change(model_a, model_b, [layer])[layer]
     rows = [{"channel": c, "weight_change": float(wc.channels[c]), "correlation": math.nan, "drift": math.nan,
              "cross_b_on_a": math.nan, "cross_a_on_b": math.nan} for c in range(count)]
-    run = _run_of(path_a) or _run_of(path_b)
+    run = _run_of(side_a.path) or _run_of(side_b.path)
     layer_cka, n_probe = None, 0
     if probe is not None or run is not None:
         paths = resolve_probe(run, probe, probe_limit)
@@ -202,13 +195,10 @@ def compare(a, b, layer: str, *, columns: int | None = None, channels: str | Seq
     elif by == "correlation":
         raise FeatureshiftError("Ranking by correlation needs probe images: give --probe DIR (a folder of images).")
 
-    settings = dict(steps=steps, size=size, seed=seed, lr=lr, param=param, device=device, batch_size=batch_size,
-                    **render_options)
-
     def render_both(chans: list[int]):
         targets = [(layer, c) for c in chans]
-        ra = render(model_a, targets, quiet=quiet, **settings)
-        rb = render(model_b, targets, quiet=quiet, **settings)
+        ra = render(model_a, targets, settings, device=device, batch_size=batch_size, quiet=quiet)
+        rb = render(model_b, targets, settings, device=device, batch_size=batch_size, quiet=quiet)
         ia = [None if i in ra.failed else ra.images[i] for i in range(len(chans))]
         ib = [None if i in rb.failed else rb.images[i] for i in range(len(chans))]
         ok = [i for i in range(len(chans)) if ia[i] is not None and ib[i] is not None]
@@ -227,7 +217,7 @@ def compare(a, b, layer: str, *, columns: int | None = None, channels: str | Seq
             ia, ib = render_both(list(range(count)))
             rendered = {c: (ia[c], ib[c]) for c in range(count)}
         scores = np.array([change_score(r, by) for r in rows])
-    chosen = _select(count, columns, channels, most_changed, scores)
+    chosen = select(scores)
     todo = [c for c in chosen if c not in rendered]
     if todo:
         ia, ib = render_both(todo)
@@ -247,13 +237,3 @@ def compare(a, b, layer: str, *, columns: int | None = None, channels: str | Seq
         result.output = Path(output)
         save_image(result.output, sheet)
     return result
-
-
-class _CallableModule(types.ModuleType):
-    """featureshift.compare(...) is featureshift.compare.compare(...), like render and train."""
-
-    def __call__(self, *args, **kwargs) -> CompareResult:
-        return compare(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

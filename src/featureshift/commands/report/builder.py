@@ -1,13 +1,14 @@
 """Build the static HTML report of a run: RUN/report/index.html and the pages it links to.
 
 Everything the pages show is in the folder (PNG and SVG files, inline CSS and JS), so
-it opens from disk with no server and no network. Renders come from the timeline's
-cache (`featureshift.timeline.timeline` renders only what is missing); the measures
-from `featureshift.metrics.run_metrics`. The report is built in a scratch folder and
-swapped in at the end, so an interrupted build leaves the previous report intact.
+it opens from disk with no server and no network. Renders come from the run's tile
+cache (`featureshift.timeline` renders only what is missing); the measures from
+`featureshift.run_metrics`. The report is built in a scratch folder and swapped in at
+the end, so an interrupted build leaves the previous report intact.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -19,16 +20,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .. import __version__
-from ..errors import FeatureshiftError
-from ..io import current_umask, save_image, write_bytes, write_text
-from ..run import describe_status
+from ...errors import FeatureshiftError
+from ...io import current_umask, safe_name, save_image, write_bytes, write_text
+from ...optvis.settings import DEFAULT_SETTINGS, RenderSettings
+from ...run import describe_status
+from ...selection import DEFAULT_COLUMNS
+from ...version import __version__
 from . import plots
 
 REPORT_DIR = "report"
+# The settings taken over from a run's existing timeline of a layer, so that its renders are reused.
 RENDER_KEYS = ("steps", "size", "seed", "lr", "param")
-RENDER_DEFAULTS = {"steps": 512, "size": 128, "seed": 0, "lr": 0.05, "param": "fft"}
-DEFAULT_COLUMNS = 5
 COLUMNS = ("weight_change", "correlation", "drift", "cross_b_on_a", "cross_a_on_b")
 
 
@@ -36,7 +38,7 @@ def _env():
     from jinja2 import Environment, PackageLoader, StrictUndefined
 
     # autoescape everywhere: class, layer and file names are text from the user's disk.
-    return Environment(loader=PackageLoader("featureshift.report", "templates"), autoescape=True,
+    return Environment(loader=PackageLoader("featureshift.commands.report", "templates"), autoescape=True,
                        undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 
 
@@ -63,18 +65,12 @@ def _cells(row: dict | None) -> dict[str, str]:
     return out
 
 
-def _safe(name: str) -> str:
-    from ..timeline import _safe_name
-
-    return _safe_name(name)
-
-
 def layer_page(layer: str) -> str:
-    return f"layer-{_safe(layer)}.html"
+    return f"layer-{safe_name(layer)}.html"
 
 
 def channel_page(layer: str, channel: int) -> str:
-    return f"channel-{_safe(layer)}-{int(channel):04d}.html"
+    return f"channel-{safe_name(layer)}-{int(channel):04d}.html"
 
 
 # ---------------------------------------------------------------- what to render
@@ -87,7 +83,9 @@ def existing_timelines(run_dir: Path) -> dict[str, dict[str, Any]]:
     """
     from PIL import Image
 
-    from ..timeline import CACHE_DIR, OUTPUT_TEXT_KEY, TILE_TEXT_KEY, TIMELINE_DIR
+    from ...io import OUTPUT_TEXT_KEY
+    from ...jobs.cache import CACHE_DIR, TILE_TEXT_KEY
+    from ..timeline.timeline import TIMELINE_DIR
 
     root = run_dir / TIMELINE_DIR
     found: dict[str, dict[str, Any]] = {}
@@ -117,14 +115,14 @@ def existing_timelines(run_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 def _default_layer(model) -> str:
-    from ..metrics import overview_layers
+    from ...metrics.driver import overview_layers
 
     # Two thirds of the way up the network, below the head: a layer that fine-tuning
     # usually changes visibly while its features are still recognizable.
-    from ..metrics import _layer_info
+    from ...models.layers import layer_info
 
     layers = [l for l in overview_layers(model) if not l.startswith(("classifier", "fc", "head"))
-              and "Pool" not in _layer_info(model, l).type]
+              and "Pool" not in layer_info(model, l).type]
     return layers[min(len(layers) - 1, (2 * len(layers)) // 3)]
 
 
@@ -133,23 +131,23 @@ def _default_layer(model) -> str:
 def build_report(run_dir: str | os.PathLike, layers: str | Sequence[str] | None = None,
                  channels: int | str | Sequence[int] | None = None, *, probe: str | os.PathLike | None = None,
                  probe_limit: int | None = 256, image_size: int | None = None, examples: int = 6,
-                 steps: int | None = None, size: int | None = None, seed: int | None = None,
-                 lr: float | None = None, param: str | None = None, device: str = "auto",
-                 batch_size: int | None = None, open_browser: bool = False, quiet: bool = False) -> Path:
+                 settings: RenderSettings | None = None, device: str = "auto", batch_size: int | None = None,
+                 open_browser: bool = False, quiet: bool = False, **changes) -> Path:
     """Write RUN/report/ and return the path of its index.html.
 
     layers: the layers to render and rank channel by channel (default: those the run has
     timelines of, else one layer two thirds up the network). channels: a count N (the
-    first N), a spec like "0-4,17" or a list (default: the timeline's, else 5). Render
-    settings left as None take the values of the run's existing timeline of the layer
-    (so its cached renders are reused), else the timeline defaults. probe: a folder of
-    images for the representation measures and dataset examples (default: the run's
-    validation images, at most `probe_limit`). examples: probe images per channel.
+    first N), a spec like "0-4,17" or a list (default: the timeline's, else 5).
+    settings: the RenderSettings of the renders (default: those of the run's existing
+    timeline of the layer, so its cached renders are reused, else the engine's); keyword
+    `changes` to its fields (steps=64, ...) apply on top, None keeping the value. probe:
+    a folder of images for the representation measures and dataset examples (default:
+    the run's validation images, at most `probe_limit`). examples: probe images per channel.
     """
-    from ..metrics import run_metrics
-    from ..run import list_snapshots, read_metrics, read_run
-    from ..snapshot import load_snapshot, read_meta
-    from ..timeline import timeline
+    from ...metrics.driver import run_metrics
+    from ...run import list_snapshots, read_metrics, read_run
+    from ...snapshot import load_snapshot, read_meta
+    from ..timeline.timeline import timeline
 
     if examples < 0:
         raise FeatureshiftError(f"--examples must be 0 or more, not {examples}.")
@@ -157,7 +155,7 @@ def build_report(run_dir: str | os.PathLike, layers: str | Sequence[str] | None 
     run = read_run(run_dir)
     entries = list_snapshots(run_dir)
     if probe is not None and not Path(probe).is_dir():
-        from ..metrics import resolve_probe
+        from ...metrics.probe import resolve_probe
 
         resolve_probe(run_dir, probe, probe_limit)  # the clear error, before any rendering
     first = None
@@ -177,23 +175,24 @@ def build_report(run_dir: str | os.PathLike, layers: str | Sequence[str] | None 
     layers = [layers] if isinstance(layers, str) else list(dict.fromkeys(layers))
     if not layers:
         raise FeatureshiftError("Name at least one layer (--layer); `featureshift layers MODEL` lists them.")
-    explicit = {k: v for k, v in dict(steps=steps, size=size, seed=seed, lr=lr, param=param).items() if v is not None}
+    DEFAULT_SETTINGS.replace(**changes)  # an unknown setting fails now, before any work
 
     # The renders: the timeline makes sure every tile exists (cached ones are only read).
     tiles: dict[tuple[str, int, int], Path] = {}
     chosen: dict[str, list[int]] = {}
     merged: dict[str, Path] = {}
-    used_settings: dict[str, dict[str, Any]] = {}
+    used_settings: dict[str, RenderSettings] = {}
     for layer in layers:
         prior = existing.get(layer, {})
-        settings = {**RENDER_DEFAULTS, **(prior.get("settings") or {}), **explicit}
+        base = settings or DEFAULT_SETTINGS.replace(**(prior.get("settings") or {}))
+        layer_settings = base.replace(**changes)
         cols = channels if channels is not None else (prior.get("channels") or DEFAULT_COLUMNS)
-        tl = timeline(run_dir, [layer], cols, objective="channel", device=device, batch_size=batch_size,
-                      quiet=quiet, **settings)
+        tl = timeline(run_dir, [layer], cols, settings=layer_settings, device=device, batch_size=batch_size,
+                      quiet=quiet)
         tiles.update(tl.tiles)
         chosen[layer] = tl.channels[layer]
         merged[layer] = tl.merged[layer]
-        used_settings[layer] = settings
+        used_settings[layer] = layer_settings
 
     measured = [l for l in layers if l != "logits"]
     m = run_metrics(run_dir, measured, {l: chosen[l] for l in measured}, renders=tiles, probe=probe,
@@ -203,8 +202,9 @@ def build_report(run_dir: str | os.PathLike, layers: str | Sequence[str] | None 
     scratch = Path(tempfile.mkdtemp(prefix=".report-", dir=run_dir))
     os.chmod(scratch, 0o777 & ~current_umask())  # mkdtemp makes 0700: the report is for sharing
     try:
-        _Writer(scratch, run_dir, run, read_metrics(run_dir), first_meta, m, chosen, merged, tiles,
-                used_settings, quiet).write()
+        inputs = ReportInputs(run_dir=run_dir, run=run, rows=read_metrics(run_dir), meta=first_meta, metrics=m,
+                              chosen=chosen, merged=merged, tiles=tiles, settings=used_settings)
+        _Writer(scratch, inputs, quiet).write()
         old = None
         if out.exists():
             old = run_dir / f".report-old-{os.getpid()}"
@@ -223,19 +223,39 @@ def build_report(run_dir: str | os.PathLike, layers: str | Sequence[str] | None 
     return index
 
 
+report = build_report  # the API name of `featureshift report`
+
+
+@dataclasses.dataclass
+class ReportInputs:
+    """Everything the pages show, gathered before the first page is written."""
+
+    run_dir: Path
+    run: dict[str, Any]  # run.json
+    rows: list[dict[str, Any]]  # metrics.jsonl, one row per epoch
+    meta: Any  # SnapshotMeta of the first readable snapshot
+    metrics: Any  # RunMetrics: the measures of change
+    chosen: dict[str, list[int]]  # layer -> rendered channels
+    merged: dict[str, Path]  # layer -> the timeline's merged.png
+    tiles: dict[tuple[str, int, int], Path]  # (layer, epoch, channel) -> cached render
+    settings: dict[str, RenderSettings]  # layer -> what its renders were made with
+
+
 class _Writer:
-    def __init__(self, out: Path, run_dir: Path, run: dict, rows: list[dict], meta, m, chosen, merged, tiles,
-                 settings, quiet: bool):
-        self.out, self.run_dir, self.run, self.rows, self.meta, self.m = out, run_dir, run, rows, meta, m
-        self.chosen, self.merged, self.tiles, self.settings, self.quiet = chosen, merged, tiles, settings, quiet
+    def __init__(self, out: Path, inputs: ReportInputs, quiet: bool):
+        self.out, self.quiet = out, quiet
+        self.run_dir, self.run, self.rows, self.meta = inputs.run_dir, inputs.run, inputs.rows, inputs.meta
+        self.m, self.chosen, self.merged, self.tiles = inputs.metrics, inputs.chosen, inputs.merged, inputs.tiles
+        self.settings = inputs.settings
         self.env = _env()
-        self.info = meta.info
-        self.epochs = m.epochs
-        self.reference = m.reference
-        self.last = m.epochs[-1]
-        self.nothing = len(m.epochs) < 2
-        self.acc = {r.get("epoch"): r.get("val_acc") for r in rows}
-        self.common = {"run_name": run_dir.resolve().name, "run_dir": str(run_dir.resolve()), "version": __version__,
+        self.info = self.meta.info
+        self.epochs = self.m.epochs
+        self.reference = self.m.reference
+        self.last = self.m.epochs[-1]
+        self.nothing = len(self.m.epochs) < 2
+        self.acc = {r.get("epoch"): r.get("val_acc") for r in self.rows}
+        where = self.run_dir.resolve()
+        self.common = {"run_name": where.name, "run_dir": str(where), "version": __version__,
                        "created": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "nothing_to_compare": self.nothing,
                        "reference": self.reference, "last": self.last}
         self._images: dict[int, Any] = {}
@@ -300,7 +320,7 @@ class _Writer:
                                 "cka": _num(r.get("cka")), "cka_v": _val(r.get("cka"))})
         timelines = []
         for layer, path in self.merged.items():
-            rel = f"img/timeline-{_safe(layer)}.png"
+            rel = f"img/timeline-{safe_name(layer)}.png"
             write_bytes(self.out / rel, Path(path).read_bytes())
             timelines.append({"layer": layer, "src": rel, "channels": self.chosen[layer], "width": _shown_width(path),
                               "page": layer_page(layer) if layer in m.channels else None})
@@ -326,7 +346,7 @@ class _Writer:
         settings_rows = [("probe images", f"{len(m.probe)} at {m.image_size} px"),
                          ("reference snapshot", f"epoch {m.reference}")]
         for layer, s in self.settings.items():
-            settings_rows.append((f"renders of {layer}", ", ".join(f"{k} {v}" for k, v in s.items())))
+            settings_rows.append((f"renders of {layer}", s.describe()))
         for epoch, why in m.missing.items():
             settings_rows.append((f"epoch {epoch} left out", why))
         finals = [r.get("val_acc") for r in self.rows if isinstance(r.get("val_acc"), (int, float))]
@@ -357,12 +377,12 @@ class _Writer:
         lr = _row(m.layer_rows, self.last, layer)
         plot = None
         if not self.nothing:
-            plot = f"img/plots/layer-{_safe(layer)}.svg"
+            plot = f"img/plots/layer-{safe_name(layer)}.svg"
             plots.layer_history(m.epochs, [v for _, v in m.layer_series(layer, "weight_change")],
                                 [v for _, v in m.layer_series(layer, "cka")], self.out / plot)
         timeline = None
         if layer in self.merged:
-            timeline = {"src": f"img/timeline-{_safe(layer)}.png", "width": _shown_width(self.merged[layer])}
+            timeline = {"src": f"img/timeline-{safe_name(layer)}.png", "width": _shown_width(self.merged[layer])}
         self.page(layer_page(layer), "layer.html", layer=layer, layer_type=li.type, channels=li.channels,
                   sources=sources, layer_wc=_num(lr.get("weight_change")), layer_cka=_num(lr.get("cka")),
                   rendered=rendered, plot=plot, timeline=timeline, rows=rows,
@@ -373,17 +393,17 @@ class _Writer:
         a channel that drifted this far now looks like another neuron."""
         import itertools
 
-        from ..metrics import _read_image, visual_drift
+        from ...metrics.drift import read_image, visual_drift
 
         have = [c for c in self.chosen.get(layer, []) if (layer, self.reference, c) in self.tiles][:6]
         pairs = list(itertools.combinations(have, 2))
         if not pairs:
             return None
-        images = {c: _read_image(self.tiles[(layer, self.reference, c)]) for c in have}
+        images = {c: read_image(self.tiles[(layer, self.reference, c)]) for c in have}
         return float(np.median(visual_drift([images[a] for a, _ in pairs], [images[b] for _, b in pairs])))
 
     def write_channel(self, layer: str, c: int, prev, nxt) -> None:
-        from ..examples import example_crops
+        from ...metrics.examples import example_crops
 
         m = self.m
         frames = []
@@ -400,7 +420,7 @@ class _Writer:
             crops = example_crops(exs, self.info, m.image_size, tile=112, cache=self._images)
             items = []
             for k, (ex, (_, crop)) in enumerate(zip(exs, crops)):
-                rel = f"img/examples/{_safe(layer)}-{c:04d}-{e:03d}-{k}.png"
+                rel = f"img/examples/{safe_name(layer)}-{c:04d}-{e:03d}-{k}.png"
                 save_image(self.out / rel, crop)
                 items.append({"src": rel, "name": f"{ex.path.parent.name}/{ex.path.name}", "path": str(ex.path),
                               "value": f"{ex.value:.3g}"})
@@ -413,7 +433,7 @@ class _Writer:
         summary = [(names[k], _num(last.get(k))) for k in COLUMNS]
         plot = None
         if not self.nothing:
-            plot = f"img/plots/channel-{_safe(layer)}-{c:04d}.svg"
+            plot = f"img/plots/channel-{safe_name(layer)}-{c:04d}.svg"
             series = {"weight change": "weight_change", "drift": "drift", "correlation": "correlation",
                       "B on A": "cross_b_on_a", "A on B": "cross_a_on_b"}
             plots.channel_history(m.epochs, {k: [v for _, v in m.channel_series(layer, c, col)]

@@ -21,7 +21,7 @@ def _say(msg: str, quiet: bool) -> None:
 
 def step_dataset(out: Path, quiet: bool = False) -> Path:
     """A small textures dataset: 4 classes x 36 JPEGs of 96 px."""
-    from .data import make_synthetic_dataset
+    from ..data import make_synthetic_dataset
 
     _say(f"[demo] generating a textures dataset in {out / 'data'}", quiet)
     return make_synthetic_dataset(out / "data", classes=DEMO_CLASSES, per_class=36, size=96, seed=0)
@@ -29,7 +29,7 @@ def step_dataset(out: Path, quiet: bool = False) -> Path:
 
 def step_train(out: Path, data: Path, quiet: bool = False) -> Path:
     """Fine-tune ImageNet SqueezeNet for a few epochs, a snapshot after each."""
-    from .train import train
+    from .train.session import train
 
     _say(f"[demo] fine-tuning {DEMO_MODEL} (ImageNet weights) with cutoff {DEMO_CUTOFF}", quiet)
     return train(data=str(data), model=DEMO_MODEL, weights="imagenet", epochs=4, batch_size=16, image_size=128,
@@ -42,7 +42,7 @@ DEMO_LAYER = "features.7.expand3x3_activation"  # a middle layer, after the cuto
 
 def step_timeline(run: Path, quiet: bool = False):
     """The first channels of one middle layer on every snapshot: RUN/timeline/<layer>/merged.png."""
-    from .timeline import timeline
+    from .timeline.timeline import timeline
 
     _say(f"[demo] rendering a timeline of {DEMO_LAYER}, channels 0-4, over every snapshot", quiet)
     result = timeline(run, DEMO_LAYER, 5, steps=128, size=128, quiet=quiet)
@@ -52,7 +52,7 @@ def step_timeline(run: Path, quiet: bool = False):
 
 def step_report(run: Path, quiet: bool = False) -> Path:
     """The HTML report: measures of change, dataset examples, a page per layer and channel."""
-    from .report import build_report
+    from .report.builder import build_report
 
     _say("[demo] measuring what changed and writing the HTML report (reuses the timeline's renders)", quiet)
     index = build_report(run, quiet=quiet)
@@ -71,3 +71,6 @@ def run_demo(out_dir: str | Path, quiet: bool = False) -> Path:
     index = step_report(run, quiet)
     _say(f"[demo] done in {time.perf_counter() - start:.0f} s: run folder {run}", quiet)
     return index
+
+
+demo = run_demo  # the API name of `featureshift demo`

@@ -1,0 +1,249 @@
+"""The training loop's pieces as plain functions, in the style of torchvision's classification
+reference: make_optimizer, make_loaders, train_one_epoch and evaluate take what they use as arguments
+and return named records; the session (session.py) strings them together and keeps the books.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ...data import (ImageDataset, SeededShuffle, ShardedSeededBatches, collate_skip, eval_transform,
+                     normalize_batch, train_transform, transform_sizes)
+from ...errors import FeatureshiftError
+from ...models.info import ModelInfo
+from .config import TrainConfig
+from .cutoff import CutoffPlan, set_train_mode
+
+# torchvision's reference recipe weights the auxiliary classifiers' losses (1 head: inception_v3, 2: googlenet)
+AUX_WEIGHT = {1: 0.4, 2: 0.3}
+
+Sample = tuple[Path, int]
+BadFiles = Callable[[list[tuple[str, str]]], None]  # called with [(path, why)] of files a batch could not read
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochStats:
+    """One epoch of training: mean loss of the main classifier and accuracy over the images trained on."""
+
+    loss: float | None  # None when no image could be read
+    acc: float | None
+    images: int
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalStats:
+    """Loss and accuracy over the validation images."""
+
+    loss: float | None  # None without validation images
+    acc: float | None
+    images: int = 0
+
+
+@dataclasses.dataclass
+class Loaders:
+    train: torch.utils.data.DataLoader
+    val: torch.utils.data.DataLoader | None  # None without validation images
+
+
+def default_workers(device: torch.device) -> int:
+    """DataLoader worker processes. On CPU the network's own threads use every core and decoding is
+    5-12% of a step, so one or two (persistent) workers overlap it without crowding the cores
+    (benchmarks/train_speed.py on 2 cores: 0.94x a plain in-memory loop with one worker, 0.88x with none);
+    a GPU leaves the cores to decoding."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.type == "cuda":
+        return min(8, max(1, cpus - 1))
+    return min(2, max(1, cpus // 4)) if cpus > 1 else 0
+
+
+def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """The mixed-precision type on DEVICE: bfloat16 where the GPU has it, else float16; None off CUDA."""
+    if device.type != "cuda" or not amp:
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def make_scaler(dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """Loss scaling, which only float16 needs (bfloat16 has float32's range)."""
+    return torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+
+
+def make_optimizer(c: TrainConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer C names, with its learning rate, weight decay and momentum."""
+    params = list(params)
+    if c.optimizer == "adam":
+        return torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
+    if c.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+    if c.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov and c.momentum > 0,
+                               weight_decay=c.weight_decay)
+    return torch.optim.RMSprop(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group's learning rate (the schedule is config.lr_at, a function of the epoch)."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+def make_loaders(train: Sequence[Sample], val: Sequence[Sample], info: ModelInfo, *, batch_size: int, workers: int,
+                 loader_gen: torch.Generator, augment: bool = True, image_size: int | None = None,
+                 pin_memory: bool = False, rank: int = 0, world: int = 1) -> Loaders:
+    """Loaders of uint8 batches (to_device normalizes them on the device). The training order and every
+    augmentation are drawn from LOADER_GEN (see data.SeededShuffle), whatever the number of WORKERS.
+
+    With WORLD processes, BATCH_SIZE is the global batch: the loaders of process RANK give its part of
+    each (data.ShardedSeededBatches) and every WORLD-th validation image."""
+    size, resize = transform_sizes(info, image_size)
+    # Persistent workers: starting them anew every epoch cost about 10% of a small epoch on 2 cores.
+    # The DataLoader draws their base seed from `generator` whenever workers start (once, or again
+    # on resume): a throwaway one keeps that out of the training RNG streams. Augmentation is
+    # seeded per sample by SeededShuffle instead.
+    common = dict(batch_size=batch_size, num_workers=workers, collate_fn=collate_skip,
+                  pin_memory=pin_memory, persistent_workers=workers > 0, generator=torch.Generator())
+    tf = (train_transform if augment else eval_transform)(info, image_size, normalize=False)
+    train_set = ImageDataset(train, tf, min_size=2 * size if augment else resize, skip_bad=True)
+    if world > 1:
+        common.pop("batch_size")
+        train_loader = torch.utils.data.DataLoader(
+            train_set, batch_sampler=ShardedSeededBatches(len(train), loader_gen, batch_size, rank, world), **common)
+        common["batch_size"] = batch_size // world
+        val = list(val)[rank::world]
+    else:
+        train_loader = torch.utils.data.DataLoader(
+            train_set, sampler=SeededShuffle(len(train), loader_gen),
+            # a last batch of one image breaks batch-norm in train mode
+            drop_last=len(train) % batch_size == 1, **common)
+    val_loader = torch.utils.data.DataLoader(
+        ImageDataset(val, eval_transform(info, image_size, normalize=False), min_size=resize, skip_bad=True),
+        shuffle=False, **common) if val else None
+    return Loaders(train_loader, val_loader)
+
+
+def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, info: ModelInfo,
+              channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A uint8 batch from make_loaders as the network's normalized input on DEVICE, and its labels."""
+    x = normalize_batch(x.to(device, non_blocking=True), info)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=True)
+
+
+def split_outputs(out) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(main logits, auxiliary logits): googlenet and inception_v3 return their auxiliary heads in train mode."""
+    if isinstance(out, torch.Tensor):
+        return out, []
+    return out[0], [o for o in out[1:] if isinstance(o, torch.Tensor)]
+
+
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    # Sums of a whole epoch in float64 where the device has it; Apple's MPS has no float64.
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, criterion: nn.Module,
+                    optimizer: torch.optim.Optimizer, device: torch.device, epoch: int, *, info: ModelInfo,
+                    plan: CutoffPlan | None = None, scaler: torch.amp.GradScaler | None = None,
+                    amp_dtype: torch.dtype | None = None, channels_last: bool = False,
+                    on_bad: BadFiles | None = None, progress: bool = True,
+                    loss_scale: Callable[[int, int], float] | None = None) -> EpochStats:
+    """Train MODEL for one pass over LOADER (batches from make_loaders).
+
+    plan: the cutoff, whose frozen batch-norm layers stay in eval mode. Auxiliary classifiers
+    add their loss with torchvision's weights (AUX_WEIGHT); the loss reported is the main one.
+    on_bad is called with the files a batch could not read.
+    loss_scale(batch index, images in the batch): a factor on the loss that is backpropagated
+    (DistributedDataParallel averages the ranks' gradients, which weighs unequal parts of a
+    batch wrongly; see distributed.Group.loss_scale).
+    """
+    from tqdm import tqdm
+
+    if plan is not None:
+        set_train_mode(model, plan)
+    else:
+        model.train()
+    scaler = scaler or make_scaler(None)
+    sum_dtype = _sum_dtype(device)
+    loss_sum = torch.zeros((), device=device, dtype=sum_dtype)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    n = 0
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress, unit="batch", file=sys.stderr)
+    for i, (x, y, bad) in enumerate(bar):
+        if bad and on_bad is not None:
+            on_bad(bad)
+        if x is None:
+            continue
+        x, y = to_device(x, y, device, info, channels_last)
+        try:
+            with _autocast(device, amp_dtype):
+                logits, aux = split_outputs(model(x))
+                loss = criterion(logits, y)
+                main_loss = loss.detach()
+                if aux:
+                    loss = loss + AUX_WEIGHT.get(len(aux), 0.3) * sum(criterion(a, y) for a in aux)
+        except RuntimeError as e:
+            if n == 0 and "out of memory" not in str(e).lower():
+                raise FeatureshiftError(
+                    f"The network could not train on {x.shape[-1]}px images ({str(e).splitlines()[0]}). "
+                    "Use a larger --image-size."
+                ) from e
+            raise
+        if loss_scale is not None:
+            loss = loss * loss_scale(i, len(y))
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += main_loss.to(sum_dtype) * len(y)
+        correct += (logits.detach().argmax(1) == y).sum()
+        n += len(y)
+        if progress and (i % 5 == 0 or i == len(loader) - 1):
+            bar.set_postfix(loss=f"{float(loss_sum) / n:.3f}", acc=f"{int(correct) / n:.3f}", refresh=False)
+    if not n:
+        return EpochStats(None, None, 0)
+    return EpochStats(float(loss_sum) / n, int(correct) / n, n)
+
+
+def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader | None, criterion: nn.Module,
+             device: torch.device, *, info: ModelInfo, amp_dtype: torch.dtype | None = None,
+             channels_last: bool = False, on_bad: BadFiles | None = None, progress: bool = True) -> EvalStats:
+    """Mean loss (CRITERION, in float32) and accuracy of MODEL in eval mode over LOADER."""
+    if loader is None:
+        return EvalStats(None, None)
+    from tqdm import tqdm
+
+    model.eval()
+    sum_dtype = _sum_dtype(device)
+    loss_sum = torch.zeros((), device=device, dtype=sum_dtype)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    n = 0
+    with torch.inference_mode():
+        for x, y, bad in tqdm(loader, desc="validate", leave=False, disable=not progress, unit="batch",
+                              file=sys.stderr):
+            if bad and on_bad is not None:
+                on_bad(bad)
+            if x is None:
+                continue
+            x, y = to_device(x, y, device, info, channels_last)
+            with _autocast(device, amp_dtype):
+                logits, _ = split_outputs(model(x))
+            loss_sum += criterion(logits.float(), y).to(sum_dtype) * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            n += len(y)
+    if not n:
+        return EvalStats(None, None)
+    return EvalStats(float(loss_sum) / n, int(correct) / n, n)

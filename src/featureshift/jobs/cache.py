@@ -1,0 +1,72 @@
+"""The content-addressed tile cache: every render a command keeps is one PNG named by its key.
+
+A key is a hash of everything that decides the tile's pixels (the snapshot's weight
+checksum, the layer, the channel, every render setting and the engine version) and of
+nothing else, so any command that needs the same picture finds it, a changed setting
+never returns a stale one, and a half-finished job resumes where it stopped. Each tile
+carries what it was rendered with in a PNG text chunk. Tiles are written atomically: a
+tile that exists is whole.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..io import png_text, save_image
+from ..optvis.settings import RenderSettings
+
+CACHE_DIR = "cache"
+TILE_TEXT_KEY = "featureshift-tile"
+
+
+def tile_key(checksum: str, layer: str, channel: int, settings: RenderSettings) -> str:
+    """The cache key of one tile: everything that decides its pixels, and nothing else."""
+    from ..optvis.engine import ENGINE_VERSION
+
+    blob = json.dumps({"checksum": checksum, "layer": layer, "channel": int(channel), "engine": ENGINE_VERSION,
+                       **settings.key_fields()}, sort_keys=True, default=repr)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def read_tile(path: str | os.PathLike):
+    """A cached tile (an RGB PIL image) and what it was rendered with: (image, {settings, checksum, score, ...})."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB"), json.loads(im.info.get(TILE_TEXT_KEY, "{}"))
+
+
+def read_tile_about(path: str | os.PathLike) -> dict[str, Any]:
+    """What a cached tile was rendered with, read from its header without decoding the pixels."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return json.loads(im.info.get(TILE_TEXT_KEY, "{}"))
+
+
+def write_tile(path: str | os.PathLike, image, about: dict[str, Any]) -> None:
+    """Save IMAGE (a PIL image) atomically at PATH, tagged with ABOUT (stored as JSON)."""
+    save_image(path, image, pnginfo=png_text(TILE_TEXT_KEY, about))
+
+
+@dataclasses.dataclass(frozen=True)
+class TileCache:
+    """A folder of tiles named `<key>.png`."""
+
+    root: Path
+
+    def path(self, key: str) -> Path:
+        return Path(self.root) / f"{key}.png"
+
+    def __contains__(self, key: str) -> bool:
+        return self.path(key).exists()
+
+    def write(self, key: str, image, about: dict[str, Any]) -> Path:
+        """Store a tile under KEY; returns its path."""
+        path = self.path(key)
+        write_tile(path, image, about)
+        return path

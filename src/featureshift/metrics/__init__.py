@@ -1,0 +1,21 @@
+"""How much each layer and each channel changed between two snapshots.
+
+Four families of measures, all defined in docs/metrics.md:
+
+- weights: relative change ||W_b - W_a|| / ||W_a|| of the parameters that produce a
+  layer's channels;
+- representations on a fixed probe set: linear CKA per layer (minibatch, unbiased
+  HSIC) and, per channel, the correlation across probe images of its spatially
+  pooled activation;
+- visual drift: a texture distance between a channel's renders at the two snapshots;
+- cross-activation: how strongly one snapshot's channel fires on the other
+  snapshot's render, relative to its own.
+
+    sources.py      which parameters make each channel of a layer, found by tracing (any architecture)
+    weights.py      weight_change: relative weight change per layer and per channel
+    probe.py        the probe set and its per-snapshot statistics (probe_stats), cached on disk
+    similarity.py   cka, channel_correlation: representation measures from two snapshots' statistics
+    drift.py        visual_drift, cross_activation: measures from the channel's renders
+    examples.py     dataset examples: the probe images that activate a channel most, with a crop
+    driver.py       run_metrics: every measure of a training run, written to RUN/metrics/
+"""

@@ -1,0 +1,205 @@
+"""Every measure of a training run, each snapshot against the first: `run_metrics`
+computes them and writes RUN/metrics/ (layers.csv, channels.csv, examples.json,
+summary.json)."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from torch import nn
+
+from ..errors import FeatureshiftError
+from ..io import write_json, write_text
+from ..models.layers import LayerInfo, layer_info, layer_structure
+from ..run import trained_image_size
+from .drift import cross_activation, read_image, visual_drift
+from .examples import find_examples, receptive_field
+from .probe import DEFAULT_PROBE_LIMIT, METRICS_VERSION, PROBE_BATCH, probe_stats, resolve_probe
+from .similarity import channel_correlation, cka
+from .sources import channel_sources
+from .weights import weight_change
+
+# Larger = more changed, for ranking channels (`--most-changed N --by METRIC`).
+CHANGE_METRICS = ("weight", "correlation", "drift", "cross")
+CHANNEL_COLUMNS = ("weight_change", "correlation", "drift", "cross_b_on_a", "cross_a_on_b")
+
+
+@dataclasses.dataclass
+class RunMetrics:
+    """Every measure of a run, each later snapshot against the reference (the first)."""
+    run_dir: Path
+    epochs: list[int]  # the snapshots measured, in training order
+    reference: int
+    layers: list[str]  # layers with layer-level measures
+    channels: dict[str, list[int]]  # layers with channel-level measures -> the rendered channels
+    layer_rows: list[dict]  # epoch, layer, weight_change, cka
+    channel_rows: list[dict]  # epoch, layer, channel, weight_change, correlation, drift, cross_b_on_a, cross_a_on_b
+    probe: list[Path]
+    image_size: int
+    examples: dict[tuple[str, int, int], list]  # (layer, channel, epoch) -> [examples.Example]
+    receptive_field: dict[str, int]
+    layer_info: dict[str, LayerInfo]  # type and channel count of every measured layer
+    sources: dict[str, list[str]]  # layer -> the modules whose weights make its channels
+    missing: dict[int, str] = dataclasses.field(default_factory=dict)
+    files: dict[str, Path] = dataclasses.field(default_factory=dict)
+
+    def layer_series(self, layer: str, column: str) -> list[tuple[int, float]]:
+        return [(r["epoch"], r[column]) for r in self.layer_rows if r["layer"] == layer]
+
+    def channel_series(self, layer: str, channel: int, column: str) -> list[tuple[int, float]]:
+        return [(r["epoch"], r[column]) for r in self.channel_rows if r["layer"] == layer and r["channel"] == channel]
+
+    def channel_table(self, layer: str, epoch: int) -> list[dict]:
+        return [r for r in self.channel_rows if r["layer"] == layer and r["epoch"] == epoch]
+
+
+def overview_layers(model: nn.Module) -> list[str]:
+    """A layer per stage of the network, for the per-layer summary: the shallowest module depth
+    with at least six 4-D layers (squeezenet's features.N, googlenet's inception blocks, ...)."""
+    layers = [l for l in layer_structure(model).layers.values() if l.type not in ("Dropout", "Dropout2d", "Identity")]
+    for depth in range(1, 1 + max((l.name.count(".") + 1 for l in layers), default=0)):
+        chosen = [l.name for l in layers if l.name.count(".") + 1 == depth]
+        if len(chosen) >= 6:
+            return chosen
+    return [l.name for l in layers]
+
+
+def run_metrics(run_dir: str | Path, layers: Sequence[str] = (), channels: dict[str, Sequence[int]] | None = None,
+                *, renders: dict[tuple[str, int, int], Path] | None = None, probe: str | Path | None = None,
+                probe_limit: int | None = DEFAULT_PROBE_LIMIT, image_size: int | None = None,
+                overview: Sequence[str] | None = None, examples: int = 6, device: str = "auto",
+                quiet: bool = False) -> RunMetrics:
+    """Measure every snapshot of the run against the first one and write RUN/metrics/.
+
+    layers: layers with per-channel measures (all their channels); `channels` names the
+    rendered ones, whose renders (`renders`, (layer, epoch, channel) -> image file, e.g.
+    a TimelineResult's tiles) give visual drift and cross-activation, and which get
+    dataset examples (top `examples` probe images). overview: layers with layer-level
+    measures (default: one per stage, see `overview_layers`). Probe statistics are
+    cached in RUN/metrics/cache under each snapshot's checksum and the settings.
+
+    Writes layers.csv, channels.csv, examples.json and summary.json.
+    """
+    from tqdm.auto import tqdm
+
+    from ..run import list_snapshots
+    from ..snapshot import load_snapshot, read_meta
+
+    run_dir = Path(run_dir)
+    entries = list_snapshots(run_dir)
+    out_dir = run_dir / "metrics"
+    missing: dict[int, str] = {}
+    readable = []
+    for epoch, path in entries:
+        try:
+            readable.append((epoch, path, read_meta(path)))
+        except FeatureshiftError as e:
+            missing[epoch] = str(e)
+    if not readable:
+        raise FeatureshiftError(f"None of the snapshots in {run_dir / 'snapshots'} can be read; "
+                                "train the run again or restore its snapshots.")
+    ref_epoch, ref_path, _ = readable[0]
+    ref_model, ref_meta = load_snapshot(ref_path)
+    layers = [l for l in dict.fromkeys(layers) if l != "logits"]
+    for l in layers:
+        layer_info(ref_model, l)  # an unknown layer fails here, naming the closest ones
+    overview = list(overview) if overview is not None else overview_layers(ref_model)
+    all_layers = sorted(dict.fromkeys([*overview, *layers]), key=lambda l: layer_info(ref_model, l).first)
+    channels = {l: list((channels or {}).get(l, [])) for l in layers}
+    renders = renders or {}
+    image_size = image_size or trained_image_size(run_dir) or ref_meta.info.input_size
+    paths = resolve_probe(run_dir, probe, probe_limit)
+    cache = out_dir / "cache"
+    rf = {l: receptive_field(ref_model, l, image_size) for l in layers}
+
+    layer_rows, channel_rows, found = [], [], {}
+    ref_stats = None
+    bar = tqdm(readable, desc="metrics", unit="snapshot", disable=quiet, dynamic_ncols=True)
+    for epoch, path, meta in bar:
+        bar.set_postfix_str(f"epoch {epoch}")
+        try:
+            model, meta = (ref_model, ref_meta) if epoch == ref_epoch else load_snapshot(path)
+        except FeatureshiftError as e:
+            missing[epoch] = str(e)
+            continue
+        stats = probe_stats(model, all_layers, paths, image_size=image_size, meta=meta, cache_dir=cache,
+                            device=device, quiet=quiet, desc=f"probe, epoch {epoch}")
+        if ref_stats is None:
+            ref_stats = stats
+        wc = weight_change(ref_model, model, all_layers)
+        for l in all_layers:
+            layer_rows.append({"epoch": epoch, "layer": l, "weight_change": wc[l].value,
+                               "cka": cka(ref_stats, stats, l)})
+        for l in layers:
+            corr = channel_correlation(ref_stats, stats, l)
+            per = {c: {"drift": np.nan, "cross_b_on_a": np.nan, "cross_a_on_b": np.nan} for c in range(len(corr))}
+            have = [c for c in channels[l] if (l, ref_epoch, c) in renders and (l, epoch, c) in renders]
+            if have:
+                ra = [read_image(renders[(l, ref_epoch, c)]) for c in have]
+                rb = [read_image(renders[(l, epoch, c)]) for c in have]
+                drift = visual_drift(ra, rb)
+                b_on_a, a_on_b = cross_activation(ref_model, model, [(l, c) for c in have], ra, rb)
+                for i, c in enumerate(have):
+                    per[c] = {"drift": drift[i], "cross_b_on_a": b_on_a[i], "cross_a_on_b": a_on_b[i]}
+            for c in range(len(corr)):
+                channel_rows.append({"epoch": epoch, "layer": l, "channel": c,
+                                     "weight_change": wc[l].channels[c], "correlation": corr[c], **per[c]})
+            for c in channels[l]:
+                found[(l, c, epoch)] = find_examples(stats.layers[l], c, examples, paths, image_size, rf[l])
+        if model is not ref_model:
+            del model
+    bar.close()
+    measured = sorted({r["epoch"] for r in layer_rows})
+    result = RunMetrics(
+        run_dir=run_dir, epochs=measured, reference=ref_epoch, layers=all_layers, channels=channels,
+        layer_rows=layer_rows, channel_rows=channel_rows, probe=paths, image_size=image_size, examples=found,
+        receptive_field=rf, layer_info={l: layer_info(ref_model, l) for l in all_layers},
+        sources={l: [s.module for s in channel_sources(ref_model, l)] for l in all_layers}, missing=missing)
+    write_run_metrics(out_dir, result)
+    return result
+
+
+def write_run_metrics(out_dir: Path, m: RunMetrics) -> None:
+    """Write `m` as layers.csv, channels.csv, examples.json and summary.json in `out_dir`; sets m.files."""
+    files = {"layers": out_dir / "layers.csv", "channels": out_dir / "channels.csv",
+             "examples": out_dir / "examples.json", "summary": out_dir / "summary.json"}
+    _write_csv(files["layers"], m.layer_rows, ("epoch", "layer", "weight_change", "cka"))
+    _write_csv(files["channels"], m.channel_rows, ("epoch", "layer", "channel", *CHANNEL_COLUMNS))
+    write_json(files["examples"], {
+        "probe": [str(p) for p in m.probe], "image_size": m.image_size,
+        "about": "per layer, channel and epoch: the probe images that activate the channel most (spatial "
+                 "maximum), as [probe index, activation, crop box x0, y0, x1, y1 in the resized image]",
+        "layers": {l: {"receptive_field": m.receptive_field[l], "channels": {
+            str(c): {str(e): [[x.index, round(x.value, 6), *x.box] for x in m.examples[(l, c, e)]]
+                     for e in m.epochs if (l, c, e) in m.examples} for c in m.channels[l]}} for l in m.channels},
+    })
+    write_json(files["summary"], {
+        "metrics_version": METRICS_VERSION, "reference_epoch": m.reference, "epochs": m.epochs,
+        "layers": m.layers, "channel_layers": {l: m.channels[l] for l in m.channels},
+        "probe_images": len(m.probe), "image_size": m.image_size, "probe_batch": PROBE_BATCH,
+        "unreadable_snapshots": {str(k): v for k, v in m.missing.items()},
+        "weight_sources": m.sources,
+        "definitions": "docs/metrics.md",
+    })
+    m.files = files
+
+
+def _nan_to_none(v):
+    if isinstance(v, (float, np.floating)):
+        return None if not math.isfinite(float(v)) else float(v)
+    return v
+
+
+def _write_csv(path: Path, rows: list[dict], columns: Sequence[str]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if _nan_to_none(r.get(k)) is None else (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]))
+                    for k in columns})
+    write_text(path, buf.getvalue())

@@ -1,0 +1,114 @@
+"""Every option that decides a render's pixels, with its default, in one record.
+
+The API (`render(model, targets, settings)`), the command-line options of every
+rendering command, the tile cache key and the report's "rendered with" line all read
+a RenderSettings, so a default is written once, here. How a render is executed
+(device, batch size, progress bars) is not a setting: it does not change the picture
+beyond floating-point noise and is passed separately.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import os
+from typing import Any
+
+from .transforms import Transforms
+
+OBJECTIVES = ("channel", "neuron", "negative", "logit", "diversity")
+PARAMS = ("fft", "pixel")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DIVERSITY_WEIGHT = 100.0
+METHODS = ("lucid", "maco", "accent")
+# The settings only one method reads; a Lucid render's cache key leaves them all out.
+METHOD_FIELDS = {"lucid": (), "maco": ("spectrum", "crops", "crop_scale", "noise"),
+                 "accent": ("image", "accent_weight")}
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderSettings:
+    steps: int = 512  # Adam steps (the original tool: 2048)
+    size: int = 128  # canvas in pixels (the original tool: 144)
+    seed: int = 0  # fixes each target's starting noise and transforms
+    lr: float = 0.05  # Adam learning rate
+    param: str = "fft"  # 1/f-scaled Fourier spectrum with decorrelated colour, or plain pixels
+    objective: Any = "channel"  # a name from OBJECTIVES, or an Objective from optvis.objectives
+    diversity: int | None = None  # images per target (default 4 with objective "diversity", else 1)
+    diversity_weight: float = DIVERSITY_WEIGHT
+    transforms: Transforms = Transforms()
+    decay_power: float = 1.0
+    init_sd: float = 0.01
+    fft_divisor: float = 4.0
+    decorrelate: bool = True
+    relu_redirect_steps: int = 16
+    precision: str = "auto"  # of the network: auto (bf16 where native), fp32, bf16, fp16
+    method: str = "lucid"  # a name from METHODS: lucid, maco (optvis.maco), accent (optvis.accent)
+    spectrum: str | None = None  # maco: magnitude spectrum file (maco.save_spectrum); None: the shipped one
+    crops: int = 4  # maco: random crops of the canvas the network sees per step
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # maco: range of a crop's side, as a fraction of the canvas
+    noise: float = 0.05  # maco: sd of the Gaussian noise added to every crop
+    image: str | tuple[str, ...] | None = None  # accent: the photo to start from (or one per target)
+    accent_weight: float = 1.0  # accent: how strongly the image is held to the photo
+
+    def replace(self, **changes: Any) -> "RenderSettings":
+        """A copy with CHANGES; None values keep the current setting ("as before")."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"unknown render setting(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @property
+    def copies(self) -> int:
+        if self.diversity is not None:
+            return int(self.diversity)
+        return 4 if self.objective == "diversity" else 1
+
+    def key_fields(self) -> dict[str, Any]:
+        """What goes into a tile's cache key: every field, objectives by their repr, a method's
+        own settings only for that method, files (spectrum, image) by name and content hash."""
+        own = METHOD_FIELDS.get(self.method, ())
+        unused = {name for fields in METHOD_FIELDS.values() for name in fields} - set(own)
+        if self.method == "lucid":  # as before these settings existed: earlier tiles stay valid
+            unused.add("method")
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in unused}
+        d["transforms"] = dataclasses.asdict(self.transforms)
+        for name in ("spectrum", "image"):  # files by content: a changed file is a new picture
+            if d.get(name) is not None:
+                paths = (d[name],) if isinstance(d[name], (str, os.PathLike)) else d[name]
+                d[name] = [f"{os.path.basename(p)}:{file_digest(p)}" for p in paths]
+        if not isinstance(d["objective"], str):
+            d["objective"] = repr(d["objective"])
+        return d
+
+    def describe(self) -> str:
+        """One line for people: the settings that differ from the defaults shown first."""
+        main = ("" if self.method == "lucid" else f"{self.method}, ") + \
+               f"{self.objective if isinstance(self.objective, str) else repr(self.objective)}, " \
+               f"{self.steps} steps, {self.size} px, seed {self.seed}, lr {self.lr:g}, {self.param}"
+        default = RenderSettings()
+        extra = [f"{f.name} {getattr(self, f.name)}" for f in dataclasses.fields(self)
+                 if f.name not in ("objective", "steps", "size", "seed", "lr", "param", "method")
+                 and getattr(self, f.name) != getattr(default, f.name)]
+        return main + "".join(f", {e}" for e in extra)
+
+
+DEFAULT_SETTINGS = RenderSettings()
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """The first 16 hex digits of the blake2b hash of a file's bytes ("missing" if unreadable)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    return _digest(os.fspath(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _digest(path: str, mtime_ns: int, size: int) -> str:  # a file is hashed again only once it changes
+    h = hashlib.blake2b(digest_size=8)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,253 @@
+"""ONNX out (export with metadata, checked by onnxruntime) and in (any ONNX classifier as a
+featureshift network), including the graphs TensorFlow converters write, built here with
+onnx.helper so that the suite needs no TensorFlow. Random weights and tiny images throughout."""
+import dataclasses
+import re
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx2torch")
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from featureshift.errors import FeatureshiftError  # noqa: E402
+from featureshift.models.layers import list_layers  # noqa: E402
+from featureshift.models.onnx_io import (  # noqa: E402
+    CHECK_TOLERANCE, check_with_onnxruntime, load_onnx, read_metadata, require_onnx,
+)
+
+CLASSES = ["cat", "dog", "owl", "fox", "elk"]
+SIZE = 64  # the exported networks' input size: small, and still deep enough for squeezenet
+PREPROCESSING = dict(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def snapshot(tmp_path_factory):
+    """A random-weight squeezenet1_1 snapshot with its own classes and input size."""
+    from featureshift.models.info import model_info
+    from featureshift.network import create_model
+    from featureshift.snapshot import save_snapshot
+
+    torch.manual_seed(0)
+    model = create_model("squeezenet1_1", weights="random", num_classes=len(CLASSES))
+    info = dataclasses.replace(model_info(model), class_names=list(CLASSES), input_size=SIZE, resize_size=73)
+    path = tmp_path_factory.mktemp("snap") / "003.safetensors"
+    save_snapshot(model, path, epoch=3, info=info)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(snapshot):
+    from featureshift.commands.export import export
+
+    return export(snapshot, snapshot.parent / "model.onnx")
+
+
+@pytest.fixture(scope="module")
+def loaded(exported):
+    return load_onnx(exported.path)
+
+
+# ---------------------------------------------------------------- out
+
+def test_export_checks_with_onnxruntime_and_describes_it(exported):
+    assert exported.path.is_file() and exported.opset == 17
+    assert exported.check is not None and exported.check.ok
+    assert exported.check.max_diff <= CHECK_TOLERANCE * max(1.0, exported.check.scale)
+    assert exported.input_shape == ("batch", 3, SIZE, SIZE)
+    text = exported.describe()
+    assert "onnxruntime check passed" in text and "largest difference" in text
+
+
+def test_export_writes_classes_and_preprocessing_in_the_metadata(exported):
+    meta = read_metadata(onnx.load(str(exported.path)))
+    assert meta["arch"] == "squeezenet1_1" and meta["class_names"] == CLASSES
+    assert meta["input_size"] == SIZE and meta["num_classes"] == len(CLASSES)
+    assert meta["mean"] == [0.485, 0.456, 0.406] and meta["std"] == [0.229, 0.224, 0.225]
+    assert meta["epoch"] == 3 and meta["version"]
+
+
+def test_export_fails_above_the_tolerance_and_writes_nothing(snapshot):
+    from featureshift.commands.export import export
+
+    out = snapshot.parent / "never.onnx"
+    with pytest.raises(FeatureshiftError, match="was not written"):
+        export(snapshot, out, tolerance=-1.0)  # no difference passes a negative tolerance
+    assert not out.exists() and not list(snapshot.parent.glob(".never.onnx*"))
+
+
+def test_without_the_extra_the_error_says_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnx2torch", None)  # makes `import onnx2torch` fail
+    with pytest.raises(FeatureshiftError, match=re.escape("pip install 'featureshift[onnx]'")):
+        require_onnx()
+
+
+# ---------------------------------------------------------------- in
+
+def test_round_trip_gives_the_same_logits_classes_and_preprocessing(snapshot, loaded):
+    from featureshift.snapshot import load_snapshot
+
+    original, meta = load_snapshot(snapshot)
+    info = loaded.featureshift_info
+    assert info.class_names == CLASSES and info.num_classes == len(CLASSES)
+    assert info.mean == meta.info.mean and info.std == meta.info.std and info.input_size == SIZE
+    assert info.arch.startswith("onnx/squeezenet1_1@")
+    x = torch.randn(3, 3, SIZE, SIZE)  # another batch size than the export's example
+    with torch.no_grad():
+        want, got = original(x), loaded(x)
+    assert (got - want).abs().max() <= CHECK_TOLERANCE * max(1.0, want.abs().max())
+
+
+def test_layers_are_readable_stable_and_listed_by_the_cli(exported, loaded):
+    from click.testing import CliRunner
+
+    from featureshift.cli import main
+
+    names = [layer.name for layer in list_layers(loaded, 32)]
+    assert names[:3] == ["features.0.Conv", "features.1.Relu", "features.2.MaxPool"]
+    assert "features.3.expand3x3.Conv" in names and "features.12.Concat" in names
+    assert all(re.fullmatch(r"[A-Za-z0-9_.]+", n) for n in names) and len(set(names)) == len(names)
+    again = load_onnx(exported.path, check=False)
+    assert [layer.name for layer in list_layers(again, 32)] == names
+    assert again.featureshift_info.arch == loaded.featureshift_info.arch  # same graph, same layers
+    result = CliRunner().invoke(main, ["layers", str(exported.path)])
+    assert result.exit_code == 0, result.output
+    assert [line.split("\t")[0] for line in result.output.splitlines()] == names
+
+
+def test_open_network_takes_an_onnx_path(exported):
+    from featureshift.network import open_network
+
+    net = open_network(exported.path, weights="ignored for files")
+    assert net.meta is None and net.path == exported.path and net.label == "model.onnx"
+    assert net.info.class_names == CLASSES
+
+
+def test_a_layer_of_an_onnx_network_renders(loaded):
+    from featureshift.optvis.engine import render
+
+    result = render(loaded, [("features.6.Concat", 0)], steps=4, size=32, quiet=True, device="cpu")
+    assert result.images.shape == (1, 32, 32, 3) and np.isfinite(result.images).all()
+
+
+def test_googlenet_from_torchs_default_exporter_is_converted_from_opset_18(tmp_path):
+    from featureshift.network import create_model
+
+    torch.manual_seed(0)
+    model = create_model("googlenet", weights="random")
+    path = tmp_path / "googlenet.onnx"
+    torch.onnx.export(model, (torch.randn(1, 3, SIZE, SIZE),), str(path), verbose=False)
+    assert max(o.version for o in onnx.load(str(path)).opset_import if o.domain == "") >= 18
+    module = load_onnx(path, **PREPROCESSING)  # checked against onnxruntime while loading
+    info = module.featureshift_info
+    assert info.input_size == SIZE and info.num_classes == 1000 and info.class_names[:2] == ["0", "1"]
+    names = [layer.name for layer in list_layers(module, SIZE)]
+    assert "inception4c.Concat" in names and "conv1.Relu" in names
+    x = torch.randn(2, 3, SIZE, SIZE)  # exported at batch 1: the reshape before the head takes any
+    with torch.no_grad():
+        want, got = model(x), module(x)
+    assert (got - want).abs().max() <= CHECK_TOLERANCE * max(1.0, want.abs().max())
+
+
+def test_without_preprocessing_the_error_names_the_flags(tmp_path):
+    path = _save(_tf_graph(nhwc=False), tmp_path / "bare.onnx")
+    with pytest.raises(FeatureshiftError) as err:
+        load_onnx(path)
+    assert all(flag in str(err.value) for flag in ("--mean", "--std", "--input-size"))
+    assert load_onnx(path, **PREPROCESSING).featureshift_info.input_size == 16  # the graph fixes it
+
+
+# ---------------------------------------------------------------- TensorFlow-shaped graphs
+
+def _init(name, shape, rng):
+    return numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), name)
+
+
+def _tf_graph(*, nhwc=True, transpose=True, same=True, lrn=True, pools=True, uneven=True, size=16):
+    """A small classifier as tf2onnx writes them: NHWC input behind a transpose, SAME padding at
+    stride 2 (uneven at an even size), LRN, SAME max and average pooling, explicit uneven pads."""
+    rng = np.random.default_rng(0)
+    nodes, inits = [], []
+    x = "input"
+    shape = [1, size, size, 3] if nhwc else [1, 3, size, size]
+    if nhwc and transpose:
+        nodes.append(helper.make_node("Transpose", [x], ["nchw"], name="model/conv1/Conv2D__6", perm=[0, 3, 1, 2]))
+        x = "nchw"
+    elif nhwc:  # a channels-last preprocessing op first, as in a Keras model with a Rescaling layer
+        inits.append(numpy_helper.from_array(np.array([2.0, 1.5, 1.0], np.float32), "scale"))
+        nodes.append(helper.make_node("Mul", [x, "scale"], ["scaled"], name="model/rescaling/mul"))
+        nodes.append(helper.make_node("Transpose", ["scaled"], ["nchw"], name="model/conv1/Conv2D__6",
+                                      perm=[0, 3, 1, 2]))
+        x = "nchw"
+    inits += [_init("conv1_w", [8, 3, 3, 3], rng), _init("conv1_b", [8], rng)]
+    conv = dict(auto_pad="SAME_UPPER") if same else dict(pads=[1, 1, 1, 1])
+    nodes.append(helper.make_node("Conv", [x, "conv1_w", "conv1_b"], ["c1"], name="model/conv1/Conv2D",
+                                  strides=[2, 2], kernel_shape=[3, 3], **conv))
+    nodes.append(helper.make_node("Relu", ["c1"], ["r1"], name="model/conv1/Relu"))
+    x = "r1"
+    if lrn:
+        nodes.append(helper.make_node("LRN", [x], ["n1"], name="model/norm1/LRN", size=5, alpha=1e-2,
+                                      beta=0.75, bias=1.0))
+        x = "n1"
+    if pools:
+        nodes.append(helper.make_node("MaxPool", [x], ["p1"], name="model/pool1/MaxPool", kernel_shape=[3, 3],
+                                      strides=[2, 2], auto_pad="SAME_UPPER"))
+        nodes.append(helper.make_node("AveragePool", ["p1"], ["p2"], name="model/pool2/AvgPool",
+                                      kernel_shape=[2, 2], strides=[1, 1], auto_pad="SAME_UPPER"))
+        x = "p2"
+    if uneven:
+        inits.append(_init("conv2_w", [6, 8, 2, 2], rng))
+        nodes.append(helper.make_node("Conv", [x, "conv2_w"], ["c2"], name="model/conv2/Conv2D",
+                                      kernel_shape=[2, 2], pads=[0, 0, 1, 1]))
+        x = "c2"
+    width = 6 if uneven else 8
+    inits += [_init("fc_w", [4, width], rng), _init("fc_b", [4], rng)]
+    nodes.append(helper.make_node("GlobalAveragePool", [x], ["gap"], name="model/gap/Mean"))
+    nodes.append(helper.make_node("Flatten", ["gap"], ["flat"], name="model/flatten/Reshape"))
+    nodes.append(helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], name="model/dense/MatMul",
+                                  transB=1))
+    graph = helper.make_graph(nodes, "tf_like", [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="tf2onnx")
+    onnx.checker.check_model(model)
+    return model
+
+
+def _save(model, path):
+    onnx.save(model, str(path))
+    return path
+
+
+TF_CASES = {
+    "same-padding-at-a-stride": dict(nhwc=False, lrn=False, pools=False, uneven=False),
+    "lrn": dict(nhwc=False, same=False, pools=False, uneven=False),
+    "same-max-and-average-pools": dict(nhwc=False, lrn=False, uneven=False),
+    "uneven-explicit-pads": dict(nhwc=False, same=False, lrn=False, pools=False),
+    "nhwc-behind-a-transpose": dict(same=False, lrn=False, pools=False, uneven=False),
+    "nhwc-with-an-op-before-the-transpose": dict(transpose=False, lrn=False, pools=False, uneven=False),
+    "all-together": dict(),
+}
+
+
+@pytest.mark.parametrize("case", TF_CASES)
+def test_tensorflow_shaped_graphs_match_onnxruntime(case, tmp_path):
+    model = _tf_graph(**TF_CASES[case])
+    path = _save(model, tmp_path / f"{case}.onnx")
+    module = load_onnx(path, **PREPROCESSING)  # raises when it differs from onnxruntime
+    nhwc = TF_CASES[case].get("nhwc", True)
+    check = check_with_onnxruntime(module, model, nhwc=nhwc, seed=1)
+    assert check.ok and check.max_diff < 1e-4, check.describe()
+    assert check.input_shape == (1, 3, 16, 16)  # the module takes NCHW, whatever the graph took
+    names = [layer.name for layer in list_layers(module, 16)]
+    assert "model.conv1.Conv2D" in names and "model.conv1.Relu" in names
+    assert not any(re.search(r"\.\d+$", n) for n in names)  # a padded layer is one layer, not pad + layer
+    x = torch.randn(3, 3, 16, 16)  # the graph fixes batch 1; the module takes any
+    assert module(x).shape == (3, 4)
