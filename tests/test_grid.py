@@ -1,7 +1,10 @@
-import numpy as np
-from PIL import Image
+from pathlib import Path
 
-from featureshift.grid import BACKGROUND, MISSING_FILL, make_grid, to_pil
+import numpy as np
+from PIL import Image, ImageFont
+
+from featureshift.grid import (BACKGROUND, MISSING_FILL, NO_RESPONSE, NO_RESPONSE_FILL, channel_label, label_font,
+                              label_size, make_grid, to_pil)
 
 
 def solid(color, w=16, h=16):
@@ -56,3 +59,36 @@ def test_labels_and_title_make_room_and_draw_text():
     assert labeled.width > bare.width and labeled.height > bare.height
     left = np.asarray(labeled)[:, : labeled.width - bare.width + 2]
     assert (left < 128).any(), "row labels were not drawn"
+
+
+def test_labels_are_set_in_a_truetype_font_that_grows_with_the_tiles():
+    font = label_font(label_size(128))
+    assert isinstance(font, ImageFont.FreeTypeFont)
+    assert Path(font.path).name == "DejaVuSans.ttf"
+    assert label_size(32) == 10 and label_size(128) < label_size(320)
+    small = make_grid([[np.zeros((32, 32, 3))]], col_labels=["ch 0"])
+    large = make_grid([[np.zeros((320, 320, 3))]], col_labels=["ch 0"])
+    assert large.height - 320 > small.height - 32  # a larger header for larger tiles
+
+
+def test_a_label_wider_than_its_column_is_wrapped_not_overlapping():
+    tiles = [[np.zeros((32, 32, 3))] * 2]
+    grid = make_grid(tiles, col_labels=["1 American Staffordshire terrier", "2"])
+    one_line = make_grid(tiles, col_labels=["1", "2"])
+    assert grid.height > one_line.height  # wrapped to more lines
+    assert grid.width < 300
+
+
+def test_class_labels_of_the_output_layer():
+    names = ["tench", "goldfish"] + [f"c{i}" for i in range(2, 200)]
+    names[130] = "flamingo"
+    assert channel_label("logits", 130, names) == "130 flamingo"
+    assert channel_label("features.3", 130, names, prefix="ch ") == "ch 130"
+    assert channel_label("logits", 1, ["0", "1", "2"], prefix="ch ") == "ch 1"  # a head without names
+
+
+def test_the_no_response_tile_differs_from_a_missing_one():
+    grid = np.asarray(make_grid([[NO_RESPONSE, None]], pad=0))
+    assert grid.shape == (64, 128, 3)
+    assert (grid[:, :64] == NO_RESPONSE_FILL).all(-1).mean() > 0.5
+    assert not (grid[:, 64:] == NO_RESPONSE_FILL).all(-1).any()

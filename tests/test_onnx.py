@@ -73,12 +73,14 @@ def test_export_writes_classes_and_preprocessing_in_the_metadata(exported):
     assert meta["epoch"] == 3 and meta["version"]
 
 
-def test_export_fails_above_the_tolerance_and_writes_nothing(snapshot):
-    from featureshift.commands.export import export
+def test_export_fails_above_the_tolerance_and_writes_nothing(snapshot, exported, monkeypatch):
+    import featureshift.commands.export as export_command
 
+    graph = onnx.load(str(exported.path))
+    monkeypatch.setattr(export_command, "to_onnx", lambda *args, **kwargs: graph)  # the same graph, faster
     out = snapshot.parent / "never.onnx"
     with pytest.raises(FeatureshiftError, match="was not written"):
-        export(snapshot, out, tolerance=-1.0)  # no difference passes a negative tolerance
+        export_command.export(snapshot, out, tolerance=-1.0)  # no difference passes a negative tolerance
     assert not out.exists() and not list(snapshot.parent.glob(".never.onnx*"))
 
 
@@ -251,3 +253,19 @@ def test_tensorflow_shaped_graphs_match_onnxruntime(case, tmp_path):
     assert not any(re.search(r"\.\d+$", n) for n in names)  # a padded layer is one layer, not pad + layer
     x = torch.randn(3, 3, 16, 16)  # the graph fixes batch 1; the module takes any
     assert module(x).shape == (3, 4)
+
+
+def test_export_of_an_onnx_file_adds_the_preprocessing_and_keeps_the_graph(tmp_path):
+    from featureshift.commands.export import export
+    from featureshift.network import open_network
+
+    source = _save(_tf_graph(), tmp_path / "epoch_05.onnx")
+    result = export(source, tmp_path / "annotated" / "epoch_05.onnx", input_size=16, **PREPROCESSING)
+    assert result.check is not None and result.check.ok and result.input_shape == (1, 16, 16, 3)
+    written = onnx.load(str(result.path))
+    assert [n.op_type for n in written.graph.node] == [n.op_type for n in onnx.load(str(source)).graph.node]
+    meta = read_metadata(written)
+    assert meta["mean"] == list(PREPROCESSING["mean"]) and meta["input_size"] == 16 and "NHWC" in meta["input"]
+    net = open_network(result.path)  # no preprocessing arguments needed any more
+    assert net.info.mean == PREPROCESSING["mean"] and net.info.arch == open_network(
+        source, **PREPROCESSING).info.arch  # the same layers as the original file

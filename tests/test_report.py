@@ -108,3 +108,28 @@ def test_missing_probe_folder_is_a_clear_error_before_any_work(report, tmp_path,
 def test_not_a_run_is_a_clear_error(tmp_path):
     r = CliRunner().invoke(main, ["report", str(tmp_path)])
     assert r.exit_code == 2 and "not a featureshift run" in r.output
+
+
+def test_rows_without_renders_are_collapsed_but_kept(report):
+    run, index = report
+    html = (index.parent / layer_page(LAYER)).read_text()
+    rows = re.findall(r"<tr class=\"([^\"]*)\" data-channel=\"(\d+)\"[^>]*?( hidden)?>", html)
+    assert len(rows) == 128
+    assert {int(c) for cls, c, hidden in rows if not hidden} == set(CHANNELS)  # only rendered rows show at first
+    assert all(cls == "unrendered" for cls, c, hidden in rows if hidden)
+    assert 'id="filter-unrendered"' in html and "the 126 channels without renders" in html
+
+
+def test_the_channel_chart_gives_cross_activation_its_own_axis(report):
+    run, index = report
+    svg = next((index.parent / "img" / "plots").glob("channel-*.svg")).read_text()
+    assert "cross-activation (1 = kept)" in svg and "correlation (1 = unchanged)" in svg
+    assert "similarity (1 = unchanged)" not in svg
+
+
+def test_the_ranked_link_opens_the_layer_ranked_by_change(report):
+    run, index = report
+    assert f'href="{layer_page(LAYER)}#sort=weight_change"' in index.read_text()
+    html = (index.parent / layer_page(LAYER)).read_text()
+    assert 'data-key="weight_change" data-first="descending"' in html
+    assert 'data-key="correlation" data-first="ascending"' in html

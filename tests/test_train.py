@@ -1,3 +1,4 @@
+import re
 import shutil
 
 import pytest
@@ -307,3 +308,170 @@ def test_resume_after_a_kill_between_the_state_and_the_log(data, tmp_path):
     train(resume=str(run), epochs=2, quiet=True)  # nothing left to train, but the books are put right
     assert read_run(run)["status"] == "finished" and read_run(run)["epochs_done"] == 2
     assert read_metrics(run) == rows
+
+
+def test_a_run_that_cannot_train_fails_before_writing_anything(data, tmp_path):
+    # batch norm cannot train on one image whose last maps are 1x1: found by a training step up front
+    out = tmp_path / "run"
+    with pytest.raises(FeatureshiftError, match="could not train on 32 px images"):
+        fit(data, out, model="resnet18", weights="random", image_size=32, batch_size=1)
+    assert not out.exists()
+    fit(data, out, model="resnet18", weights="random", image_size=32, batch_size=2, epochs=1)  # the retry
+    assert read_run(out)["status"] == "finished"
+
+
+def test_the_training_step_up_front_leaves_no_trace(data):
+    from featureshift.commands.train.cutoff import plan_cutoff
+    from featureshift.commands.train.precheck import check_training_step, first_batch
+
+    model = featureshift.create_model("resnet18", weights="random", num_classes=3)
+    info = featureshift.model_info(model)
+    samples = [(p, 0) for p in sorted((data / "dots").iterdir())]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    model.eval()
+    check_training_step(model, first_batch(samples, info, 32, 4), info=info, plan=plan_cutoff(model, None, 32),
+                        criterion=torch.nn.CrossEntropyLoss(), device=torch.device("cpu"), batch_size=4)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(rng, torch.get_rng_state()) and not model.training
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_run_that_never_finished_an_epoch_starts_again_with_the_same_command(data, tmp_path):
+    import json
+
+    def fail_at_0(epoch, row):
+        if epoch == 0:
+            raise Killed
+
+    run = tmp_path / "run"
+    with pytest.raises(Killed):
+        fit(data, run, on_epoch_end=fail_at_0)
+    assert read_run(run)["status"] == "failed" and [e for e, _ in list_snapshots(run)] == [0]
+    fit(data, run)  # no --force needed: nothing was trained
+    assert read_run(run)["status"] == "finished" and [e for e, _ in list_snapshots(run)] == [0, 1, 2]
+    assert len(read_run(run)["sessions"]) == 1
+
+    # a killed process (status still "running", its process gone) is started again too
+    info = read_run(run)
+    info.update(status="running", epochs_done=0, trainer={"pid": 2**22 + 12345, "host": info["trainer"]["host"]})
+    for p in (run / "snapshots").glob("00[12].safetensors"):
+        p.unlink()
+    (run / "run.json").write_text(json.dumps(info))
+    fit(data, run, epochs=1)
+    assert read_run(run)["epochs_done"] == 1
+
+    # once an epoch is trained, the run is kept: resume it or --force
+    def fail_at_2(epoch, row):
+        if epoch == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        fit(data, run, force=True, on_epoch_end=fail_at_2)
+    with pytest.raises(FeatureshiftError, match="already holds a training run"):
+        fit(data, run)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    return fit(data, tmp_path_factory.mktemp("whole") / "run", epochs=3, cutoff="features.5")
+
+
+@pytest.mark.parametrize("name, nth, code", [
+    ("002.safetensors", 1, "ENOSPC"),
+    ("train_state.pt", 3, "ENOSPC"),  # epochs 0, 1, 2
+    ("metrics.jsonl", 3, "EDQUOT"),
+    ("run.json", 4, "EROFS"),  # at the start, then epochs 0, 1, 2
+    ("split.json", 1, "ENOSPC"),  # before anything is saved
+])
+def test_a_full_disk_stops_training_with_a_clear_error_and_the_run_resumes(data, tmp_path, monkeypatch, uninterrupted,
+                                                                            name, nth, code):
+    import errno
+    import os
+
+    import featureshift.io
+
+    real_replace = os.replace
+    calls = []
+
+    def replace(src, dst):
+        if os.path.basename(dst) == name:
+            calls.append(dst)
+            if len(calls) == nth:
+                with open(src, "r+b") as f:  # the disk filled up halfway through the file
+                    f.truncate(os.path.getsize(src) // 2)
+                raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(featureshift.io.os, "replace", replace)
+    run = tmp_path / "run"
+    with pytest.raises(FeatureshiftError) as e:
+        fit(data, run, epochs=3, cutoff="features.5")
+    monkeypatch.undo()
+    msg = str(e.value)
+    assert f"Could not write {run}" in msg and name in msg and "nothing half-written is left" in msg
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
+    for _, p in list_snapshots(run) if (run / "snapshots").exists() else []:
+        featureshift.load(str(p))  # complete, and matching their checksums
+    if name == "split.json":
+        assert "Nothing of the run" in msg and "run the same command again" in msg
+        fit(data, run, epochs=3, cutoff="features.5")
+    else:
+        saved = 2 if name in ("metrics.jsonl", "run.json") else 1
+        assert f"saved up to epoch {saved}" in msg and f"featureshift train --resume {run}" in msg
+        assert "free some space or make the folder writable" in msg.lower()
+        train(resume=str(run), quiet=True)
+    assert read_run(run)["status"] == "finished"
+    assert without_time(read_metrics(run)) == without_time(read_metrics(uninterrupted))
+    assert read_meta(snapshot_path(run, 3)).checksum == read_meta(snapshot_path(uninterrupted, 3)).checksum
+
+
+def test_a_snapshot_records_the_size_it_was_trained_at(data, tmp_path):
+    from featureshift.cli import main
+    from featureshift.models.layers import list_layers
+    from featureshift.snapshot import save_snapshot
+
+    run = fit(data, tmp_path / "run", epochs=1, image_size=64)
+    snap = snapshot_path(run, 1)
+    meta = read_meta(snap)
+    assert (meta.info.input_size, meta.info.resize_size) == (64, 73)  # 256/224 of 64
+    r = CliRunner().invoke(main, ["info", str(snap)])
+    assert r.exit_code == 0 and re.search(r"input\s+64\s*px", r.output), r.output
+    model, _ = featureshift.load(str(snap))
+    expected = {l.name: f"{l.height}x{l.width}" for l in list_layers(model, 64)}
+    r = CliRunner().invoke(main, ["layers", str(snap)])
+    rows = [line.split("\t") for line in r.output.strip().splitlines()]
+    assert r.exit_code == 0 and {row[0]: row[-1] for row in rows if row[0] in expected} == expected
+    assert expected["features.0"] == "31x31"  # not 111x111, as at 224 px
+
+    # snapshots written before the size was recorded take it from their training configuration
+    old = featureshift.create_model("squeezenet1_1", weights="random")
+    save_snapshot(old, tmp_path / "old.safetensors", config={"image_size": 48})
+    assert read_meta(tmp_path / "old.safetensors").info.input_size == 48
+
+
+def test_a_full_disk_is_one_paragraph_and_exit_2_on_the_command_line(data, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import featureshift.io
+    from featureshift.cli import main
+
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if os.path.basename(dst) == "train_state.pt":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(featureshift.io.os, "replace", replace)
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["train", "--data", str(data), "--model", "squeezenet1_1", "--epochs", "1",
+                                  "--batch-size", "8", "--image-size", "48", "--workers", "0", "--out", str(out)])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert f"Could not write {out / 'train_state.pt'}: No space left on device" in r.stderr
+    assert "run the same command again" in r.stderr
+    monkeypatch.undo()
+    r = CliRunner().invoke(main, ["train", "--data", str(data), "--model", "squeezenet1_1", "--epochs", "1",
+                                  "--batch-size", "8", "--image-size", "48", "--workers", "0", "--out", str(out)])
+    assert r.exit_code == 0, r.output

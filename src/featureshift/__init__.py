@@ -26,6 +26,7 @@ _EXPORTS = {
     "RunMetrics": "metrics.driver", "run_metrics": "metrics.driver",
     "build_report": "commands.report.builder", "report": "commands.report.builder",
     "run_demo": "commands.demo", "demo": "commands.demo",
+    "ExportResult": "commands.export", "export": "commands.export", "load_onnx": "models.onnx_io",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

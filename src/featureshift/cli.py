@@ -6,7 +6,6 @@ It imports nothing heavy, so `--help`, `--version` and argument errors answer at
 """
 from __future__ import annotations
 
-import errno
 import functools
 import os
 import sys
@@ -15,13 +14,13 @@ import click
 
 from .device import DEVICE_CHOICES, check_device_spec
 from .errors import FeatureshiftError
+from .io import WRITE_ERRNOS, write_error
 from .optvis.settings import DEFAULT_SETTINGS, OBJECTIVES, PARAMS
 from .version import __version__
 
 WEIGHTS_HELP = "imagenet (download-and-cache; squeezenet1_1 works offline), random, or a weights file."
 # A writer killed by SIGPIPE exits 128 + 13 in every shell; coreutils do the same.
 EXIT_BROKEN_PIPE = 141
-_WRITE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG}
 
 
 def _quiet_stdout() -> None:
@@ -32,14 +31,6 @@ def _quiet_stdout() -> None:
         os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError):
         pass
-
-
-def _write_error(e: OSError) -> str:
-    where = f" {e.filename}" if e.filename else ""
-    return (f"Could not write{where}: {e.strerror or e}. Files are written under a temporary name and renamed "
-            "when complete, so nothing half-written was left under a final name. Free some space or make the "
-            "folder writable (or choose another output folder), then run the same command again: finished "
-            "tiles and snapshots are kept, and a training run continues with `featureshift train --resume RUN`.")
 
 
 def _handle_errors(fn):
@@ -59,9 +50,12 @@ def _handle_errors(fn):
             _quiet_stdout()
             sys.exit(EXIT_BROKEN_PIPE)
         except OSError as e:
-            if e.errno not in _WRITE_ERRORS:
+            if e.errno not in WRITE_ERRNOS:
                 raise
-            click.echo(f"featureshift: error: {_write_error(e)}", err=True)
+            message = write_error(e, "Finished tiles and snapshots are kept",
+                                  "run the same command again (a training run continues with "
+                                  "`featureshift train --resume RUN`)")
+            click.echo(f"featureshift: error: {message}", err=True)
             sys.exit(2)
 
     return wrapper
@@ -155,6 +149,44 @@ def settings_from(options: dict):
     return DEFAULT_SETTINGS.replace(**{k: options.pop(k) for k in keys if k in options})
 
 
+def _floats(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        numbers = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a comma-separated list of numbers, e.g. 0.485,0.456,0.406.")
+    if len(numbers) != 3:
+        raise click.BadParameter(f"give three numbers (R,G,B), not {len(numbers)}.")
+    return numbers
+
+
+def preprocessing_options(fn):
+    """--mean/--std/--input-size: the preprocessing of an ONNX file that does not carry its own."""
+    for o in reversed([
+        click.option("--mean", callback=_floats, default=None, metavar="R,G,B",
+                     help="For an ONNX model without featureshift metadata: the input normalization's mean "
+                          "(torchvision's: 0.485,0.456,0.406)."),
+        click.option("--std", callback=_floats, default=None, metavar="R,G,B",
+                     help="For an ONNX model without featureshift metadata: the normalization's std "
+                          "(torchvision's: 0.229,0.224,0.225)."),
+        click.option("--input-size", type=int, default=None,
+                     help="For an ONNX model without featureshift metadata: its input size in pixels."),
+    ]):
+        fn = o(fn)
+    return fn
+
+
+def model_argument(spec: str, weights: str, mean, std, input_size):
+    """SPEC as the commands take it, or, with preprocessing flags (ONNX files), the network
+    opened with them by the one resolver."""
+    if mean is None and std is None and input_size is None:
+        return spec
+    from .network import open_network
+
+    return open_network(spec, weights, mean=mean, std=std, input_size=input_size).module
+
+
 def probe_options(fn):
     for o in reversed([
         click.option("--probe", type=click.Path(), default=None,
@@ -172,7 +204,26 @@ def probe_options(fn):
 
 # ---------------------------------------------------------------- the group
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def _pipe_safe(method):
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except BrokenPipeError:
+            _quiet_stdout()
+            sys.exit(EXIT_BROKEN_PIPE)
+    return wrapper
+
+
+class Group(click.Group):
+    """Click prints --help and --version itself, outside any command, and turns a closed pipe
+    there into exit 1; parsing (make_context) and dispatch (invoke) end as quietly as a command."""
+
+    make_context = _pipe_safe(click.Group.make_context)
+    invoke = _pipe_safe(click.Group.invoke)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="featureshift")
 def main():
     """featureshift: see what transfer learning does to a network.
@@ -201,9 +252,10 @@ def main():
               help="Input size for the spatial sizes  [default: the size a snapshot was trained at, else the "
                    "model's own].")
 @click.option("--header/--no-header", default=False, help="Print a header line first.")
+@preprocessing_options
 @quiet_option
 @_handle_errors
-def layers(model, weights, size, header, quiet):
+def layers(model, weights, size, header, mean, std, input_size, quiet):
     """List the visualizable layers of MODEL (a model name or a snapshot file).
 
     One line per module whose output is a 4-D feature map, in forward-execution order:
@@ -213,11 +265,12 @@ def layers(model, weights, size, header, quiet):
     \b
       featureshift layers googlenet | grep inception4c
       featureshift layers runs/flowers/snapshots/010.safetensors --header | cut -f1,3
+      featureshift layers model.onnx --mean 0.5,0.5,0.5 --std 0.5,0.5,0.5 --input-size 299
     """
     from .models.layers import list_layers
     from .network import open_network
 
-    net = open_network(model, weights, progress=not quiet)
+    net = open_network(model, weights, progress=not quiet, mean=mean, std=std, input_size=input_size)
     if header:
         click.echo("name\ttype\tchannels\tsize")
     for layer in list_layers(net.module, size):
@@ -325,6 +378,9 @@ def models(pattern, quiet):
               help=f"{DEVICE_CHOICES}  [default: auto].")
 @click.option("--workers", type=int, help="Image-decoding worker processes; 0 decodes in the main process  [default: "
               "with CUDA CPUs - 1, at most 8; on CPU 1, or 2 from 8 cores].")
+@click.option("--nproc", type=int, metavar="N", help="Train in N processes on this machine, one per GPU "
+              "(DistributedDataParallel; with --device cpu they share the cores). --batch-size is then the global "
+              "batch, split among them. Several machines: torchrun (see the README)  [default: 1].")
 @click.option("--amp/--no-amp", default=None, help="Mixed precision on CUDA  [default: on].")
 @click.option("--channels-last/--no-channels-last", default=None, help="channels_last memory format on CUDA  "
               "[default: on].")
@@ -353,13 +409,16 @@ def train(config_file, visualize, columns, vis_steps, vis_size, **options):
       featureshift train --config run.toml --lr 3e-4
       featureshift train --resume runs/g --epochs 100
       featureshift train --model squeezenet1_1 --data tex --visualize features.9 --columns 8 --out runs/t
+      featureshift train --model googlenet --data big --nproc 4 --batch-size 256 --out runs/ddp
+      torchrun --nproc_per_node 8 --nnodes 2 ... -m featureshift train --data big --out runs/ddp
     """
     from .commands.train.session import train as train_api
 
     given = {k: v for k, v in options.items() if v is not None}
     run = train_api(config_file, visualize=list(visualize), visualize_channels=columns,
                     visualize_settings=DEFAULT_SETTINGS.replace(steps=vis_steps, size=vis_size), **given)
-    click.echo(str(run))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every process returns here
+        click.echo(str(run))
 
 
 @main.command()
@@ -411,10 +470,11 @@ def _layers_from_stdin(stream) -> list[str]:
               help="Label rows with the layer and columns with the channel.")
 @click.option("--weights", default="imagenet", show_default=True,
               help="For a model name: " + WEIGHTS_HELP + " Ignored for a snapshot.")
+@preprocessing_options
 @quiet_option
 @_handle_errors
-def vis(model_or_snapshot, layers, output, columns, channels, device, batch_size, labels, weights, quiet,
-        **render):
+def vis(model_or_snapshot, layers, output, columns, channels, device, batch_size, labels, weights, mean, std,
+        input_size, quiet, **render):
     """Render what channels of LAYERS respond to (feature visualization), as one grid image.
 
     Rows are layers, columns channels. LAYERS are names from `featureshift layers`; the
@@ -435,7 +495,8 @@ def vis(model_or_snapshot, layers, output, columns, channels, device, batch_size
     names: list[str] = []
     for name in layers:
         names += _layers_from_stdin(sys.stdin) if name == "-" else [name]
-    result = vis_api(model_or_snapshot, list(dict.fromkeys(names)), output, columns=columns, channels=channels,
+    model = model_argument(model_or_snapshot, weights, mean, std, input_size)
+    result = vis_api(model, list(dict.fromkeys(names)), output, columns=columns, channels=channels,
                      settings=settings_from(render), weights=weights, device=device, batch_size=batch_size,
                      labels=labels, quiet=quiet)
     for warning in result.warnings:
@@ -509,6 +570,38 @@ def merge(inputs, output, labels, keep_order, title, quiet):
         click.echo(f"{len(result.inputs)} image(s) -> {result.output}")
 
 
+@main.command()
+@click.argument("snapshot_or_model")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The ONNX file to write.")
+@click.option("--weights", default="imagenet", show_default=True, help="For a model name. " + WEIGHTS_HELP)
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset to write.")
+@click.option("--tolerance", type=float, default=1e-3, show_default=True,
+              help="Largest difference allowed between the network and the ONNX graph (onnxruntime) on a random "
+                   "batch, relative to max(1, largest |logit|); above it nothing is written.")
+@click.option("--check/--no-check", default=True, show_default=True, help="Check the export with onnxruntime.")
+@preprocessing_options
+@quiet_option
+@_handle_errors
+def export(snapshot_or_model, output, weights, opset, tolerance, check, mean, std, input_size, quiet):
+    """Write a snapshot (or a model) as an ONNX file, with its classes and preprocessing in the metadata.
+
+    The export is checked with onnxruntime on a random batch: the largest difference is
+    printed, and above --tolerance nothing is written. Given an ONNX file, the graph is copied
+    unchanged and --mean/--std/--input-size are written into its metadata. Needs
+    `pip install 'featureshift[onnx]'`.
+
+    \b
+      featureshift export runs/flowers/snapshots/010.safetensors -o flowers-010.onnx
+      featureshift export model.onnx -o model.fs.onnx --mean 0.5,0.5,0.5 --std 0.5,0.5,0.5 --input-size 299
+    """
+    from .commands.export import export as export_api
+
+    result = export_api(snapshot_or_model, output, weights=weights, opset=opset, tolerance=tolerance, check=check,
+                        mean=mean, std=std, input_size=input_size)
+    if not quiet:
+        click.echo(result.describe())
+
+
 # ---------------------------------------------------------------- compare / report
 
 @main.command()
@@ -528,10 +621,11 @@ def merge(inputs, output, labels, keep_order, title, quiet):
 @probe_options
 @render_options(objective=False)
 @device_option
+@preprocessing_options
 @quiet_option
 @_handle_errors
 def compare(a, b, layer, columns, channels, most_changed, by, output, weights, table_rows, probe, probe_limit,
-            image_size, device, batch_size, quiet, **render):
+            image_size, device, batch_size, mean, std, input_size, quiet, **render):
     """Compare LAYER of two networks A and B, channel by channel.
 
     A and B are snapshot files (e.g. RUN/snapshots/000.safetensors and RUN/snapshots/010.safetensors)
@@ -547,6 +641,7 @@ def compare(a, b, layer, columns, channels, most_changed, by, output, weights, t
     from .commands.compare import compare as compare_api
     from .io import safe_name
 
+    a, b = (model_argument(x, weights, mean, std, input_size) for x in (a, b))
     result = compare_api(a, b, layer, columns=columns, channels=channels, most_changed=most_changed, by=by,
                          output=output or f"compare-{safe_name(layer)}.png", probe=probe, probe_limit=probe_limit,
                          image_size=image_size, weights=weights, settings=settings_from(render), device=device,

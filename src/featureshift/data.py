@@ -71,18 +71,36 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
-def open_image(path: str | os.PathLike, min_size: int | None = None) -> Image.Image:
-    """The image at `path` as 8-bit RGB, upright by its EXIF orientation.
+def to_channels(im: Image.Image, channels: int = 3) -> Image.Image:
+    """IM in the mode of a network taking CHANNELS input bands: 8-bit RGB (to_rgb) for 3, 8-bit
+    grayscale ("L") for 1, RGBA with alpha as the fourth band (opaque where the image has none) for 4.
+    Pillow holds at most 4 bands per image: other counts need images saved as arrays, not read here."""
+    if channels == 3:
+        return to_rgb(im)
+    if channels == 1:
+        return im if im.mode == "L" else to_rgb(im).convert("L")
+    if channels == 4:
+        if im.mode == "RGBA":
+            return im
+        has_alpha = im.mode in ("LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info)
+        return im.convert("RGBA") if has_alpha else to_rgb(im).convert("RGBA")
+    raise FeatureshiftError(f"Images with {channels} bands cannot be read from image files: featureshift reads "
+                            "1 (grayscale), 3 (RGB) or 4 (RGBA, the fourth band as alpha) bands.")
+
+
+def open_image(path: str | os.PathLike, min_size: int | None = None, channels: int = 3) -> Image.Image:
+    """The image at `path` as 8-bit RGB (1 channel: grayscale; 4: RGBA, see to_channels), upright
+    by its EXIF orientation.
 
     min_size: JPEGs are decoded at a reduced scale when both sides stay at least
     this large (much faster for big photos that are resized down anyway).
     """
     with _pixel_limit(), Image.open(path) as im:
         if min_size and im.format == "JPEG":
-            im.draft("RGB", (min_size, min_size))
+            im.draft("RGB" if channels != 1 else "L", (min_size, min_size))
         im.load()
         im = ImageOps.exif_transpose(im)
-        return to_rgb(im)
+        return to_channels(im, channels)
 
 
 def check_image(path: Path) -> str | None:
@@ -221,15 +239,26 @@ def _to_tensor(info, normalize: bool) -> list:
     return [T.ToTensor(), T.Normalize(info.mean, info.std)]
 
 
+def interpolation(info):
+    """The model's own resize interpolation (its info's: bilinear, bicubic, nearest) for torchvision."""
+    from torchvision.transforms import InterpolationMode
+
+    try:
+        return InterpolationMode(str(getattr(info, "interpolation", "bilinear") or "bilinear").lower())
+    except ValueError:
+        return InterpolationMode.BILINEAR
+
+
 def eval_transform(info, image_size: int | None = None, normalize: bool = True) -> Callable:
-    """The model's own preprocessing: resize, center crop, normalize (no randomness).
+    """The model's own preprocessing: resize (with its interpolation), center crop, normalize (no randomness).
 
     normalize=False: uint8 tensors, to be finished by normalize_batch.
     """
     from torchvision import transforms as T
 
     size, resize = transform_sizes(info, image_size)
-    return T.Compose([T.Resize(resize, antialias=True), T.CenterCrop(size), *_to_tensor(info, normalize)])
+    return T.Compose([T.Resize(resize, interpolation=interpolation(info), antialias=True), T.CenterCrop(size),
+                      *_to_tensor(info, normalize)])
 
 
 def train_transform(info, image_size: int | None = None, normalize: bool = True) -> Callable:
@@ -237,14 +266,15 @@ def train_transform(info, image_size: int | None = None, normalize: bool = True)
     from torchvision import transforms as T
 
     size, _ = transform_sizes(info, image_size)
-    return T.Compose([T.RandomResizedCrop(size, scale=(0.25, 1.0), antialias=True), T.RandomHorizontalFlip(),
-                      *_to_tensor(info, normalize)])
+    return T.Compose([T.RandomResizedCrop(size, scale=(0.25, 1.0), interpolation=interpolation(info),
+                                          antialias=True),
+                      T.RandomHorizontalFlip(), *_to_tensor(info, normalize)])
 
 
 def normalize_batch(x: torch.Tensor, info) -> torch.Tensor:
     """A uint8 batch (from a transform with normalize=False) as the network's normalized float input."""
-    mean = torch.tensor(info.mean, device=x.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(info.std, device=x.device).view(1, 3, 1, 1) * 255
+    mean = torch.tensor(info.mean, device=x.device).view(1, -1, 1, 1) * 255
+    std = torch.tensor(info.std, device=x.device).view(1, -1, 1, 1) * 255
     return (x.float() - mean) / std
 
 
@@ -257,7 +287,8 @@ class ImageDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, samples: Sequence[Sample], transform: Callable, min_size: int | None = None,
-                 skip_bad: bool = False):
+                 skip_bad: bool = False, channels: int = 3):
+        self.channels = channels  # the network's input bands: images are read as open_image does for them
         self.samples = list(samples)
         self.transform = transform
         self.min_size = min_size
@@ -270,7 +301,7 @@ class ImageDataset(torch.utils.data.Dataset):
         i, seed = i if isinstance(i, tuple) else (i, None)  # (index, seed) from SeededShuffle
         path, label = self.samples[i]
         try:
-            image = open_image(path, self.min_size)
+            image = open_image(path, self.min_size, self.channels)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError) as e:
             reason = f"unreadable image ({str(e) or e.__class__.__name__})"
             if self.skip_bad:

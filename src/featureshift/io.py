@@ -3,6 +3,7 @@ PNG text tags and file names of what featureshift writes."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -10,13 +11,54 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import FeatureshiftError
+
+# What a full disk, a quota, a read-only or foreign folder raise: the user's to fix, not a bug.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+class WriteError(FeatureshiftError, OSError):
+    """A file could not be written (full disk, read-only folder, ...): one paragraph naming the
+    file, what was saved before it and how to continue. Both a FeatureshiftError and an OSError
+    (with the errno and the final file name)."""
+
+    def __init__(self, message: str, code: int | None, path: str | os.PathLike | None):
+        super().__init__(code, message, None if path is None else os.fspath(path))
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def is_write_error(e: BaseException) -> bool:
+    """Whether E is an OSError a user fixes by freeing space or choosing a writable folder."""
+    return isinstance(e, OSError) and not isinstance(e, WriteError) and e.errno in WRITE_ERRNOS
+
+
+def write_error(e: OSError, saved: str, then: str = "run the same command again") -> WriteError:
+    """The WriteError for E: names the file, says what was SAVED, and what to do after freeing space (THEN)."""
+    where = f" {e.filename}" if e.filename else ""
+    return WriteError(f"Could not write{where}: {e.strerror or e}. {saved.rstrip('.')}. Files are written under "
+                      "a temporary name and renamed when complete, so nothing half-written is left under a final "
+                      f"name. Free some space or make the folder writable (or choose another output), then {then}.",
+                      e.errno, e.filename)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path in the same folder; rename it over `path` on success."""
+    """Yield a temporary path in the same folder; rename it over `path` on success.
+
+    An OSError about the temporary file (a full disk, a read-only folder) is raised naming
+    `path`, the file the user asked for, and the temporary file is removed.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise OSError(e.errno, e.strerror, os.fspath(path)) from e
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -25,9 +67,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        # Only an error about the temporary file (or about no file) is about PATH; the
+        # caller's block may have failed on another file.
+        named = None if e.filename is None else os.fspath(e.filename)
+        if e.errno not in WRITE_ERRNOS or isinstance(e, FeatureshiftError) or named not in (None, os.fspath(tmp)):
+            raise
+        raise OSError(e.errno, e.strerror, os.fspath(path)) from e
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        with contextlib.suppress(OSError):
+            if tmp.exists():
+                tmp.unlink()
 
 
 @functools.cache

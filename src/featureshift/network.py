@@ -47,10 +47,12 @@ def is_snapshot_spec(spec: str | os.PathLike) -> bool:
 def open_network(spec: str | os.PathLike, weights: str = "imagenet", *, num_classes: int | None = None,
                  device: str | torch.device = "cpu", progress: bool = True,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 input_size: int | None = None) -> Network:
+                 input_size: int | None = None, in_chans: int = 3, image_size: int | None = None) -> Network:
     """Resolve SPEC (a model name, a snapshot file, or an ONNX file) with WEIGHTS (imagenet, random,
     or the path of a snapshot or a state-dict file; ignored when SPEC is a file) into a Network.
-    mean, std, input_size: the preprocessing of an ONNX file that does not carry its own."""
+    mean, std, input_size: the preprocessing of an ONNX file that does not carry its own.
+    in_chans, image_size: input bands and the image size a vision transformer is built for, when
+    SPEC is a model name (see models.zoo.create_model); a snapshot records its own."""
     if is_onnx_path(spec):
         path = Path(spec)
         module = load_onnx(path, mean=mean, std=std, input_size=input_size).to(device)
@@ -61,7 +63,8 @@ def open_network(spec: str | os.PathLike, weights: str = "imagenet", *, num_clas
         return Network(module, meta.info, meta, path)
     name = str(spec)
     if weights in ("imagenet", "random"):
-        module = build_named(name, weights=weights, num_classes=num_classes, progress=progress).to(device)
+        module = build_named(name, weights=weights, num_classes=num_classes, progress=progress,
+                             in_chans=in_chans, image_size=image_size).to(device)
         return Network(module, model_info(module))
     path = Path(weights)
     if not path.exists():
@@ -78,18 +81,22 @@ def open_network(spec: str | os.PathLike, weights: str = "imagenet", *, num_clas
             )
         module, meta = load_snapshot(path, device=device)
         return Network(module, meta.info, meta, path)
-    module = _from_state_dict_file(name, path, progress).to(device)
+    module = _from_state_dict_file(name, path, progress, in_chans, image_size).to(device)
     return Network(module, model_info(module), None, path)
 
 
 def create_model(name: str, weights: str = "imagenet", num_classes: int | None = None,
-                 progress: bool = True) -> nn.Module:
-    """A network in eval mode taking normalized RGB input, with `featureshift_info` attached.
+                 progress: bool = True, *, in_chans: int = 3, image_size: int | None = None) -> nn.Module:
+    """A network in eval mode taking normalized input, with `featureshift_info` attached.
 
     weights: "imagenet" (standard download-and-cache; squeezenet1_1 works offline),
     "random", or the path of a snapshot (.safetensors) or a state-dict file.
+    in_chans: input bands (1 grayscale, 3 RGB, N multi-band; timm models). image_size: build a
+    vision transformer for this image size (e.g. create_model("timm/vit_tiny_patch16_224",
+    "random", image_size=64)); it is also the model's input size.
     """
-    return open_network(name, weights, num_classes=num_classes, progress=progress).module
+    return open_network(name, weights, num_classes=num_classes, progress=progress, in_chans=in_chans,
+                        image_size=image_size).module
 
 
 def load(model_or_snapshot: str, weights: str = "imagenet") -> tuple[nn.Module, SnapshotMeta | None]:
@@ -98,7 +105,8 @@ def load(model_or_snapshot: str, weights: str = "imagenet") -> tuple[nn.Module, 
     return net.module, net.meta
 
 
-def _from_state_dict_file(name: str, path: Path, progress: bool) -> nn.Module:
+def _from_state_dict_file(name: str, path: Path, progress: bool, in_chans: int = 3,
+                          image_size: int | None = None) -> nn.Module:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)  # never run code from the file
     except Exception as e:
@@ -108,7 +116,7 @@ def _from_state_dict_file(name: str, path: Path, progress: bool) -> nn.Module:
         ) from e
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
-    model = build_named(name, weights="random", progress=progress)
+    model = build_named(name, weights="random", progress=progress, in_chans=in_chans, image_size=image_size)
     info = model_info(model)
     head = [n for n, _ in head_modules(model)][0]
     key = f"{head}.weight"

@@ -70,7 +70,8 @@ def weights_checksum(state: dict[str, torch.Tensor]) -> str:
     for k in sorted(state):
         t = state[k].detach().cpu().contiguous()
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy of the bytes
     return h.hexdigest()
 
 
@@ -145,7 +146,8 @@ def load_snapshot(path: str | Path, device: str | torch.device = "cpu", verify: 
 def build_from_state(info: ModelInfo, state: dict[str, torch.Tensor], source: Path | str) -> nn.Module:
     # Build on the meta device (no time spent on a random init that is overwritten at once).
     with torch.device("meta"):
-        model = build(info.arch, num_classes=info.num_classes, pretrained=False)
+        model = build(info.arch, num_classes=info.num_classes, pretrained=False, in_chans=info.in_chans,
+                      img_size=info.img_size)
     _drop_absent_aux_heads(model, state)
     try:
         model.load_state_dict(state, assign=True)
@@ -157,7 +159,8 @@ def build_from_state(info: ModelInfo, state: dict[str, torch.Tensor], source: Pa
         ) from e
     leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftovers:  # non-persistent buffers: build normally and load again
-        model = build(info.arch, num_classes=info.num_classes, pretrained=False)
+        model = build(info.arch, num_classes=info.num_classes, pretrained=False, in_chans=info.in_chans,
+                      img_size=info.img_size)
         _drop_absent_aux_heads(model, state)
         model.load_state_dict(state)
     return model

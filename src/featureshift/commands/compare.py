@@ -113,7 +113,7 @@ def _open(x, weights: str) -> _Side:
     net = open_network(x, weights)
     if not is_snapshot_spec(x):
         return _Side(net.module, f"{x} ({weights})")
-    epoch = f", epoch {net.meta.epoch}" if net.meta.epoch is not None else ""
+    epoch = f", epoch {net.meta.epoch}" if net.meta is not None and net.meta.epoch is not None else ""
     return _Side(net.module, f"{Path(x).name}{epoch}", Path(x))
 
 
@@ -144,7 +144,8 @@ def compare(a, b, layer: str, *, columns: int | None = None, channels: str | Seq
             most_changed: int | None = None, by: str = "weight", output: str | os.PathLike | None = None,
             probe: str | os.PathLike | None = None, probe_limit: int | None = DEFAULT_PROBE_LIMIT,
             image_size: int | None = None, weights: str = "imagenet", settings: RenderSettings | None = None,
-            device: str = "auto", batch_size: int | None = None, quiet: bool = False, **changes) -> CompareResult:
+            device: str = "auto", batch_size: int | None = None, quiet: bool = False, ray: str | None = None,
+            **changes) -> CompareResult:
     """Compare `layer` of networks A and B (snapshot files, model names, or modules).
 
     Channels on the sheet: the first `columns` (default 8), the `channels` given ("0-4,17"),
@@ -152,13 +153,17 @@ def compare(a, b, layer: str, *, columns: int | None = None, channels: str | Seq
     docs/metrics.md). Representation measures use the `probe` folder, or else the
     validation images of the run A or B belongs to; without either they are left out.
     Both networks render each channel with the same `settings` (a RenderSettings, with
-    keyword `changes` to its fields, e.g. steps=64). The sheet is written to `output` if given.
+    keyword `changes` to its fields, e.g. steps=64), here or on Ray (`ray`: "auto" or a cluster
+    address, see `featureshift.jobs.executors`). The sheet is written to `output` if given;
+    a sheet that cannot be written raises `featureshift.io.WriteError`. Channels of the output
+    layer ('logits') are labelled with their class names.
     """
-    from ..grid import make_grid
-    from ..io import save_image
-    from ..optvis.engine import render
+    from ..grid import channel_label, make_grid
+    from ..io import is_write_error, save_image, write_error
+    from ..jobs.executors import check_ray, render_network
 
     settings = (settings or DEFAULT_SETTINGS).replace(**changes)
+    check_ray(ray)
     check_exclusive(columns, channels, most_changed)
     if output is not None and Path(output).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise FeatureshiftError(f"The sheet {output} needs an image file name ending in .png (or .jpg, .webp).")
@@ -197,8 +202,8 @@ def compare(a, b, layer: str, *, columns: int | None = None, channels: str | Seq
 
     def render_both(chans: list[int]):
         targets = [(layer, c) for c in chans]
-        ra = render(model_a, targets, settings, device=device, batch_size=batch_size, quiet=quiet)
-        rb = render(model_b, targets, settings, device=device, batch_size=batch_size, quiet=quiet)
+        ra = render_network(model_a, targets, settings, ray=ray, device=device, batch_size=batch_size, quiet=quiet)
+        rb = render_network(model_b, targets, settings, ray=ray, device=device, batch_size=batch_size, quiet=quiet)
         ia = [None if i in ra.failed else ra.images[i] for i in range(len(chans))]
         ib = [None if i in rb.failed else rb.images[i] for i in range(len(chans))]
         ok = [i for i in range(len(chans)) if ia[i] is not None and ib[i] is not None]
@@ -225,7 +230,10 @@ def compare(a, b, layer: str, *, columns: int | None = None, channels: str | Seq
     renders_a = [rendered[c][0] for c in chosen]
     renders_b = [rendered[c][1] for c in chosen]
 
-    labels = [f"ch {c}\nw {_fmt(rows[c]['weight_change'], 2)} r {_fmt(rows[c]['correlation'], 2)}\n"
+    info_b = getattr(model_b, "featureshift_info", None)
+    class_names = info_b.class_names if info_b is not None else None
+    labels = [f"{channel_label(layer, c, class_names, prefix='ch ')}\nw {_fmt(rows[c]['weight_change'], 2)} "
+              f"r {_fmt(rows[c]['correlation'], 2)}\n"
               f"d {_fmt(rows[c]['drift'], 2)} x {_fmt(rows[c]['cross_b_on_a'], 2)}" for c in chosen]
     shown = [[_enlarge(t) for t in renders_a], [_enlarge(t) for t in renders_b]]
     sheet = make_grid(shown, row_labels=[f"A\n{name_a}", f"B\n{name_b}"], col_labels=labels,
@@ -235,5 +243,11 @@ def compare(a, b, layer: str, *, columns: int | None = None, channels: str | Seq
                            renders_a, renders_b)
     if output is not None:
         result.output = Path(output)
-        save_image(result.output, sheet)
+        try:
+            save_image(result.output, sheet)
+        except OSError as e:
+            if not is_write_error(e):
+                raise
+            raise write_error(e, f"The measures were computed but the sheet {output} was not written (an "
+                                 "earlier file of that name is unchanged)") from e
     return result

@@ -50,6 +50,18 @@ def step_timeline(run: Path, quiet: bool = False):
     return result
 
 
+DEMO_ATLAS_LAYER = "features.11.squeeze_activation"  # 64 channels, after the cutoff: the cheapest such layer
+DEMO_ATLAS_RENDER = dict(steps=48, size=64)  # small renders: 128 tiles must fit the demo's time on two cores
+
+
+def step_atlas(run: Path, quiet: bool = False):
+    """Every channel of one layer before and after fine-tuning, into the tile cache the report reads."""
+    from .atlas import atlas
+
+    _say(f"[demo] rendering an atlas of {DEMO_ATLAS_LAYER}: all its channels, first and last snapshot", quiet)
+    return atlas(run, DEMO_ATLAS_LAYER, quiet=quiet, **DEMO_ATLAS_RENDER)
+
+
 def step_report(run: Path, quiet: bool = False) -> Path:
     """The HTML report: measures of change, dataset examples, a page per layer and channel."""
     from .report.builder import build_report
@@ -68,6 +80,7 @@ def run_demo(out_dir: str | Path, quiet: bool = False) -> Path:
     data = step_dataset(out, quiet)
     run = step_train(out, data, quiet)
     step_timeline(run, quiet)
+    step_atlas(run, quiet)
     index = step_report(run, quiet)
     _say(f"[demo] done in {time.perf_counter() - start:.0f} s: run folder {run}", quiet)
     return index

@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import FeatureshiftError
 from ..grid import make_grid
-from ..io import is_featureshift_output, save_merged
+from ..io import is_featureshift_output, is_write_error, save_merged, write_error
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 
@@ -57,6 +57,7 @@ def merge(inputs: Sequence[str | Path], output: str | Path, *, labels: bool = Fa
 
     Order: natural numeric order of the file names, or the order given if `keep_order`.
     `labels` writes each file's name (without suffix) to the left of its row.
+    An output that cannot be written raises `featureshift.io.WriteError`.
     """
     output = Path(output)
     if output.suffix.lower() not in {".png", ".jpg", ".jpeg", ".webp"}:
@@ -89,5 +90,11 @@ def merge(inputs: Sequence[str | Path], output: str | Path, *, labels: bool = Fa
                                 "Give PNG/JPEG files or a folder that holds them.")
     row_labels = [f.stem for f in used] if labels else None
     grid = make_grid([[im] for im in images], row_labels=row_labels, title=title, pad=pad)
-    save_merged(output, grid, kind="merge", inputs=[os.fspath(f) for f in used])
+    try:
+        save_merged(output, grid, kind="merge", inputs=[os.fspath(f) for f in used])
+    except OSError as e:
+        if not is_write_error(e):
+            raise
+        raise write_error(e, f"{output} was not written (an earlier file of that name is unchanged); the "
+                             f"{len(used)} input image(s) were only read") from e
     return MergeResult(output, used, skipped)

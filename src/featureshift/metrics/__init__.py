@@ -18,4 +18,6 @@ Four families of measures, all defined in docs/metrics.md:
     drift.py        visual_drift, cross_activation: measures from the channel's renders
     examples.py     dataset examples: the probe images that activate a channel most, with a crop
     driver.py       run_metrics: every measure of a training run, written to RUN/metrics/
+    adaptation.py   speed of adaptation, dead channels, reuse (kept / repurposed / died) from run_metrics' rows
+    spatial.py      dominant spatial frequency of a render and its change (coarsening)
 """

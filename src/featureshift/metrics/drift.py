@@ -30,13 +30,32 @@ def _judge() -> nn.Module:
     return _JUDGE["net"]
 
 
+def match_bands(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """A (B, C, H, W) batch with CHANNELS bands: gray (one band) repeated, RGB averaged to gray,
+    extra bands dropped; bands a render file lacks (the fourth and later, not kept in RGB tiles)
+    filled with the average of the ones it has."""
+    c = x.shape[1]
+    if c == channels:
+        return x
+    if channels == 1:
+        return x[:, :3].mean(1, keepdim=True)
+    if c == 1:
+        return x.expand(-1, channels, -1, -1)
+    if c > channels:
+        return x[:, :channels]
+    return torch.cat([x, x.mean(1, keepdim=True).expand(-1, channels - c, -1, -1)], 1)
+
+
 def _as_batch(images, mean, std, size: int | None = None) -> torch.Tensor:
-    x = torch.as_tensor(np.stack([np.asarray(i, np.float32) for i in images])).permute(0, 3, 1, 2)
+    x = torch.as_tensor(np.stack([np.asarray(i, np.float32) for i in images]))
+    if x.dim() == 3:  # grayscale arrays (H, W)
+        x = x[..., None]
+    x = match_bands(x.permute(0, 3, 1, 2), len(mean))
     if x.max() > 1.5:  # uint8 images
         x = x / 255.0
     if size is not None and x.shape[-1] != size:
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    return (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
 
 
 def read_image(path: str | Path) -> np.ndarray:

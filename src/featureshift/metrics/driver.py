@@ -17,6 +17,7 @@ from ..errors import FeatureshiftError
 from ..io import write_json, write_text
 from ..models.layers import LayerInfo, layer_info, layer_structure
 from ..run import trained_image_size
+from .adaptation import dead_channels
 from .drift import cross_activation, read_image, visual_drift
 from .examples import find_examples, receptive_field
 from .probe import DEFAULT_PROBE_LIMIT, METRICS_VERSION, PROBE_BATCH, probe_stats, resolve_probe
@@ -137,18 +138,27 @@ def run_metrics(run_dir: str | Path, layers: Sequence[str] = (), channels: dict[
                                "cka": cka(ref_stats, stats, l)})
         for l in layers:
             corr = channel_correlation(ref_stats, stats, l)
+            dead = dead_channels(stats.layers[l].peak)
             per = {c: {"drift": np.nan, "cross_b_on_a": np.nan, "cross_a_on_b": np.nan} for c in range(len(corr))}
             have = [c for c in channels[l] if (l, ref_epoch, c) in renders and (l, epoch, c) in renders]
             if have:
                 ra = [read_image(renders[(l, ref_epoch, c)]) for c in have]
                 rb = [read_image(renders[(l, epoch, c)]) for c in have]
-                drift = visual_drift(ra, rb)
+                # The very same tile (same weights, same settings) has drift 0 by definition; the judge
+                # network would take as long on it as on a changed one, and an atlas has hundreds.
+                same = [renders[(l, ref_epoch, c)] == renders[(l, epoch, c)] for c in have]
+                drift = [0.0] * len(have)
+                todo = [i for i, s in enumerate(same) if not s]
+                if todo:
+                    for i, d in zip(todo, visual_drift([ra[i] for i in todo], [rb[i] for i in todo])):
+                        drift[i] = d
                 b_on_a, a_on_b = cross_activation(ref_model, model, [(l, c) for c in have], ra, rb)
                 for i, c in enumerate(have):
                     per[c] = {"drift": drift[i], "cross_b_on_a": b_on_a[i], "cross_a_on_b": a_on_b[i]}
             for c in range(len(corr)):
                 channel_rows.append({"epoch": epoch, "layer": l, "channel": c,
-                                     "weight_change": wc[l].channels[c], "correlation": corr[c], **per[c]})
+                                     "weight_change": wc[l].channels[c], "correlation": corr[c], **per[c],
+                                     "dead": int(dead[c])})
             for c in channels[l]:
                 found[(l, c, epoch)] = find_examples(stats.layers[l], c, examples, paths, image_size, rf[l])
         if model is not ref_model:
@@ -169,7 +179,7 @@ def write_run_metrics(out_dir: Path, m: RunMetrics) -> None:
     files = {"layers": out_dir / "layers.csv", "channels": out_dir / "channels.csv",
              "examples": out_dir / "examples.json", "summary": out_dir / "summary.json"}
     _write_csv(files["layers"], m.layer_rows, ("epoch", "layer", "weight_change", "cka"))
-    _write_csv(files["channels"], m.channel_rows, ("epoch", "layer", "channel", *CHANNEL_COLUMNS))
+    _write_csv(files["channels"], m.channel_rows, ("epoch", "layer", "channel", *CHANNEL_COLUMNS, "dead"))
     write_json(files["examples"], {
         "probe": [str(p) for p in m.probe], "image_size": m.image_size,
         "about": "per layer, channel and epoch: the probe images that activate the channel most (spatial "

@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 
 from ..grid import make_grid
-from ..models.layers import truncated
+from ..models.layers import blank_input, truncated
 
 MIN_CROP_FRACTION = 1 / 6  # a crop smaller than this of the image shows too little to recognize
 
@@ -33,7 +33,7 @@ class Example:
 def receptive_field(model: nn.Module, layer: str, image_size: int) -> int:
     """Side in pixels of the input region that drives one position of `layer`: where the
     gradient of the center position, on a noise image, is at least 1% of its largest value."""
-    x = torch.randn(1, 3, image_size, image_size, device=next(model.parameters()).device, requires_grad=True)
+    x = torch.randn_like(blank_input(model, image_size, device=next(model.parameters()).device)).requires_grad_(True)
     with truncated(model, [layer]) as net:
         out = net(x)[layer]
     h, w = out.shape[2:]
@@ -64,13 +64,14 @@ def find_examples(stats, channel: int, k: int, paths: Sequence[Path], image_size
 
 
 def probe_image(path: str | Path, info, image_size: int) -> Image.Image:
-    """The probe image as the network saw it: the model's own resize and center crop."""
+    """The probe image as the network saw it: the model's own resize and center crop (RGB; a
+    grayscale network's image in gray, a multi-band one's first three bands)."""
     from ..data import eval_transform, open_image
+    from ..grid import to_pil
 
-    t = eval_transform(info, image_size)(open_image(path))
-    t = t * torch.tensor(info.std).view(3, 1, 1) + torch.tensor(info.mean).view(3, 1, 1)
-    a = (t.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-    return Image.fromarray(a)
+    t = eval_transform(info, image_size)(open_image(path, channels=getattr(info, "in_chans", 3)))
+    t = t * torch.tensor(info.std).view(-1, 1, 1) + torch.tensor(info.mean).view(-1, 1, 1)
+    return to_pil(t.clamp(0, 1).permute(1, 2, 0).numpy())
 
 
 def example_crops(examples: Sequence[Example], info, image_size: int, tile: int = 96,

@@ -120,7 +120,7 @@ def probe_loader(paths: Sequence[Path], info, image_size: int):
     """Batches of PROBE_BATCH probe images, in order, as the network sees them (no labels)."""
     from ..data import ImageDataset, eval_transform
 
-    ds = ImageDataset([(Path(p), 0) for p in paths], eval_transform(info, image_size))
+    ds = ImageDataset([(Path(p), 0) for p in paths], eval_transform(info, image_size), channels=info.in_chans)
 
     class _Images(torch.utils.data.Dataset):
         def __len__(self):

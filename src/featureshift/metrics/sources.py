@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..models.layers import Capture, arch_key, layer_info, layer_structure, truncated
+from ..models.layers import Capture, arch_key, blank_input, channel_axis, layer_info, layer_structure, truncated
 
 _MAX_PROBE_ROWS = 512  # images per tracing pass: every module's NaN codes side by side in one batch
 
@@ -59,17 +59,19 @@ def _trace_sources(model: nn.Module, layers: list[str]) -> None:
     # One plain pass: the order of calls, and each parameter module's output width.
     events: list[str] = []
     widths: dict[str, int] = {}
+    axes: dict[str, int] = {}  # where each module's output holds its channels: 1, or -1 (tokens, channels-last)
     candidates = [n for n, m in modules.items() if n and any(True for _ in m.parameters(recurse=False))]
     is_candidate, is_layer = set(candidates), set(layers)
 
     def record(name, module, out):
-        if isinstance(out, torch.Tensor) and out.dim() == 4:
+        axis = channel_axis(model, module, out)
+        if axis is not None:
             # a module can be both: its parameters' event comes first, as it happens before the layer's
             for event in ([name] if name in is_candidate else []) + (["@" + name] if name in is_layer else []):
                 events.append(event)
-                widths[name] = out.shape[1]
+                widths[name], axes[name] = out.shape[axis], axis
 
-    x = torch.randn(1, 3, size, size, device=device)
+    x = torch.randn_like(blank_input(model, size, device=device))
     with torch.no_grad(), Capture(model, [*candidates, *layers], on_output=record, keep=False) as net:
         net(x)
     last = {l: max(i for i, n in enumerate(events) if n == "@" + l) for l in layers}
@@ -89,7 +91,7 @@ def _trace_sources(model: nn.Module, layers: list[str]) -> None:
                                     if (n, l) not in hits))
         active = open_layers()
         for chunk in _row_chunks(wanted, bits_of):
-            _probe_chunk(model, chunk, bits_of, widths, x, active, hits, device)
+            _probe_chunk(model, chunk, bits_of, widths, x, active, hits, device, axes)
         for l, info in zip(layers, targets):
             st = state[l]
             while st["pos"] < len(orders[l]) and not st["closed"].all() and (orders[l][st["pos"]], l) in hits:
@@ -123,7 +125,7 @@ def _row_chunks(names: list[str], bits_of: dict[str, int]) -> list[list[str]]:
     return [c for c in chunks if c]
 
 
-def _probe_chunk(model, chunk, bits_of, widths, x, layers, hits, device) -> None:
+def _probe_chunk(model, chunk, bits_of, widths, x, layers, hits, device, axes=None) -> None:
     """One pass with every module of `chunk` writing NaN codes into its own rows of the batch.
 
     Rows 2b and 2b+1 of a module hold NaN in the channels whose index has bit b set, and
@@ -135,13 +137,17 @@ def _probe_chunk(model, chunk, bits_of, widths, x, layers, hits, device) -> None
         rows += 2 * bits_of[n]
         k, bits = widths[n], bits_of[n]
         on = (np.arange(k)[None, :] >> np.arange(bits)[:, None]) & 1
-        masks[n] = torch.tensor(np.stack([on, 1 - on], 1).reshape(2 * bits, k).astype(bool), device=device)[:, :, None, None]
+        mask = torch.tensor(np.stack([on, 1 - on], 1).reshape(2 * bits, k).astype(bool), device=device)
+        masks[n] = mask[:, :, None, None] if (axes or {}).get(n, 1) == 1 else mask[:, None, :]
 
     def inject(name, module, out):
+        mask = masks[name]
+        if mask.dim() < out.dim():  # channels last: (rows, 1, ..., 1, channels)
+            mask = mask.view(mask.shape[0], *[1] * (out.dim() - 2), mask.shape[-1])
         first, count = offsets[name], 2 * bits_of[name]
         out = out.clone()
         part = out[first:first + count]
-        out[first:first + count] = torch.where(masks[name], torch.full_like(part, float("nan")), part)
+        out[first:first + count] = torch.where(mask, torch.full_like(part, float("nan")), part)
         return out
 
     # The injecting hooks go in first, so a layer that is itself one of the modules is read with its NaNs.

@@ -1,5 +1,12 @@
-"""Which layers a network has (every module whose output is a 4-D feature map), and
-running a network only as far as the layers you need.
+"""Which layers a network has (every module whose output is a 4-D feature map, or the
+(batch, tokens, width) output of a transformer's modules), and running a network only as
+far as the layers you need.
+
+Token layers (vision transformers) and channels-last feature maps (swin's (B, H, W, C))
+are seen by every command as channel-first maps, (B, C, H, W): a token layer's patch tokens
+on their grid, its prefix tokens (class token, registers) left out unless asked for. So a
+channel objective on a token layer is the mean over patch tokens of one hidden unit, and
+the metrics treat tokens like spatial positions.
 
 Names are the model's own module paths (`inception4c.branch4.1`), so they are stable
 across weights and snapshots and can be passed straight back to any command.
@@ -10,27 +17,136 @@ the renderer, the metrics and the channel-source tracing all hook modules throug
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import FeatureshiftError, did_you_mean
+from .info import input_channels
+
+# How a layer's output is laid out: a feature map (B, C, H, W), a channels-last one (B, H, W, C),
+# or tokens (B, tokens, width).
+LAYOUTS = ("NCHW", "NHWC", "tokens")
 
 
 @dataclasses.dataclass
 class LayerInfo:
     name: str
     type: str
-    channels: int
-    height: int
+    channels: int  # for tokens: the width (hidden units per token)
+    height: int  # for tokens: the patch grid (tokens - prefix, 1 when it is not square)
     width: int
     calls: int = 1  # a module reused in one forward pass (resnet's relu) is called more than once
     first: int = 0  # index among all hook events: forward-execution order
     last: int = 0
+    layout: str = "NCHW"  # one of LAYOUTS
+    tokens: int = 0  # for tokens: all of them, prefix tokens included
+    prefix: int = 0  # for tokens: the class token and other prefix tokens at the start
+
+    @property
+    def shape(self) -> str:
+        """The output's size for people: "28x28", or "65 tokens (1+8x8)" for a token layer."""
+        if self.layout == "tokens":
+            grid = f"{self.height}x{self.width}" if self.width > 1 else f"{self.height}"
+            return f"{self.tokens} tokens ({self.prefix}+{grid})" if self.prefix else f"{self.tokens} tokens ({grid})"
+        return f"{self.height}x{self.width}"
 
     def row(self) -> str:
-        return f"{self.name}\t{self.type}\t{self.channels}\t{self.height}x{self.width}"
+        return f"{self.name}\t{self.type}\t{self.channels}\t{self.shape}"
+
+
+def prefix_tokens(model: nn.Module) -> int:
+    """How many tokens a vision transformer puts before its patch tokens (class token, registers):
+    timm's num_prefix_tokens, torchvision's class token; 0 for other networks."""
+    n = getattr(model, "num_prefix_tokens", None)
+    if isinstance(n, int):
+        return n
+    return 1 if isinstance(getattr(model, "class_token", None), torch.Tensor) else 0
+
+
+def _square(n: int) -> int:
+    """The side of N when N is a square number, else 0."""
+    side = math.isqrt(n) if n > 0 else 0
+    return side if side * side == n else 0
+
+
+def patch_start(tokens: int, prefix: int) -> int:
+    """Where the patch tokens start in a sequence of TOKENS for a network with PREFIX prefix tokens:
+    PREFIX when the rest form a square grid (square inputs), else 0 (a sequence of patches only,
+    such as the patch embedding's output)."""
+    return prefix if prefix and tokens > prefix and _square(tokens - prefix) else 0
+
+
+def channels_first(out: torch.Tensor, layout: str, prefix: int = 0, include_prefix: bool = False) -> torch.Tensor:
+    """A layer's output as a channel-first map (B, C, H, W).
+
+    NHWC maps are permuted; tokens (B, T, D) become (B, D, g, g) over their patch tokens when those
+    form a square grid g x g (else (B, D, T', 1)), the PREFIX tokens left out unless INCLUDE_PREFIX,
+    in which case every token is a position, (B, D, T, 1)."""
+    if layout == "NHWC" and out.dim() == 4:
+        return out.permute(0, 3, 1, 2)
+    if layout != "tokens" or out.dim() != 3:
+        return out
+    b, t, d = out.shape
+    start = patch_start(t, prefix)
+    if include_prefix and start:
+        return out.transpose(1, 2).unsqueeze(-1)
+    patches = out[:, start:]
+    side = _square(t - start)
+    if side:
+        return patches.transpose(1, 2).reshape(b, d, side, side)
+    return patches.transpose(1, 2).unsqueeze(-1)
+
+
+def feature_views(model: nn.Module, infos: Iterable["LayerInfo"], include_prefix: bool = False
+                  ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """For Capture(views=...): the conversion of each token or channels-last layer of INFOS to a
+    channel-first map (see channels_first); feature maps need none."""
+    prefix = prefix_tokens(model)
+    return {i.name: functools.partial(channels_first, layout=i.layout, prefix=prefix, include_prefix=include_prefix)
+            for i in infos if i.layout != "NCHW"}
+
+
+def _channels_last_model(model: nn.Module) -> bool:
+    """Networks whose feature maps are (B, H, W, C) between their convolutions (swin)."""
+    if getattr(model, "output_fmt", None) == "NHWC":
+        return True
+    return type(model).__name__ == "SwinTransformer"
+
+
+_CHANNEL_FIRST_MODULES = (nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.MaxPool2d, nn.AvgPool2d,
+                          nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def _layout(module: nn.Module, out: torch.Tensor, channels_last_model: bool) -> str:
+    if out.dim() == 3:
+        return "tokens"
+    if str(getattr(module, "output_fmt", "")).upper().endswith("NHWC"):  # timm's PatchEmbed and others
+        return "NHWC"
+    if channels_last_model and not isinstance(module, _CHANNEL_FIRST_MODULES):
+        return "NHWC"
+    # Linear and LayerNorm act on the last dimension: on a 4-D input it holds the channels.
+    if isinstance(module, nn.Linear) and out.shape[-1] == module.out_features:
+        return "NHWC"
+    if type(module) is nn.LayerNorm and tuple(out.shape[-1:]) == tuple(module.normalized_shape[-1:]):
+        return "NHWC"
+    return "NCHW"
+
+
+def channel_axis(model: nn.Module, module: nn.Module, out: Any) -> int | None:
+    """The axis of OUT (an output of MODULE inside MODEL) that holds its channels: 1 for a feature
+    map, -1 for tokens and channels-last maps; None for an output that is neither (batch 1)."""
+    if not (isinstance(out, torch.Tensor) and out.is_floating_point() and out.dim() in (3, 4)):
+        return None
+    return 1 if _layout(module, out, _channels_last_model(model)) == "NCHW" else -1
+
+
+def blank_input(model: nn.Module, size: int, device=None, dtype=None, batch: int = 1) -> torch.Tensor:
+    """Zeros shaped like MODEL's input at SIZE px: (batch, its input channels, size, size)."""
+    return torch.zeros(batch, input_channels(model), size, size, device=device, dtype=dtype)
 
 
 def _input_size(model: nn.Module, size: int | None) -> int:
@@ -63,13 +179,17 @@ class Capture:
     keep: keep the outputs (False when the callbacks do all the work).
     model_output: also return the model's own output under this key (for a forward pass that
         runs to the end).
+    views: name -> function applied to that module's kept output when it is returned (token and
+        channels-last layers as channel-first maps: `feature_views`); the network sees the original.
     """
 
     def __init__(self, model: nn.Module, names: Iterable[str], *, stop_after: Mapping[str, int] | None = None,
                  on_output: Callable[[str, nn.Module, Any], Any] | None = None,
                  on_input: Callable[[str, nn.Module], None] | None = None, keep: bool = True,
-                 model_output: str | None = None):
+                 model_output: str | None = None,
+                 views: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None):
         self.model = model
+        self.views = dict(views or {})
         self.names = list(dict.fromkeys(names))
         self.stop_after = dict(stop_after or {})
         self.model_output = model_output
@@ -116,7 +236,8 @@ class Capture:
         missing = [n for n in self.names if n not in self.outputs]
         if missing:
             raise FeatureshiftError(f"Layer(s) {', '.join(missing)} produced no output for this input.")
-        feats = {n: self.outputs[n] for n in self.names}
+        views = self.views
+        feats = {n: views[n](self.outputs[n]) if n in views else self.outputs[n] for n in self.names}
         if self.model_output is not None:
             feats[self.model_output] = result
         return feats
@@ -140,26 +261,38 @@ def _entered(name: str, on_input: Callable[[str, nn.Module], None]):
 
 
 def trace_layers(model: nn.Module, size: int | None = None) -> list[LayerInfo]:
-    """Every module with a 4-D output, in forward-execution order, at a square input of `size`."""
+    """Every module with a 4-D output, or a (1, tokens, width) output of a transformer, in
+    forward-execution order, at a square input of `size`. Shapes are channel-first (see
+    channels_first): channels, then the map's (or the patch grid's) height and width."""
     size = _input_size(model, size)
     found: dict[str, LayerInfo] = {}
     events = [0]
+    channels_last_model = _channels_last_model(model)
+    prefix = prefix_tokens(model)
+
+    shapes: dict[str, torch.Size] = {}
 
     def record(name, module, out):
         events[0] += 1
-        if isinstance(out, torch.Tensor) and out.dim() == 4:
-            if name in found:
-                found[name].calls += 1
-                found[name].last = events[0]
-                found[name].channels, found[name].height, found[name].width = out.shape[1:]
-            else:
-                found[name] = LayerInfo(name, type(module).__name__, *out.shape[1:], first=events[0], last=events[0])
+        # batch 1: an output whose first dimension is not the batch (swin's attention windows) is no layer
+        if not (isinstance(out, torch.Tensor) and out.is_floating_point() and out.dim() in (3, 4)
+                and out.shape[0] == 1):
+            return
+        layout = _layout(module, out, channels_last_model)
+        shapes[name] = out.shape
+        if name in found:
+            found[name].calls += 1
+            found[name].last = events[0]
+            found[name].layout = layout
+        else:
+            found[name] = LayerInfo(name, type(module).__name__, 0, 0, 0, first=events[0], last=events[0],
+                                    layout=layout)
 
     was_training = model.training
     model.eval()
     try:
         p = next(model.parameters(), None)
-        x = torch.zeros(1, 3, size, size, device=p.device if p is not None else "cpu")
+        x = blank_input(model, size, device=p.device if p is not None else "cpu")
         with torch.no_grad(), Capture(model, [n for n, _ in model.named_modules() if n], on_output=record,
                                       keep=False) as net:
             net(x)
@@ -170,6 +303,18 @@ def trace_layers(model: nn.Module, size: int | None = None) -> list[LayerInfo]:
         ) from e
     finally:
         model.train(was_training)
+    modules = dict(model.named_modules())
+    for name, layer in found.items():
+        # A pass-through inside a channels-last module (the Identity norm of timm's PatchEmbed) is channels-last.
+        parent = name.rpartition(".")[0]
+        if (layer.layout == "NCHW" and parent in found and found[parent].layout == "NHWC"
+                and shapes[parent] == shapes[name] and not isinstance(modules[name], _CHANNEL_FIRST_MODULES)):
+            layer.layout = "NHWC"
+        c, h, w = channels_first(torch.empty(shapes[name], device="meta"), layer.layout, prefix).shape[1:]
+        layer.channels, layer.height, layer.width = int(c), int(h), int(w)
+        if layer.layout == "tokens":
+            layer.tokens = int(shapes[name][1])
+            layer.prefix = patch_start(layer.tokens, prefix)
     return sorted(found.values(), key=lambda l: l.first)
 
 
@@ -184,7 +329,7 @@ def resolve_layers(model: nn.Module, names: Iterable[str], size: int | None = No
     out = []
     for name in names:
         if name not in layers:
-            kind = "a layer with a 4-D output" if name in dict(model.named_modules()) else "a layer"
+            kind = "a layer with a 4-D or token output" if name in dict(model.named_modules()) else "a layer"
             raise FeatureshiftError(
                 f"'{name}' is not {kind} of this network.{did_you_mean(name, layers)} "
                 "`featureshift layers MODEL` lists every layer name."
@@ -207,10 +352,12 @@ _STRUCTURES: dict[tuple, LayerStructure] = {}
 
 
 def arch_key(model: nn.Module) -> tuple:
-    """What identifies a network's structure: its architecture and class count (the object itself
-    for a network featureshift did not make)."""
+    """What identifies a network's structure: its architecture, class count, input channels and
+    build size (the object itself for a network featureshift did not make)."""
     info = getattr(model, "featureshift_info", None)
-    return (info.arch, info.num_classes) if info is not None else (id(model),)
+    if info is None:
+        return (id(model),)
+    return (info.arch, info.num_classes, getattr(info, "in_chans", 3), getattr(info, "img_size", None))
 
 
 def layer_structure(model: nn.Module) -> LayerStructure:
@@ -237,11 +384,15 @@ def layer_info(model: nn.Module, layer: str) -> LayerInfo:
     return resolve_layers(model, [layer], structure.size)[0]
 
 
-def truncated(model: nn.Module, layers: Sequence[str]) -> Capture:
+def truncated(model: nn.Module, layers: Sequence[str], include_prefix: bool = False) -> Capture:
     """A Capture of `layers` whose forward pass stops once all of them have produced their last output:
 
         with truncated(model, ["inception4a", "conv2"]) as net:
             feats = net(x)   # {"inception4a": tensor, "conv2": tensor}
+
+    Every output is a channel-first map (B, C, H, W): token layers give their patch tokens on
+    their grid (every token, as (B, C, T, 1), with include_prefix), channels-last maps are permuted.
     """
     infos = [layer_info(model, l) for l in layers]
-    return Capture(model, [i.name for i in infos], stop_after={i.name: i.calls for i in infos})
+    return Capture(model, [i.name for i in infos], stop_after={i.name: i.calls for i in infos},
+                   views=feature_views(model, infos, include_prefix))

@@ -15,6 +15,7 @@ imported only inside the functions here.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import hashlib
@@ -128,21 +129,25 @@ def to_onnx(module: nn.Module, info: ModelInfo, *, opset: int = 17, batch: int =
     require_onnx()
     import onnx
 
-    module = module.eval()
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
     x = torch.randn(batch, 3, info.input_size, info.input_size, device=device)
     program = None
     errors = []
-    # A batch dimension left free lets any reader run any batch size; a network whose code
-    # fixes it (a view to a constant shape) still exports, for its example batch size only.
-    for shapes in (({0: torch.export.Dim("batch")},), None):
-        try:
-            program = torch.onnx.export(module, (x,), dynamo=True, opset_version=max(opset, _EXPORTER_OPSET),
-                                        dynamic_shapes=shapes, input_names=["input"], output_names=["logits"],
-                                        verbose=False)
-            break
-        except Exception as e:  # the exporter raises many types; the message is what helps
-            errors.append(f"{e.__class__.__name__}: {str(e).strip().splitlines()[0]}")
+    was_training = module.training
+    module.eval()
+    try:
+        # A batch dimension left free lets any reader run any batch size; a network whose code
+        # fixes it (a view to a constant shape) still exports, for its example batch size only.
+        for shapes in (({0: torch.export.Dim("batch")},), None):
+            try:
+                program = torch.onnx.export(module, (x,), dynamo=True, opset_version=max(opset, _EXPORTER_OPSET),
+                                            dynamic_shapes=shapes, input_names=["input"], output_names=["logits"],
+                                            verbose=False)
+                break
+            except Exception as e:  # the exporter raises many types; the message is what helps
+                errors.append(f"{e.__class__.__name__}: {str(e).strip().splitlines()[0]}")
+    finally:
+        module.train(was_training)
     if program is None:
         raise FeatureshiftError(f"torch could not export this {info.arch} network to ONNX ({errors[-1]}).")
     model = program.model_proto
@@ -243,11 +248,15 @@ def check_with_onnxruntime(module: nn.Module, model, *, batch: int = 2, size: in
     options.intra_op_num_threads = max(1, torch.get_num_threads())
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     feed = x.permute(0, 2, 3, 1).numpy() if nhwc else x.numpy()
-    input_name = session.get_inputs()[0].name
-    output_name = model.graph.output[0].name
-    ref = session.run([output_name], {input_name: np.ascontiguousarray(feed)})[0]
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        input_name = session.get_inputs()[0].name
+        ref = session.run([model.graph.output[0].name], {input_name: np.ascontiguousarray(feed)})[0]
+    except Exception as e:  # onnxruntime's own exception types
+        raise FeatureshiftError(
+            f"onnxruntime could not run the graph to check it ({str(e).strip().splitlines()[0][:300]})."
+        ) from e
     p = next(module.parameters(), None)
     device = p.device if p is not None else torch.device("cpu")
     was_training = module.training
@@ -285,12 +294,14 @@ def _real_inputs(graph) -> list:
 # ---------------------------------------------------------------- layer names
 
 def node_names(graph) -> dict[str, str]:
-    """A readable, unique, dotted name for every node, keyed by its first output (see _node_key).
+    """A readable, unique layer name for every node, keyed by its first output (see _node_key).
 
     torch's default exporter records each node's module path (`features.3.squeeze`), the old
     exporter and tf2onnx put it in the node name (`/features/features.3/squeeze/Conv`,
     `model/block1_conv1/Conv2D`); either way the name is the path plus the operator, e.g.
-    `features.3.squeeze.Conv`. The same graph always gets the same names.
+    `features.3.squeeze.Conv`. The parts are joined by "/" here, as onnx2torch takes them
+    (it allows no dots in a module's name), and by "." in the converted module. The same graph
+    always gets the same names.
     """
     raw = [_name_parts(node) for node in graph.node]
     leaves = ["/".join(parts) for parts in raw]
@@ -315,9 +326,9 @@ def _node_key(node) -> str:
 def _name_parts(node) -> list[str]:
     scopes = next((p.value for p in node.metadata_props if p.key == _SCOPES_KEY), None)
     if scopes is not None:
-        try:
-            path = [s for s in json.loads(scopes.replace("'", '"'))[:-1] if s]
-        except ValueError:
+        try:  # written as a Python list literal: ['', 'features', 'features.3', 'conv2d_1']
+            path = [str(s) for s in ast.literal_eval(scopes)[:-1] if s]
+        except (ValueError, SyntaxError, TypeError):
             path = []
         module = path[-1].split(".") if path else []
         return _clean(module + [node.op_type])
@@ -365,16 +376,33 @@ class _Graph:
     batch: int = 0  # the batch size the original graph fixes (0: free)
 
 
+@dataclasses.dataclass
+class OnnxImport:
+    """An ONNX file converted to torch, and what featureshift learned doing it."""
+    module: nn.Module  # eval mode, normalized NCHW RGB in, `featureshift_info` attached
+    model: Any  # the file's own ModelProto, unchanged
+    source_arch: str  # the architecture the file names (its metadata, else its graph's name)
+    nhwc: bool  # the file's graph takes channels-last input
+    check: OnnxCheck | None  # None when the check was skipped
+
+
 def load_onnx(path: str | os.PathLike, *, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
               input_size: int | None = None, check: bool = True, tolerance: float = CHECK_TOLERANCE) -> nn.Module:
     """An ONNX image classifier as a torch module in eval mode, with `featureshift_info` attached.
 
     The module takes normalized NCHW RGB like every featureshift network (an NHWC graph is
     given a transposing input), its layers are named after the graph's nodes (see node_names),
-    and it is checked against onnxruntime on a random batch (check=False skips that).
+    and it is checked against onnxruntime on a random batch (check=False skips that): a
+    FeatureshiftError when the largest difference is above TOLERANCE x max(1, largest |output|).
     Preprocessing comes from MEAN, STD and INPUT_SIZE where given, else from the metadata a
     featureshift export writes; input_size also from a graph that fixes its input size.
     """
+    return import_onnx(path, mean=mean, std=std, input_size=input_size, check=check, tolerance=tolerance).module
+
+
+def import_onnx(path: str | os.PathLike, *, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                input_size: int | None = None, check: bool = True, tolerance: float = CHECK_TOLERANCE) -> OnnxImport:
+    """load_onnx, with the file's graph, its layout and the check's result."""
     require_onnx()
     import onnx
 
@@ -399,6 +427,13 @@ def load_onnx(path: str | os.PathLike, *, mean: Sequence[float] | None = None, s
         raise FeatureshiftError(
             f"The input of {path} is not a batch of images (rank {len(dims) if dims else 'unknown'}, not 4)."
         )
+    elem_type = inputs[0].type.tensor_type.elem_type
+    if elem_type != onnx.TensorProto.FLOAT:
+        raise FeatureshiftError(
+            f"{path} takes {onnx.helper.tensor_dtype_to_np_dtype(elem_type)} input; featureshift feeds networks "
+            "float32 images. Convert the network with a float32 input (tf2onnx: the model's own input, not a "
+            "decoding step)."
+        )
     graph = _Graph(onnx.ModelProto(), {})
     graph.model.CopyFrom(original)
     graph.nhwc = _is_nhwc(graph.model.graph, dims)
@@ -407,14 +442,17 @@ def load_onnx(path: str | os.PathLike, *, mean: Sequence[float] | None = None, s
         raise FeatureshiftError(f"{path} takes {channels}-channel images; featureshift takes RGB (3) networks.")
     graph.batch = dims[0]
     fixed = dims[1:3] if graph.nhwc else dims[2:4]
+    # Not the file's name: the epochs of one network, saved under different names, are one architecture.
+    source_arch = str(meta.get("arch") or _clean([original.graph.name or "graph"])[0])
     info = _model_info(path, meta, mean, std, input_size, fixed)
     model = _prepare(graph, info.input_size, fixed, path)
     module = _convert(graph, path)
     info.num_classes = _output_width(module, info.input_size)
     if len(info.class_names) != info.num_classes:
         info.class_names = [str(i) for i in range(info.num_classes)]
-    info.arch = f"onnx/{meta.get('arch') or path.stem}@{_structure_digest(model)}"
+    info.arch = f"onnx/{source_arch}@{_structure_digest(model)}"
     attach_info(module, info)
+    result = None
     if check:
         result = check_with_onnxruntime(module, original, size=info.input_size, nhwc=graph.nhwc, tolerance=tolerance)
         if not result.ok:
@@ -422,7 +460,7 @@ def load_onnx(path: str | os.PathLike, *, mean: Sequence[float] | None = None, s
                 f"{path} converted to torch does not compute what onnxruntime computes: {result.describe()}. "
                 "The graph uses something featureshift does not convert faithfully."
             )
-    return module
+    return OnnxImport(module, original, source_arch, graph.nhwc, result)
 
 
 def _is_nhwc(graph, dims: list[int]) -> bool:
@@ -453,7 +491,7 @@ def _model_info(path: Path, meta: dict[str, Any], mean, std, input_size, fixed: 
     names = meta.get("class_names")
     size = int(size)
     return ModelInfo(
-        arch=str(meta.get("arch") or path.stem), num_classes=len(names) if isinstance(names, list) else 0,
+        arch="", num_classes=len(names) if isinstance(names, list) else 0,
         class_names=[str(n) for n in names] if isinstance(names, list) else [],
         mean=mean, std=std, input_size=size,
         resize_size=int(meta.get("resize_size") or round(size * 256 / 224)), weights=str(path),
@@ -517,7 +555,7 @@ def _supported_opset(model, path: Path):
     missing = _unconvertible(model)
     if not missing:
         return model
-    current = _opset(model)
+    current = declared_opset(model)
     for target in _FALLBACK_OPSETS:
         if target >= current:
             continue
@@ -533,7 +571,8 @@ def _supported_opset(model, path: Path):
     )
 
 
-def _opset(model) -> int:
+def declared_opset(model) -> int:
+    """The version of the standard ONNX operator set a ModelProto declares."""
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
@@ -852,16 +891,17 @@ def _output_width(module: nn.Module, size: int) -> int:
 
 def _structure_digest(model) -> str:
     """What identifies the graph apart from its weights: networks with the same digest have the
-    same layers (the layer structure featureshift traces once per architecture)."""
+    same layers, with the same widths (what featureshift traces once per architecture, and what
+    two networks must share to be compared). Node inputs are left out beyond the shapes of the
+    weight matrices and kernels: an exporter drops a bias that is all zeros (a fresh layer's)."""
+    initializers = {i.name: list(i.dims) for i in model.graph.initializer}
     h = hashlib.sha256()
     for node in model.graph.node:
-        if node.op_type == "Constant":
-            h.update(b"Constant" + node.name.encode())
-            continue
-        stripped = type(node)()
-        stripped.CopyFrom(node)
-        del stripped.metadata_props[:]
-        h.update(stripped.SerializeToString(deterministic=True))
-    for init in model.graph.initializer:
-        h.update(f"{init.name}{list(init.dims)}".encode())
+        h.update(f"{node.name}|{node.domain}|{node.op_type}|".encode())
+        for a in sorted(node.attribute, key=lambda a: a.name):
+            if a.type != a.TENSOR:  # a Constant's value is a weight, not structure
+                h.update(a.SerializeToString(deterministic=True))
+        for name in node.input:
+            if len(initializers.get(name, ())) >= 2:
+                h.update(str(initializers[name]).encode())
     return h.hexdigest()[:10]

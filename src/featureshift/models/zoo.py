@@ -1,6 +1,7 @@
 """One registry of networks: a name and a weights choice in, a plain nn.Module out.
 
-Every model takes normalized RGB input (torchvision's convention) and carries a
+Every model takes normalized input (RGB by torchvision's convention; timm models may take
+1 or N bands, `ModelInfo.in_chans`) and carries a
 `ModelInfo` (architecture, classes, preprocessing) that snapshots store and every
 command reads, so a fine-tuned network is rebuilt exactly as it was saved.
 """
@@ -17,7 +18,7 @@ import torchvision
 from torch import nn
 
 from ..errors import FeatureshiftError, did_you_mean
-from .info import IMAGENET_MEAN, IMAGENET_STD, ModelInfo, attach_info, model_info
+from .info import IMAGENET_MEAN, IMAGENET_STD, ModelInfo, attach_info, band_stats, model_info
 
 # Builder arguments fixed per architecture so that "imagenet" and "random" weights
 # and a snapshot reload all produce the same module tree (and the same layer names).
@@ -82,13 +83,34 @@ def _offline_error(what: str, url: str, path: Path, err: Exception) -> Featuresh
     )
 
 
-def build(arch: str, num_classes: int = 1000, pretrained: bool = False, progress: bool = True) -> nn.Module:
-    """The bare architecture (random init, or ImageNet weights), head sized for num_classes."""
+def _timm_model(timm, base: str, pretrained: bool, in_chans: int, img_size: int | None) -> nn.Module:
+    kwargs: dict[str, Any] = {"in_chans": in_chans} if in_chans != 3 else {}
+    if img_size:
+        kwargs["img_size"] = img_size
+    try:
+        # Vision transformers then take any input size (position embeddings resampled, the image padded
+        # to whole patches), as renders need:
+        # their transforms show the network crops of other sizes than the canvas.
+        return timm.create_model(base, pretrained=pretrained, dynamic_img_size=True, dynamic_img_pad=True, **kwargs)
+    except TypeError:  # an architecture without the option (CNNs take any size anyway)
+        return timm.create_model(base, pretrained=pretrained, **kwargs)
+
+
+def build(arch: str, num_classes: int = 1000, pretrained: bool = False, progress: bool = True, *,
+          in_chans: int = 3, img_size: int | None = None) -> nn.Module:
+    """The bare architecture (random init, or ImageNet weights), head sized for num_classes.
+
+    in_chans: input bands (timm models; pretrained first-layer weights are adapted by timm).
+    img_size: the image size a vision transformer is built for (timm's img_size, torchvision's
+    image_size); None: the architecture's default."""
     lib, base = _resolve_name(arch)
+    if lib == "torchvision" and in_chans != 3:
+        raise FeatureshiftError(f"torchvision's {base} takes RGB input only; for {in_chans} input channels use "
+                                f"a timm model (timm/{base} where timm has it).")
     if lib == "timm":
         timm = _timm()
         try:
-            model = timm.create_model(base, pretrained=pretrained)
+            model = _timm_model(timm, base, pretrained, in_chans, img_size)
         except Exception as e:  # hub download failures come in many types
             if not pretrained:
                 raise
@@ -102,6 +124,9 @@ def build(arch: str, num_classes: int = 1000, pretrained: bool = False, progress
             model = torchvision.models.squeezenet1_1(weights=None)
             model.load_state_dict(load_state_dict())
         elif pretrained:
+            if img_size:
+                raise FeatureshiftError(f"torchvision's ImageNet weights of {base} are for its own image size; "
+                                        "build it with random weights for another size, or use a timm model.")
             enum = _imagenet_enum(base)
             if enum is None:
                 raise FeatureshiftError(f"torchvision has no ImageNet weights for '{base}'; use --weights random or a file.")
@@ -119,6 +144,11 @@ def build(arch: str, num_classes: int = 1000, pretrained: bool = False, progress
         else:
             if base in ("googlenet", "inception_v3"):
                 kwargs["init_weights"] = True
+            if img_size:
+                if not base.startswith("vit_"):
+                    raise FeatureshiftError(f"An image size fixed at build time applies to vision transformers "
+                                            f"(vit_*, timm models), not to torchvision's {base}.")
+                kwargs["image_size"] = img_size
             model = torchvision.models.get_model(base, weights=None, **kwargs)
     if num_classes != current_num_classes(model):
         replace_head(model, num_classes)
@@ -184,20 +214,34 @@ def replace_head(model: nn.Module, num_classes: int) -> list[str]:
     return names
 
 
-def _preprocessing(lib: str, base: str, model: nn.Module) -> dict[str, Any]:
+def _preprocessing(lib: str, base: str, model: nn.Module, in_chans: int = 3,
+                   img_size: int | None = None) -> dict[str, Any]:
+    """The model's own preprocessing: timm's pretrained configuration (mean, std, input size,
+    crop, interpolation) or torchvision's weights transforms; mean and std fitted to the bands."""
+    out: dict[str, Any]
     if lib == "timm":
         timm = _timm()
         cfg = timm.data.resolve_data_config({}, model=model)
-        size = int(cfg["input_size"][-1])
-        return dict(mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), input_size=size,
-                    resize_size=int(round(size / cfg.get("crop_pct", 0.875))))
-    enum = _imagenet_enum(base)
-    if enum is None:
-        return {}
-    t = enum.transforms()
-    crop = t.crop_size[0] if isinstance(t.crop_size, (list, tuple)) else t.crop_size
-    resize = t.resize_size[0] if isinstance(t.resize_size, (list, tuple)) else t.resize_size
-    return dict(mean=tuple(t.mean), std=tuple(t.std), input_size=int(crop), resize_size=int(resize))
+        size = int(img_size or cfg["input_size"][-1])
+        out = dict(mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), input_size=size,
+                   resize_size=int(round(size / cfg.get("crop_pct", 0.875))),
+                   interpolation=str(cfg.get("interpolation") or "bilinear"))
+    else:
+        enum = _imagenet_enum(base)
+        if enum is None:
+            out = {}
+        else:
+            t = enum.transforms()
+            crop = t.crop_size[0] if isinstance(t.crop_size, (list, tuple)) else t.crop_size
+            resize = t.resize_size[0] if isinstance(t.resize_size, (list, tuple)) else t.resize_size
+            mode = getattr(t, "interpolation", None)
+            out = dict(mean=tuple(t.mean), std=tuple(t.std), input_size=int(crop), resize_size=int(resize),
+                       interpolation=str(getattr(mode, "value", mode or "bilinear")))
+        if img_size:
+            out.update(input_size=int(img_size), resize_size=int(round(img_size * 256 / 224)))
+    out["mean"] = band_stats(out.get("mean", IMAGENET_MEAN), in_chans)
+    out["std"] = band_stats(out.get("std", IMAGENET_STD), in_chans)
+    return out
 
 
 def imagenet_classes() -> list[str]:
@@ -205,9 +249,12 @@ def imagenet_classes() -> list[str]:
 
 
 def create_model(name: str, weights: str = "imagenet", num_classes: int | None = None,
-                 progress: bool = True) -> nn.Module:
+                 progress: bool = True, *, in_chans: int = 3, image_size: int | None = None) -> nn.Module:
     """The network NAME with "imagenet" or "random" weights, in eval mode, info attached.
 
+    in_chans: input bands (1 grayscale, 3 RGB, more for multi-band images; timm models).
+    image_size: the image size to build a vision transformer for (its position embeddings), and
+    the model's input size; recorded in its info so that snapshots rebuild it alike.
     Other weight sources (a snapshot, a state-dict file) are decided by
     `featureshift.network.open_network`, the one resolver of "which network".
     """
@@ -216,10 +263,14 @@ def create_model(name: str, weights: str = "imagenet", num_classes: int | None =
                          "featureshift.network.open_network resolves files")
     lib, base = _resolve_name(name)
     arch = f"timm/{base}" if lib == "timm" else base
-    model = build(arch, pretrained=weights == "imagenet", progress=progress)
+    in_chans, image_size = int(in_chans), int(image_size) if image_size else None
+    if in_chans < 1:
+        raise FeatureshiftError(f"in_chans must be at least 1, not {in_chans}.")
+    model = build(arch, pretrained=weights == "imagenet", progress=progress, in_chans=in_chans, img_size=image_size)
     classes = imagenet_classes() if current_num_classes(model) == 1000 else [str(i) for i in range(current_num_classes(model))]
     info = ModelInfo(arch=arch, num_classes=len(classes), class_names=classes, weights=weights,
-                     **_preprocessing(lib, base, model))
+                     in_chans=in_chans, img_size=image_size,
+                     **_preprocessing(lib, base, model, in_chans, image_size))
     if num_classes is not None and num_classes != info.num_classes:
         replace_head(model, num_classes)
         info.num_classes, info.class_names = num_classes, [str(i) for i in range(num_classes)]

@@ -26,9 +26,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import FeatureshiftError
-from ..models.layers import Capture, LayerInfo, resolve_layers
+from ..models.layers import Capture, LayerInfo, blank_input, feature_views, resolve_layers
 from ..device import resolve_device
-from ..models.info import model_info
+from ..models.info import input_channels, model_info
 from .objectives import LOGITS, Batch, Diversity, Objective, as_objective, fixed_units
 from .param import ImageParam, init_params
 from .settings import METHODS, PARAMS, PRECISIONS, RenderSettings
@@ -52,7 +52,9 @@ def target_seed(seed: int, layer: str, channel: int, copy: int = 0) -> int:
 
 @dataclasses.dataclass
 class RenderResult:
-    images: np.ndarray  # (N, size, size, 3) float32 in [0, 1]
+    # (N, size, size, C) float32 in [0, 1], C the network's input channels (3: RGB; 1: grayscale;
+    # more: bands, of which grid.to_pil shows the first three as RGB)
+    images: np.ndarray
     targets: list[tuple[str, int]]
     scores: np.ndarray  # (N,) objective of each final image, fed once untransformed
     failed: dict[int, str]  # index -> why the image stopped early (NaN/Inf)
@@ -118,16 +120,19 @@ class RedirectReLU(TorchFunctionMode):
 
 # --- running the network ----------------------------------------------------------------
 
-def _features(model: nn.Module, infos: Sequence[LayerInfo], logits: bool) -> Capture:
+def _features(model: nn.Module, infos: Sequence[LayerInfo], logits: bool, include_prefix: bool = False) -> Capture:
     """`feats = net(x)`: the outputs of the needed layers, plus "logits" (the model's output)
-    when asked. Without logits the forward stops after the deepest layer."""
+    when asked. Without logits the forward stops after the deepest layer. Token layers come as
+    channel-first maps of their patch tokens (all tokens with include_prefix): see
+    models.layers.channels_first."""
     names = [i.name for i in infos]
     # A kept output must not be changed by a later in-place op (ReLU(inplace), +=): keep it,
     # and hand the rest of the network a copy. The deepest layer, where the forward stops,
     # is never copied.
     copy = _copy if logits or len(names) > 1 else None
     return Capture(model, names, stop_after=None if logits else {i.name: i.calls for i in infos},
-                   on_output=copy, model_output=LOGITS if logits else None)
+                   on_output=copy, model_output=LOGITS if logits else None,
+                   views=feature_views(model, infos, include_prefix))
 
 
 def _copy(name: str, module: nn.Module, out: torch.Tensor) -> torch.Tensor:
@@ -216,7 +221,7 @@ def _check_args(targets, steps, size, lr, param, batch_size, copies) -> list[tup
 def _works(net: Capture, size: int, device: torch.device) -> bool:
     try:
         with torch.no_grad():
-            feats = net(torch.zeros(1, 3, size, size, device=device))
+            feats = net(blank_input(net.model, size, device=device))
     except (RuntimeError, FeatureshiftError):
         return False
     return all(f.numel() > 0 for f in feats.values())
@@ -279,7 +284,7 @@ def _bytes_per_image(net: Capture, model: nn.Module, size: int, device: torch.de
 
     leaves = [name for name, m in model.named_modules() if not list(m.children())]
     with torch.no_grad(), Capture(model, leaves, on_output=count, keep=False):
-        net(torch.zeros(1, 3, size, size, device=device))
+        net(blank_input(model, size, device=device))
     return 4 * total + 5 * 4 * param_numel
 
 
@@ -307,7 +312,9 @@ def render(model: nn.Module, targets: Sequence[tuple[str, int]], settings: Rende
     settings: a RenderSettings (default: Lucid's recipe, 512 steps at 128 px); keyword CHANGES
     override its fields, e.g. render(model, targets, steps=64, objective="neuron"). Objectives:
     "channel" (spatial mean), "neuron" (center), "negative", "logit", "diversity", or an Objective
-    built from featureshift.optvis.objectives.
+    built from featureshift.optvis.objectives. Methods: method="lucid" (default), "maco"
+    (phase only, natural magnitude: optvis.maco), "accent" with image=PATH (a photo, accentuated:
+    optvis.accent).
     device: auto, cpu, cuda, cuda:N or mps. batch_size: images optimized together (default: as
     many as memory allows). mean/std: input normalization (default: the model's own).
     The model is used in eval mode with frozen weights; its state is restored afterwards.
@@ -318,7 +325,7 @@ def render(model: nn.Module, targets: Sequence[tuple[str, int]], settings: Rende
     objective, steps, size, seed, lr, param = s.objective, s.steps, s.size, s.seed, s.lr, s.param
     diversity, diversity_weight, transforms = s.diversity, s.diversity_weight, s.transforms
     decay_power, init_sd, fft_divisor, decorrelate = s.decay_power, s.init_sd, s.fft_divisor, s.decorrelate
-    relu_redirect_steps, precision = s.relu_redirect_steps, s.precision
+    relu_redirect_steps, precision, betas = s.relu_redirect_steps, s.precision, tuple(s.betas)
     if isinstance(objective, str) and objective == "diversity" and diversity is None:
         diversity = 4
     copies = diversity or 1
@@ -350,10 +357,14 @@ def render(model: nn.Module, targets: Sequence[tuple[str, int]], settings: Rende
         raise FeatureshiftError(f"The transforms crop more than the {size} px canvas holds; use a larger --size.")
 
     settings = dict(engine=ENGINE_VERSION, objective=repr(obj), steps=steps, size=size, seed=seed, lr=lr,
-                    param=param, diversity=copies, transforms=dataclasses.asdict(transforms),
+                    betas=list(betas), param=param, diversity=copies, transforms=dataclasses.asdict(transforms),
                     decay_power=decay_power, init_sd=init_sd, fft_divisor=fft_divisor, decorrelate=decorrelate,
                     relu_redirect_steps=relu_redirect_steps, precision=precision, mean=list(mean), std=list(std))
-    images = np.zeros((len(expanded), size, size, 3), np.float32)
+    if s.include_cls:
+        settings["include_cls"] = True
+    if input_channels(model) != 3:
+        settings["in_chans"] = input_channels(model)
+    images = np.zeros((len(expanded), size, size, input_channels(model)), np.float32)
     scores = np.full(len(expanded), np.nan, np.float32)
     failed: dict[int, str] = {}
     no_response: set[int] = set()
@@ -363,24 +374,25 @@ def render(model: nn.Module, targets: Sequence[tuple[str, int]], settings: Rende
     order = sorted(range(len(targets)), key=lambda t: depth.get(targets[t][0], math.inf))
 
     with _prepared(model, dev):
-        net = _features(model, [infos[n] for n in inner], LOGITS in needed)
+        net = _features(model, [infos[n] for n in inner], LOGITS in needed, s.include_cls)
         try:
             _check_size(net, size, transforms, dev, sorted(needed))
             if LOGITS in needed:
                 with torch.no_grad():
-                    classes = net(torch.zeros(1, 3, size, size, device=dev))[LOGITS].shape[1]
+                    classes = net(blank_input(model, size, device=dev))[LOGITS].shape[1]
             else:
                 classes = None
             _check_channels(expanded + fixed_units(obj), infos, classes)
-            image_param = ImageParam(param, size, decay_power, fft_divisor, decorrelate, dev)
-            param_numel = math.prod(init_params(param, size, [torch.Generator()]).shape)
+            bands = input_channels(model)
+            image_param = ImageParam(param, size, decay_power, fft_divisor, decorrelate, dev, channels=bands)
+            param_numel = math.prod(init_params(param, size, [torch.Generator()], channels=bands).shape)
             if batch_size is None:
                 per_image = _bytes_per_image(net, model, out_size, dev, param_numel)
                 cap = _CUDA_MAX_BATCH if dev.type == "cuda" else _CPU_MAX_BATCH
                 batch_size = max(1, min(cap, _available_memory(dev) // max(per_image, 1)))
             per_chunk = max(1, batch_size // copies)  # whole groups per chunk
             chunks = [order[i:i + per_chunk] for i in range(0, len(order), per_chunk)]
-            norm = (torch.tensor(mean, device=dev).view(1, 3, 1, 1), torch.tensor(std, device=dev).view(1, 3, 1, 1))
+            norm = (torch.tensor(mean, device=dev).view(1, -1, 1, 1), torch.tensor(std, device=dev).view(1, -1, 1, 1))
             from tqdm.auto import tqdm
 
             bar = tqdm(total=steps * len(chunks), disable=quiet, file=sys.stderr, unit="step",
@@ -391,7 +403,7 @@ def render(model: nn.Module, targets: Sequence[tuple[str, int]], settings: Rende
                     imgs, sc, fails, silent = _render_chunk(
                         net, obj, image_param, transforms, norm, dev, precision,
                         [expanded[i] for i in idx], [groups[i] for i in idx], [seeds[i] for i in idx],
-                        steps, size, lr, init_sd, relu_redirect_steps, bar)
+                        steps, size, lr, betas, init_sd, relu_redirect_steps, bar)
                     images[idx], scores[idx] = imgs, sc
                     failed.update({idx[j]: why for j, why in fails.items()})
                     no_response.update(idx[j] for j in silent)
@@ -403,14 +415,15 @@ def render(model: nn.Module, targets: Sequence[tuple[str, int]], settings: Rende
 
 
 def _render_chunk(net, obj, image_param, transforms, norm, dev, precision, targets, groups, seeds,
-                  steps, size, lr, init_sd, relu_redirect_steps, bar):
+                  steps, size, lr, betas, init_sd, relu_redirect_steps, bar):
     n = len(targets)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    params = init_params(image_param.kind, size, gens, init_sd).to(dev).requires_grad_(True)
+    params = init_params(image_param.kind, size, gens, init_sd, channels=image_param.channels).to(dev).requires_grad_(True)
     # a second stream per target for the transforms, so they do not depend on the param shape
     tgens = [torch.Generator().manual_seed(s ^ 0x5DEECE66D) for s in seeds]
     draws = torch.stack([transforms.draw(g, steps) for g in tgens])  # (n, steps, 6)
     thetas = transforms.theta(draws.reshape(-1, 6), size).view(n, steps, 2, 3).to(dev) if steps else None
+    offsets = torch.stack([transforms.draw_offsets(g, steps) for g in tgens]).float().to(dev)  # (n, steps, 2)
 
     layers = [layer for layer, _ in targets]
     batch_info = dict(
@@ -427,7 +440,7 @@ def _render_chunk(net, obj, image_param, transforms, norm, dev, precision, targe
             feats = net(x)
         return obj(Batch(feats=feats, **batch_info))
 
-    optimizer = torch.optim.Adam([params], lr=lr)
+    optimizer = torch.optim.Adam([params], lr=lr, betas=betas)
     alive = torch.ones(n, dtype=torch.bool, device=dev)
     fail_step = torch.full((n,), -1, dtype=torch.long, device=dev)
     responded = torch.zeros(n, dtype=torch.bool, device=dev)
@@ -436,7 +449,7 @@ def _render_chunk(net, obj, image_param, transforms, norm, dev, precision, targe
     for step in range(steps):
         optimizer.zero_grad(set_to_none=False)
         img = image_param(params)
-        x = transforms.apply(img, thetas[:, step])
+        x = transforms.apply(img, thetas[:, step], offsets[:, step])
         with (RedirectReLU() if step < relu_redirect_steps else contextlib.nullcontext()):
             values = evaluate(x)
         (-torch.where(alive, values, 0.0).sum()).backward()
@@ -514,6 +527,9 @@ def _render_method(model: nn.Module, targets: Sequence[tuple[str, int]], s: Rend
     and what else pulls on the parameters (`penalty_grad`). Targets, seeds, batching,
     objectives, the dead-ReLU fix, precision, failures and final scores are render()'s."""
     copies = s.copies
+    if input_channels(model) != 3:
+        raise FeatureshiftError(f"The {s.method} method renders RGB images; this network takes "
+                                f"{input_channels(model)} input channels. Use the lucid method.")
     targets = _check_args(targets, s.steps, s.size, s.lr, s.param, batch_size, copies)
     steps, size = int(s.steps), int(s.size)
     obj = as_objective(s.objective, s.diversity_weight)
@@ -541,7 +557,7 @@ def _render_method(model: nn.Module, targets: Sequence[tuple[str, int]], s: Rend
                     seed=s.seed, lr=s.lr, diversity=copies, relu_redirect_steps=s.relu_redirect_steps,
                     precision=precision, mean=list(mean), std=list(std),
                     **{k: v for k, v in s.key_fields().items() if k in plan.settings})
-    images = np.zeros((len(expanded), size, size, 3), np.float32)
+    images = np.zeros((len(expanded), size, size, input_channels(model)), np.float32)
     scores = np.full(len(expanded), np.nan, np.float32)
     failed: dict[int, str] = {}
     no_response: set[int] = set()
@@ -549,13 +565,13 @@ def _render_method(model: nn.Module, targets: Sequence[tuple[str, int]], s: Rend
     order = sorted(range(len(targets)), key=lambda t: depth.get(targets[t][0], math.inf))
 
     with _prepared(model, dev):
-        net = _features(model, [infos[n] for n in inner], LOGITS in needed)
+        net = _features(model, [infos[n] for n in inner], LOGITS in needed, s.include_cls)
         try:
             _check_size(net, size, plan.transforms, dev, sorted(needed))
             classes = None
             if LOGITS in needed:
                 with torch.no_grad():
-                    classes = net(torch.zeros(1, 3, size, size, device=dev))[LOGITS].shape[1]
+                    classes = net(blank_input(model, size, device=dev))[LOGITS].shape[1]
             _check_channels(expanded + fixed_units(obj), infos, classes)
             if batch_size is None:
                 per_image = plan.views_per_image * _bytes_per_image(net, model, plan.input_size, dev,
@@ -564,7 +580,7 @@ def _render_method(model: nn.Module, targets: Sequence[tuple[str, int]], s: Rend
                 batch_size = max(1, min(cap, _available_memory(dev) // max(per_image, 1)))
             per_chunk = max(1, batch_size // copies)
             chunks = [order[i:i + per_chunk] for i in range(0, len(order), per_chunk)]
-            norm = (torch.tensor(mean, device=dev).view(1, 3, 1, 1), torch.tensor(std, device=dev).view(1, 3, 1, 1))
+            norm = (torch.tensor(mean, device=dev).view(1, -1, 1, 1), torch.tensor(std, device=dev).view(1, -1, 1, 1))
             from tqdm.auto import tqdm
 
             bar = tqdm(total=steps * len(chunks), disable=quiet, file=sys.stderr, unit="step",

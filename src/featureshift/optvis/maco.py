@@ -27,12 +27,15 @@ import torch.nn.functional as F
 
 from ..errors import FeatureshiftError
 from .param import COLOR_CORRELATION
-from .settings import RenderSettings
+from .settings import RenderSettings, file_digest
 from .transforms import Transforms
 
 SPECTRUM_FILE = Path(__file__).with_name("spectrum.npz")
 SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle")
 CROP_CENTER_SD = 0.15  # crop centers spread around the canvas center (MACO's reference code)
+# The phase is standardized before use, so its starting spread sets how far one Adam step
+# of size lr moves it: at 0.25 the engine's lr 0.05 is MACO's step of 0.2 standard deviations.
+PHASE_INIT_SD = 0.25
 
 
 # --- the magnitude spectrum -------------------------------------------------------------
@@ -40,9 +43,14 @@ CROP_CENTER_SD = 0.15  # crop centers spread around the canvas center (MACO's re
 def image_spectrum(images: np.ndarray) -> np.ndarray:
     """Mean Fourier magnitude (3, H, W//2+1) of (N, H, W, 3) images in [0, 1], taken in
     Lucid's decorrelated color space (the space MACO's phase lives in), each image's mean
-    color removed."""
+    color removed. A Hann window keeps the jump between opposite borders (the FFT wraps
+    around) out of the spectrum: it would put streaks along both axes of every picture."""
     x = torch.as_tensor(np.asarray(images, np.float32)).permute(0, 3, 1, 2).double()
     x = x - x.mean((2, 3), keepdim=True)
+    h, w = x.shape[-2:]
+    window = torch.hann_window(h, periodic=False, dtype=torch.float64)[:, None] * \
+        torch.hann_window(w, periodic=False, dtype=torch.float64)[None, :]
+    x = x * window / window.square().mean().sqrt()  # the same energy as without the window
     x = torch.einsum("ij,bjhw->bihw", torch.linalg.inv(COLOR_CORRELATION.double()), x)
     return torch.fft.rfft2(x).abs().mean(0).float().numpy()
 
@@ -151,7 +159,7 @@ def spectrum_at(spectrum: np.ndarray, size: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_spectrum(path: str | None) -> np.ndarray:
+def _cached_spectrum(path: str | None, digest: str) -> np.ndarray:  # digest: a rewritten file is read again
     return load_spectrum(path)
 
 
@@ -206,12 +214,13 @@ class MacoPlan:
         self.param_numel = 3 * s.size * (s.size // 2 + 1)
         self.settings = ("spectrum", "crops", "crop_scale", "noise", "decorrelate")  # recorded with the result
         self.device = device
-        self.image = PhaseImage(spectrum_at(_cached_spectrum(s.spectrum), s.size).to(device), s.size, s.decorrelate)
+        spectrum = _cached_spectrum(s.spectrum, file_digest(s.spectrum) if s.spectrum else "")
+        self.image = PhaseImage(spectrum_at(spectrum, s.size).to(device), s.size, s.decorrelate)
 
     def init(self, generators: Sequence[torch.Generator], index: Sequence[int]) -> torch.Tensor:
-        """N(0, 1) phases, one row per generator (each image's start is its own)."""
+        """N(0, PHASE_INIT_SD) phases, one row per generator (each image's start is its own)."""
         shape = (3, self.size, self.size // 2 + 1)
-        return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)
+        return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device) * PHASE_INIT_SD
 
     def draw(self, generators: Sequence[torch.Generator], steps: int) -> torch.Tensor:
         """(n, steps, crops, 3) crop centers and sides, drawn from each image's own generator."""

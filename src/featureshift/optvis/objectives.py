@@ -28,7 +28,10 @@ LOGITS = "logits"  # the layer name meaning the network's output
 @dataclasses.dataclass
 class Batch:
     """What objectives see at one step."""
-    feats: dict[str, torch.Tensor]  # layer -> (B, C, H, W), or (B, classes) for "logits"
+    # layer -> (B, C, H, W), or (B, classes) for "logits"; a token layer (vision transformer) comes
+    # as (B, width, grid, grid) of its patch tokens, so "the spatial mean of a channel" is the mean
+    # over patch tokens of one hidden unit (over every token, (B, width, tokens, 1), with include_cls)
+    feats: dict[str, torch.Tensor]
     channels: torch.Tensor  # (B,) each image's own channel
     rows: dict[str, torch.Tensor]  # layer -> indices of the images whose own target is in that layer
     groups: torch.Tensor  # (B,) images with the same group id render the same target (diversity copies)

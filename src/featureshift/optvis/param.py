@@ -36,29 +36,34 @@ def spectrum_scale(h: int, w: int, decay_power: float = 1.0) -> torch.Tensor:
     return (freqs.pow(-decay_power) * math.sqrt(h * w)).float()
 
 
-def param_shape(kind: str, size: int) -> tuple[int, ...]:
-    """The shape of one image's parameters (no batch dimension)."""
+def param_shape(kind: str, size: int, channels: int = 3) -> tuple[int, ...]:
+    """The shape of one image's parameters (no batch dimension); CHANNELS: the network's input bands."""
     if kind == "fft":
-        return (3, size, size // 2 + 1, 2)  # real and imaginary parts
+        return (channels, size, size // 2 + 1, 2)  # real and imaginary parts
     if kind == "pixel":
-        return (3, size, size)
+        return (channels, size, size)
     raise ValueError(f"unknown parameterization {kind!r}; use one of {', '.join(PARAMS)}")
 
 
-def init_params(kind: str, size: int, generators: Sequence[torch.Generator], sd: float = 0.01) -> torch.Tensor:
+def init_params(kind: str, size: int, generators: Sequence[torch.Generator], sd: float = 0.01,
+                channels: int = 3) -> torch.Tensor:
     """N(0, sd) initial parameters, one row per generator, so each image's start depends
     only on its own generator (never on what else is in the batch)."""
-    shape = param_shape(kind, size)
+    shape = param_shape(kind, size, channels)
     return torch.stack([torch.randn(shape, generator=g) for g in generators]) * sd
 
 
 class ImageParam:
-    """Callable turning a (B, *param_shape) tensor into (B, 3, size, size) images in [0, 1]."""
+    """Callable turning a (B, *param_shape) tensor into (B, channels, size, size) images in [0, 1].
+
+    channels: the network's input bands. Colour decorrelation (ImageNet's RGB statistics) applies
+    to 3 channels only; grayscale and multi-band images are parameterized band by band."""
 
     def __init__(self, kind: str = "fft", size: int = 128, decay_power: float = 1.0, fft_divisor: float = 4.0,
-                 decorrelate: bool = True, device: torch.device | str = "cpu"):
-        param_shape(kind, size)  # validates kind
-        self.kind, self.size, self.fft_divisor, self.decorrelate = kind, size, fft_divisor, decorrelate
+                 decorrelate: bool = True, device: torch.device | str = "cpu", channels: int = 3):
+        param_shape(kind, size, channels)  # validates kind
+        self.kind, self.size, self.fft_divisor, self.channels = kind, size, fft_divisor, channels
+        self.decorrelate = decorrelate and channels == 3
         self.scale = spectrum_scale(size, size, decay_power).to(device) if kind == "fft" else None
         self.color = COLOR_CORRELATION.to(device)
 

@@ -28,10 +28,11 @@ METHOD_FIELDS = {"lucid": (), "maco": ("spectrum", "crops", "crop_scale", "noise
 
 @dataclasses.dataclass(frozen=True)
 class RenderSettings:
-    steps: int = 512  # Adam steps (the original tool: 2048)
+    steps: int = 128  # Adam steps (Lucid: 512, the original tool: 2048; see docs/render.md)
     size: int = 128  # canvas in pixels (the original tool: 144)
     seed: int = 0  # fixes each target's starting noise and transforms
-    lr: float = 0.05  # Adam learning rate
+    lr: float = 0.4  # Adam learning rate (Lucid: 0.05; see docs/render.md, "Time to quality")
+    betas: tuple[float, float] = (0.5, 0.99)  # Adam's moment decay rates (Lucid: torch's 0.9, 0.999)
     param: str = "fft"  # 1/f-scaled Fourier spectrum with decorrelated colour, or plain pixels
     objective: Any = "channel"  # a name from OBJECTIVES, or an Objective from optvis.objectives
     diversity: int | None = None  # images per target (default 4 with objective "diversity", else 1)
@@ -43,13 +44,14 @@ class RenderSettings:
     decorrelate: bool = True
     relu_redirect_steps: int = 16
     precision: str = "auto"  # of the network: auto (bf16 where native), fp32, bf16, fp16
+    include_cls: bool = False  # token layers: average over the class (prefix) tokens too, not patch tokens only
     method: str = "lucid"  # a name from METHODS: lucid, maco (optvis.maco), accent (optvis.accent)
     spectrum: str | None = None  # maco: magnitude spectrum file (maco.save_spectrum); None: the shipped one
     crops: int = 4  # maco: random crops of the canvas the network sees per step
     crop_scale: tuple[float, float] = (0.5, 1.0)  # maco: range of a crop's side, as a fraction of the canvas
     noise: float = 0.05  # maco: sd of the Gaussian noise added to every crop
     image: str | tuple[str, ...] | None = None  # accent: the photo to start from (or one per target)
-    accent_weight: float = 1.0  # accent: how strongly the image is held to the photo
+    accent_weight: float = 3.0  # accent: how strongly the image is held to the photo
 
     def replace(self, **changes: Any) -> "RenderSettings":
         """A copy with CHANGES; None values keep the current setting ("as before")."""
@@ -71,6 +73,8 @@ class RenderSettings:
         unused = {name for fields in METHOD_FIELDS.values() for name in fields} - set(own)
         if self.method == "lucid":  # as before these settings existed: earlier tiles stay valid
             unused.add("method")
+        if not self.include_cls:
+            unused.add("include_cls")
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in unused}
         d["transforms"] = dataclasses.asdict(self.transforms)
         for name in ("spectrum", "image"):  # files by content: a changed file is a new picture

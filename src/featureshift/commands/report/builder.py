@@ -26,12 +26,14 @@ from ...optvis.settings import DEFAULT_SETTINGS, RenderSettings
 from ...run import describe_status
 from ...selection import DEFAULT_COLUMNS
 from ...version import __version__
+from ..atlas import atlas_tiles, read_atlas
 from . import plots
 
 REPORT_DIR = "report"
 # The settings taken over from a run's existing timeline of a layer, so that its renders are reused.
 RENDER_KEYS = ("steps", "size", "seed", "lr", "param")
 COLUMNS = ("weight_change", "correlation", "drift", "cross_b_on_a", "cross_a_on_b")
+PLOTTED_CHANNELS = 24  # channel pages of a layer with more rendered channels get a plot only in the timeline
 
 
 def _env():
@@ -58,11 +60,33 @@ def _val(v) -> str:
 
 
 def _cells(row: dict | None) -> dict[str, str]:
+    """Shown text and sort value of each measure. A channel that no probe image activates is
+    "dead": its correlation means nothing, and it takes no place in any ranking by change."""
     row = row or {}
     out = {}
+    dead = bool(row.get("dead"))
     for k in COLUMNS:
-        out[k], out[k + "_v"] = _num(row.get(k)), _val(row.get(k))
+        out[k], out[k + "_v"] = _num(row.get(k)), ("" if dead else _val(row.get(k)))
+    if dead:
+        out["correlation"] = "dead"
+    out["dead"] = dead
     return out
+
+
+def _speed_cells(facts) -> dict[str, str]:
+    """Sort values and text of the adaptation measures of one channel (ChannelFacts or None)."""
+    if facts is None:
+        return {"half_epoch": "–", "half_epoch_v": "", "first_share": "–", "first_share_v": "", "coarsening": "–",
+                "coarsening_v": "", "fate": "–", "fate_v": ""}
+    s = facts.speed
+    dead = facts.dead or facts.dead_before
+    fate = facts.fate or ("dead" if dead else "–")
+    return {"half_epoch": "–" if s.half_epoch is None else str(s.half_epoch),
+            "half_epoch_v": "" if s.half_epoch is None or dead else str(s.half_epoch),
+            "first_share": "–" if s.first_share is None else f"{100 * s.first_share:.0f}%",
+            "first_share_v": "" if s.first_share is None or dead else repr(s.first_share),
+            "coarsening": _num(facts.coarsening, 2), "coarsening_v": "" if dead else _val(facts.coarsening),
+            "fate": fate, "fate_v": "" if fate == "–" else fate}
 
 
 def layer_page(layer: str) -> str:
@@ -99,7 +123,11 @@ def existing_timelines(run_dir: Path) -> dict[str, dict[str, Any]]:
             continue
         if about.get("kind") == "timeline" and about.get("layer") and about.get("channels"):
             found[about["layer"]] = {"channels": [int(c) for c in about["channels"]], "settings": None}
-    tiles = sorted((root / CACHE_DIR).glob("*.png"), key=lambda p: p.stat().st_mtime, reverse=True)
+    # An atlas of the same layer shares the cache, maybe with other settings: the timeline's own
+    # tiles are read first, the atlas's only when it has the same ones.
+    atlased = {k for entry in read_atlas(run_dir)["layers"].values() for keys in (entry.get("tiles") or {}).values()
+               for k in keys.values()}
+    tiles = sorted((root / CACHE_DIR).glob("*.png"), key=lambda p: (p.stem in atlased, -p.stat().st_mtime))
     for tile in tiles[:5000]:
         if all(v["settings"] is not None for v in found.values()):
             break
@@ -132,7 +160,7 @@ def build_report(run_dir: str | os.PathLike, layers: str | Sequence[str] | None 
                  channels: int | str | Sequence[int] | None = None, *, probe: str | os.PathLike | None = None,
                  probe_limit: int | None = 256, image_size: int | None = None, examples: int = 6,
                  settings: RenderSettings | None = None, device: str = "auto", batch_size: int | None = None,
-                 open_browser: bool = False, quiet: bool = False, **changes) -> Path:
+                 open_browser: bool = False, quiet: bool = False, ray: str | None = None, **changes) -> Path:
     """Write RUN/report/ and return the path of its index.html.
 
     layers: the layers to render and rank channel by channel (default: those the run has
@@ -143,6 +171,7 @@ def build_report(run_dir: str | os.PathLike, layers: str | Sequence[str] | None 
     `changes` to its fields (steps=64, ...) apply on top, None keeping the value. probe:
     a folder of images for the representation measures and dataset examples (default:
     the run's validation images, at most `probe_limit`). examples: probe images per channel.
+    ray: where the timelines render (None: here; "auto" or a cluster address: on Ray).
     """
     from ...metrics.driver import run_metrics
     from ...run import list_snapshots, read_metrics, read_run
@@ -170,8 +199,12 @@ def build_report(run_dir: str | os.PathLike, layers: str | Sequence[str] | None 
     first_meta = first[1]
 
     existing = existing_timelines(run_dir)
+    atlased = read_atlas(run_dir)["layers"]
+    # Layers that only have an atlas are shown from its tiles, with no timeline to render.
+    atlas_only: set[str] = set()
     if layers is None:
-        layers = list(existing) or [_default_layer(load_snapshot(first[0])[0])]
+        atlas_only = {l for l in atlased if l not in existing}
+        layers = list(dict.fromkeys([*existing, *atlased])) or [_default_layer(load_snapshot(first[0])[0])]
     layers = [layers] if isinstance(layers, str) else list(dict.fromkeys(layers))
     if not layers:
         raise FeatureshiftError("Name at least one layer (--layer); `featureshift layers MODEL` lists them.")
@@ -183,17 +216,31 @@ def build_report(run_dir: str | os.PathLike, layers: str | Sequence[str] | None 
     merged: dict[str, Path] = {}
     used_settings: dict[str, RenderSettings] = {}
     for layer in layers:
+        if layer in atlas_only:
+            continue
         prior = existing.get(layer, {})
         base = settings or DEFAULT_SETTINGS.replace(**(prior.get("settings") or {}))
         layer_settings = base.replace(**changes)
         cols = channels if channels is not None else (prior.get("channels") or DEFAULT_COLUMNS)
         tl = timeline(run_dir, [layer], cols, settings=layer_settings, device=device, batch_size=batch_size,
-                      quiet=quiet)
+                      quiet=quiet, ray=ray)
         tiles.update(tl.tiles)
         chosen[layer] = tl.channels[layer]
         merged[layer] = tl.merged[layer]
         used_settings[layer] = layer_settings
 
+    # Every atlased tile joins in; where a timeline has the same tile position, its render stays,
+    # so that each channel's renders share one set of settings.
+    atlas_settings: dict[str, str] = {}
+    timeline_channels = {l: list(c) for l, c in chosen.items()}
+    if atlased:
+        for where, path in atlas_tiles(run_dir).items():
+            if where[0] in layers:
+                tiles.setdefault(where, path)
+        for layer, entry in atlased.items():
+            if layer in layers:
+                chosen[layer] = sorted(set(chosen.get(layer, [])) | {int(c) for c in entry.get("channels", [])})
+                atlas_settings[layer] = str(entry.get("describe", ""))
     measured = [l for l in layers if l != "logits"]
     m = run_metrics(run_dir, measured, {l: chosen[l] for l in measured}, renders=tiles, probe=probe,
                     probe_limit=probe_limit, image_size=image_size, examples=examples, device=device, quiet=quiet)
@@ -203,7 +250,9 @@ def build_report(run_dir: str | os.PathLike, layers: str | Sequence[str] | None 
     os.chmod(scratch, 0o777 & ~current_umask())  # mkdtemp makes 0700: the report is for sharing
     try:
         inputs = ReportInputs(run_dir=run_dir, run=run, rows=read_metrics(run_dir), meta=first_meta, metrics=m,
-                              chosen=chosen, merged=merged, tiles=tiles, settings=used_settings)
+                              chosen=chosen, merged=merged, tiles=tiles, settings=used_settings,
+                              atlas={l: atlased[l] for l in layers if l in atlased}, atlas_settings=atlas_settings,
+                              timeline_channels=timeline_channels)
         _Writer(scratch, inputs, quiet).write()
         old = None
         if out.exists():
@@ -238,7 +287,10 @@ class ReportInputs:
     chosen: dict[str, list[int]]  # layer -> rendered channels
     merged: dict[str, Path]  # layer -> the timeline's merged.png
     tiles: dict[tuple[str, int, int], Path]  # (layer, epoch, channel) -> cached render
-    settings: dict[str, RenderSettings]  # layer -> what its renders were made with
+    settings: dict[str, RenderSettings]  # layer -> what its timeline's renders were made with
+    atlas: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # layer -> its RUN/atlas.json entry
+    atlas_settings: dict[str, str] = dataclasses.field(default_factory=dict)  # layer -> its atlas's settings, described
+    timeline_channels: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # layer -> its timeline's channels
 
 
 class _Writer:
@@ -247,6 +299,8 @@ class _Writer:
         self.run_dir, self.run, self.rows, self.meta = inputs.run_dir, inputs.run, inputs.rows, inputs.meta
         self.m, self.chosen, self.merged, self.tiles = inputs.metrics, inputs.chosen, inputs.merged, inputs.tiles
         self.settings = inputs.settings
+        self.atlas, self.atlas_settings = inputs.atlas, inputs.atlas_settings
+        self.timeline_channels = inputs.timeline_channels
         self.env = _env()
         self.info = self.meta.info
         self.epochs = self.m.epochs
@@ -260,6 +314,9 @@ class _Writer:
                        "reference": self.reference, "last": self.last}
         self._images: dict[int, Any] = {}
         self._copied: dict[Path, str] = {}
+        from .analysis import analyse_layer
+
+        self.facts = {l: analyse_layer(self.m, l, self.tiles) for l in self.m.channels}
 
     # ------------------------------------------------------------ helpers
     def page(self, name: str, template: str, **context) -> None:
@@ -272,7 +329,14 @@ class _Writer:
             return None
         if src not in self._copied:
             rel = f"img/renders/{src.name}"
-            write_bytes(self.out / rel, src.read_bytes())
+            dst = self.out / rel
+            try:
+                # A hard link: an atlas puts thousands of tiles in a report, and a cached tile is
+                # never changed in place (a new one replaces it under the same name).
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.link(src, dst)
+            except OSError:
+                write_bytes(dst, src.read_bytes())
             self._copied[src] = rel
         return self._copied[src]
 
@@ -347,18 +411,59 @@ class _Writer:
                          ("reference snapshot", f"epoch {m.reference}")]
         for layer, s in self.settings.items():
             settings_rows.append((f"renders of {layer}", s.describe()))
+        for layer, described in self.atlas_settings.items():
+            entry = self.atlas.get(layer, {})
+            settings_rows.append((f"atlas of {layer}", f"{len(entry.get('channels', []))} channels at epochs "
+                                  f"{_text(entry.get('epochs', []))}; {described}"))
         for epoch, why in m.missing.items():
             settings_rows.append((f"epoch {epoch} left out", why))
         finals = [r.get("val_acc") for r in self.rows if isinstance(r.get("val_acc"), (int, float))]
         notes = []
         if "logits" in self.merged:
             notes.append("The logits timeline has renders only: the change measures are taken on feature-map layers.")
-        self.page("index.html", "index.html", model=self.info, classes=classes, epochs=m.epochs,
+        self.page("index.html", "index.html", findings=self.findings(finals), most_changed=self.most_changed(),
+                  model=self.info, classes=classes, epochs=m.epochs,
                   epochs_done=run.get("epochs_done", self.last), final_acc=finals[-1] if finals else None,
                   probe_count=len(m.probe), curves=curves, change_plot=change, layer_table=layer_table,
                   timelines=timelines, layer_pages=[{"layer": l, "page": layer_page(l)} for l in m.channels],
                   dataset_rows=dataset_rows, class_rows=class_rows, skipped=ds.get("skipped") or [],
                   config_rows=config_rows, settings_rows=settings_rows, notes=notes)
+
+    def findings(self, finals: list) -> list[dict[str, str]]:
+        """The report's conclusions in sentences with numbers, each linking to its evidence."""
+        from .analysis import layer_findings
+
+        if self.nothing:
+            return []
+        out = []
+        accs = [(r.get("epoch"), r["val_acc"]) for r in self.rows if isinstance(r.get("val_acc"), (int, float))]
+        if len(accs) >= 2:
+            out.append({"text": f"Validation accuracy went from {100 * accs[0][1]:.1f}% (epoch {accs[0][0]}) to "
+                                f"{100 * accs[-1][1]:.1f}% (epoch {accs[-1][0]}).", "href": "index.html#curves"})
+        wc = [(r["weight_change"], r["layer"]) for r in self.m.layer_rows
+              if r["epoch"] == self.last and r.get("weight_change") is not None and math.isfinite(r["weight_change"])]
+        if len(wc) >= 2:
+            hi, lo = max(wc), min(wc)
+            out.append({"text": f"By epoch {self.last} the weights of {hi[1]} changed most (relative change "
+                                f"{hi[0]:.3f}) and those of {lo[1]} least ({lo[0]:.3f}).", "href": "index.html#change"})
+        for layer, facts in self.facts.items():
+            out.extend(layer_findings(facts, layer_page(layer), self.epochs))
+        return out
+
+    def most_changed(self) -> list[dict[str, Any]]:
+        """Per ranking measure, the most changed atlased channels, with their renders before and after."""
+        from .analysis import most_changed
+
+        layers = [l for l in self.m.channels if l in self.atlas]
+        if self.nothing or not layers:
+            return []
+        out = []
+        for name, items in most_changed(self.m, layers, self.tiles, self.facts).items():
+            shown = [{**it, "page": channel_page(it["layer"], it["channel"]), "value": f"{it['value']:.3f}",
+                      "before": self.tile(it["layer"], self.reference, it["channel"]),
+                      "after": self.tile(it["layer"], self.last, it["channel"])} for it in items]
+            out.append({"name": name, "id": "top-" + safe_name(name.split(" ")[0]), "channels": shown})
+        return out
 
     def write_layer(self, layer: str) -> None:
         m = self.m
@@ -366,12 +471,16 @@ class _Writer:
         sources = m.sources.get(layer, [])
         table = {r["channel"]: r for r in m.channel_table(layer, self.last)}
         rendered = self.chosen.get(layer, [])
+        facts = self.facts.get(layer)
         rows = []
         for c in range(li.channels):
             page = channel_page(layer, c) if c in rendered else None
-            rows.append({"channel": c, "page": page, **_cells(table.get(c)),
-                         "before": self.tile(layer, self.reference, c) if page else None,
-                         "after": self.tile(layer, self.last, c) if page else None})
+            before = self.tile(layer, self.reference, c) if page else None
+            after = self.tile(layer, self.last, c) if page else None
+            cells = _cells(table.get(c))
+            extra = _speed_cells(facts.channels.get(c) if facts else None)
+            rows.append({"channel": c, "page": page, **cells, **extra, "before": before, "after": after,
+                         "rendered": bool(before or after)})
         # Rendered channels first: they are the ones with pictures and pages.
         rows.sort(key=lambda r: (r["page"] is None, r["channel"]))
         lr = _row(m.layer_rows, self.last, layer)
@@ -383,10 +492,25 @@ class _Writer:
         timeline = None
         if layer in self.merged:
             timeline = {"src": f"img/timeline-{safe_name(layer)}.png", "width": _shown_width(self.merged[layer])}
+        cards = []
+        if facts is not None and not self.nothing:
+            from .analysis import scale_phrase
+
+            s, r = facts.speed, facts.reuse
+            cards = [("half of the change by", "–" if s.half_epoch is None else f"epoch {s.half_epoch}"),
+                     ("change in the first " + ("epoch" if s.first_epoch == 1 else f"{s.first_epoch or 1} epochs"),
+                      "–" if s.first_share is None else f"{100 * s.first_share:.0f}%")]
+            if r.measured:
+                cards.append(("kept / repurposed / died", " / ".join(
+                    f"{100 * (r.share(k) or 0):.0f}%" for k in ("kept", "repurposed", "died"))))
+            if facts.scale_pairs:
+                cards.append(("spatial scale", scale_phrase(facts.coarsening)))
+        unrendered = sum(1 for r in rows if not r["rendered"])
         self.page(layer_page(layer), "layer.html", layer=layer, layer_type=li.type, channels=li.channels,
                   sources=sources, layer_wc=_num(lr.get("weight_change")), layer_cka=_num(lr.get("cka")),
-                  rendered=rendered, plot=plot, timeline=timeline, rows=rows,
-                  drift_scale=_num(self.drift_scale(layer), 2))
+                  rendered=rendered, plot=plot, timeline=timeline, rows=rows, cards=cards,
+                  unrendered=unrendered, dead=sum(1 for r in rows if r["dead"]),
+                  atlas=self.atlas_settings.get(layer), drift_scale=_num(self.drift_scale(layer), 2))
 
     def drift_scale(self, layer: str) -> float | None:
         """The median drift between renders of two different channels at the reference epoch:
@@ -431,8 +555,24 @@ class _Writer:
                  "cross_b_on_a": f"epoch {self.last} net on epoch {self.reference} render (B on A)",
                  "cross_a_on_b": f"epoch {self.reference} net on epoch {self.last} render (A on B)"}
         summary = [(names[k], _num(last.get(k))) for k in COLUMNS]
+        if last.get("dead"):
+            summary[1] = (names["correlation"], "dead: no probe image activates it")
+        f = self.facts[layer].channels.get(c) if layer in self.facts else None
+        if f is not None and not self.nothing:
+            cells = _speed_cells(f)
+            summary += [("half of its weight change by", "–" if f.speed.half_epoch is None
+                         else f"epoch {f.speed.half_epoch}"),
+                        ("share of the change in the first snapshot after training began", cells["first_share"]),
+                        ("its feature (kept / repurposed / died)", cells["fate"]),
+                        ("dominant spatial frequency, before → after",
+                         f"{_num(f.freq_before)} → {_num(f.freq_after)} cycles/px" if math.isfinite(f.freq_before)
+                         else "–"),
+                        ("coarsening (before / after frequency)", cells["coarsening"])]
         plot = None
-        if not self.nothing:
+        # An atlas gives every channel a page; past a few dozen channels the plots would take
+        # longer than the rest of the report, and the table below holds the same numbers.
+        many = len(self.chosen.get(layer, [])) > PLOTTED_CHANNELS and c not in self.timeline_channels.get(layer, ())
+        if not self.nothing and not many:
             plot = f"img/plots/channel-{safe_name(layer)}-{c:04d}.svg"
             series = {"weight change": "weight_change", "drift": "drift", "correlation": "correlation",
                       "B on A": "cross_b_on_a", "A on B": "cross_a_on_b"}

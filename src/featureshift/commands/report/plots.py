@@ -108,17 +108,21 @@ def layer_history(epochs: Sequence[int], weight: Sequence[float], cka: Sequence[
 
 
 def channel_history(epochs: Sequence[int], series: dict[str, Sequence[float]], path: Path) -> None:
-    """Left: measures that grow with change. Right: measures that are 1 for an unchanged channel."""
-    fig, (a, b) = _figure(9.5, 3.0, 2)
+    """Three panels, each on its own scale: measures that grow with change (0 = unchanged), the
+    correlation (-1 to 1) and the cross-activations (1 = kept its feature; they can reach far above 1)."""
+    fig, (a, b, c) = _figure(11, 3.0, 3)
     groups = ((a, ("weight change", "drift"), "change (0 = unchanged)"),
-              (b, ("correlation", "B on A", "A on B"), "similarity (1 = unchanged)"))
+              (b, ("correlation",), "correlation (1 = unchanged)"),
+              (c, ("B on A", "A on B"), "cross-activation (1 = kept)"))
     for ax, names, title in groups:
         for j, name in enumerate(names):
             xs, vs = _finite(epochs, series.get(name, []))
             if xs:
-                ax.plot(xs, vs, marker="o", markersize=3, color=COLORS[j], label=name)
+                ax.plot(xs, vs, marker="o", markersize=3, color=COLORS[j + (2 if ax is c else 0)], label=name)
         ax.set_title(title, loc="left", fontsize=11)
         _epoch_axis(ax, epochs)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(frameon=False, fontsize=9)
+    b.set_ylim(min(-0.05, b.get_ylim()[0]), 1.05)
+    c.axhline(1.0, color="#a0a8b8", linewidth=0.8, linestyle="--")
     _save(fig, path)

@@ -9,7 +9,6 @@ next snapshot loads in the background.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -19,13 +18,15 @@ from typing import Callable, Sequence
 from PIL import Image
 
 from ...errors import FeatureshiftError
-from ...grid import make_grid, to_pil
-from ...io import SIGNATURE_KEY, png_text, safe_name, save_image, save_merged
-from ...jobs.cache import CACHE_DIR, TileCache, read_tile, read_tile_about, tile_key
+from ...grid import NO_RESPONSE_LABEL, channel_label, make_grid, no_response_tile
+from ...io import SIGNATURE_KEY, is_write_error, png_text, safe_name, save_image, save_merged, write_error
+from ...jobs.cache import CACHE_DIR, TileCache, read_tile, read_tile_about
+from ...jobs.executors import JobReport, check_ray, make_executor, run_jobs
+from ...jobs.plan import TileRequest, plan_jobs
 from ...optvis.settings import DEFAULT_SETTINGS, RenderSettings
 from ...run import list_snapshots, select_snapshots
 from ...selection import DEFAULT_COLUMNS, select_channels
-from ...snapshot import SnapshotMeta, load_snapshot, read_meta
+from ...snapshot import SnapshotMeta, read_meta
 
 TIMELINE_DIR = "timeline"
 LOGITS = "logits"
@@ -47,6 +48,8 @@ class TimelineResult:
     missing: dict[int, str] = dataclasses.field(default_factory=dict)  # epoch -> why its snapshot was unusable
     # renders whose objective became NaN/Inf: their last good image is shown and cached
     failed: dict[tuple[str, int, int], str] = dataclasses.field(default_factory=dict)
+    # (layer, epoch, channel) of tiles whose channel is zero for every input: drawn as "no response"
+    no_response: set[tuple[str, int, int]] = dataclasses.field(default_factory=set)
 
     def summary(self) -> str:
         lines = [f"{len(self.epochs)} snapshot(s) x {sum(len(c) for c in self.channels.values())} channel(s): "
@@ -55,6 +58,12 @@ class TimelineResult:
             lines.append(f"epoch {epoch}: row marked missing: {why}")
         for (layer, epoch, channel), why in self.failed.items():
             lines.append(f"{layer} channel {channel} at epoch {epoch} failed: {why}")
+        silent: dict[tuple[str, int], list[int]] = {}
+        for layer, epoch, channel in sorted(self.no_response):
+            silent.setdefault((layer, channel), []).append(epoch)
+        for (layer, channel), epochs in silent.items():
+            lines.append(f"{layer} channel {channel}: {NO_RESPONSE_LABEL} (the channel is zero for every input) "
+                         f"at epoch{'s' * (len(epochs) != 1)} {', '.join(map(str, epochs))}")
         for layer in self.layers:
             lines.append(f"{layer}: {self.merged[layer]}")
         return "\n".join(lines)
@@ -83,17 +92,19 @@ def read_rows(entries: list[tuple[int, Path]]) -> list[SnapshotRow]:
     return rows
 
 
-def _skeleton(arch: str, num_classes: int):
-    """The architecture without weights (meta device): names and shapes for free."""
+def _skeleton(info):
+    """The architecture of INFO without weights (meta device): names and shapes for free."""
     import torch
 
+    from ...models.info import attach_info
     from ...models.zoo import build
 
+    kwargs = dict(num_classes=info.num_classes, pretrained=False, in_chans=info.in_chans, img_size=info.img_size)
     try:
         with torch.device("meta"):
-            return build(arch, num_classes=num_classes, pretrained=False)
+            return attach_info(build(info.arch, **kwargs), info)
     except Exception:  # some builders insist on real tensors
-        return build(arch, num_classes=num_classes, pretrained=False)
+        return attach_info(build(info.arch, **kwargs), info)
 
 
 def _layer_channels(rows: list[SnapshotRow], layers: Sequence[str]) -> dict[str, int]:
@@ -101,10 +112,11 @@ def _layer_channels(rows: list[SnapshotRow], layers: Sequence[str]) -> dict[str,
     from ...models.layers import resolve_layers, trace_layers
 
     good = [r for r in rows if r.meta is not None]
-    groups: dict[tuple[str, int], list[SnapshotRow]] = {}
+    groups: dict[tuple, list[SnapshotRow]] = {}
     for r in good:
-        groups.setdefault((r.meta.info.arch, r.meta.info.num_classes), []).append(r)
-    skeletons = {g: _skeleton(*g) for g in groups}
+        i = r.meta.info
+        groups.setdefault((i.arch, i.num_classes, i.in_chans, i.img_size), []).append(r)
+    skeletons = {g: _skeleton(rs[0].meta.info) for g, rs in groups.items()}
     # A layer present in some snapshots only is named first: it is the more specific problem.
     for layer in layers:
         if layer == LOGITS:
@@ -117,19 +129,22 @@ def _layer_channels(rows: list[SnapshotRow], layers: Sequence[str]) -> dict[str,
                 "needs the same layer in every snapshot; choose the snapshots of one network with --snapshots.")
     if len({g[0] for g in groups}) > 1:
         desc = "; ".join(f"{arch}: {', '.join(r.path.name for r in rs[:4])}{' ...' if len(rs) > 4 else ''}"
-                         for (arch, _), rs in groups.items())
+                         for (arch, *_), rs in groups.items())
         raise FeatureshiftError(
             f"The snapshots in this run are of different architectures ({desc}). A timeline follows one network "
             "through training; choose the snapshots of one architecture with --snapshots.")
-    (arch, _), first = next(iter(groups.items()))
-    model = skeletons[(arch, first[0].meta.info.num_classes)]
+    key, first = next(iter(groups.items()))
+    model = skeletons[key]
     size = first[0].meta.info.input_size
     try:
         infos = {l.name: l.channels for l in trace_layers(model, size)}
     except Exception:  # an op without a meta kernel: trace a real (random) copy instead
+        from ...models.info import attach_info
         from ...models.zoo import build
 
-        model = build(arch, num_classes=first[0].meta.info.num_classes, pretrained=False)
+        i = first[0].meta.info
+        model = attach_info(build(i.arch, num_classes=i.num_classes, pretrained=False, in_chans=i.in_chans,
+                                  img_size=i.img_size), i)
         infos = {l.name: l.channels for l in trace_layers(model, size)}
     out = {}
     for layer in layers:
@@ -157,9 +172,7 @@ def row_label(row: SnapshotRow) -> str:
 
 
 def _col_label(layer: str, channel: int, class_names: list[str] | None) -> str:
-    if layer == LOGITS and class_names and channel < len(class_names):
-        return str(class_names[channel])[:18]
-    return f"ch {channel}"
+    return channel_label(layer, channel, class_names, prefix="ch ")
 
 
 def _gif(path: Path, frames: list[Image.Image], signature: str) -> None:
@@ -181,7 +194,8 @@ def timeline(run_dir: str | Path, layers: str | Sequence[str], channels: int | s
              *, snapshots: str | Sequence[int] | None = None, every: int | None = None,
              settings: RenderSettings | None = None, device: str = "auto", batch_size: int | None = None,
              force: bool = False, labels: bool = True, quiet: bool = False,
-             on_tile: Callable[[str, int, int, Path], None] | None = None, **changes) -> TimelineResult:
+             on_tile: Callable[[str, int, int, Path], None] | None = None, ray: str | None = None,
+             **changes) -> TimelineResult:
     """Render `channels` of each of `layers` on every snapshot of the run in `run_dir`.
 
     `channels` is a count N (the first N channels, the `--columns` of the CLI), a spec
@@ -194,9 +208,10 @@ def timeline(run_dir: str | Path, layers: str | Sequence[str], channels: int | s
     `merged.png` and one GIF per channel (`channel_{c:04d}.gif`). Tiles come from the
     cache unless `force`; `on_tile(layer, epoch, channel, path)` is called after each new
     tile is saved. A corrupt snapshot is reported in `result.missing` and its row marked
-    missing; the others are rendered.
+    missing; the others are rendered. An interrupted call keeps every tile it finished.
     """
     settings = (settings or DEFAULT_SETTINGS).replace(**changes)
+    check_ray(ray)
     run_dir = Path(run_dir)
     layers = [layers] if isinstance(layers, str) else list(dict.fromkeys(layers))
     if not layers:
@@ -217,29 +232,48 @@ def timeline(run_dir: str | Path, layers: str | Sequence[str], channels: int | s
             result.missing[r.epoch] = r.error
 
     # One job list for the whole timeline: the tiles not in the cache, grouped by snapshot.
-    keys: dict[tuple[str, int, int], str] = {}
-    todo: dict[int, list[tuple[str, int, str]]] = {}  # epoch -> [(layer, channel, key)]
-    planned: set[str] = set()
-    for r in good:
-        for layer in layers:
-            for c in columns[layer]:
-                key = keys[(layer, r.epoch, c)] = tile_key(r.meta.checksum, layer, c, settings)
-                if key in planned:  # identical weights in two snapshots: render once
-                    continue
-                if not force and key in cache:
-                    result.cached += 1
-                    continue
-                planned.add(key)
-                todo.setdefault(r.epoch, []).append((layer, c, key))
-
-    if todo:
-        _render_jobs(rows, todo, cache, result, settings=settings, device=device, batch_size=batch_size,
-                     quiet=quiet, on_tile=on_tile)
+    requests = {(layer, r.epoch, c): TileRequest(r.path, r.meta.checksum, layer, c, r.epoch)
+                for r in good for layer in layers for c in columns[layer]}
+    plan = plan_jobs(requests.values(), cache, settings=settings, force=force)
+    keys = {where: plan.keys[req] for where, req in requests.items()}
+    if not force:
+        result.cached = sum(1 for key in keys.values() if key in cache)
+    first: dict[str, tuple[str, int, int]] = {}  # key -> the (layer, epoch, channel) that asked for it first
+    for where, key in keys.items():
+        first.setdefault(key, where)
+    tell = None if on_tile is None else lambda key, path: on_tile(*first[key], path)
+    report = JobReport()
+    try:
+        if plan.jobs:  # a cached rerun starts no executor (nor a Ray instance)
+            with make_executor(ray, device=device, batch_size=batch_size, quiet=quiet) as executor:
+                report = run_jobs(plan.sized(executor.max_tiles), cache, executor, quiet=quiet, on_tile=tell,
+                                  desc="timeline")
+    except OSError as e:
+        if not is_write_error(e):
+            raise
+        done = len({key for key in keys.values() if key in cache})
+        raise write_error(e, f"{done} of {len(set(keys.values()))} tiles are saved in the tile cache {cache.root}; "
+                             "the rows, merged.png and GIFs were not updated",
+                          "run the same command again: it renders only the missing tiles") from e
+    result.rendered = report.rendered
+    epoch_of = {r.path: r for r in good}
+    for path, why in report.unusable.items():
+        row = epoch_of[Path(path)]
+        result.missing[row.epoch] = row.error = why
 
     for (layer, epoch, c), key in keys.items():
         if key in cache:
             result.tiles[(layer, epoch, c)] = cache.path(key)
-    _write_outputs(rows, result, labels, settings)
+        if key in report.no_response:
+            result.no_response.add((layer, epoch, c))
+    try:
+        _write_outputs(rows, result, labels, settings)
+    except OSError as e:
+        if not is_write_error(e):
+            raise
+        raise write_error(e, f"All {len(result.tiles)} tiles are saved in the tile cache {cache.root}; some rows, "
+                             f"merged images or GIFs in {run_dir / TIMELINE_DIR} were not updated",
+                          "run the same command again: it renders nothing and writes the rest") from e
     return result
 
 
@@ -249,58 +283,6 @@ def _choose_channels(layer: str, count: int, channels: int | str | Sequence[int]
     if isinstance(channels, int):
         return select_channels(count, columns=channels, layer=layer, unit=unit)
     return select_channels(count, channels=channels, layer=layer, unit=unit)
-
-
-def _render_jobs(rows: list[SnapshotRow], todo: dict[int, list[tuple[str, int, str]]], cache: TileCache,
-                 result: TimelineResult, *, settings: RenderSettings, device: str, batch_size: int | None,
-                 quiet: bool, on_tile: Callable[[str, int, int, Path], None] | None) -> None:
-    from tqdm.auto import tqdm
-
-    from ...optvis.engine import render
-
-    by_epoch = {r.epoch: r for r in rows}
-    order = [r.epoch for r in rows if r.epoch in todo]
-    total = sum(len(v) for v in todo.values())
-    bar = tqdm(total=total, unit="tile", desc="timeline", disable=quiet, dynamic_ncols=True)
-    # Loading (disk, checksum) overlaps the previous snapshot's render; render moves it to the device.
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="featureshift-load")
-    load = lambda epoch: pool.submit(load_snapshot, by_epoch[epoch].path)  # noqa: E731
-    try:
-        pending = load(order[0])
-        for i, epoch in enumerate(order):
-            jobs = todo[epoch]
-            try:
-                model, _ = pending.result()
-            except FeatureshiftError as e:
-                result.missing[epoch] = str(e)
-                by_epoch[epoch].error = str(e)
-                model = None
-            if i + 1 < len(order):
-                pending = load(order[i + 1])
-            if model is None:
-                bar.update(len(jobs))
-                continue
-            bar.set_postfix_str(f"epoch {epoch}")
-            out = render(model, [(layer, c) for layer, c, _ in jobs], settings=settings, batch_size=batch_size,
-                         device=device, quiet=True)
-            del model
-            copies = len(out.images) // len(jobs)  # the diversity objective renders several per target
-            saved = []
-            for j, (layer, c, key) in enumerate(jobs):
-                k = j * copies
-                # A diverged render is cached too (its last good image, marked): it would diverge again.
-                about = {"layer": layer, "channel": c, "epoch": epoch, "checksum": by_epoch[epoch].meta.checksum,
-                         "score": float(out.scores[k]), "failed": out.failed.get(k), **settings.key_fields()}
-                saved.append((layer, c, cache.write(key, to_pil(out.images[k]), about)))
-            # Every finished tile is on disk before anyone is told, so an interruption loses none.
-            result.rendered += len(saved)
-            bar.update(len(jobs))
-            if on_tile is not None:
-                for layer, c, path in saved:
-                    on_tile(layer, epoch, c, path)
-    finally:
-        bar.close()
-        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _signature(*parts) -> str:
@@ -317,6 +299,14 @@ def _stored_signature(path: Path) -> str | None:
     return sig.decode(errors="replace") if isinstance(sig, bytes) else sig
 
 
+def timeline_title(run_name: str, layer: str, objective, snapshots: int) -> str:
+    """The title above a merged timeline, a whole phrase: what is shown, of which layer, over what."""
+    what = "classes" if layer == LOGITS else "channels"
+    objective = objective if isinstance(objective, str) else repr(objective)
+    return (f"{run_name}: {what} of {layer} over {snapshots} snapshot{'s' * (snapshots != 1)} "
+            f"({objective} objective)")
+
+
 def _write_outputs(rows: list[SnapshotRow], result: TimelineResult, labels: bool, settings: RenderSettings) -> None:
     """Rows, merged.png and GIFs of every layer. Each file carries a signature of its tiles and
     labels and is rewritten only when that changes, so a rerun after one new snapshot does not
@@ -331,7 +321,12 @@ def _write_outputs(rows: list[SnapshotRow], result: TimelineResult, labels: bool
         if path is None:
             return None
         if path not in opened:
-            opened[path] = read_tile(path)[0]
+            image, about = read_tile(path)
+            if about.get("no_response") or (layer, epoch, c) in result.no_response:
+                result.no_response.add((layer, epoch, c))
+                # The starting noise is no picture of the channel: the tile says so instead.
+                image = no_response_tile(image.width, image.height)
+            opened[path] = image
         return opened[path]
 
     for layer in result.layers:
@@ -355,7 +350,7 @@ def _write_outputs(rows: list[SnapshotRow], result: TimelineResult, labels: bool
                 save_image(path, image, pnginfo=png_text(SIGNATURE_KEY, sig))
 
         result.merged[layer] = out_dir / "merged.png"
-        title = f"{result.run_dir.name}: {layer}, {settings.objective}" if labels else None
+        title = timeline_title(result.run_dir.name, layer, settings.objective, len(rows)) if labels else None
         sig = _signature(keys, row_labels, col_labels, title)
         if _stored_signature(result.merged[layer]) != sig:
             grid = [[] if k is None else [tile(layer, r.epoch, c) for c in cols] for r, k in zip(rows, keys)]
@@ -373,6 +368,8 @@ def _write_outputs(rows: list[SnapshotRow], result: TimelineResult, labels: bool
                 frames = [make_grid([[tile(layer, r.epoch, c)]], title=t) for (r, _), t in zip(present, titles)]
                 _gif(path, frames, sig)
     for key, path in result.tiles.items():
-        failed = read_tile_about(path).get("failed")
-        if failed:
-            result.failed[key] = failed
+        about = read_tile_about(path)
+        if about.get("failed"):
+            result.failed[key] = about["failed"]
+        if about.get("no_response"):
+            result.no_response.add(key)

@@ -11,6 +11,7 @@ from ...errors import FeatureshiftError, did_you_mean
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULES = ("none", "cosine", "step")
+MIN_IMAGE_SIZE = 16  # the smallest --image-size
 
 
 @dataclasses.dataclass
@@ -51,7 +52,7 @@ class TrainConfig:
 
 
 # Options that only change how a run executes, not what it trains: a resume may set them anew.
-RESUMABLE = {"epochs", "batch_size", "snapshot_every", "device", "workers", "amp", "channels_last",
+RESUMABLE = {"epochs", "batch_size", "snapshot_every", "device", "workers", "nproc", "amp", "channels_last",
              "tensorboard", "quiet"}
 # Options about this invocation, not the run: run.json and snapshots do not record them.
 NOT_STORED = {"out", "force", "resume", "quiet", "nproc"}
@@ -131,7 +132,7 @@ def validate(c: TrainConfig) -> None:
     num("snapshot_every", int, 1)
     num("step_size", int, 1)
     num("seed", int)
-    num("image_size", int, 16, allow_none=True)
+    num("image_size", int, MIN_IMAGE_SIZE, allow_none=True)
     num("workers", int, 0, allow_none=True)
     num("nproc", int, 1)
     for name in ("lr", "weight_decay", "momentum", "gamma", "val_fraction"):

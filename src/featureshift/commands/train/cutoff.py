@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ...errors import FeatureshiftError, did_you_mean
+from ...models.layers import blank_input
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +115,7 @@ def plan_cutoff(model: nn.Module, cutoff: int | str | None, size: int | None = N
     try:
         p = next(model.parameters())
         with torch.no_grad():
-            model(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))
+            model(blank_input(model, size, device=p.device, dtype=p.dtype))
     except RuntimeError as e:
         raise FeatureshiftError(f"The network could not run on a {size}x{size} image ({str(e).splitlines()[0]}). "
                                 "Use a larger --image-size.") from e

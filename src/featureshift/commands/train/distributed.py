@@ -8,10 +8,10 @@ sharded (each rank evaluates every world-th image) and summed. Rank 0 alone writ
 and every rank waits for it at the end of each epoch, so a failure in epoch E leaves epochs
 before E complete on disk and the run resumable, with any number of processes.
 
-Random streams: the data order and the augmentation seeds come from the run's generator, the
-same on every rank; the global generators (dropout, a new head's initialization after the
-first epoch) are seeded anew each epoch from (seed, epoch, rank), so ranks draw independently
-and a resumed run continues exactly as an uninterrupted one with the same number of processes.
+Random streams: the initial weights, the data order and the augmentation seeds come from the
+run's seed, the same on every rank; the global generators that training draws from (dropout)
+are seeded anew each epoch from (seed, epoch, rank), so ranks draw independently and a resumed
+run continues exactly as an uninterrupted one with the same number of processes.
 """
 from __future__ import annotations
 
@@ -20,14 +20,12 @@ import datetime as _dt
 import logging
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
-from torch.distributed.elastic.multiprocessing.errors import record
 
 from ...device import check_device_spec, resolve_device
 from ...errors import FeatureshiftError
@@ -90,8 +88,9 @@ class Group:
     def wrap(self, model: nn.Module) -> nn.Module:
         """MODEL in DistributedDataParallel (its weights are broadcast from rank 0).
 
-        static_graph: the same parameters take part in every step (frozen ones never), which also
-        lets a model whose head is unused in training (an auxiliary classifier left out) train.
+        static_graph: the same parameters take part in every step (frozen ones never), so DDP learns
+        which once rather than searching the graph every step, and a parameter the forward pass
+        never uses does not stop training.
         """
         ids = [self.device] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids, static_graph=True)
@@ -183,54 +182,73 @@ def leave(group: Group | None) -> None:
 
 # --- `--nproc N`: start the processes here ---
 
-@record  # a failure's message reaches the launcher (ChildFailedError)
-def run_rank(config: dict[str, Any]) -> str:
-    """The body of one process started by launch: train CONFIG as one rank of the group."""
-    from .session import train
-
-    return str(train(config))
-
-
-def launch(config: dict[str, Any], nproc: int, run_dir: Path) -> Path:
-    """Train CONFIG (TrainConfig's fields, with nproc 1) in NPROC processes on this machine, as
-    `torchrun --standalone --nproc_per_node NPROC` would; returns the run folder RUN_DIR.
+def launch(entrypoint: Callable[[dict[str, Any]], Any], config: dict[str, Any], nproc: int, run_dir: Path) -> Path:
+    """Call ENTRYPOINT(CONFIG) in NPROC processes on this machine, as `torchrun --standalone
+    --nproc_per_node NPROC` would; returns the run folder RUN_DIR. ENTRYPOINT trains CONFIG
+    (TrainConfig's fields, nproc 1) as one rank: a module-level function wrapped in
+    torch.distributed.elastic's `record`, so that a failure's message reaches this process.
 
     A process that fails ends every other one; the error says which, and how to continue."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     device = str(config.get("device") or "auto")
+    threads: dict[str, str] = {}
     if device in ("auto", "cuda") and torch.cuda.is_available():
         if nproc > torch.cuda.device_count():
             raise FeatureshiftError(f"--nproc {nproc} needs {nproc} GPUs (one per process); this machine has "
                                     f"{torch.cuda.device_count()}. Give --nproc {torch.cuda.device_count()} or less.")
     else:
         rank_device(device, 0)  # refuse cuda:N and mps before starting anything
-        # Every process would otherwise use every core: share them out, as torchrun does (with 1).
+        # Every process would otherwise use every core: share them out (torchrun gives each 1).
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)))
+        threads = {"OMP_NUM_THREADS": str(max(1, cores // nproc))}
     lc = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"featureshift-{os.getpid()}",
                       rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.1,
-                      start_method="spawn")
-    # The agent logs every failure at length; the error below says what matters.
-    elastic_log = logging.getLogger("torch.distributed.elastic")
-    level = elastic_log.level
-    elastic_log.setLevel(logging.CRITICAL)
+                      start_method="spawn",
+                      # When one process fails, the others may be waiting inside a collective step, where
+                      # SIGTERM is not handled: don't wait the default 30 s before ending them.
+                      shutdown_timeout=5)
+    # The launcher logs every failure at length; the error below says what matters.
+    logs = [logging.getLogger(n) for n in ("torch.distributed.elastic", "torch.multiprocessing")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.CRITICAL)
+    threads = {k: v for k, v in threads.items() if k not in os.environ}  # the user's setting wins
+    os.environ.update(threads)  # the processes start with this process's environment
     try:
-        elastic_launch(lc, run_rank)(config)
+        elastic_launch(lc, entrypoint)(config)
     except ChildFailedError as e:
         raise _launch_failure(e, run_dir, nproc) from None
+    except SignalException as e:
+        # Ctrl-C reached every process; rank 0 has marked the run interrupted
+        if e.sigval == signal.SIGINT:
+            raise KeyboardInterrupt from None
+        raise FeatureshiftError(f"Training was stopped by {e.sigval.name}. Every finished epoch is saved; continue "
+                                f"with `featureshift train --resume {run_dir} --nproc {nproc}`.") from None
     finally:
-        elastic_log.setLevel(level)
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
+        for k in threads:
+            os.environ.pop(k, None)
     return run_dir
 
 
 def _launch_failure(e, run_dir: Path, nproc: int) -> FeatureshiftError:
     from ...run import STATE_FILE, is_run, read_run, update_run
 
-    failures = sorted(e.failures.items(), key=lambda kv: (kv[1].timestamp, kv[0]))
-    rank, f = failures[0]
-    message = f.message.get("message", "") if isinstance(f.message, dict) else str(f.message or "")
+    def text_of(f) -> str:
+        return f.message.get("message", "") if isinstance(f.message, dict) else str(f.message or "")
+
+    def consequence(f) -> bool:
+        # a rank that noticed another one was gone, or that the launcher stopped after one failed
+        return "lost the other processes" in text_of(f) or f.exitcode == -signal.SIGTERM
+
+    rank, f = min(e.failures.items(), key=lambda kv: (consequence(kv[1]), kv[1].timestamp, kv[0]))
+    message = text_of(f)
+    if message.startswith("To enable traceback"):  # elastic's text when the process left no error of its own
+        message = ""
     own = message.startswith("FeatureshiftError: ")
     if f.exitcode < 0:
         try:
@@ -247,7 +265,7 @@ def _launch_failure(e, run_dir: Path, nproc: int) -> FeatureshiftError:
     if is_run(run_dir):
         try:
             run = read_run(run_dir)
-            if run.get("status") == "running":
+            if run.get("status") in ("running", "failed"):  # the cause, rather than what rank 0 saw
                 update_run(run_dir, run, status="failed", error=f"training process rank {rank} {what}")
         except (FeatureshiftError, OSError):
             pass

@@ -110,7 +110,8 @@ def make_loaders(train: Sequence[Sample], val: Sequence[Sample], info: ModelInfo
     common = dict(batch_size=batch_size, num_workers=workers, collate_fn=collate_skip,
                   pin_memory=pin_memory, persistent_workers=workers > 0, generator=torch.Generator())
     tf = (train_transform if augment else eval_transform)(info, image_size, normalize=False)
-    train_set = ImageDataset(train, tf, min_size=2 * size if augment else resize, skip_bad=True)
+    train_set = ImageDataset(train, tf, min_size=2 * size if augment else resize, skip_bad=True,
+                             channels=info.in_chans)
     if world > 1:
         common.pop("batch_size")
         train_loader = torch.utils.data.DataLoader(
@@ -123,7 +124,8 @@ def make_loaders(train: Sequence[Sample], val: Sequence[Sample], info: ModelInfo
             # a last batch of one image breaks batch-norm in train mode
             drop_last=len(train) % batch_size == 1, **common)
     val_loader = torch.utils.data.DataLoader(
-        ImageDataset(val, eval_transform(info, image_size, normalize=False), min_size=resize, skip_bad=True),
+        ImageDataset(val, eval_transform(info, image_size, normalize=False), min_size=resize, skip_bad=True,
+                     channels=info.in_chans),
         shuffle=False, **common) if val else None
     return Loaders(train_loader, val_loader)
 

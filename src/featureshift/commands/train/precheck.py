@@ -3,8 +3,8 @@ at once and the same command can be run again: the input size against the smalle
 network accepts, whether its auxiliary classifiers fit that size, and one training step on a
 real batch at that size, on the run's device.
 
-Sizes are probed on the meta device: shapes only, no arithmetic, so a probe costs the same at
-any size and leaves the network's weights, statistics and random streams alone.
+Sizes are probed on the meta device: shapes only, no arithmetic, so a probe costs about the same
+at any size and leaves the network's weights, statistics and random streams alone.
 """
 from __future__ import annotations
 
@@ -19,33 +19,44 @@ from torch import nn
 from ...data import ImageDataset, collate_skip, eval_transform
 from ...errors import FeatureshiftError
 from ...models.info import ModelInfo
+from ...models.layers import blank_input
 from ...models.zoo import aux_heads, drop_aux_heads
+from .config import MIN_IMAGE_SIZE
 from .cutoff import CutoffPlan, set_train_mode
 from .loop import AUX_WEIGHT, split_outputs, to_device
 
-SMALLEST_OPTION = 16  # the smallest --image-size the options allow (config.validate)
-_LIMIT = 2048
+_LIMIT = 2048  # the largest size probed
 
 
 def runs_at(model: nn.Module, size: int, train: bool = False) -> bool:
     """Whether MODEL computes its output on a SIZE px square input (in train mode: with whatever it
     runs only when training, such as auxiliary classifiers)."""
-    state = {n: torch.empty_like(t, device="meta")
-             for n, t in [*model.named_parameters(), *model.named_buffers()]}
-    was_training = model.training
-    model.train(train)
+    modes = {m: m.training for m in model.modules()}
+    # Train mode for the network itself only (what it runs only in training, like inception's auxiliary
+    # classifiers, is decided there), its layers in eval mode; and without its normalization layers,
+    # which keep shapes as they are and take most of a probe's time on the meta device.
+    norms = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if isinstance(child, nn.modules.batchnorm._NormBase)]
     try:
-        # two images: batch norm in train mode refuses a batch of one 1x1 map
+        for parent, name, _ in norms:
+            setattr(parent, name, nn.Identity())
+        state = {n: torch.empty_like(t, device="meta")
+                 for n, t in [*model.named_parameters(), *model.named_buffers()]}
+        model.eval()
+        model.training = train
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            torch.func.functional_call(model, state, (torch.zeros(2, 3, size, size, device="meta"),))
+            torch.func.functional_call(model, state, (blank_input(model, size, device="meta"),))
         return True
     except (RuntimeError, ValueError, IndexError):
         return False
     finally:
-        model.train(was_training)
+        for parent, name, child in norms:
+            setattr(parent, name, child)
+        for m, mode in modes.items():
+            m.training = mode
 
 
-def smallest_input_size(model: nn.Module, train: bool = False, start: int = SMALLEST_OPTION) -> int | None:
+def smallest_input_size(model: nn.Module, train: bool = False, start: int = MIN_IMAGE_SIZE) -> int | None:
     """The smallest size from START up that runs_at accepts (None: none up to 2048 px)."""
     if runs_at(model, start, train):
         return start
@@ -111,8 +122,10 @@ def choose_aux(model: nn.Module, size: int, arch: str) -> AuxChoice | None:
 def first_batch(samples: Sequence[tuple[Path, int]], info: ModelInfo, image_size: int | None,
                 batch_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Up to BATCH_SIZE readable training images as a uint8 batch (no augmentation: no random stream
-    is drawn from), or None when fewer than two can be read."""
-    ds = ImageDataset(samples, eval_transform(info, image_size, normalize=False), skip_bad=True)
+    is drawn from), or None when there are none (or only one where batches hold more: training
+    drops a last batch of one)."""
+    ds = ImageDataset(samples, eval_transform(info, image_size, normalize=False), skip_bad=True,
+                      channels=info.in_chans)
     good = []
     for i in range(len(ds)):
         item = ds[i]
@@ -126,16 +139,17 @@ def first_batch(samples: Sequence[tuple[Path, int]], info: ModelInfo, image_size
 
 def check_training_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], *, info: ModelInfo,
                         plan: CutoffPlan, criterion: nn.Module, device: torch.device, batch_size: int,
-                        aux_weight: float, amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> None:
+                        amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> None:
     """One forward and backward pass of MODEL (on DEVICE) on BATCH, as training does it, to fail before
     the run writes anything. Leaves no trace: the weights are not stepped, and the gradients, buffers
     (batch-norm statistics), train/eval mode and random streams are put back as they were."""
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    was_training = model.training
-    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    modes = {m: m.training for m in model.modules()}
+    accelerator = device.type in ("cuda", "mps")
     size = batch[0].shape[-1]
     try:
-        with torch.random.fork_rng(devices=rng_devices, device_type="cuda"):  # dropout draws from them
+        with torch.random.fork_rng(devices=[device.index or 0] if accelerator else [],
+                                   device_type=device.type if accelerator else "cuda"):  # dropout draws from them
             set_train_mode(model, plan)
             x, y = to_device(*batch, device, info, channels_last)
             autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
@@ -143,22 +157,23 @@ def check_training_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tenso
                 logits, aux = split_outputs(model(x))
                 loss = criterion(logits, y)
                 if aux:
-                    loss = loss + aux_weight * sum(criterion(a, y) for a in aux)
+                    loss = loss + AUX_WEIGHT.get(len(aux), 0.3) * sum(criterion(a, y) for a in aux)
             loss.backward()
     except torch.OutOfMemoryError as e:
         raise FeatureshiftError(
             f"The {device} device ran out of memory training on a batch of {batch_size} images of {size} px. "
             f"Use a smaller --batch-size (e.g. {max(1, batch_size // 2)}) or a smaller --image-size."
         ) from e
-    except RuntimeError as e:
-        raise FeatureshiftError(f"The network could not train on {size} px images on {device} "
-                                f"({str(e).splitlines()[0]}).") from e
+    except (RuntimeError, ValueError) as e:  # ValueError: batch norm on a single value per channel
+        raise FeatureshiftError(f"The network could not train on {size} px images in batches of {batch_size} "
+                                f"on {device} ({str(e).splitlines()[0]}).") from e
     finally:
         for p in model.parameters():
             p.grad = None
         with torch.no_grad():
             for n, b in model.named_buffers():
                 b.copy_(buffers[n])
-        model.train(was_training)
+        for m, mode in modes.items():
+            m.training = mode
         if device.type == "cuda":
             torch.cuda.empty_cache()

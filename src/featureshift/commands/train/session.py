@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
-import errno
 import os
 import shutil
 import sys
@@ -23,17 +22,19 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from ...data import scan_image_folder, stratified_split
 from ...device import resolve_device
 from ...errors import FeatureshiftError
+from ...io import WriteError, write_error
 from ...models.info import ModelInfo, attach_info, model_info
 from ...models.zoo import replace_head
 from ...network import open_network
 from ...optvis.settings import RenderSettings
-from ...run import (METRICS_FILE, RUN_FILE, SNAPSHOT_DIR, STATE_FILE, add_session, add_skipped, describe_status,
-                    is_run, new_run, read_run, read_split, snapshot_path, software_versions, this_process,
-                    trainer_alive, update_run, write_metrics, write_run, write_split)
+from ...run import (METRICS_FILE, RUN_FILE, SNAPSHOT_DIR, SPLIT_FILE, STATE_FILE, add_session, add_skipped,
+                    describe_status, is_run, new_run, read_run, read_split, snapshot_path, software_versions,
+                    this_process, trainer_alive, update_run, write_metrics, write_run, write_split)
 from ...selection import DEFAULT_COLUMNS
 from ...snapshot import build_from_state, save_snapshot, state_on_cpu, with_input_size
 from .config import NOT_STORED, RESUMABLE, TrainConfig, changed_options, check_keys, lr_at, make_config, stored_config
@@ -138,7 +139,13 @@ def _launch(cfg: TrainConfig, resumed: dict[str, Any] | None) -> Path:
     run_dir = Path(cfg.out)
     config = dataclasses.asdict(cfg)
     config["nproc"] = 1
-    return launch(config, cfg.nproc, run_dir)
+    return launch(run_rank, config, cfg.nproc, run_dir)
+
+
+@record  # a failure's message reaches the process that started this one (distributed.launch)
+def run_rank(config: dict[str, Any]) -> str:
+    """One of the processes `--nproc` starts: train CONFIG as its rank."""
+    return str(train(config))
 
 
 # --- the session: what the epochs share ---
@@ -218,10 +225,11 @@ def _prepare(cfg: TrainConfig, run_dir: Path, device: torch.device, loader_gen: 
                            rank=group.rank if group else 0, world=group.world if group else 1)
     dtype = amp_dtype(device, cfg.amp)
     if cfg.epochs > 0:
-        batch = first_batch(train, info, cfg.image_size, cfg.batch_size)
+        per_process = cfg.batch_size // (group.world if group else 1)  # what each device holds
+        batch = first_batch(train, info, cfg.image_size, per_process)
         if batch is not None:
             check_training_step(model, batch, info=info, plan=plan, criterion=nn.CrossEntropyLoss(), device=device,
-                                batch_size=cfg.batch_size, amp_dtype=dtype, channels_last=cuda and cfg.channels_last)
+                                batch_size=per_process, amp_dtype=dtype, channels_last=cuda and cfg.channels_last)
     return _Session(cfg=cfg, run_dir=run_dir, device=device, model=model, info=info, plan=plan, optimizer=optimizer,
                     scaler=make_scaler(dtype), amp_dtype=dtype, loaders=loaders, loader_gen=loader_gen,
                     workers=workers, on_epoch_end=on_epoch_end, on_snapshot=on_snapshot, group=group,
@@ -281,8 +289,9 @@ def _run_epochs(s: _Session, start: int) -> None:
         ) from e
     except KeyboardInterrupt:
         _record(s, status="interrupted")
-        _warn(f"training interrupted; every finished epoch is saved. Continue with "
-              f"`featureshift train --resume {s.run_dir}`.")
+        if s.main:
+            _warn(f"training interrupted; every finished epoch is saved. Continue with "
+                  f"`featureshift train --resume {s.run_dir}{f' --nproc {s.group.world}' if s.group else ''}`.")
         raise
     except BaseException as e:
         _record(s, status="failed", error=f"{e.__class__.__name__}: {e}"[:500])
@@ -309,30 +318,24 @@ def _record(s: _Session, **changes: Any) -> None:
 
 @contextlib.contextmanager
 def _writing(s: _Session, path: Path):
-    """Turn a failed write of PATH (a full disk, a read-only folder) into an error that says what the
-    run has saved and how to continue. The writes are atomic: nothing is left half-written."""
+    """Turn a failed write of PATH (a full disk, a read-only folder) into one paragraph that says what
+    the run has saved and how to continue. The writes are atomic: nothing is left half-written."""
     try:
         yield
     except OSError as e:
+        if isinstance(e, FeatureshiftError):
+            raise
         raise _write_error(s, path, e) from e
 
 
-def _write_error(s: _Session, path: Path, e: OSError) -> FeatureshiftError:
-    why = e.strerror or str(e) or e.__class__.__name__
-    fix = {errno.ENOSPC: "free some space on that disk", errno.EDQUOT: "free some space (the disk quota is full)",
-           errno.EROFS: "make the folder writable (it is on a read-only file system)",
-           errno.EACCES: "make the folder writable", errno.EPERM: "make the folder writable"}.get(
-        e.errno, "fix the cause")
+def _write_error(s: _Session, path: Path, e: OSError) -> WriteError:
+    named = OSError(e.errno, e.strerror or str(e) or e.__class__.__name__, os.fspath(path))  # not a temporary name
     if s.saved_epoch is None:
-        return FeatureshiftError(
-            f"Could not write {path} ({why}). Nothing of the run {s.run_dir} is saved yet, and no file is left "
-            f"half-written. {fix[0].upper() + fix[1:]}, then run the same command again (or choose another --out).")
+        return write_error(named, f"Nothing of the run {s.run_dir} is saved yet", "run the same command again")
     snaps = sorted(p.name for p in (s.run_dir / SNAPSHOT_DIR).glob("*.safetensors"))
-    last = f"; its last snapshot is {SNAPSHOT_DIR}/{snaps[-1]}" if snaps else ""
-    return FeatureshiftError(
-        f"Could not write {path} ({why}). The run {s.run_dir} is saved up to epoch {s.saved_epoch}{last}; no file is "
-        f"left half-written. {fix[0].upper() + fix[1:]}, then continue with "
-        f"`featureshift train --resume {s.run_dir}`.")
+    last = f" (its last snapshot: {SNAPSHOT_DIR}/{snaps[-1]})" if snaps else ""
+    return write_error(named, f"The run {s.run_dir} is saved up to epoch {s.saved_epoch}{last}",
+                       f"continue with `featureshift train --resume {s.run_dir}`")
 
 
 def _fit_to_size(model: nn.Module, info: ModelInfo) -> AuxChoice | None:
@@ -437,6 +440,8 @@ def _fresh(cfg: TrainConfig, on_epoch_end: EpochHook | None, on_snapshot: Snapsh
     info = with_input_size(info, cfg.image_size)
     attach_info(model, info)
     aux = _fit_to_size(model, info)
+    if aux and not aux.used and not cfg.quiet and (group is None or group.main):
+        _info(f"{info.arch}: {aux.why}.")
     s = _prepare(cfg, run_dir, device, loader_gen, model, info, train, val, on_epoch_end=on_epoch_end,
                  on_snapshot=on_snapshot, group=group)
     s.parent = net.meta.checksum if net.meta else None
@@ -467,7 +472,9 @@ def _fresh(cfg: TrainConfig, on_epoch_end: EpochHook | None, on_snapshot: Snapsh
             _clear_run(run_dir)
         with _writing(s, run_dir):
             run_dir.mkdir(parents=True, exist_ok=True)
+        with _writing(s, run_dir / SPLIT_FILE):
             write_split(run_dir, index.classes, train, val)
+        with _writing(s, run_dir / RUN_FILE):
             write_run(run_dir, s.run)
     if not cfg.quiet:
         _info(s.plan.table(cfg.cutoff))
@@ -525,9 +532,10 @@ def _restartable(out: Path, run: dict[str, Any] | None = None) -> bool:
             run = read_run(out)
         except FeatureshiftError:
             return False
-    trainer = run.get("trainer") or {}
+    trainer, me = run.get("trainer") or {}, this_process()
+    ours = trainer.get("pid") == me["pid"] and trainer.get("host") == me["host"]  # an earlier call in this process
     stopped = run.get("status") in ("failed", "interrupted") or (
-        run.get("status") == "running" and (trainer_alive(run) is False or trainer.get("pid") == os.getpid()))
+        run.get("status") == "running" and (trainer_alive(run) is False or ours))
     trained = any(p.name != "000.safetensors" for p in (out / SNAPSHOT_DIR).glob("*.safetensors"))
     return stopped and not run.get("epochs_done") and not trained
 
@@ -620,9 +628,10 @@ def _resume(cfg: TrainConfig, run: dict[str, Any], on_epoch_end: EpochHook | Non
     s.run = run
     if missing:
         add_skipped(run, missing)
-    with _writing(s, run_dir):
+    with _writing(s, run_dir / METRICS_FILE):
         if s.main:
             write_metrics(run_dir, s.history)  # drop rows of an epoch that was in progress
+    with _writing(s, run_dir / RUN_FILE):
         s.write_run()
     if not cfg.quiet:
         _info(f"resuming {run_dir} after epoch {done}, training to epoch {cfg.epochs}")

@@ -1,0 +1,498 @@
+"""Executors run a `JobPlan`: here, one snapshot after another (the default), or on a Ray cluster.
+
+Both compute a job with the same function (`render_job`: the engine's batched render,
+images turned into 8-bit RGB arrays), so a tile does not depend on where it was
+rendered, only on the kind of device. The caller's process writes every tile: PNG
+encoding never holds a GPU, and each file is written atomically, so a tile under its
+final name is always whole. `run_jobs` drives either executor with one progress bar
+over all tiles.
+
+Ray is optional (`pip install 'featureshift[ray]'`): `make_executor(ray="auto")` starts
+a Ray instance on this machine, `make_executor(ray="HOST:PORT")` joins a running cluster,
+and the environment variable FEATURESHIFT_RAY_ADDRESS does the same when `ray` is None.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from ..errors import FeatureshiftError
+from .cache import TileCache
+from .plan import CPU_JOB_TILES, GPU_JOB_TILES, JobPlan, TileJob
+
+RAY_ADDRESS_ENV = "FEATURESHIFT_RAY_ADDRESS"
+RAY_INSTALL = "pip install 'featureshift[ray]'"
+# Test hook: while the folder this names exists, the first Ray worker to load a snapshot there
+# kills its own process mid-job, as a crashed or preempted machine would; its job must be retried.
+CRASH_ONCE_ENV = "FEATURESHIFT_TEST_CRASH_ONCE"
+RAY_RETRIES = 3
+LOCAL_NAMES = ("local", "none", "off")
+TILE_WRITERS = min(8, os.cpu_count() or 1)
+
+
+@dataclasses.dataclass
+class JobOutput:
+    """What a worker hands back for one job: 8-bit pictures and scores, or why the snapshot was unusable."""
+
+    images: np.ndarray | None  # (channels, size, size, 3) uint8
+    scores: list[float] = dataclasses.field(default_factory=list)
+    failed: dict[int, str] = dataclasses.field(default_factory=dict)  # index -> why the render diverged
+    no_response: set[int] = dataclasses.field(default_factory=set)  # indices of channels with no gradient
+    error: str | None = None  # the snapshot could not be loaded
+    threads: int = 0  # the CPU threads torch used
+
+
+@dataclasses.dataclass
+class JobReport:
+    """What `run_jobs` did. Keys are tile keys."""
+
+    rendered: int = 0
+    cached: int = 0
+    failed: dict[str, str] = dataclasses.field(default_factory=dict)  # key -> why (diverged, or no tile at all)
+    no_response: set[str] = dataclasses.field(default_factory=set)  # channels that never responded to the image
+    unusable: dict[Path, str] = dataclasses.field(default_factory=dict)  # snapshot -> why it could not be loaded
+    written: dict[str, Path] = dataclasses.field(default_factory=dict)  # key -> tile written by this run
+
+
+# ---------------------------------------------------------------- the work of one job
+
+def render_job(model, job: TileJob, *, device: str = "auto", batch_size: int | None = None) -> JobOutput:
+    """Render JOB's channels on MODEL in batches: the same computation wherever it runs."""
+    import torch
+
+    from ..grid import to_pil
+    from ..optvis.engine import render
+
+    out = render(model, list(job.targets), settings=job.settings, device=device, batch_size=batch_size, quiet=True)
+    copies = len(out.images) // len(job)  # the diversity objective renders several per target
+    images, scores, failed, no_response = [], [], {}, set()
+    for j in range(len(job)):
+        k = j * copies
+        images.append(np.asarray(to_pil(out.images[k])))
+        scores.append(float(out.scores[k]))
+        if k in out.failed:
+            failed[j] = out.failed[k]
+        if k in out.no_response:
+            no_response.add(j)
+    return JobOutput(np.stack(images), scores, failed, no_response, threads=torch.get_num_threads())
+
+
+def tile_about(job: TileJob, index: int, output: JobOutput) -> dict[str, Any]:
+    """The header of a tile: what it shows and everything it was rendered with."""
+    layer, channel = job.targets[index]
+    about: dict[str, Any] = {"layer": layer, "channel": channel}
+    if job.epoch is not None:
+        about["epoch"] = job.epoch
+    # A channel without a response is still cached (its starting noise), marked so that every
+    # command that shows it can say so instead.
+    about.update({"checksum": job.checksum, "score": output.scores[index], "failed": output.failed.get(index),
+                  "no_response": index in output.no_response, **job.settings.key_fields()})
+    return about
+
+
+def load_snapshot_bytes(data: bytes, source: str, device: str = "cpu"):
+    """A snapshot file's network (eval mode) from its bytes, its checksum verified, as `load_snapshot` does."""
+    from safetensors.torch import load as load_safetensors
+
+    from ..models.info import attach_info
+    from ..snapshot import SnapshotMeta, build_from_state, weights_checksum
+
+    try:
+        (length,) = struct.unpack("<Q", data[:8])
+        meta = SnapshotMeta.from_dict(json.loads(json.loads(data[8:8 + length])["__metadata__"]["featureshift"]),
+                                      path=source)
+        state = load_safetensors(data)
+    except Exception as e:
+        raise FeatureshiftError(f"The snapshot {source} cannot be read ({e.__class__.__name__}: {e}).") from e
+    if weights_checksum(state) != meta.checksum:
+        raise FeatureshiftError(f"The snapshot {source} cannot be read (its weights do not match the checksum "
+                                "stored with them).")
+    model = build_from_state(meta.info, state, source)
+    return attach_info(model.to(device).eval(), meta.info)
+
+
+# ---------------------------------------------------------------- local
+
+class LocalExecutor:
+    """Today's behaviour: one snapshot after another in this process, the next one loading in the background."""
+
+    def __init__(self, device: str = "auto", batch_size: int | None = None):
+        self.device = device
+        self.batch_size = batch_size
+        self.max_tiles = GPU_JOB_TILES if _wants_gpu(device) else CPU_JOB_TILES
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        return f"local ({self.device})"
+
+    def run(self, jobs: list[TileJob]) -> Iterator[tuple[TileJob, JobOutput]]:
+        """(job, output) for each job, in order."""
+        from ..snapshot import load_snapshot
+
+        snapshots = list(dict.fromkeys(j.snapshot for j in jobs))
+        if not snapshots:
+            return
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="featureshift-load")
+        load = lambda path: pool.submit(load_snapshot, path)  # noqa: E731
+        try:
+            pending = {snapshots[0]: load(snapshots[0])}
+            current, model, error = None, None, None
+            for job in jobs:
+                if job.snapshot != current:
+                    model = None  # release the previous network before the next one lands on the device
+                    current = job.snapshot
+                    try:
+                        model, error = pending.pop(current).result()[0], None
+                    except FeatureshiftError as e:
+                        model, error = None, str(e)
+                    i = snapshots.index(current)
+                    if i + 1 < len(snapshots):
+                        pending[snapshots[i + 1]] = load(snapshots[i + 1])
+                if model is None:
+                    yield job, JobOutput(None, error=error)
+                else:
+                    yield job, render_job(model, job, device=self.device, batch_size=self.batch_size)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ---------------------------------------------------------------- Ray
+
+_WORKER_MODEL: tuple[str, Any] | None = None  # (checksum, network): a worker keeps its last snapshot
+
+
+def _worker_job(data: bytes, job: TileJob, device: str, batch_size: int | None, threads: int | None) -> JobOutput:
+    """Runs in a Ray worker: load the snapshot (unless this worker has it already) and render the job."""
+    global _WORKER_MODEL
+    import torch
+
+    if threads:
+        # Ray starts workers with OMP_NUM_THREADS=1; the thread count may change how CPU kernels
+        # split their sums, so a worker uses the caller's, and its tiles match local ones.
+        torch.set_num_threads(threads)
+    if _WORKER_MODEL is None or _WORKER_MODEL[0] != job.checksum:
+        _WORKER_MODEL = None
+        try:
+            _WORKER_MODEL = (job.checksum, load_snapshot_bytes(data, str(job.snapshot)))
+        except FeatureshiftError as e:
+            return JobOutput(None, error=str(e))
+    _crash_once_if_asked()
+    return render_job(_WORKER_MODEL[1], job, device=device, batch_size=batch_size)
+
+
+def _worker_render(model, targets: list[tuple[str, int]], settings, device: str, batch_size: int | None,
+                   threads: int | None):
+    """Runs in a Ray worker: the engine's render of TARGETS on MODEL, exactly as a local call returns it."""
+    import torch
+
+    from ..optvis.engine import render
+
+    if threads:
+        torch.set_num_threads(threads)  # as in _worker_job
+    return render(model, targets, settings=settings, device=device, batch_size=batch_size, quiet=True)
+
+
+def _crash_once_if_asked() -> None:
+    folder = os.environ.get(CRASH_ONCE_ENV)
+    if folder and os.path.isdir(folder):
+        try:
+            os.close(os.open(os.path.join(folder, "crashed"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        os._exit(1)
+
+
+def _lost_worker_errors(ray) -> tuple[type[BaseException], ...]:
+    # What Ray raises once a task's retries are spent on dead workers (NodeDiedError is newer than 2.9).
+    names = ("WorkerCrashedError", "NodeDiedError", "ObjectLostError")
+    return tuple(getattr(ray.exceptions, n) for n in names if hasattr(ray.exceptions, n))
+
+
+def import_ray():
+    """The ray module, or a FeatureshiftError saying how to install it."""
+    try:
+        import ray
+    except ImportError as e:
+        raise FeatureshiftError(f"Rendering on Ray needs Ray, which is not installed: {RAY_INSTALL} "
+                                "(or leave out --ray to render on this machine).") from e
+    return ray
+
+
+class RayExecutor:
+    """Jobs as Ray tasks: one GPU each (`num_gpus=1`) on a cluster with GPUs, else CPU tasks
+    with this process's thread count. Each snapshot's bytes enter the object store once;
+    a worker keeps the last snapshot it loaded, and a worker that dies has its jobs retried."""
+
+    def __init__(self, address: str = "auto", device: str = "auto", batch_size: int | None = None,
+                 quiet: bool = False):
+        import torch
+
+        self.ray = ray = import_ray()
+        self.address = address
+        self.device = device
+        self.batch_size = batch_size
+        self.started = False
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": not quiet,
+                                      "logging_level": "WARNING"}
+            if address != "auto":
+                kwargs["address"] = address
+            try:
+                ray.init(**kwargs)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise FeatureshiftError(
+                    f"Cannot reach the Ray cluster at {address} ({e}). Start one with `ray start --head` and pass "
+                    "the address it prints, or use --ray auto for one on this machine.") from e
+            self.started = True
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        if device.startswith("cuda") and not gpus:
+            raise FeatureshiftError(f"--device {device} was asked for, but the Ray cluster has no GPUs.")
+        self.use_gpu = (gpus > 0 and device == "auto") or device.startswith("cuda")
+        if self.use_gpu:
+            self.worker_device, self.threads, self.options = "cuda", None, {"num_gpus": 1, "num_cpus": 1}
+            self.slots = gpus
+        else:
+            nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+            widest = int(max(nodes, default=1)) or 1
+            self.threads = max(1, min(torch.get_num_threads(), widest))
+            self.worker_device = "cpu" if device in ("auto", "cpu") else device
+            self.options = {"num_cpus": self.threads}
+            self.slots = max(1, int(resources.get("CPU", 1)) // self.threads)
+        self.max_tiles = GPU_JOB_TILES if self.use_gpu else CPU_JOB_TILES
+        self.remote = ray.remote(max_retries=RAY_RETRIES)(_worker_job).options(**self.options)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        """Nothing to release: a Ray instance this executor started stays up for the next command
+        in this process (starting one takes seconds); Ray stops it when the process exits."""
+
+    def shutdown(self) -> None:
+        """Stop the Ray instance now if this executor started it."""
+        if self.started and self.ray.is_initialized():
+            self.ray.shutdown()
+        self.started = False
+
+    def describe(self) -> str:
+        kind = "GPU" if self.use_gpu else f"{self.threads}-thread CPU"
+        return f"Ray ({self.slots} {kind} worker(s))"
+
+    def run(self, jobs: list[TileJob]) -> Iterator[tuple[TileJob, JobOutput]]:
+        """(job, output) as jobs finish anywhere. Leaving early (Ctrl-C, an error) cancels the rest."""
+        ray = self.ray
+        last_use = {j.snapshot: i for i, j in enumerate(jobs)}
+        refs: dict[Path, Any] = {}  # snapshot -> its bytes in the object store, until its last job is submitted
+        in_flight: dict[Any, TileJob] = {}
+        # Enough queued to keep every worker busy, few enough that snapshots do not pile up in the store.
+        window = 2 * self.slots
+        todo = collections.deque(enumerate(jobs))
+        try:
+            while todo or in_flight:
+                while todo and len(in_flight) < window:
+                    i, job = todo.popleft()
+                    if job.snapshot not in refs:
+                        try:
+                            refs[job.snapshot] = ray.put(Path(job.snapshot).read_bytes())
+                        except OSError as e:
+                            yield job, JobOutput(None, error=f"The snapshot {job.snapshot} cannot be read ({e}).")
+                            continue
+                    ref = self.remote.remote(refs[job.snapshot], job, self.worker_device, self.batch_size,
+                                             self.threads)
+                    in_flight[ref] = job
+                    if last_use[job.snapshot] == i:
+                        del refs[job.snapshot]  # the tasks hold it while they need it
+                if not in_flight:
+                    continue
+                done, _ = ray.wait(list(in_flight), num_returns=1)
+                for ref in done:
+                    job = in_flight.pop(ref)
+                    try:
+                        output = ray.get(ref)
+                    except ray.exceptions.RayTaskError as e:
+                        cause = getattr(e, "cause", None)
+                        if isinstance(cause, FeatureshiftError):
+                            raise FeatureshiftError(str(cause)) from None
+                        raise
+                    except _lost_worker_errors(ray) as e:
+                        output = JobOutput(None, error=None)
+                        output.failed = {j: f"its Ray worker was lost {RAY_RETRIES + 1} times "
+                                            f"({e.__class__.__name__})" for j in range(len(job))}
+                    yield job, output
+        finally:
+            for ref in in_flight:
+                ray.cancel(ref)
+
+    def render_network(self, model, targets: list[tuple[str, int]], settings, *, quiet: bool = False):
+        """The engine's render of TARGETS on MODEL (a module in this process), spread over the
+        cluster in jobs of `max_tiles` targets; the module enters the object store once."""
+        from tqdm.auto import tqdm
+
+        from ..optvis.engine import RenderResult
+
+        ray = self.ray
+        model_ref = ray.put(model)
+        remote = ray.remote(max_retries=RAY_RETRIES)(_worker_render).options(**self.options)
+        parts = [targets[i:i + self.max_tiles] for i in range(0, len(targets), self.max_tiles)]
+        refs = [remote.remote(model_ref, part, settings, self.worker_device, self.batch_size, self.threads)
+                for part in parts]
+        index = {ref: i for i, ref in enumerate(refs)}
+        results: list[Any] = [None] * len(refs)
+        bar = tqdm(total=len(targets), unit="image", desc="render", disable=quiet, dynamic_ncols=True)
+        pending = list(refs)
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                for ref in done:
+                    try:
+                        results[index[ref]] = ray.get(ref)
+                    except ray.exceptions.RayTaskError as e:
+                        if isinstance(getattr(e, "cause", None), FeatureshiftError):
+                            raise FeatureshiftError(str(e.cause)) from None
+                        raise
+                    bar.update(len(parts[index[ref]]))
+        finally:
+            for ref in pending:
+                ray.cancel(ref)
+            bar.close()
+        # One result, as if rendered in one call: indices shift by the images before each part.
+        images, scores, failed, no_response, offset = [], [], {}, set(), 0
+        for r in results:
+            images.append(r.images)
+            scores.append(r.scores)
+            failed.update({offset + i: why for i, why in r.failed.items()})
+            no_response.update(offset + i for i in r.no_response)
+            offset += len(r.images)
+        return RenderResult(np.concatenate(images), [t for r in results for t in r.targets], np.concatenate(scores),
+                            failed, results[0].settings, no_response)
+
+
+# ---------------------------------------------------------------- choosing and running
+
+def _wants_gpu(device: str) -> bool:
+    if device.startswith("cuda"):
+        return True
+    if device != "auto":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def make_executor(ray: str | None = None, device: str = "auto", batch_size: int | None = None,
+                  quiet: bool = False) -> LocalExecutor | RayExecutor:
+    """The executor for `ray`: None (or "local") renders in this process, "auto" on a Ray
+    instance started on this machine, "HOST:PORT" (or "ray://HOST:PORT") on a running Ray
+    cluster. With `ray` None, FEATURESHIFT_RAY_ADDRESS, when set, chooses instead.
+    `device` (auto, cpu, cuda, ...) and `batch_size` only decide how tiles are computed."""
+    from ..device import check_device_spec
+
+    check_device_spec(device)
+    address = check_ray(ray)
+    if address is None:
+        return LocalExecutor(device=device, batch_size=batch_size)
+    return RayExecutor(address, device=device, batch_size=batch_size, quiet=quiet)
+
+
+def check_ray(ray: str | None) -> str | None:
+    """The Ray address `ray` stands for (None: render here), as `make_executor` reads it; a
+    FeatureshiftError saying how to install Ray when one is asked for and Ray is missing.
+    Cheap (Ray is not imported): commands call it first, so that `--ray` without Ray fails at
+    once even when everything is cached."""
+    import importlib.util
+
+    if ray is None:
+        ray = os.environ.get(RAY_ADDRESS_ENV) or None
+    if ray is None or ray.strip().lower() in LOCAL_NAMES:
+        return None
+    if not ray.strip():
+        raise FeatureshiftError("--ray needs 'auto' or the address of a Ray cluster (HOST:PORT).")
+    if importlib.util.find_spec("ray") is None:
+        import_ray()  # raises, saying how to install it
+    return ray.strip()
+
+
+def render_network(model, targets, settings=None, *, ray: str | None = None, device: str = "auto",
+                   batch_size: int | None = None, quiet: bool = False):
+    """`featureshift.optvis.engine.render` of TARGETS on MODEL, here or on Ray (`ray` as in
+    `make_executor`): for commands that render a network held in memory rather than snapshots."""
+    from ..optvis.engine import render
+
+    executor = make_executor(ray, device=device, batch_size=batch_size, quiet=quiet)
+    if isinstance(executor, LocalExecutor):
+        return render(model, targets, settings, device=device, batch_size=batch_size, quiet=quiet)
+    with executor:
+        return executor.render_network(model, list(targets), settings, quiet=quiet)
+
+
+def run_jobs(plan: JobPlan, cache: TileCache, executor: LocalExecutor | RayExecutor, *, quiet: bool = False,
+             on_tile: Callable[[str, Path], None] | None = None, desc: str = "render") -> JobReport:
+    """Run PLAN on EXECUTOR, writing each tile into CACHE as its job finishes.
+
+    `on_tile(key, path)` is called after each new tile is on disk; an exception from it
+    (KeyboardInterrupt included) stops the run, cancels the queued jobs and keeps every
+    tile already written, so running the same plan again renders only what is missing.
+    A diverged render is cached too (its last good image, marked in its header): it would
+    diverge again. Tiles of a snapshot that cannot be loaded are reported, not written.
+    """
+    from tqdm.auto import tqdm
+
+    from ..grid import to_pil
+
+    report = JobReport(cached=plan.cached)
+    bar = tqdm(total=plan.tiles, unit="tile", desc=desc, disable=quiet or not plan.jobs, dynamic_ncols=True)
+    # PNG encoding and the atomic write (an fsync) release the GIL: with many GPUs feeding one
+    # process, a single writer thread would be what the whole cluster waits for.
+    writers = concurrent.futures.ThreadPoolExecutor(max_workers=TILE_WRITERS, thread_name_prefix="featureshift-tile")
+    results = executor.run(plan.jobs)
+    try:
+        for job, output in results:
+            if output.images is None:
+                why = output.error or "not rendered"
+                if output.error:
+                    report.unusable[Path(job.snapshot)] = output.error
+                for j, key in enumerate(job.keys):
+                    report.failed[key] = output.failed.get(j, why)
+                bar.update(len(job.keys))
+                continue
+            def write(j: int, job=job, output=output) -> Path:
+                return cache.write(job.keys[j], to_pil(output.images[j]), tile_about(job, j, output))
+
+            saved = list(zip(job.keys, writers.map(write, range(len(job)))))
+            for j, key in enumerate(job.keys):
+                if j in output.failed:
+                    report.failed[key] = output.failed[j]
+                if j in output.no_response:
+                    report.no_response.add(key)
+            # Every tile of the job is on disk before anyone is told, so an interruption loses none.
+            report.rendered += len(saved)
+            report.written.update(saved)
+            bar.update(len(saved))
+            if on_tile is not None:
+                for key, path in saved:
+                    on_tile(key, path)
+    finally:
+        results.close()  # cancels what is queued, now rather than when garbage is collected
+        writers.shutdown(wait=True)
+        bar.close()
+    return report

@@ -1,0 +1,198 @@
+"""The render methods besides Lucid's: MACO and feature accentuation.
+
+Tiny canvases and few steps throughout; the quality proofs use the real offline
+ImageNet SqueezeNet and real photos from scikit-image.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from featureshift import FeatureshiftError, create_model, model_info
+from featureshift.models.layers import truncated
+from featureshift.optvis.accent import load_photo
+from featureshift.optvis.engine import render
+from featureshift.optvis.maco import (PhaseImage, dataset_spectrum, image_spectrum, load_spectrum,
+                                      sample_photo_spectrum, save_spectrum, spectrum_at)
+from featureshift.optvis.param import COLOR_CORRELATION
+from featureshift.optvis.settings import RenderSettings
+
+MID = "features.9"
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
+
+@pytest.fixture(scope="module")
+def squeeze():
+    return create_model("squeezenet1_1", weights="imagenet")
+
+
+@pytest.fixture(scope="module")
+def chelsea(tmp_path_factory):
+    from skimage import data
+
+    path = tmp_path_factory.mktemp("photos") / "chelsea.png"
+    Image.fromarray(data.chelsea()).save(path)
+    return path
+
+
+def normalized(model, images: np.ndarray) -> torch.Tensor:
+    info = model_info(model)
+    x = torch.tensor(images).permute(0, 3, 1, 2)
+    return (x - torch.tensor(info.mean).view(1, 3, 1, 1)) / torch.tensor(info.std).view(1, 3, 1, 1)
+
+
+def channel_means(model, images: np.ndarray, layer: str) -> torch.Tensor:
+    with truncated(model, [layer]) as net, torch.no_grad():
+        return net(normalized(model, images))[layer].mean((2, 3))
+
+
+# --- settings ---------------------------------------------------------------------------
+
+def test_lucid_key_leaves_out_the_other_methods_settings():
+    key = RenderSettings().key_fields()
+    assert not {"method", "spectrum", "crops", "crop_scale", "noise", "image", "accent_weight"} & set(key)
+    assert RenderSettings(crops=9, accent_weight=7.0).key_fields() == key  # unread by Lucid
+    assert "lucid" not in RenderSettings().describe() and "method" not in RenderSettings().describe()
+
+
+def test_method_settings_are_in_the_key_and_the_description(tmp_path):
+    maco = RenderSettings(method="maco")
+    key = maco.key_fields()
+    assert key["method"] == "maco" and key["crops"] == 4 and "image" not in key
+    assert RenderSettings(method="maco", crops=2).key_fields() != key
+    assert maco.describe().startswith("maco, channel, 512 steps")
+
+    spectrum = save_spectrum(np.ones((3, 8, 5), np.float32), tmp_path / "s.npy")
+    with_file = RenderSettings(method="maco", spectrum=str(spectrum)).key_fields()
+    save_spectrum(np.full((3, 8, 5), 2, np.float32), spectrum)  # same name, new content: a new key
+    assert RenderSettings(method="maco", spectrum=str(spectrum)).key_fields() != with_file
+
+    photo = tmp_path / "p.png"
+    Image.new("RGB", (8, 8)).save(photo)
+    accent = RenderSettings(method="accent", image=str(photo), accent_weight=5.0)
+    assert accent.key_fields()["image"][0].startswith("p.png:") and "crops" not in accent.key_fields()
+    assert "accent" in accent.describe() and "p.png" in accent.describe() and "accent_weight 5.0" in accent.describe()
+
+
+def test_unknown_method_and_missing_image(squeeze):
+    with pytest.raises(FeatureshiftError, match="Unknown method 'deepdream'.*lucid, maco, accent"):
+        render(squeeze, [(MID, 0)], steps=1, size=48, method="deepdream", quiet=True)
+    with pytest.raises(FeatureshiftError, match="--image"):
+        render(squeeze, [(MID, 0)], steps=1, size=48, method="accent", quiet=True)
+
+
+# --- MACO -------------------------------------------------------------------------------
+
+def test_shipped_spectrum_is_the_sample_photos_spectrum():
+    shipped, made = load_spectrum(), sample_photo_spectrum()
+    assert shipped.shape == (3, 256, 129)
+    # stored as float16 logarithms; the DC term (unused) is left out
+    assert np.allclose(np.log(shipped)[:, 1:], np.log(made)[:, 1:], atol=0.01)
+
+
+def test_dataset_spectrum_from_image_files(tmp_path, squeeze):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(paths[-1])
+    spectrum = dataset_spectrum(paths, size=32)
+    assert spectrum.shape == (3, 32, 17) and np.isfinite(spectrum).all()
+    saved = save_spectrum(spectrum, tmp_path / "run" / "spectrum.npy")
+    assert np.array_equal(load_spectrum(saved), spectrum)
+    result = render(squeeze, [("features.3", 0)], steps=2, size=32, method="maco", spectrum=str(saved), quiet=True)
+    assert result.settings["method"] == "maco" and result.settings["spectrum"][0].startswith("spectrum.npy:")
+    with pytest.raises(FeatureshiftError, match="not a MACO spectrum"):
+        save_spectrum(np.ones((3, 8, 8)), tmp_path / "bad.npy")
+
+
+def test_only_the_phase_moves():
+    """Every image has the fixed magnitude, up to one overall scale (the standardization)."""
+    magnitude = spectrum_at(load_spectrum(), 32)
+    images = PhaseImage(magnitude, 32)(torch.randn(2, 3, 32, 17))
+    x = torch.logit(images.double())
+    x = torch.einsum("ij,bjhw->bihw", torch.linalg.inv(COLOR_CORRELATION.double()), x)
+    # columns 0 and 16 hold bins the inverse FFT makes symmetric, whatever phase they were given
+    ratio = torch.fft.rfft2(x).abs()[..., 1:16] / magnitude[..., 1:16].double()
+    spread = ratio.flatten(1).std(1) / ratio.flatten(1).mean(1)
+    assert (spread < 1e-3).all(), spread
+
+
+def test_image_spectrum_of_a_pattern():
+    stripes = np.zeros((1, 16, 16, 3), np.float32)
+    stripes[:, :, ::2] = 1  # vertical stripes: all energy at the highest horizontal frequency
+    s = image_spectrum(stripes)
+    total = s.sum(0)
+    assert s.shape == (3, 16, 9) and np.unravel_index(total.argmax(), total.shape) == (0, 8)
+
+
+def test_maco_alone_or_in_a_batch_gives_the_same_image(squeeze):
+    both = render(squeeze, [(MID, 3), (MID, 5)], steps=3, size=48, method="maco", crops=2, quiet=True)
+    alone = render(squeeze, [(MID, 5)], steps=3, size=48, method="maco", crops=2, quiet=True)
+    assert np.abs(both.images[1] - alone.images[0]).mean() < 0.02  # only kernel rounding noise (see test_render)
+    assert not np.allclose(both.images[0], both.images[1])
+    again = render(squeeze, [(MID, 3), (MID, 5)], steps=3, size=48, method="maco", crops=2, quiet=True)
+    assert np.array_equal(both.images, again.images)
+
+
+def test_maco_raises_the_channel(squeeze):
+    start = render(squeeze, [(MID, 7)], steps=0, size=64, method="maco", quiet=True)
+    end = render(squeeze, [(MID, 7)], steps=24, size=64, method="maco", crops=2, quiet=True)
+    assert end.scores[0] > 2 * max(start.scores[0], 0.1)
+
+
+def test_maco_class_render_is_classified_as_its_class(squeeze):
+    classes = [1, 9, 130, 291]  # goldfish, ostrich, flamingo, lion
+    result = render(squeeze, [("logits", c) for c in classes], steps=64, size=96, method="maco", quiet=True)
+    with torch.no_grad():
+        predicted = squeeze(normalized(squeeze, result.images)).argmax(1).tolist()
+    assert predicted == classes
+
+
+# --- feature accentuation ---------------------------------------------------------------
+
+def test_accent_starts_at_the_photo(squeeze, chelsea):
+    result = render(squeeze, [(MID, 0)], steps=0, size=48, method="accent", image=str(chelsea), quiet=True)
+    assert np.abs(result.images[0] - load_photo(chelsea, 48)).max() <= 0.0101  # pixels kept inside (0, 1)
+
+
+def test_accent_stays_close_and_doubles_the_channel(squeeze, chelsea):
+    """SSIM (skimage.metrics.structural_similarity, RGB, data range 1) at least 0.6 while
+    the channel's spatial mean at least doubles."""
+    from skimage.metrics import structural_similarity
+
+    size = 64
+    photo = load_photo(chelsea, size)
+    before = channel_means(squeeze, photo[None], MID)[0]
+    channels = [int(c) for c in torch.argsort(before)[[150, 300]]]  # weakly and strongly excited
+    result = render(squeeze, [(MID, c) for c in channels], steps=32, size=size, method="accent",
+                    image=str(chelsea), quiet=True)
+    after = channel_means(squeeze, result.images, MID)
+    for i, c in enumerate(channels):
+        assert after[i, c] >= 2 * before[c], (c, float(before[c]), float(after[i, c]))
+        assert structural_similarity(photo, result.images[i], channel_axis=2, data_range=1.0) >= 0.6, c
+
+
+def test_accent_weight_trades_closeness_for_activation(squeeze, chelsea):
+    photo = load_photo(chelsea, 48)
+    channel = int(channel_means(squeeze, photo[None], MID)[0].argmax())
+    loose, tight = (render(squeeze, [(MID, channel)], steps=16, size=48, method="accent", image=str(chelsea),
+                           accent_weight=w, quiet=True) for w in (1.0, 10.0))
+    assert np.abs(tight.images[0] - photo).mean() < np.abs(loose.images[0] - photo).mean()
+    assert tight.scores[0] < loose.scores[0]
+
+
+def test_accent_one_image_per_target(squeeze, chelsea, tmp_path):
+    from skimage import data
+
+    coffee = tmp_path / "coffee.png"
+    Image.fromarray(data.coffee()).save(coffee)
+    result = render(squeeze, [(MID, 1), (MID, 1)], steps=0, size=48, method="accent",
+                    image=(str(chelsea), str(coffee)), quiet=True)
+    assert np.abs(result.images[1] - load_photo(coffee, 48)).max() <= 0.0101
+    with pytest.raises(FeatureshiftError, match="one per target"):
+        render(squeeze, [(MID, 1)] * 3, steps=0, size=48, method="accent", image=(str(chelsea), str(coffee)),
+               quiet=True)

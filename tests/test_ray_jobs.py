@@ -1,0 +1,158 @@
+"""Render jobs on a real local Ray instance: the same tiles as a local render, worker crashes
+retried, an interrupted run resumed. One Ray instance serves the whole module (starting one
+takes seconds); renders are a few steps at 32 px."""
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+from featureshift import FeatureshiftError, create_model, save_snapshot
+from featureshift.commands.timeline.timeline import timeline
+from featureshift.jobs.cache import TileCache
+from featureshift.jobs.executors import CRASH_ONCE_ENV, RAY_ADDRESS_ENV, LocalExecutor, RayExecutor, make_executor
+from featureshift.jobs.plan import TileRequest, plan_jobs
+from featureshift.optvis.settings import DEFAULT_SETTINGS
+from featureshift.snapshot import read_meta
+
+LAYER = "features.3.squeeze"
+FAST = dict(steps=4, size=32, batch_size=16, quiet=True)
+# Two threads, where Ray's workers default to one: tiles must still match, because a worker
+# takes the caller's thread count.
+THREADS = 2
+
+
+@pytest.fixture(scope="module")
+def threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield THREADS
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def crash_dir(tmp_path_factory):
+    # Workers inherit the environment when Ray starts, so the hook is set before; it acts only
+    # while the folder exists.
+    path = tmp_path_factory.mktemp("crash") / "armed"
+    os.environ[CRASH_ONCE_ENV] = str(path)
+    yield path
+    os.environ.pop(CRASH_ONCE_ENV, None)
+
+
+@pytest.fixture(scope="module")
+def ray_instance(crash_dir):
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, threads):
+    """A three-snapshot run and its timeline rendered locally: tile name -> bytes."""
+    root = tmp_path_factory.mktemp("ref")
+    torch.manual_seed(0)
+    model = create_model("squeezenet1_1", weights="random", num_classes=3)
+    for e in range(3):
+        with torch.no_grad():
+            model.features[0].weight.add_(0.05 * torch.randn_like(model.features[0].weight))
+        save_snapshot(model, root / "run" / "snapshots" / f"{e:03d}.safetensors", epoch=e)
+    res = timeline(root / "run", LAYER, 2, **FAST)
+    assert res.rendered == 6
+    return root / "run", tiles(root / "run")
+
+
+def tiles(run):
+    return {p.name: p.read_bytes() for p in sorted((run / "timeline" / "cache").glob("*.png"))}
+
+
+def fresh_copy(run, dest):
+    shutil.copytree(run / "snapshots", dest / "snapshots")
+    return dest
+
+
+def test_ray_tiles_are_byte_identical_to_local_ones(tmp_path, reference, ray_instance):
+    ref_run, ref_tiles = reference
+    run = fresh_copy(ref_run, tmp_path / "run")
+    res = timeline(run, LAYER, 2, ray="auto", **FAST)
+    assert (res.rendered, res.cached) == (6, 0)
+    assert tiles(run) == ref_tiles
+    merged = "timeline/features.3.squeeze/merged.png"
+    assert (run / merged).read_bytes() == (ref_run / merged).read_bytes()
+
+    # The worker rendered with the caller's threads, although Ray gave it OMP_NUM_THREADS=1.
+    snap = run / "snapshots" / "000.safetensors"
+    plan = plan_jobs([TileRequest(snap, read_meta(snap).checksum, LAYER, 0)], TileCache(tmp_path / "c"),
+                     settings=DEFAULT_SETTINGS.replace(steps=1, size=32), force=True)
+    executor = make_executor("auto", device="cpu", batch_size=16, quiet=True)
+    assert isinstance(executor, RayExecutor) and not executor.started  # joined the running instance
+    [(_, output)] = list(executor.run(plan.jobs))
+    assert output.threads == THREADS
+
+
+def test_a_worker_killed_mid_job_is_retried_and_the_timeline_completes(tmp_path, reference, ray_instance, crash_dir):
+    ref_run, ref_tiles = reference
+    run = fresh_copy(ref_run, tmp_path / "run")
+    crash_dir.mkdir()
+    try:
+        res = timeline(run, LAYER, 2, ray="auto", **FAST)
+    finally:
+        crashed = (crash_dir / "crashed").exists()
+        shutil.rmtree(crash_dir)
+    assert crashed  # a worker did die
+    assert (res.rendered, res.missing, res.failed) == (6, {}, {})
+    assert tiles(run) == ref_tiles
+
+
+def test_interrupted_ray_run_resumes_with_only_the_missing_tiles(tmp_path, reference, ray_instance):
+    ref_run, ref_tiles = reference
+    run = fresh_copy(ref_run, tmp_path / "run")
+    seen = []
+
+    def stop(layer, epoch, channel, path):
+        assert path.is_file()  # on disk before we are told
+        seen.append(path)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        timeline(run, LAYER, 2, ray="auto", on_tile=stop, **FAST)
+    done = tiles(run)
+    assert 2 <= len(done) < 6  # the job that finished, whole; the queued ones cancelled
+    assert all(ref_tiles[name] == data for name, data in done.items())
+    resumed = timeline(run, LAYER, 2, ray="auto", **FAST)
+    assert (resumed.rendered, resumed.cached) == (6 - len(done), len(done))
+    assert tiles(run) == ref_tiles
+
+
+def test_without_ray_installed_the_error_says_how_to_install_it(monkeypatch, reference):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    with pytest.raises(FeatureshiftError, match=r"pip install 'featureshift\[ray\]'"):
+        make_executor("auto")
+    with pytest.raises(FeatureshiftError, match=r"pip install 'featureshift\[ray\]'"):
+        timeline(reference[0], LAYER, 2, ray="auto", **FAST)  # even with every tile cached
+    monkeypatch.setenv(RAY_ADDRESS_ENV, "10.0.0.1:6379")
+    with pytest.raises(FeatureshiftError, match="featureshift.ray"):
+        make_executor()
+    assert isinstance(make_executor("local"), LocalExecutor)
+    monkeypatch.delenv(RAY_ADDRESS_ENV)
+    assert isinstance(make_executor(), LocalExecutor)
+
+
+def test_vis_of_several_layers_on_ray_matches_local(tmp_path, reference, ray_instance, monkeypatch):
+    import featureshift.jobs.executors as executors
+    from featureshift.commands.vis import vis
+
+    snap = reference[0] / "snapshots" / "001.safetensors"
+    layers = [LAYER, "features.4.squeeze"]
+    # Batches of two here, jobs of two on Ray: the same images go through each batch (float
+    # rounding in a batched convolution depends on what else is in the batch).
+    opts = dict(FAST, batch_size=2)
+    here = vis(str(snap), layers, tmp_path / "local.png", columns=2, **opts)
+    monkeypatch.setattr(executors, "CPU_JOB_TILES", 2)  # two jobs: the parts must be put back in order
+    there = vis(str(snap), layers, tmp_path / "ray.png", columns=2, ray="auto", **opts)
+    assert there.rendered == here.rendered == 4
+    for key, path in here.tiles.items():
+        assert there.tiles[key].read_bytes() == path.read_bytes()
+    assert (tmp_path / "ray.png").read_bytes() == (tmp_path / "local.png").read_bytes()
