@@ -1,8 +1,9 @@
 """Timeline on Ray against the local executor: the 5-channel x 11-snapshot timeline of
 timeline_speed.py, rendered locally and then on a Ray instance started on this machine.
 
-Ray's start-up (ray.init, and the first task, which starts a worker process and imports
-torch in it) is reported apart from the render itself; the tiles of both runs are compared
+Ray's start-up (ray.init, and a first task per worker, which starts its process, imports
+torch and renders two steps, as the local side's throwaway render does) is reported apart
+from the render itself; the tiles of both runs are compared
 byte for byte. Then the costs docs/scale.md builds on: loading one snapshot, putting its
 bytes in the object store, a Ray task's round trip, and encoding plus writing one tile.
 
@@ -87,16 +88,26 @@ def main() -> None:
         ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR")
         init_s = time.perf_counter() - t
 
-        @ray.remote
-        def warm() -> int:
-            # What a worker's first render job would import: torch, the engine, the model zoo.
-            import featureshift.models.zoo  # noqa: F401
-            import featureshift.optvis.engine  # noqa: F401
-            import featureshift.snapshot  # noqa: F401
+        def warm(threads: int) -> int:
+            # A worker's one-time costs (imports, the first render's kernel set-up), as the
+            # throwaway render above pays them here.
+            import torch
+
+            from featureshift.optvis.engine import render
+
+            torch.set_num_threads(threads)
+            net = featureshift.create_model(args.model, weights="random", num_classes=3)
+            render(net, [(args.layer, 0)], steps=2, size=args.size, device=args.device, quiet=True)
             return 0
 
         t = time.perf_counter()
-        ray.get([warm.remote() for _ in range(int(ray.cluster_resources().get("CPU", 1)))])
+        gpus = int(ray.cluster_resources().get("GPU", 0)) if args.device != "cpu" else 0
+        if gpus:  # the executor's GPU tasks
+            warm_task, workers = ray.remote(num_gpus=1, num_cpus=1)(warm), gpus
+        else:
+            warm_task = ray.remote(num_cpus=torch.get_num_threads())(warm)
+            workers = max(1, int(ray.cluster_resources().get("CPU", 1)) // torch.get_num_threads())
+        ray.get([warm_task.remote(torch.get_num_threads()) for _ in range(workers)])
         worker_s = time.perf_counter() - t
 
         # Local and Ray alternate, and each keeps its best time: on a machine shared with other

@@ -16,6 +16,12 @@ the same number of Adam steps for every method, one model object), in image-step
   (f) featureshift.render with its defaults (its 16 redirected-ReLU steps included).
 Quality: the median activation each method's final images reach (fed once, untransformed,
 to the same model) on real weights: the offline ImageNet SqueezeNet, layer features.9.
+Time to quality: on the same SqueezeNet object, layer and channels (128 px canvas), the
+wall time featureshift (its defaults, only the number of steps varied) needs to reach the
+median activation Lucent reaches with its standard 512 steps (one batched render_vis,
+fixed_image_size=128), counted on the final image and on 4 randomly shifted (up to 8 px),
+scaled (0.9-1.1) and rotated (up to 10 degrees) views of it, so that detail which excites
+the network at one exact pixel alignment only does not count.
 
 Lucent is not a featureshift dependency; install it into the same environment with
     pip install --no-deps torch-lucent==0.1.8 kornia==0.4.1 && pip install decorator ipython
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import platform
 import statistics
@@ -119,6 +126,72 @@ def activations(model, layer, images):
     return [float(f[i, c]) for i, c in enumerate(CHANNELS)]
 
 
+TTQ_STEPS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # featureshift's ladder of step counts
+VIEWS = 4
+
+
+def views(x: torch.Tensor, count: int = VIEWS, seed: int = 0) -> list[torch.Tensor]:
+    """COUNT fixed random views of (B, 3, S, S) images: shift up to 8 px, scale 0.9-1.1, rotation
+    up to 10 degrees, one bilinear resampling, reflected at the border."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    size = x.shape[-1]
+    out = []
+    for dx, dy, scale, angle in torch.rand(count, 4, generator=g, dtype=torch.float64).tolist():
+        dx, dy, scale, angle = (2 * dx - 1) * 8, (2 * dy - 1) * 8, 0.9 + 0.2 * scale, (2 * angle - 1) * math.radians(10)
+        c, s = math.cos(angle) / scale, math.sin(angle) / scale
+        theta = torch.tensor([[c, -s, dx * 2 / size], [s, c, dy * 2 / size]]).expand(len(x), 2, 3)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        out.append(F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False))
+    return out
+
+
+def robust_activations(model, layer, images) -> tuple[float, float]:
+    """(median over channels of the activation on the image, the same averaged over its views)."""
+    info = model_info(model)
+    x = torch.tensor(np.asarray(images, np.float32)).permute(0, 3, 1, 2)
+    mean, std = torch.tensor(info.mean).view(1, 3, 1, 1), torch.tensor(info.std).view(1, 3, 1, 1)
+    rows = torch.arange(len(CHANNELS))
+    with truncated(model, [layer]) as net, torch.no_grad():
+        plain = net((x - mean) / std)[layer].mean((2, 3))[rows, CHANNELS]
+        seen = torch.stack([net((v - mean) / std)[layer].mean((2, 3))[rows, CHANNELS] for v in views(x)]).mean(0)
+    return statistics.median(plain.tolist()), statistics.median(seen.tolist())
+
+
+def time_to_quality(max_steps: int) -> None:
+    model = create_model("squeezenet1_1", weights="imagenet")
+    layer = QUALITY_LAYER
+    print(f"time to quality: squeezenet1_1 (ImageNet weights), {layer}, channels {CHANNELS}, 128 px; activation = "
+          f"median over the channels of the channel mean, on the final image (plain) and averaged over {VIEWS} "
+          f"random views (shift <= 8 px, scale 0.9-1.1, rotation <= 10 degrees)", flush=True)
+    featureshift_render(model, layer, 2)  # warm-up
+    np.random.seed(0)
+    torch.manual_seed(0)
+    seconds, images = timed(lambda: lucent_batched(model, layer, 512))
+    target = robust_activations(model, layer, images)
+    print(f"  lucent 0.1.8, 512 steps, batched, fixed_image_size=128: {seconds:7.1f} s  plain {target[0]:7.1f}  "
+          f"views {target[1]:7.1f}  (retention {target[1] / target[0]:.2f})", flush=True)
+    reached: dict[int, tuple[int, float]] = {}  # measure -> (steps, seconds)
+    for steps in [s for s in TTQ_STEPS if s <= max_steps]:
+        t, images = timed(lambda: featureshift_render(model, layer, steps))
+        got = robust_activations(model, layer, images)
+        print(f"  featureshift {steps:4d} steps: {t:7.1f} s  plain {got[0]:7.1f}  views {got[1]:7.1f}  "
+              f"(retention {got[1] / got[0]:.2f})", flush=True)
+        for k in (0, 1):
+            if k not in reached and got[k] >= target[k]:
+                reached[k] = (steps, t)
+        if len(reached) == 2:
+            break
+    for k, name in ((0, "the final image"), (1, f"the final image's {VIEWS} views")):
+        if k in reached:
+            steps, t = reached[k]
+            print(f"on {name}: featureshift reaches lucent's median at {steps} steps, in {t:.1f} s: "
+                  f"{seconds / t:.1f}x faster" + (" (goal >= 25x)" if k else ""))
+        else:
+            print(f"on {name}: featureshift did not reach lucent's median within {max_steps} steps")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=64, help="Adam steps per method for the speed figures")
@@ -126,6 +199,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="interleaved runs per method; the best one counts")
     ap.add_argument("--threads", type=int, default=None, help="torch threads [default: torch's own]")
     ap.add_argument("--skip-per-channel", action="store_true", help="leave out (a), the slowest")
+    ap.add_argument("--only", choices=("speed", "time-to-quality"), default=None,
+                    help="run one part: the speed and quality figures, or the time-to-quality comparison")
+    ap.add_argument("--max-steps", type=int, default=512, help="featureshift's largest step count in time to quality")
     args = ap.parse_args()
     lucent()
     if args.threads:
@@ -133,6 +209,9 @@ def main():
     print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.1f}")
+    if args.only == "time-to-quality":
+        time_to_quality(args.max_steps)
+        return
     steps, n = args.steps, len(CHANNELS)
     torch.manual_seed(0)
     model = create_model("googlenet", weights="random")
@@ -187,6 +266,8 @@ def main():
             print(f"{key:>9}  median {results[key]:8.1f}   per channel {per}", flush=True)
         best_lucent = max(v for k, v in results.items() if k != "f")
         print(f"f / best lucent median activation = {results['f'] / best_lucent:.2f} (target >= 1)")
+    if args.only is None:
+        time_to_quality(args.max_steps)
 
 
 if __name__ == "__main__":

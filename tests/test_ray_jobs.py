@@ -126,6 +126,19 @@ def test_interrupted_ray_run_resumes_with_only_the_missing_tiles(tmp_path, refer
     assert tiles(run) == ref_tiles
 
 
+def test_a_snapshot_a_worker_cannot_load_is_reported_and_the_rest_rendered(tmp_path, reference, ray_instance):
+    ref_run, ref_tiles = reference
+    run = fresh_copy(ref_run, tmp_path / "run")
+    damaged = run / "snapshots" / "002.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[-100:] = bytes(100)  # readable metadata, weights that fail their checksum in the worker
+    damaged.write_bytes(bytes(data))
+    res = timeline(run, LAYER, 2, ray="auto", **FAST)
+    assert set(res.missing) == {2} and "checksum" in res.missing[2]
+    assert res.rendered == 4 and sorted(res.rows[LAYER]) == [0, 1]
+    assert set(tiles(run).items()) < set(ref_tiles.items())
+
+
 def test_without_ray_installed_the_error_says_how_to_install_it(monkeypatch, reference):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
     with pytest.raises(FeatureshiftError, match=r"pip install 'featureshift\[ray\]'"):
@@ -138,6 +151,18 @@ def test_without_ray_installed_the_error_says_how_to_install_it(monkeypatch, ref
     assert isinstance(make_executor("local"), LocalExecutor)
     monkeypatch.delenv(RAY_ADDRESS_ENV)
     assert isinstance(make_executor(), LocalExecutor)
+
+
+def test_ray_flag_without_ray_installed_is_exit_2_with_the_install_line(monkeypatch, reference):
+    from click.testing import CliRunner
+
+    from featureshift.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    r = CliRunner().invoke(main, ["timeline", str(reference[0]), "--layer", LAYER, "--columns", "2",
+                                  "--steps", str(FAST["steps"]), "--size", str(FAST["size"]), "--ray", "auto"])
+    assert r.exit_code == 2, r.output
+    assert "pip install 'featureshift[ray]'" in r.output and "Traceback" not in r.output
 
 
 def test_vis_of_several_layers_on_ray_matches_local(tmp_path, reference, ray_instance, monkeypatch):

@@ -218,6 +218,46 @@ def test_redirected_relu_revives_a_dead_channel():
     assert revived.scores[0] > 0.01
 
 
+def test_the_picture_does_not_depend_on_the_scale_of_the_activations(squeeze):
+    # Adam's epsilon would swallow gradients this small; each image's gradient is normalized
+    kw = dict(steps=16, size=40, seed=3, quiet=True)
+    plain = render(squeeze, [(MID, 4)], **kw)
+    tiny = render(squeeze, [(MID, 4)], objective=1e-9 * objectives.channel(), **kw)
+    assert tiny.scores[0] == pytest.approx(1e-9 * plain.scores[0], rel=1e-2)
+    assert np.abs(plain.images - tiny.images).mean() < 1e-3
+
+
+@pytest.fixture(scope="module")
+def random_googlenet():
+    torch.manual_seed(0)
+    return create_model("googlenet", weights="random")
+
+
+def test_a_randomly_initialized_network_gives_pictures_not_flat_grey(random_googlenet):
+    kw = dict(size=64, quiet=True)
+    start = render(random_googlenet, [("inception4c", c) for c in range(3)], steps=0, **kw)
+    result = render(random_googlenet, [("inception4c", c) for c in range(3)], steps=24, **kw)
+    assert np.abs(result.scores).max() < 1e-6  # torchvision's initialization: activations around 1e-9
+    flat = start.images.std(axis=(1, 2, 3))  # the starting noise, a flat grey to the eye
+    assert (flat < 0.005).all()
+    assert (result.images.std(axis=(1, 2, 3)) > 5 * flat.max()).all(), result.images.std(axis=(1, 2, 3))
+    assert result.no_response == set()
+
+
+def test_a_channel_that_never_responds_is_flagged():
+    torch.manual_seed(0)
+    net = create_model("googlenet", weights="random")
+    branch = net.inception4c.branch1  # channels 0-127 of inception4c
+    with torch.no_grad():  # channel 5 is zero for every input
+        branch.conv.weight[5].zero_()
+        branch.bn.weight[5] = 0
+        branch.bn.bias[5] = 0
+    result = render(net, [("inception4c", 5), ("inception4c", 6)], steps=4, size=64, quiet=True)
+    assert result.no_response == {0}
+    assert result.scores[0] == 0 and result.failed == {}
+    assert render(net, [("inception4c", 6)], steps=0, size=64, quiet=True).no_response == set()  # nothing tried
+
+
 @pytest.mark.parametrize("relu", [lambda x: torch.nn.functional.relu(x, inplace=True), lambda x: (x.relu_(), x)[1],
                                   torch.relu, nn.ReLU(inplace=True)])
 def test_redirected_relu_gradient_is_per_image_and_keeps_in_place_semantics(relu):
@@ -295,7 +335,7 @@ def test_logit_objective_and_logits_layer(squeeze):
 
 
 def test_diversity_pushes_renders_of_one_channel_apart(squeeze):
-    kw = dict(steps=32, size=48, quiet=True, diversity=3)
+    kw = dict(steps=64, size=48, quiet=True, diversity=3)
     plain = render(squeeze, [(MID, 5)], diversity_weight=0, **kw)
     diverse = render(squeeze, [(MID, 5)], objective="diversity", **kw)
     assert diverse.targets == [(MID, 5)] * 3 and diverse.images.shape[0] == 3
@@ -352,6 +392,18 @@ def test_transforms_are_lucid_defaults_and_identity_when_drawn_neutral():
     assert out.shape == (1, 3, 28, 28)
     assert torch.allclose(out[:, :, 6:22, 6:22], img, atol=1e-5)
     assert torch.allclose(out[:, :, :6], torch.full_like(out[:, :, :6], 0.5))
+
+
+def test_the_second_resampling_shifts_by_the_drawn_sub_pixel_offsets():
+    t = Transforms()
+    img = torch.rand(2, 3, 16, 16)
+    theta = t.theta(torch.tensor([[4, 4, 5, t.angles.index(0), 2, 2]] * 2), 16)
+    assert torch.allclose(t.apply(img, theta, torch.zeros(2, 2)), t.apply(img, theta), atol=1e-5)
+    moved = t.apply(img, theta, torch.tensor([[1.0, 0.0], [1.0, 0.0]]))  # a whole pixel to the left
+    assert torch.allclose(moved[:, :, 6:22, 5:21], img, atol=1e-5)
+    offsets = t.draw_offsets(torch.Generator().manual_seed(0), 2000)
+    assert offsets.shape == (2000, 2) and 0.45 < offsets.abs().max() <= t.resample_shift == 0.5
+    assert Transforms.none().resample_shift == 0
 
 
 # --- bad input -------------------------------------------------------------------------

@@ -79,6 +79,14 @@ def device_option(fn):
                         help=f"Where to run: {DEVICE_CHOICES} (auto: a CUDA GPU, else MPS, else the CPU).")(fn)
 
 
+def ray_option(fn):
+    return click.option(
+        "--ray", default=None, metavar="auto|ADDRESS",
+        help="Render on Ray: 'auto' starts an instance on this machine (its GPUs and CPUs), HOST:PORT joins a "
+             "running cluster (`ray start --head`), 'local' renders here  [default: $FEATURESHIFT_RAY_ADDRESS, "
+             "else here]. Needs pip install 'featureshift[ray]'.")(fn)
+
+
 def quiet_option(fn):
     return click.option("-q", "--quiet", is_flag=True, help="No progress bars or progress lines (warnings and "
                         "errors still go to stderr).")(fn)
@@ -471,10 +479,11 @@ def _layers_from_stdin(stream) -> list[str]:
 @click.option("--weights", default="imagenet", show_default=True,
               help="For a model name: " + WEIGHTS_HELP + " Ignored for a snapshot.")
 @preprocessing_options
+@ray_option
 @quiet_option
 @_handle_errors
 def vis(model_or_snapshot, layers, output, columns, channels, device, batch_size, labels, weights, mean, std,
-        input_size, quiet, **render):
+        input_size, ray, quiet, **render):
     """Render what channels of LAYERS respond to (feature visualization), as one grid image.
 
     Rows are layers, columns channels. LAYERS are names from `featureshift layers`; the
@@ -498,7 +507,7 @@ def vis(model_or_snapshot, layers, output, columns, channels, device, batch_size
     model = model_argument(model_or_snapshot, weights, mean, std, input_size)
     result = vis_api(model, list(dict.fromkeys(names)), output, columns=columns, channels=channels,
                      settings=settings_from(render), weights=weights, device=device, batch_size=batch_size,
-                     labels=labels, quiet=quiet)
+                     labels=labels, quiet=quiet, ray=ray)
     for warning in result.warnings:
         _warn(warning)
     click.echo(result.summary())
@@ -518,9 +527,11 @@ def vis(model_or_snapshot, layers, output, columns, channels, device, batch_size
 @device_option
 @click.option("--force", is_flag=True, help="Render again even what the cache holds.")
 @click.option("--labels/--no-labels", default=True, help="Epoch, accuracy and channel labels, or a bare grid.")
+@ray_option
 @quiet_option
 @_handle_errors
-def timeline(run, layers, columns, channels, snapshots, every, device, batch_size, force, labels, quiet, **render):
+def timeline(run, layers, columns, channels, snapshots, every, device, batch_size, force, labels, ray, quiet,
+             **render):
     """Render the same channels on every snapshot of the training run RUN.
 
     Each row is one snapshot in training order (the first is before training), each column
@@ -531,6 +542,7 @@ def timeline(run, layers, columns, channels, snapshots, every, device, batch_siz
     \b
       featureshift timeline runs/flowers --layer inception4c.branch4.1 --columns 5
       featureshift timeline runs/flowers --layer features.6 --channels 0-3,17 --every 5
+      featureshift timeline runs/flowers --layer inception5b --columns 1024 --ray auto
     """
     from .commands.timeline.timeline import timeline as timeline_api
     from .selection import DEFAULT_COLUMNS, check_exclusive
@@ -538,7 +550,7 @@ def timeline(run, layers, columns, channels, snapshots, every, device, batch_siz
     check_exclusive(columns, channels)
     result = timeline_api(run, list(layers), channels if channels is not None else (columns or DEFAULT_COLUMNS),
                           snapshots=snapshots, every=every, settings=settings_from(render), device=device,
-                          batch_size=batch_size, force=force, labels=labels, quiet=quiet)
+                          batch_size=batch_size, force=force, labels=labels, quiet=quiet, ray=ray)
     click.echo(result.summary())
 
 
@@ -622,10 +634,11 @@ def export(snapshot_or_model, output, weights, opset, tolerance, check, mean, st
 @render_options(objective=False)
 @device_option
 @preprocessing_options
+@ray_option
 @quiet_option
 @_handle_errors
 def compare(a, b, layer, columns, channels, most_changed, by, output, weights, table_rows, probe, probe_limit,
-            image_size, device, batch_size, mean, std, input_size, quiet, **render):
+            image_size, device, batch_size, mean, std, input_size, ray, quiet, **render):
     """Compare LAYER of two networks A and B, channel by channel.
 
     A and B are snapshot files (e.g. RUN/snapshots/000.safetensors and RUN/snapshots/010.safetensors)
@@ -645,7 +658,7 @@ def compare(a, b, layer, columns, channels, most_changed, by, output, weights, t
     result = compare_api(a, b, layer, columns=columns, channels=channels, most_changed=most_changed, by=by,
                          output=output or f"compare-{safe_name(layer)}.png", probe=probe, probe_limit=probe_limit,
                          image_size=image_size, weights=weights, settings=settings_from(render), device=device,
-                         batch_size=batch_size, quiet=quiet)
+                         batch_size=batch_size, quiet=quiet, ray=ray)
     click.echo(result.table(table_rows))
     click.echo(f"sheet: {result.output}")
 
@@ -661,10 +674,11 @@ def compare(a, b, layer, columns, channels, most_changed, by, output, weights, t
 @render_options(objective=False, inherit=True)
 @device_option
 @click.option("--open", "open_browser", is_flag=True, help="Open the report in the web browser.")
+@ray_option
 @quiet_option
 @_handle_errors
 def report(run, layers, columns, channels, examples, probe, probe_limit, image_size, device, batch_size,
-           open_browser, quiet, **render):
+           open_browser, ray, quiet, **render):
     """Write the HTML report of the training run RUN to RUN/report/ and print its path.
 
     A static folder that opens from disk (no server, no network): configuration and dataset,
@@ -683,7 +697,7 @@ def report(run, layers, columns, channels, examples, probe, probe_limit, image_s
     check_exclusive(columns, channels)
     index = build_report(run, list(layers) or None, channels if channels is not None else columns, probe=probe,
                          probe_limit=probe_limit, image_size=image_size, examples=examples, device=device,
-                         batch_size=batch_size, open_browser=open_browser, quiet=quiet,
+                         batch_size=batch_size, open_browser=open_browser, quiet=quiet, ray=ray,
                          **{k: v for k, v in render.items() if v is not None})
     click.echo(str(index))
 

@@ -296,7 +296,7 @@ def trace_layers(model: nn.Module, size: int | None = None) -> list[LayerInfo]:
         with torch.no_grad(), Capture(model, [n for n, _ in model.named_modules() if n], on_output=record,
                                       keep=False) as net:
             net(x)
-    except RuntimeError as e:
+    except (RuntimeError, AssertionError) as e:  # timm and torchvision check input sizes with assert
         raise FeatureshiftError(
             f"The network could not run on a {size}x{size} image ({str(e).splitlines()[0]}). "
             "Try a larger --size."

@@ -87,13 +87,16 @@ def _timm_model(timm, base: str, pretrained: bool, in_chans: int, img_size: int 
     kwargs: dict[str, Any] = {"in_chans": in_chans} if in_chans != 3 else {}
     if img_size:
         kwargs["img_size"] = img_size
-    try:
-        # Vision transformers then take any input size (position embeddings resampled, the image padded
-        # to whole patches), as renders need:
-        # their transforms show the network crops of other sizes than the canvas.
-        return timm.create_model(base, pretrained=pretrained, dynamic_img_size=True, dynamic_img_pad=True, **kwargs)
-    except TypeError:  # an architecture without the option (CNNs take any size anyway)
-        return timm.create_model(base, pretrained=pretrained, **kwargs)
+    # Vision transformers then take any input size (position embeddings resampled, the image padded
+    # to whole patches), as renders need: their transforms show the network crops of other sizes
+    # than the canvas. Architectures without the options (CNNs take any size anyway) are built without.
+    for dynamic in ({"dynamic_img_size": True, "dynamic_img_pad": True}, {"dynamic_img_size": True}, {}):
+        try:
+            return timm.create_model(base, pretrained=pretrained, **dynamic, **kwargs)
+        except TypeError:
+            if not dynamic:
+                raise
+    raise AssertionError("unreachable")
 
 
 def build(arch: str, num_classes: int = 1000, pretrained: bool = False, progress: bool = True, *,

@@ -222,7 +222,7 @@ def _works(net: Capture, size: int, device: torch.device) -> bool:
     try:
         with torch.no_grad():
             feats = net(blank_input(net.model, size, device=device))
-    except (RuntimeError, FeatureshiftError):
+    except (RuntimeError, AssertionError, FeatureshiftError):  # timm and torchvision check sizes with assert
         return False
     return all(f.numel() > 0 for f in feats.values())
 
@@ -251,7 +251,9 @@ def _check_size(net: Capture, size: int, transforms: Transforms, device: torch.d
     smallest = _smallest_size(ok)
     where = ", ".join(layers)
     if smallest is None:
-        raise FeatureshiftError(f"The network fails on every input size when run up to {where}; check the model.")
+        raise FeatureshiftError(f"The network fails on every input size when run up to {where}; check the model. "
+                                "(A network that takes one image size only, such as torchvision's vit_b_16, cannot "
+                                "see the transformed canvas: use timm's version, timm/vit_base_patch16_224.)")
     raise FeatureshiftError(
         f"A {size} px image is too small for {where}: the network cannot compute that far on it. "
         f"The smallest size that works is {smallest} px: use --size {smallest} or larger, or a shallower layer."
@@ -331,6 +333,8 @@ def render(model: nn.Module, targets: Sequence[tuple[str, int]], settings: Rende
     copies = diversity or 1
     targets = _check_args(targets, steps, size, lr, param, batch_size, copies)
     steps, size, copies = int(steps), int(size), int(copies)
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise FeatureshiftError(f"Adam's betas must be two numbers in [0, 1), not {betas}.")
     obj = as_objective(objective, diversity_weight)
     if copies > 1 and isinstance(objective, str) and objective != "diversity":
         obj = obj - diversity_weight * Diversity()
@@ -554,7 +558,7 @@ def _render_method(model: nn.Module, targets: Sequence[tuple[str, int]], s: Rend
         raise FeatureshiftError(f"{e} The network's output (class logits) is the layer '{LOGITS}'.") from None
 
     settings = dict(engine=ENGINE_VERSION, method=s.method, objective=repr(obj), steps=steps, size=size,
-                    seed=s.seed, lr=s.lr, diversity=copies, relu_redirect_steps=s.relu_redirect_steps,
+                    seed=s.seed, lr=s.lr, betas=list(s.betas), diversity=copies, relu_redirect_steps=s.relu_redirect_steps,
                     precision=precision, mean=list(mean), std=list(std),
                     **{k: v for k, v in s.key_fields().items() if k in plan.settings})
     images = np.zeros((len(expanded), size, size, input_channels(model)), np.float32)
@@ -590,7 +594,7 @@ def _render_method(model: nn.Module, targets: Sequence[tuple[str, int]], s: Rend
                     idx = [t * copies + k for t in chunk for k in range(copies)]
                     imgs, sc, fails, silent = _method_chunk(
                         plan, net, obj, norm, dev, precision, [expanded[i] for i in idx], [groups[i] for i in idx],
-                        [seeds[i] for i in idx], steps, s.lr, s.relu_redirect_steps, bar)
+                        [seeds[i] for i in idx], steps, s.lr, tuple(s.betas), s.relu_redirect_steps, bar)
                     images[idx], scores[idx] = imgs, sc
                     failed.update({idx[j]: why for j, why in fails.items()})
                     no_response.update(idx[j] for j in silent)
@@ -609,7 +613,8 @@ def _batch_info(targets, groups, dev) -> dict[str, Any]:
                 groups=torch.tensor(groups, device=dev))
 
 
-def _method_chunk(plan, net, obj, norm, dev, precision, targets, groups, seeds, steps, lr, relu_redirect_steps, bar):
+def _method_chunk(plan, net, obj, norm, dev, precision, targets, groups, seeds, steps, lr, betas, relu_redirect_steps,
+                  bar):
     n, k = len(targets), plan.views_per_image
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     params = plan.init(gens, groups).requires_grad_(True)
@@ -627,7 +632,7 @@ def _method_chunk(plan, net, obj, norm, dev, precision, targets, groups, seeds, 
             feats = net(x)
         return obj(Batch(feats=feats, **info))
 
-    optimizer = torch.optim.Adam([params], lr=lr)
+    optimizer = torch.optim.Adam([params], lr=lr, betas=betas)
     alive = torch.ones(n, dtype=torch.bool, device=dev)
     fail_step = torch.full((n,), -1, dtype=torch.long, device=dev)
     responded = torch.zeros(n, dtype=torch.bool, device=dev)

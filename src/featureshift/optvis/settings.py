@@ -31,7 +31,7 @@ class RenderSettings:
     steps: int = 128  # Adam steps (Lucid: 512, the original tool: 2048; see docs/render.md)
     size: int = 128  # canvas in pixels (the original tool: 144)
     seed: int = 0  # fixes each target's starting noise and transforms
-    lr: float = 0.4  # Adam learning rate (Lucid: 0.05; see docs/render.md, "Time to quality")
+    lr: float = 0.2  # Adam learning rate (Lucid: 0.05; see docs/render.md, "Time to quality")
     betas: tuple[float, float] = (0.5, 0.99)  # Adam's moment decay rates (Lucid: torch's 0.9, 0.999)
     param: str = "fft"  # 1/f-scaled Fourier spectrum with decorrelated colour, or plain pixels
     objective: Any = "channel"  # a name from OBJECTIVES, or an Objective from optvis.objectives

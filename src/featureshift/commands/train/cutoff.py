@@ -116,7 +116,7 @@ def plan_cutoff(model: nn.Module, cutoff: int | str | None, size: int | None = N
         p = next(model.parameters())
         with torch.no_grad():
             model(blank_input(model, size, device=p.device, dtype=p.dtype))
-    except RuntimeError as e:
+    except (RuntimeError, AssertionError) as e:
         raise FeatureshiftError(f"The network could not run on a {size}x{size} image ({str(e).splitlines()[0]}). "
                                 "Use a larger --image-size.") from e
     finally:
