@@ -94,7 +94,7 @@ def test_vit_layers_are_token_outputs_with_their_width(vit, vit_states):
 
 def test_token_layers_are_seen_as_patch_grids(vit):
     x = torch.randn(2, 3, SIZE, SIZE)
-    with torch.no_grad(), Capture(vit, ["blocks.1"]) as raw, truncated(vit, ["blocks.1"]) as grid:
+    with torch.no_grad(), Capture(vit, ["blocks.1"]) as raw:
         tokens = raw(x)["blocks.1"]
     with torch.no_grad(), truncated(vit, ["blocks.1"]) as grid:
         patches = grid(x)["blocks.1"]
@@ -191,3 +191,41 @@ def test_four_band_network_renders_its_first_three_bands_as_rgb(tmp_path, one_th
 def test_open_network_builds_a_timm_vit_at_a_small_size():
     net = open_network("timm/test_vit", "random", image_size=32)
     assert net.info.img_size == 32 and net.module(torch.zeros(1, 3, 32, 32)).shape == (1, 1000)
+
+
+def test_vit_trains_with_a_block_cutoff_and_its_timeline_renders(vit, tmp_path):
+    from featureshift.commands.timeline.timeline import timeline
+    from featureshift.commands.train.session import train
+
+    rng = np.random.default_rng(2)
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(4):
+            image = rng.integers(0, 255, (SIZE, SIZE, 3)).astype(np.uint8)
+            Image.fromarray(image).save(tmp_path / "data" / c / f"{i}.png")
+    start = tmp_path / "start.safetensors"
+    save_snapshot(vit, start)
+    run = train(data=str(tmp_path / "data"), model=str(start), epochs=1, batch_size=4, workers=0, device="cpu",
+                out=str(tmp_path / "run"), quiet=True, cutoff="blocks.1", lr=1e-2)
+    a, b = (load_snapshot(run / "snapshots" / f"00{e}.safetensors")[0].state_dict() for e in (0, 1))
+    assert torch.equal(a["blocks.1.mlp.fc2.weight"], b["blocks.1.mlp.fc2.weight"])
+    assert torch.equal(a["patch_embed.proj.weight"], b["patch_embed.proj.weight"])
+    assert not torch.equal(a["blocks.2.mlp.fc2.weight"], b["blocks.2.mlp.fc2.weight"])
+    result = timeline(run, "blocks.2", [0], steps=2, size=SIZE, device="cpu", quiet=True)
+    assert result.epochs == [0, 1] and not result.failed and result.merged["blocks.2"].exists()
+
+
+def test_swin_stages_are_listed_as_channel_first_maps(one_thread):
+    import timm
+
+    from featureshift.models.info import attach_info
+
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, window_size=2,
+                             embed_dim=16, depths=(1, 1), num_heads=(1, 1), num_classes=2)
+    attach_info(swin.eval(), ModelInfo("timm/swin_tiny_patch4_window7_224", 2, ["a", "b"], input_size=32))
+    layers = {l.name: l for l in list_layers(swin)}
+    assert (layers["patch_embed.proj"].layout, layers["patch_embed.proj"].channels) == ("NCHW", 16)
+    stage = layers["layers.1"]
+    assert (stage.layout, stage.channels, stage.height, stage.width) == ("NHWC", 32, 4, 4)
+    with torch.no_grad(), truncated(swin, ["layers.1"]) as net:
+        assert net(torch.zeros(2, 3, 32, 32))["layers.1"].shape == (2, 32, 4, 4)

@@ -83,10 +83,12 @@ def test_reuse_shares():
 
 def test_layer_fates_from_rows():
     rows = []
-    for c, (b_on_a, dead0, dead2) in enumerate([(1.0, 0, 0), (0.1, 0, 0), (1.0, 0, 1), (1.0, 1, 1)]):
-        rows.append({"epoch": 0, "layer": "L", "channel": c, "cross_b_on_a": 1.0, "dead": dead0})
-        rows.append({"epoch": 2, "layer": "L", "channel": c, "cross_b_on_a": b_on_a, "dead": dead2})
-    assert layer_fates(_metrics(rows), "L") == {0: "kept", 1: "repurposed", 2: "died", 3: None}
+    cases = [(1.0, 0, 0, 0.1), (0.1, 0, 0, 0.3), (float("nan"), 0, 1, 0.5), (float("nan"), 1, 1, 0.5),
+             (float("nan"), 0, 1, float("nan"))]  # the last died but was never rendered: no fate
+    for c, (b_on_a, dead0, dead2, drift) in enumerate(cases):
+        rows.append({"epoch": 0, "layer": "L", "channel": c, "cross_b_on_a": 1.0, "dead": dead0, "drift": 0.0})
+        rows.append({"epoch": 2, "layer": "L", "channel": c, "cross_b_on_a": b_on_a, "dead": dead2, "drift": drift})
+    assert layer_fates(_metrics(rows), "L") == {0: "kept", 1: "repurposed", 2: "died", 3: None, 4: None}
 
 
 # ---------------------------------------------------------------- spatial scale
@@ -220,11 +222,11 @@ def test_the_report_shows_every_atlased_channel_and_the_findings(run, one_thread
 
 
 def test_a_dead_channel_is_shown_as_dead_and_left_out_of_rankings():
-    from featureshift.commands.report.builder import _cells
+    from featureshift.commands.report.builder import measure_cells
 
-    cells = _cells({"weight_change": 0.4, "correlation": 0.0, "dead": 1})
+    cells = measure_cells({"weight_change": 0.4, "correlation": 0.0, "dead": 1})
     assert cells["correlation"] == "dead" and cells["correlation_v"] == "" and cells["weight_change_v"] == ""
-    alive = _cells({"weight_change": 0.4, "correlation": 0.0, "dead": 0})
+    alive = measure_cells({"weight_change": 0.4, "correlation": 0.0, "dead": 0})
     assert alive["correlation"] == "0.000" and alive["correlation_v"] == "0.0"
 
 

@@ -63,7 +63,7 @@ def test_method_settings_are_in_the_key_and_the_description(tmp_path):
     key = maco.key_fields()
     assert key["method"] == "maco" and key["crops"] == 4 and "image" not in key
     assert RenderSettings(method="maco", crops=2).key_fields() != key
-    assert maco.describe().startswith("maco, channel, 512 steps")
+    assert maco.describe().startswith(f"maco, channel, {maco.steps} steps")
 
     spectrum = save_spectrum(np.ones((3, 8, 5), np.float32), tmp_path / "s.npy")
     with_file = RenderSettings(method="maco", spectrum=str(spectrum)).key_fields()

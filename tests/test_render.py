@@ -216,6 +216,7 @@ def test_redirected_relu_revives_a_dead_channel():
     revived = render(net, [("act", 0)], relu_redirect_steps=30, **kw)
     assert dead.scores[0] == 0
     assert revived.scores[0] > 0.01
+    assert dead.no_response == {0} and revived.no_response == set()  # without the fix it never got a gradient
 
 
 def test_the_picture_does_not_depend_on_the_scale_of_the_activations(squeeze):

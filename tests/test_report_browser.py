@@ -193,7 +193,8 @@ def test_a_large_atlas_loads_lazily_sorts_and_filters(atlas_report, page):
     assert _open(page, path) == []
     rows = page.locator("#channels tbody tr")
     assert rows.count() == 512
-    loaded = "Array.from(document.querySelectorAll('#channels img')).filter(i => i.complete && i.naturalWidth > 0).length"
+    loaded = ("Array.from(document.querySelectorAll('#channels img'))"
+              ".filter(i => i.complete && i.naturalWidth > 0).length")
     total = page.evaluate("document.querySelectorAll('#channels img').length")
     assert total == 2 * 512
     at_first = page.evaluate(loaded)
@@ -241,9 +242,13 @@ def test_the_overview_of_a_large_atlas(atlas_report, page):
 
 
 def test_a_link_ranked_by_change_and_the_rows_without_renders(report, page):
-    _open(page, report.parent / (layer_page(LAYER) + "#sort=weight_change"))
+    _open(page, report)
+    page.get_by_text("Channels of this layer, ranked by change").first.click()
+    page.wait_for_load_state("load")
+    assert page.url.endswith(layer_page(LAYER) + "#sort=weight_change")
     assert page.locator("#channels thead th", has_text="weight change").get_attribute("aria-sort") == "descending"
-    visible = "Array.from(document.querySelectorAll('#channels tbody tr')).filter(r => !r.hidden).map(r => +r.dataset.channel)"
+    visible = ("Array.from(document.querySelectorAll('#channels tbody tr')).filter(r => !r.hidden)"
+               ".map(r => +r.dataset.channel)")
     assert page.evaluate(visible)[0] == 3  # the most changed rendered channel first
     assert sorted(page.evaluate(visible)) == CHANNELS  # the rows without renders are collapsed
     page.locator("#filter-unrendered").check()

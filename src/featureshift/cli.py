@@ -141,6 +141,9 @@ def render_options(objective: bool, inherit: bool = False):
                          help="Weight of the diversity penalty (Lucid's; it depends on the scale of the layer's "
                               "activations)."),
         ]
+    opts.append(click.option("--include-cls/--no-include-cls", "include_cls", default=None,
+                             help="Token layers of vision transformers: average a unit over the class (prefix) "
+                                  "tokens too, not the patch tokens only  [default: patch tokens only]."))
     opts.append(click.option("--batch-size", type=int, default=None,
                              help="Images optimized at once  [default: as many as memory allows]."))
 
@@ -153,7 +156,7 @@ def render_options(objective: bool, inherit: bool = False):
 
 def settings_from(options: dict):
     """RenderSettings from the render options a command received (None: keep the default)."""
-    keys = ("steps", "size", "seed", "lr", "param", "objective", "diversity", "diversity_weight")
+    keys = ("steps", "size", "seed", "lr", "param", "objective", "diversity", "diversity_weight", "include_cls")
     return DEFAULT_SETTINGS.replace(**{k: options.pop(k) for k in keys if k in options})
 
 
@@ -185,14 +188,28 @@ def preprocessing_options(fn):
     return fn
 
 
-def model_argument(spec: str, weights: str, mean, std, input_size):
-    """SPEC as the commands take it, or, with preprocessing flags (ONNX files), the network
-    opened with them by the one resolver."""
-    if mean is None and std is None and input_size is None:
+def model_options(fn):
+    """How to build a network that its name or file alone does not say: the preprocessing of an
+    ONNX file, the input bands and build size of a timm model."""
+    for o in reversed([
+        click.option("--in-chans", type=int, default=3, show_default=True,
+                     help="For a model name: input bands (1 grayscale, 3 RGB, N multi-band; timm models)."),
+        click.option("--img-size", type=int, default=None,
+                     help="For a vision transformer's name: the image size it is built for (timm's img_size)."),
+    ]):
+        fn = o(fn)
+    return preprocessing_options(fn)
+
+
+def model_argument(spec: str, weights: str, mean, std, input_size, in_chans=3, img_size=None):
+    """SPEC as the commands take it, or, with model flags, the network opened with them by the
+    one resolver."""
+    if mean is None and std is None and input_size is None and in_chans == 3 and img_size is None:
         return spec
     from .network import open_network
 
-    return open_network(spec, weights, mean=mean, std=std, input_size=input_size).module
+    return open_network(spec, weights, mean=mean, std=std, input_size=input_size, in_chans=in_chans,
+                        image_size=img_size).module
 
 
 def probe_options(fn):
@@ -260,10 +277,10 @@ def main():
               help="Input size for the spatial sizes  [default: the size a snapshot was trained at, else the "
                    "model's own].")
 @click.option("--header/--no-header", default=False, help="Print a header line first.")
-@preprocessing_options
+@model_options
 @quiet_option
 @_handle_errors
-def layers(model, weights, size, header, mean, std, input_size, quiet):
+def layers(model, weights, size, header, mean, std, input_size, in_chans, img_size, quiet):
     """List the visualizable layers of MODEL (a model name or a snapshot file).
 
     One line per module whose output is a 4-D feature map, in forward-execution order:
@@ -278,7 +295,8 @@ def layers(model, weights, size, header, mean, std, input_size, quiet):
     from .models.layers import list_layers
     from .network import open_network
 
-    net = open_network(model, weights, progress=not quiet, mean=mean, std=std, input_size=input_size)
+    net = open_network(model, weights, progress=not quiet, mean=mean, std=std, input_size=input_size,
+                       in_chans=in_chans, image_size=img_size)
     if header:
         click.echo("name\ttype\tchannels\tsize")
     for layer in list_layers(net.module, size):
@@ -374,6 +392,10 @@ def models(pattern, quiet):
 @click.option("--snapshot-every", type=int, help="Save a snapshot every K epochs (and always before training and "
               "after the last epoch)  [default: 1].")
 @click.option("--image-size", type=int, help="Input size in pixels  [default: the model's own].")
+@click.option("--in-chans", type=int, help="Input bands of a model built from its name: 1 trains on grayscale "
+              "images, 4 on RGBA (timm models)  [default: 3].")
+@click.option("--img-size", type=int, help="The image size a vision transformer is built for (timm's img_size)  "
+              "[default: the model's own].")
 @click.option("--augment/--no-augment", default=None, help="Random crops and flips of training images (never of "
               "validation images)  [default: on].")
 @click.option("--seed", type=int, help="Seed of the split, initialization and data order; the same seed gives the "
@@ -478,12 +500,12 @@ def _layers_from_stdin(stream) -> list[str]:
               help="Label rows with the layer and columns with the channel.")
 @click.option("--weights", default="imagenet", show_default=True,
               help="For a model name: " + WEIGHTS_HELP + " Ignored for a snapshot.")
-@preprocessing_options
+@model_options
 @ray_option
 @quiet_option
 @_handle_errors
 def vis(model_or_snapshot, layers, output, columns, channels, device, batch_size, labels, weights, mean, std,
-        input_size, ray, quiet, **render):
+        input_size, in_chans, img_size, ray, quiet, **render):
     """Render what channels of LAYERS respond to (feature visualization), as one grid image.
 
     Rows are layers, columns channels. LAYERS are names from `featureshift layers`; the
@@ -504,7 +526,7 @@ def vis(model_or_snapshot, layers, output, columns, channels, device, batch_size
     names: list[str] = []
     for name in layers:
         names += _layers_from_stdin(sys.stdin) if name == "-" else [name]
-    model = model_argument(model_or_snapshot, weights, mean, std, input_size)
+    model = model_argument(model_or_snapshot, weights, mean, std, input_size, in_chans, img_size)
     result = vis_api(model, list(dict.fromkeys(names)), output, columns=columns, channels=channels,
                      settings=settings_from(render), weights=weights, device=device, batch_size=batch_size,
                      labels=labels, quiet=quiet, ray=ray)
@@ -633,12 +655,12 @@ def export(snapshot_or_model, output, weights, opset, tolerance, check, mean, st
 @probe_options
 @render_options(objective=False)
 @device_option
-@preprocessing_options
+@model_options
 @ray_option
 @quiet_option
 @_handle_errors
 def compare(a, b, layer, columns, channels, most_changed, by, output, weights, table_rows, probe, probe_limit,
-            image_size, device, batch_size, mean, std, input_size, ray, quiet, **render):
+            image_size, device, batch_size, mean, std, input_size, in_chans, img_size, ray, quiet, **render):
     """Compare LAYER of two networks A and B, channel by channel.
 
     A and B are snapshot files (e.g. RUN/snapshots/000.safetensors and RUN/snapshots/010.safetensors)
@@ -654,7 +676,7 @@ def compare(a, b, layer, columns, channels, most_changed, by, output, weights, t
     from .commands.compare import compare as compare_api
     from .io import safe_name
 
-    a, b = (model_argument(x, weights, mean, std, input_size) for x in (a, b))
+    a, b = (model_argument(x, weights, mean, std, input_size, in_chans, img_size) for x in (a, b))
     result = compare_api(a, b, layer, columns=columns, channels=channels, most_changed=most_changed, by=by,
                          output=output or f"compare-{safe_name(layer)}.png", probe=probe, probe_limit=probe_limit,
                          image_size=image_size, weights=weights, settings=settings_from(render), device=device,

@@ -182,7 +182,7 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], *, output: str | os.Path
     dirs = [Path(d) for d in run_dirs]
     if len(dirs) < 2:
         raise FeatureshiftError("Give at least two runs to compare.")
-    runs, measured = [], []
+    runs = []
     for d in dirs:
         run = read_run(d)
         m = read_measures(d)
@@ -196,7 +196,6 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], *, output: str | os.Path
         speeds = {l: layer_speed(m, l) for l in dict.fromkeys(r["layer"] for r in m.layer_rows)}
         runs.append(RunColumn(d, run_settings(run), accs[-1] if accs else None, speeds, fates,
                               _atlas_coarsening(d, m)))
-        measured.append(m)
     keys = list(dict.fromkeys(k for r in runs for k in r.settings))
     differs = {k: [r.settings.get(k) for r in runs] for k in keys
                if len({repr(r.settings.get(k)) for r in runs}) > 1}

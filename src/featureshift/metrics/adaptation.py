@@ -134,9 +134,18 @@ def reuse(fates: Sequence[str | None], dead_before: Sequence[bool] | None = None
 def layer_fates(metrics, layer: str, epoch: int | None = None,
                 threshold: float = KEPT_THRESHOLD) -> dict[int, str | None]:
     """Per channel of `layer`: its fate at `epoch` (default the last) from a RunMetrics' channel rows
-    (cross_b_on_a, and the dead column at the reference and at `epoch`)."""
+    (cross_b_on_a, and the dead column at the reference and at `epoch`).
+
+    Only channels rendered at both snapshots get a fate (their drift was measured), so that
+    the shares of a layer are of one set of channels: a channel that died but was never
+    rendered would otherwise count while its rendered neighbours alone could be kept.
+    """
     epoch = metrics.epochs[-1] if epoch is None else epoch
     before = {r["channel"]: bool(r.get("dead")) for r in metrics.channel_table(layer, metrics.reference)}
-    return {r["channel"]: channel_fate(r.get("cross_b_on_a"), before.get(r["channel"], False), bool(r.get("dead")),
-                                       threshold)
-            for r in metrics.channel_table(layer, epoch)}
+    out = {}
+    for r in metrics.channel_table(layer, epoch):
+        drift = r.get("drift")
+        rendered = drift is not None and math.isfinite(float(drift))
+        out[r["channel"]] = channel_fate(r.get("cross_b_on_a"), before.get(r["channel"], False),
+                                         bool(r.get("dead")), threshold) if rendered else None
+    return out

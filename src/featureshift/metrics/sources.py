@@ -65,7 +65,8 @@ def _trace_sources(model: nn.Module, layers: list[str]) -> None:
 
     def record(name, module, out):
         axis = channel_axis(model, module, out)
-        if axis is not None:
+        # batch 1: an output batched otherwise (swin's attention windows) has no rows per image to mark
+        if axis is not None and out.shape[0] == 1:
             # a module can be both: its parameters' event comes first, as it happens before the layer's
             for event in ([name] if name in is_candidate else []) + (["@" + name] if name in is_layer else []):
                 events.append(event)

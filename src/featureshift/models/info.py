@@ -16,8 +16,8 @@ class ModelInfo:
     arch: str  # torchvision builder name, or "timm/<name>"
     num_classes: int
     class_names: list[str] = dataclasses.field(repr=False)
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, ...] = IMAGENET_MEAN  # one value per input channel (in_chans)
+    std: tuple[float, ...] = IMAGENET_STD
     input_size: int = 224
     resize_size: int = 256
     weights: str = "random"  # where the weights came from: imagenet, random, a file path

@@ -138,7 +138,7 @@ def _layout(module: nn.Module, out: torch.Tensor, channels_last_model: bool) -> 
 
 def channel_axis(model: nn.Module, module: nn.Module, out: Any) -> int | None:
     """The axis of OUT (an output of MODULE inside MODEL) that holds its channels: 1 for a feature
-    map, -1 for tokens and channels-last maps; None for an output that is neither (batch 1)."""
+    map, -1 for tokens and channels-last maps; None for an output that is neither."""
     if not (isinstance(out, torch.Tensor) and out.is_floating_point() and out.dim() in (3, 4)):
         return None
     return 1 if _layout(module, out, _channels_last_model(model)) == "NCHW" else -1

@@ -422,7 +422,8 @@ def _render_chunk(net, obj, image_param, transforms, norm, dev, precision, targe
                   steps, size, lr, betas, init_sd, relu_redirect_steps, bar):
     n = len(targets)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    params = init_params(image_param.kind, size, gens, init_sd, channels=image_param.channels).to(dev).requires_grad_(True)
+    params = init_params(image_param.kind, size, gens, init_sd, channels=image_param.channels)
+    params = params.to(dev).requires_grad_(True)
     # a second stream per target for the transforms, so they do not depend on the param shape
     tgens = [torch.Generator().manual_seed(s ^ 0x5DEECE66D) for s in seeds]
     draws = torch.stack([transforms.draw(g, steps) for g in tgens])  # (n, steps, 6)

@@ -34,8 +34,8 @@ SPECTRUM_FILE = Path(__file__).with_name("spectrum.npz")
 SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle")
 CROP_CENTER_SD = 0.15  # crop centers spread around the canvas center (MACO's reference code)
 # The phase is standardized before use, so its starting spread sets how far one Adam step
-# of size lr moves it: at 0.25 the engine's lr 0.05 is MACO's step of 0.2 standard deviations.
-PHASE_INIT_SD = 0.25
+# of size lr moves it: at 2 the default lr 0.4 is a step of 0.2 standard deviations.
+PHASE_INIT_SD = 2.0
 
 
 # --- the magnitude spectrum -------------------------------------------------------------

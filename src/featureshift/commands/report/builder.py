@@ -59,7 +59,7 @@ def _val(v) -> str:
     return "" if not math.isfinite(v) else repr(v)
 
 
-def _cells(row: dict | None) -> dict[str, str]:
+def measure_cells(row: dict | None) -> dict[str, str]:
     """Shown text and sort value of each measure. A channel that no probe image activates is
     "dead": its correlation means nothing, and it takes no place in any ranking by change."""
     row = row or {}
@@ -290,7 +290,8 @@ class ReportInputs:
     settings: dict[str, RenderSettings]  # layer -> what its timeline's renders were made with
     atlas: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # layer -> its RUN/atlas.json entry
     atlas_settings: dict[str, str] = dataclasses.field(default_factory=dict)  # layer -> its atlas's settings, described
-    timeline_channels: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # layer -> its timeline's channels
+    # layer -> the channels of its timeline
+    timeline_channels: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
 
 class _Writer:
@@ -477,7 +478,7 @@ class _Writer:
             page = channel_page(layer, c) if c in rendered else None
             before = self.tile(layer, self.reference, c) if page else None
             after = self.tile(layer, self.last, c) if page else None
-            cells = _cells(table.get(c))
+            cells = measure_cells(table.get(c))
             extra = _speed_cells(facts.channels.get(c) if facts else None)
             rows.append({"channel": c, "page": page, **cells, **extra, "before": before, "after": after,
                          "rendered": bool(before or after)})
@@ -549,7 +550,8 @@ class _Writer:
                 items.append({"src": rel, "name": f"{ex.path.parent.name}/{ex.path.name}", "path": str(ex.path),
                               "value": f"{ex.value:.3g}"})
             sides.append({"title": title, "shown": items})
-        history = [{"epoch": r["epoch"], **_cells(r)} for r in m.channel_rows if r["layer"] == layer and r["channel"] == c]
+        history = [{"epoch": r["epoch"], **measure_cells(r)} for r in m.channel_rows
+                   if r["layer"] == layer and r["channel"] == c]
         last = next((r for r in m.channel_rows if r["layer"] == layer and r["channel"] == c and r["epoch"] == self.last), {})
         names = {"weight_change": "weight change", "correlation": "correlation", "drift": "visual drift",
                  "cross_b_on_a": f"epoch {self.last} net on epoch {self.reference} render (B on A)",

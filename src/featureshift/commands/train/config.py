@@ -36,6 +36,8 @@ class TrainConfig:
     gamma: float = 0.1
     snapshot_every: int = 1
     image_size: int | None = None  # default: the model's own input size
+    in_chans: int = 3  # input bands of a model built from its name (timm's in_chans); a snapshot keeps its own
+    img_size: int | None = None  # the size a vision transformer is built for (timm's img_size)
     augment: bool = True
     seed: int = 0
     # How to run; these may change when resuming.
@@ -133,6 +135,8 @@ def validate(c: TrainConfig) -> None:
     num("step_size", int, 1)
     num("seed", int)
     num("image_size", int, MIN_IMAGE_SIZE, allow_none=True)
+    num("in_chans", int, 1)
+    num("img_size", int, MIN_IMAGE_SIZE, allow_none=True)
     num("workers", int, 0, allow_none=True)
     num("nproc", int, 1)
     for name in ("lr", "weight_decay", "momentum", "gamma", "val_fraction"):

@@ -431,7 +431,7 @@ def _fresh(cfg: TrainConfig, on_epoch_end: EpochHook | None, on_snapshot: Snapsh
     if group is None or group.main:
         _warn_skipped(skipped)
 
-    net = open_network(cfg.model, cfg.weights)
+    net = open_network(cfg.model, cfg.weights, in_chans=cfg.in_chans, image_size=cfg.img_size)
     model = net.module
     info = model_info(model)
     if list(info.class_names) != index.classes:
