@@ -26,15 +26,7 @@ import torch
 import featureshift
 from featureshift.commands.timeline.timeline import timeline
 from featureshift.run import snapshot_path
-
-
-def nudge(model, epoch: int) -> None:
-    """Every convolution a little further, as fine-tuning would (timeline_speed.py's, for any network)."""
-    g = torch.Generator().manual_seed(epoch)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 4:
-                p.add_(0.02 * p.std() * torch.randn(p.shape, generator=g))
+from timeline_speed import nudge  # the same snapshots as the timeline benchmark
 
 
 def tiles(run: Path) -> dict[str, bytes]:
@@ -82,7 +74,7 @@ def main() -> None:
 
         import ray
 
-        from featureshift.jobs.executors import load_snapshot_bytes
+        from featureshift.snapshot import load_snapshot_bytes
 
         t = time.perf_counter()
         ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR")

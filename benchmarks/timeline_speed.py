@@ -24,10 +24,11 @@ from featureshift.commands.timeline.timeline import timeline
 
 
 def nudge(model, epoch: int) -> None:
+    """Every convolution a little further, as fine-tuning would (any network)."""
     g = torch.Generator().manual_seed(epoch)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.startswith("features.") and p.dim() == 4:
+        for p in model.parameters():
+            if p.dim() == 4:
                 p.add_(0.02 * p.std() * torch.randn(p.shape, generator=g))
 
 

@@ -5,6 +5,8 @@ ImageNet SqueezeNet and real photos from scikit-image.
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -196,3 +198,17 @@ def test_accent_one_image_per_target(squeeze, chelsea, tmp_path):
     with pytest.raises(FeatureshiftError, match="one per target"):
         render(squeeze, [(MID, 1)] * 3, steps=0, size=48, method="accent", image=(str(chelsea), str(coffee)),
                quiet=True)
+
+
+def test_maco_on_a_run_takes_the_spectrum_of_its_own_training_images(tmp_path, photos):
+    from _fakerun import LAYER, make_run
+
+    from featureshift.commands.timeline.timeline import timeline
+    from featureshift.jobs.cache import read_tile
+
+    run = make_run(tmp_path, photos, epochs=(0, 1))
+    result = timeline(run, LAYER, 1, method="maco", steps=2, size=32, crops=1, quiet=True, device="cpu")
+    spectrum = run / "cache" / "maco-spectrum-32.npz"
+    assert spectrum.exists()
+    _, about = read_tile(next(iter(result.tiles.values())))
+    assert "maco-spectrum-32.npz" in json.dumps(about)

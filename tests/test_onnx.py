@@ -173,13 +173,13 @@ def _init(name, shape, rng):
     return numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), name)
 
 
-def _tf_graph(*, nhwc=True, transpose=True, same=True, lrn=True, pools=True, uneven=True, size=16):
+def _tf_graph(*, nhwc=True, transpose=True, same=True, lrn=True, pools=True, uneven=True, size=16, chans=3):
     """A small classifier as tf2onnx writes them: NHWC input behind a transpose, SAME padding at
     stride 2 (uneven at an even size), LRN, SAME max and average pooling, explicit uneven pads."""
     rng = np.random.default_rng(0)
     nodes, inits = [], []
     x = "input"
-    shape = [1, size, size, 3] if nhwc else [1, 3, size, size]
+    shape = [1, size, size, chans] if nhwc else [1, chans, size, size]
     if nhwc and transpose:
         nodes.append(helper.make_node("Transpose", [x], ["nchw"], name="model/conv1/Conv2D__6", perm=[0, 3, 1, 2]))
         x = "nchw"
@@ -189,7 +189,7 @@ def _tf_graph(*, nhwc=True, transpose=True, same=True, lrn=True, pools=True, une
         nodes.append(helper.make_node("Transpose", ["scaled"], ["nchw"], name="model/conv1/Conv2D__6",
                                       perm=[0, 3, 1, 2]))
         x = "nchw"
-    inits += [_init("conv1_w", [8, 3, 3, 3], rng), _init("conv1_b", [8], rng)]
+    inits += [_init("conv1_w", [8, chans, 3, 3], rng), _init("conv1_b", [8], rng)]
     conv = dict(auto_pad="SAME_UPPER") if same else dict(pads=[1, 1, 1, 1])
     nodes.append(helper.make_node("Conv", [x, "conv1_w", "conv1_b"], ["c1"], name="model/conv1/Conv2D",
                                   strides=[2, 2], kernel_shape=[3, 3], **conv))
@@ -269,3 +269,100 @@ def test_export_of_an_onnx_file_adds_the_preprocessing_and_keeps_the_graph(tmp_p
     net = open_network(result.path)  # no preprocessing arguments needed any more
     assert net.info.mean == PREPROCESSING["mean"] and net.info.arch == open_network(
         source, **PREPROCESSING).info.arch  # the same layers as the original file
+
+
+# ---------------------------------------------------------------- a folder of ONNX files
+
+TIMELINE_LAYER = "features.3.squeeze.Conv"
+TINY = dict(steps=4, size=32, device="cpu", quiet=True)
+
+
+def _variant(model, path, seed, epoch=None):
+    """MODEL's graph with its weights moved a little (another epoch of the same network), saved at PATH."""
+    from featureshift.models.onnx_io import set_metadata
+
+    rng = np.random.default_rng(seed)
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for init in model.graph.initializer:
+        values = numpy_helper.to_array(init)
+        if values.dtype == np.float32 and values.ndim == 4:
+            init.CopyFrom(numpy_helper.from_array(values + 0.02 * values.std() * rng.standard_normal(values.shape)
+                                                  .astype(np.float32), init.name))
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key != "featureshift.epoch"]
+    del model.metadata_props[:]
+    set_metadata(model, dict(kept, **({} if epoch is None else {"featureshift.epoch": str(epoch)})))
+    return _save(model, path)
+
+
+def test_timeline_over_a_folder_of_onnx_files(exported, tmp_path):
+    import hashlib
+
+    from click.testing import CliRunner
+
+    from featureshift.cli import main
+    from featureshift.commands.timeline.timeline import row_label, timeline
+    from featureshift.states import list_states
+
+    graph = onnx.load(str(exported.path))
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    _variant(graph, folder / "epoch10.onnx", 10)  # no epoch in its metadata: labelled by its name
+    _variant(graph, folder / "epoch2.onnx", 2, epoch=2)
+    result = timeline(folder, TIMELINE_LAYER, 2, **TINY)
+    assert result.epochs == [0, 1] and result.files == {0: "epoch2.onnx", 1: "epoch10.onnx"}  # natural order
+    assert result.rendered == 4 and result.cached == 0
+    out = folder / "timeline" / TIMELINE_LAYER
+    assert (out / "merged.png").is_file() and sorted(p.name for p in out.glob("0*.png")) == ["000.png", "001.png"]
+    states = list_states(folder)
+    assert [row_label(s) for s in states] == ["epoch 2\nepoch2", "epoch10"]
+    assert states[0].checksum == hashlib.sha256((folder / "epoch2.onnx").read_bytes()).hexdigest()
+
+    again = CliRunner().invoke(main, ["timeline", str(folder), "--layer", TIMELINE_LAYER, "--columns", "2",
+                                      "--steps", "4", "--size", "32", "--device", "cpu", "-q"])
+    assert again.exit_code == 0, again.output
+    assert "0 tile(s) rendered, 4 from the cache" in again.output
+
+    _variant(graph, folder / "epoch5.onnx", 5)
+    grown = timeline(folder, TIMELINE_LAYER, 2, **TINY)
+    assert list(grown.files.values()) == ["epoch2.onnx", "epoch5.onnx", "epoch10.onnx"]
+    assert grown.rendered == 2 and grown.cached == 4  # only the new file's row
+
+
+def test_timeline_over_onnx_files_without_metadata_takes_the_preprocessing(tmp_path):
+    from featureshift.commands.timeline.timeline import timeline
+
+    graph = _tf_graph(nhwc=False, lrn=False, pools=False, uneven=False)
+    for epoch in (1, 2):
+        _variant(graph, tmp_path / f"e{epoch}.onnx", epoch)
+    with pytest.raises(FeatureshiftError, match="--mean"):
+        timeline(tmp_path, "model.conv1.Relu", 2, **TINY)
+    result = timeline(tmp_path, "model.conv1.Relu", 2, **TINY, **PREPROCESSING)
+    assert result.rendered == 4 and not result.missing and not result.failed
+
+
+def test_info_on_an_onnx_file(exported):
+    import json
+
+    from click.testing import CliRunner
+
+    from featureshift.cli import main
+
+    text = CliRunner().invoke(main, ["info", str(exported.path)])
+    assert text.exit_code == 0, text.output
+    assert re.search(r"^opset\s+17$", text.output, re.M) and re.search(r"^\s+arch\s+squeezenet1_1$", text.output, re.M)
+    about = json.loads(CliRunner().invoke(main, ["info", str(exported.path), "--json"]).output)
+    assert about["in_chans"] == 3 and about["num_classes"] == len(CLASSES) and about["layout"] == "NCHW"
+    assert about["inputs"] == {"input": ["batch", 3, SIZE, SIZE]} and about["producer"].startswith("pytorch")
+    assert about["featureshift"]["class_names"] == CLASSES and about["featureshift"]["epoch"] == 3
+
+
+def test_in_chans_comes_from_the_graphs_input(tmp_path):
+    from featureshift.models.onnx_io import describe
+
+    path = _save(_tf_graph(nhwc=False, lrn=False, pools=False, uneven=False, chans=1), tmp_path / "gray.onnx")
+    module = load_onnx(path, mean=(0.5,), std=(0.25,))  # checked against onnxruntime on one band
+    assert module.featureshift_info.in_chans == 1 and module.featureshift_info.mean == (0.5,)
+    assert module(torch.randn(2, 1, 16, 16)).shape == (2, 4)
+    fitted = load_onnx(path, **PREPROCESSING).featureshift_info  # RGB values fitted to the one band
+    assert fitted.mean == pytest.approx((0.4,)) and fitted.std == pytest.approx((0.25,))
+    assert describe(path)["in_chans"] == 1

@@ -15,7 +15,7 @@ import click
 from .device import DEVICE_CHOICES, check_device_spec
 from .errors import FeatureshiftError
 from .io import WRITE_ERRNOS, write_error
-from .optvis.settings import DEFAULT_SETTINGS, OBJECTIVES, PARAMS
+from .optvis.settings import DEFAULT_SETTINGS, METHODS, OBJECTIVES, PARAMS
 from .version import __version__
 
 WEIGHTS_HELP = "imagenet (download-and-cache; squeezenet1_1 works offline), random, or a weights file."
@@ -141,6 +141,25 @@ def render_options(objective: bool, inherit: bool = False):
                          help="Weight of the diversity penalty (Lucid's; it depends on the scale of the layer's "
                               "activations)."),
         ]
+    opts += [
+        click.option("--method", type=click.Choice(METHODS), default=None,
+                     help="lucid: Lucid's recipe (1/f spectrum, transforms); maco: only the Fourier phase is "
+                          "optimized, the magnitude fixed to a natural-image spectrum (the run's own images "
+                          "where there is a run); accent: start from --image and change it only as much as the "
+                          "channel needs  [default: lucid]."),
+        click.option("--image", type=click.Path(dir_okay=False, exists=True), default=None,
+                     help="--method accent: the photo to accentuate (the same photo on every snapshot)."),
+        click.option("--accent-weight", type=float, default=None,
+                     help=f"--method accent: how strongly the picture is held to the photo  "
+                          f"[default: {d.accent_weight}]."),
+        click.option("--spectrum", type=click.Path(dir_okay=False, exists=True), default=None,
+                     help="--method maco: a magnitude spectrum file (.npz/.npy)  [default: the run's training "
+                          "images, else the spectrum shipped with featureshift]."),
+        click.option("--crops", type=int, default=None, help=f"--method maco: random crops per step  "
+                     f"[default: {d.crops}]."),
+        click.option("--noise", type=float, default=None, help=f"--method maco: noise added each step  "
+                     f"[default: {d.noise}]."),
+    ]
     opts.append(click.option("--include-cls/--no-include-cls", "include_cls", default=None,
                              help="Token layers of vision transformers: average a unit over the class (prefix) "
                                   "tokens too, not the patch tokens only  [default: patch tokens only]."))
@@ -156,7 +175,8 @@ def render_options(objective: bool, inherit: bool = False):
 
 def settings_from(options: dict):
     """RenderSettings from the render options a command received (None: keep the default)."""
-    keys = ("steps", "size", "seed", "lr", "param", "objective", "diversity", "diversity_weight", "include_cls")
+    keys = ("steps", "size", "seed", "lr", "param", "objective", "diversity", "diversity_weight", "include_cls",
+            "method", "image", "accent_weight", "spectrum", "crops", "noise")
     return DEFAULT_SETTINGS.replace(**{k: options.pop(k) for k in keys if k in options})
 
 
@@ -309,16 +329,34 @@ def layers(model, weights, size, header, mean, std, input_size, in_chans, img_si
 @quiet_option
 @_handle_errors
 def info(snapshot, as_json, quiet):
-    """Print the metadata of a SNAPSHOT file (architecture, classes, epoch, metrics, config).
+    """Print the metadata of a SNAPSHOT file (architecture, classes, epoch, metrics, config), or
+    what an ONNX file carries (producer, opset, input, classes, featureshift's metadata).
 
     \b
       featureshift info runs/flowers/snapshots/010.safetensors
       featureshift info runs/flowers/snapshots/010.safetensors --json | jq .metrics
+      featureshift info model.onnx
     """
     import json
 
     from .snapshot import read_meta
 
+    if snapshot.lower().endswith(".onnx"):
+        from .models.onnx_io import describe
+
+        about = describe(snapshot)
+        if as_json:
+            click.echo(json.dumps(about, indent=2, default=str))
+            return
+        for k, v in about.items():
+            if k != "featureshift":
+                click.echo(f"{k:<13} {'-' if v is None else v}")
+        click.echo("featureshift" + ("" if about["featureshift"] else "  - (no featureshift metadata)"))
+        for k, v in about["featureshift"].items():
+            if isinstance(v, list) and len(v) > 10:
+                v = ", ".join(map(str, v[:10])) + f", ... ({len(v)} in all)"
+            click.echo(f"  {k:<18} {v}")
+        return
     meta = read_meta(snapshot)
     if as_json:
         click.echo(json.dumps(meta.to_dict(), indent=2, default=str))
@@ -517,6 +555,8 @@ def vis(model_or_snapshot, layers, output, columns, channels, device, batch_size
       featureshift layers googlenet | grep inception4c | \\
           featureshift vis run/snapshots/003.safetensors - -o sample.png --columns 5
       featureshift vis squeezenet1_1 logits --channels 1,130,949 --objective logit -o classes.png
+      featureshift vis squeezenet1_1 features.12 --columns 4 --method maco -o maco.png
+      featureshift vis squeezenet1_1 features.9 --columns 4 --method accent --image cat.jpg -o accent.png
 
     Lucid's method: 1/f Fourier parameterization with decorrelated colors, random pad, jitter,
     scale and rotation, Adam. `--steps 2048 --size 144` reproduces the original tool.
@@ -565,6 +605,7 @@ def timeline(run, layers, columns, channels, snapshots, every, device, batch_siz
       featureshift timeline runs/flowers --layer inception4c.branch4.1 --columns 5
       featureshift timeline runs/flowers --layer features.6 --channels 0-3,17 --every 5
       featureshift timeline runs/flowers --layer inception5b --columns 1024 --ray auto
+      featureshift timeline runs/flowers --layer inception4c --method accent --image flower.jpg
     """
     from .commands.timeline.timeline import timeline as timeline_api
     from .selection import DEFAULT_COLUMNS, check_exclusive

@@ -7,6 +7,7 @@ import errno
 import functools
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -114,6 +115,13 @@ def save_image(path: str | os.PathLike, image, **kwargs) -> None:
 OUTPUT_TEXT_KEY = "featureshift-output"
 # What a derived image was drawn from: an unchanged file is not rewritten.
 SIGNATURE_KEY = "featureshift-signature"
+
+
+def natural_key(path: str | os.PathLike) -> tuple:
+    """Sort key for 'epoch2.png' before 'epoch10.png': digit runs compare as numbers."""
+    name = Path(path).name
+    parts = re.split(r"(\d+)", name.lower())
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts if p != "") + (str(path),)
 
 
 def safe_name(name: str) -> str:

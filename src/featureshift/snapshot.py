@@ -143,6 +143,27 @@ def load_snapshot(path: str | Path, device: str | torch.device = "cpu", verify: 
     return attach_info(model.to(device).eval(), meta.info), meta
 
 
+def load_snapshot_bytes(data: bytes, source: str, device: str | torch.device = "cpu") -> nn.Module:
+    """A snapshot file's network (eval mode) from its bytes, its checksum verified as `load_snapshot`
+    does; SOURCE names the file in messages. For processes that receive the file rather than read it."""
+    import struct
+
+    from safetensors.torch import load as load_safetensors
+
+    try:
+        (length,) = struct.unpack("<Q", data[:8])
+        meta = SnapshotMeta.from_dict(json.loads(json.loads(data[8:8 + length])["__metadata__"]["featureshift"]),
+                                      path=source)
+        state = load_safetensors(data)
+    except Exception as e:
+        raise FeatureshiftError(f"The snapshot {source} cannot be read ({e.__class__.__name__}: {e}).") from e
+    if weights_checksum(state) != meta.checksum:
+        raise FeatureshiftError(f"The snapshot {source} cannot be read (its weights do not match the checksum "
+                                "stored with them).")
+    model = build_from_state(meta.info, state, source)
+    return attach_info(model.to(device).eval(), meta.info)
+
+
 def build_from_state(info: ModelInfo, state: dict[str, torch.Tensor], source: Path | str) -> nn.Module:
     # Build on the meta device (no time spent on a random init that is overwritten at once).
     with torch.device("meta"):

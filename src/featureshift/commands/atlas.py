@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import FeatureshiftError
+from ..optvis.maco import for_run
 from ..optvis.settings import DEFAULT_SETTINGS, RenderSettings
 
 ATLAS_FILE = "atlas.json"
@@ -237,7 +238,7 @@ def atlas(run_dir: str | Path, layers: str | Sequence[str] = (), *, all_layers: 
     from .timeline.timeline import TIMELINE_DIR, read_rows
 
     started = time.perf_counter()
-    settings = (settings or DEFAULT_SETTINGS).replace(**changes)
+    settings = for_run((settings or DEFAULT_SETTINGS).replace(**changes), run_dir)
     run_dir = Path(run_dir)
     names = [layers] if isinstance(layers, str) else list(dict.fromkeys(layers))
     if all_layers and names:

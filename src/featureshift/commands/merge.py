@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from pathlib import Path
 from typing import Sequence
 
@@ -16,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import FeatureshiftError
 from ..grid import make_grid
-from ..io import is_featureshift_output, is_write_error, save_merged, write_error
+from ..io import is_featureshift_output, is_write_error, natural_key, save_merged, write_error
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 
@@ -26,13 +25,6 @@ class MergeResult:
     output: Path
     inputs: list[Path]  # in the order stacked, top to bottom
     skipped: list[tuple[Path, str]]  # (file, why it was left out)
-
-
-def natural_key(path: str | Path) -> tuple:
-    """Sort key for 'epoch2.png' before 'epoch10.png': digit runs compare as numbers."""
-    name = Path(path).name
-    parts = re.split(r"(\d+)", name.lower())
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts if p != "") + (str(path),)
 
 
 def _collect(inputs: Sequence[str | Path]) -> list[Path]:

@@ -16,9 +16,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import json
 import os
-import struct
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -98,27 +96,6 @@ def tile_about(job: TileJob, index: int, output: JobOutput) -> dict[str, Any]:
     return about
 
 
-def load_snapshot_bytes(data: bytes, source: str, device: str = "cpu"):
-    """A snapshot file's network (eval mode) from its bytes, its checksum verified, as `load_snapshot` does."""
-    from safetensors.torch import load as load_safetensors
-
-    from ..models.info import attach_info
-    from ..snapshot import SnapshotMeta, build_from_state, weights_checksum
-
-    try:
-        (length,) = struct.unpack("<Q", data[:8])
-        meta = SnapshotMeta.from_dict(json.loads(json.loads(data[8:8 + length])["__metadata__"]["featureshift"]),
-                                      path=source)
-        state = load_safetensors(data)
-    except Exception as e:
-        raise FeatureshiftError(f"The snapshot {source} cannot be read ({e.__class__.__name__}: {e}).") from e
-    if weights_checksum(state) != meta.checksum:
-        raise FeatureshiftError(f"The snapshot {source} cannot be read (its weights do not match the checksum "
-                                "stored with them).")
-    model = build_from_state(meta.info, state, source)
-    return attach_info(model.to(device).eval(), meta.info)
-
-
 # ---------------------------------------------------------------- local
 
 class LocalExecutor:
@@ -143,22 +120,22 @@ class LocalExecutor:
 
     def run(self, jobs: list[TileJob]) -> Iterator[tuple[TileJob, JobOutput]]:
         """(job, output) for each job, in order."""
-        from ..snapshot import load_snapshot
+        from ..states import open_state
 
-        snapshots = list(dict.fromkeys(j.snapshot for j in jobs))
+        snapshots = list(dict.fromkeys((j.snapshot, j.preprocessing) for j in jobs))
         if not snapshots:
             return
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="featureshift-load")
-        load = lambda path: pool.submit(load_snapshot, path)  # noqa: E731
+        load = lambda source: pool.submit(open_state, *source)  # noqa: E731
         try:
             pending = {snapshots[0]: load(snapshots[0])}
             current, model, error = None, None, None
             for job in jobs:
-                if job.snapshot != current:
+                if (job.snapshot, job.preprocessing) != current:
                     model = None  # release the previous network before the next one lands on the device
-                    current = job.snapshot
+                    current = (job.snapshot, job.preprocessing)
                     try:
-                        model, error = pending.pop(current).result()[0], None
+                        model, error = pending.pop(current).result(), None
                     except FeatureshiftError as e:
                         model, error = None, str(e)
                     i = snapshots.index(current)
@@ -182,6 +159,8 @@ def _worker_job(data: bytes, job: TileJob, device: str, batch_size: int | None, 
     global _WORKER_MODEL
     import torch
 
+    from ..states import open_state
+
     if threads:
         # Ray starts workers with OMP_NUM_THREADS=1; the thread count may change how CPU kernels
         # split their sums, so a worker uses the caller's, and its tiles match local ones.
@@ -189,7 +168,7 @@ def _worker_job(data: bytes, job: TileJob, device: str, batch_size: int | None, 
     if _WORKER_MODEL is None or _WORKER_MODEL[0] != job.checksum:
         _WORKER_MODEL = None
         try:
-            _WORKER_MODEL = (job.checksum, load_snapshot_bytes(data, str(job.snapshot)))
+            _WORKER_MODEL = (job.checksum, open_state(job.snapshot, job.preprocessing, data=data))
         except FeatureshiftError as e:
             return JobOutput(None, error=str(e))
     _crash_once_if_asked()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..optvis.settings import DEFAULT_SETTINGS, RenderSettings
+from ..states import Preprocessing
 from .cache import TileCache, tile_key
 
 # A CPU gains no speed from batches beyond the engine's CPU batch; a GPU fills larger ones,
@@ -25,10 +26,12 @@ GPU_JOB_TILES = 1024
 
 @dataclasses.dataclass(frozen=True)
 class TileRequest:
-    """One tile a command wants: `channel` of `layer` rendered from the snapshot at `snapshot`.
+    """One tile a command wants: `channel` of `layer` rendered from the saved state at `snapshot`
+    (a snapshot or an ONNX file, see `featureshift.states`).
 
-    `checksum` is the snapshot's weight checksum (its `SnapshotMeta.checksum`), which names
-    the tile in the cache. `epoch`, when given, is recorded in the tile's header.
+    `checksum` is the state's checksum (`State.checksum`: a snapshot's weight checksum, an ONNX
+    file's sha256), which names the tile in the cache. `epoch`, when given, is recorded in the
+    tile's header. `preprocessing`: how to feed an ONNX file that does not carry its own.
     """
 
     snapshot: Path
@@ -36,6 +39,7 @@ class TileRequest:
     layer: str
     channel: int
     epoch: int | None = None
+    preprocessing: Preprocessing | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +55,7 @@ class TileJob:
     keys: tuple[str, ...]
     settings: RenderSettings
     epoch: int | None = None
+    preprocessing: Preprocessing | None = None  # see TileRequest
 
     @property
     def layers(self) -> list[str]:
@@ -79,9 +84,9 @@ class JobPlan:
         """The same work cut into jobs of at most `max_tiles` tiles (an executor's `max_tiles`)."""
         if max_tiles < 1:
             raise ValueError(f"max_tiles must be at least 1, got {max_tiles}")
-        groups: dict[tuple[Path, str], list[tuple[tuple[str, int], str, int | None]]] = {}
+        groups: dict[tuple[Path, str, Preprocessing | None], list[tuple[tuple[str, int], str, int | None]]] = {}
         for job in self.jobs:
-            groups.setdefault((job.snapshot, job.checksum), []).extend(
+            groups.setdefault((job.snapshot, job.checksum, job.preprocessing), []).extend(
                 (t, k, job.epoch) for t, k in zip(job.targets, job.keys))
         return dataclasses.replace(self, jobs=_cut(groups, self.settings, max_tiles))
 
@@ -100,8 +105,8 @@ def plan_jobs(requests: Iterable[TileRequest], cache: TileCache, *, settings: Re
     settings = settings or DEFAULT_SETTINGS
     plan = JobPlan([], settings)
     seen: set[str] = set()
-    # (snapshot, checksum) -> [((layer, channel), key, epoch)], in first-seen order
-    groups: dict[tuple[Path, str], list[tuple[tuple[str, int], str, int | None]]] = {}
+    # (snapshot, checksum, preprocessing) -> [((layer, channel), key, epoch)], in first-seen order
+    groups: dict[tuple[Path, str, Preprocessing | None], list[tuple[tuple[str, int], str, int | None]]] = {}
     for r in requests:
         key = plan.keys[r] = tile_key(r.checksum, r.layer, r.channel, settings)
         if key in seen:
@@ -111,17 +116,18 @@ def plan_jobs(requests: Iterable[TileRequest], cache: TileCache, *, settings: Re
         if not force and key in cache:
             plan.cached += 1
             continue
-        groups.setdefault((Path(r.snapshot), r.checksum), []).append(((r.layer, int(r.channel)), key, r.epoch))
+        groups.setdefault((Path(r.snapshot), r.checksum, r.preprocessing), []).append(
+            ((r.layer, int(r.channel)), key, r.epoch))
     plan.jobs = _cut(groups, settings, max_tiles)
     return plan
 
 
-def _cut(groups: dict[tuple[Path, str], list[tuple[tuple[str, int], str, int | None]]], settings: RenderSettings,
-         max_tiles: int) -> list[TileJob]:
+def _cut(groups: dict[tuple[Path, str, Preprocessing | None], list[tuple[tuple[str, int], str, int | None]]],
+         settings: RenderSettings, max_tiles: int) -> list[TileJob]:
     jobs = []
-    for (snapshot, checksum), items in groups.items():
+    for (snapshot, checksum, preprocessing), items in groups.items():
         for start in range(0, len(items), max_tiles):
             part = items[start:start + max_tiles]
             jobs.append(TileJob(snapshot, checksum, tuple(t for t, _, _ in part), tuple(k for _, k, _ in part),
-                                settings, part[0][2]))
+                                settings, part[0][2], preprocessing))
     return jobs

@@ -34,7 +34,7 @@ from torch import nn
 from ..errors import FeatureshiftError
 from ..io import atomic_path
 from ..version import __version__
-from .info import ModelInfo, attach_info
+from .info import ModelInfo, attach_info, band_stats
 
 ONNX_SUFFIX = ".onnx"
 INSTALL_HINT = "pip install 'featureshift[onnx]'"
@@ -92,7 +92,9 @@ def metadata_entries(info: ModelInfo, extra: dict[str, Any] | None = None) -> di
         "input_size": info.input_size,
         "resize_size": info.resize_size,
         "weights": info.weights,
-        "input": "float32 NCHW RGB, scaled to [0, 1] then normalized with mean and std",
+        "in_chans": info.in_chans,
+        "input": (f"float32 NCHW {'RGB' if info.in_chans == 3 else f'{info.in_chans}-band images'}, scaled to "
+                  "[0, 1] then normalized with mean and std"),
         **(extra or {}),
     }
     return {METADATA_PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in entries.items()}
@@ -124,13 +126,13 @@ def set_metadata(model, entries: dict[str, str]) -> None:
 
 def to_onnx(module: nn.Module, info: ModelInfo, *, opset: int = 17, batch: int = 2,
             extra_metadata: dict[str, Any] | None = None):
-    """MODULE (normalized NCHW RGB in) as an ONNX ModelProto: torch's default exporter, any batch
+    """MODULE (normalized NCHW images in) as an ONNX ModelProto: torch's default exporter, any batch
     size at INFO's input size, node names from the module paths, INFO in the metadata."""
     require_onnx()
     import onnx
 
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    x = torch.randn(batch, 3, info.input_size, info.input_size, device=device)
+    x = torch.randn(batch, info.in_chans, info.input_size, info.input_size, device=device)
     program = None
     errors = []
     was_training = module.training
@@ -234,8 +236,10 @@ def check_with_onnxruntime(module: nn.Module, model, *, batch: int = 2, size: in
     import onnxruntime as ort
 
     fixed = _input_dims(model.graph)
+    channels = 3
     if fixed is not None:
         n, h, w = (fixed[0], fixed[1], fixed[2]) if nhwc else (fixed[0], fixed[2], fixed[3])
+        channels = (fixed[3] if nhwc else fixed[1]) or channels
         batch = n or batch
         size_h, size_w = h or size, w or size
     else:
@@ -243,7 +247,7 @@ def check_with_onnxruntime(module: nn.Module, model, *, batch: int = 2, size: in
     if not size_h or not size_w:
         raise FeatureshiftError("The ONNX graph's input size is not fixed; give the input size to check it.")
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 3, size_h, size_w, generator=g)
+    x = torch.randn(batch, channels, size_h, size_w, generator=g)
     options = ort.SessionOptions()
     options.intra_op_num_threads = max(1, torch.get_num_threads())
     options.inter_op_num_threads = 1
@@ -367,6 +371,67 @@ def _clean(parts: list[str]) -> list[str]:
 
 # ---------------------------------------------------------------- import
 
+def read_onnx(path: str | os.PathLike, data: bytes | None = None):
+    """The ModelProto in the file at PATH (or in DATA, its bytes already read), or a FeatureshiftError."""
+    import onnx
+
+    path = Path(path)
+    if data is None and not path.is_file():
+        raise FeatureshiftError(f"ONNX file {path} does not exist.")
+    try:
+        return onnx.load_model_from_string(data) if data is not None else onnx.load(str(path))
+    except Exception as e:
+        raise FeatureshiftError(
+            f"{path} is not a readable ONNX file ({e.__class__.__name__}: {str(e).strip()[:200]})."
+        ) from e
+
+
+def describe(path: str | os.PathLike) -> dict[str, Any]:
+    """What an ONNX file carries, read without converting it: producer, opset, input and output
+    shapes (None for a free axis, e.g. the batch), layout, input bands, class count (from the
+    output's shape, else the metadata; None when neither says), featureshift's metadata ({} for
+    a file featureshift did not write), node count and the sha256 of the file's bytes."""
+    try:
+        import onnx  # noqa: F401 - only onnx is needed to read a file
+    except ImportError as e:
+        raise FeatureshiftError(f"Reading ONNX files needs onnx, which is not installed: {INSTALL_HINT}") from e
+    path = Path(path)
+    if not path.is_file():
+        raise FeatureshiftError(f"ONNX file {path} does not exist.")
+    data = path.read_bytes()
+    model = read_onnx(path, data)
+    meta = read_metadata(model)
+
+    def shape(value) -> list[int | str | None] | None:
+        t = value.type.tensor_type
+        if not t.HasField("shape"):
+            return None
+        return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+
+    inputs = _real_inputs(model.graph)
+    dims = _input_dims(model.graph)
+    images = dims is not None and len(dims) == 4
+    nhwc = images and _is_nhwc(model.graph, dims)
+    in_chans = ((dims[3] if nhwc else dims[1]) or None) if images else None
+    out_shape = shape(model.graph.output[0]) if model.graph.output else None
+    classes = out_shape[-1] if out_shape and len(out_shape) == 2 and isinstance(out_shape[-1], int) else None
+    return {
+        "file": str(path),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "producer": " ".join(p for p in (model.producer_name, model.producer_version) if p) or None,
+        "opset": declared_opset(model),
+        "ir_version": model.ir_version,
+        "graph": model.graph.name or None,
+        "inputs": {i.name: shape(i) for i in inputs},
+        "outputs": {o.name: shape(o) for o in model.graph.output},
+        "layout": ("NHWC" if nhwc else "NCHW") if images else None,
+        "in_chans": in_chans,
+        "num_classes": classes or (meta.get("num_classes") if isinstance(meta.get("num_classes"), int) else None),
+        "nodes": len(model.graph.node),
+        "featureshift": meta,
+    }
+
+
 @dataclasses.dataclass
 class _Graph:
     """An ONNX graph on its way to onnx2torch, and what was learned about it."""
@@ -387,34 +452,32 @@ class OnnxImport:
 
 
 def load_onnx(path: str | os.PathLike, *, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-              input_size: int | None = None, check: bool = True, tolerance: float = CHECK_TOLERANCE) -> nn.Module:
+              input_size: int | None = None, check: bool = True, tolerance: float = CHECK_TOLERANCE,
+              data: bytes | None = None) -> nn.Module:
     """An ONNX image classifier as a torch module in eval mode, with `featureshift_info` attached.
 
-    The module takes normalized NCHW RGB like every featureshift network (an NHWC graph is
-    given a transposing input), its layers are named after the graph's nodes (see node_names),
+    The module takes normalized NCHW images like every featureshift network (an NHWC graph is
+    given a transposing input; `info.in_chans` is the graph's channel count), its layers are named after the graph's nodes (see node_names),
     and it is checked against onnxruntime on a random batch (check=False skips that): a
     FeatureshiftError when the largest difference is above TOLERANCE x max(1, largest |output|).
     Preprocessing comes from MEAN, STD and INPUT_SIZE where given, else from the metadata a
-    featureshift export writes; input_size also from a graph that fixes its input size.
+    featureshift export writes; input_size also from a graph that fixes its input size. For a
+    graph of other than 3 bands, RGB MEAN and STD are fitted to its bands (models.info.band_stats).
+    DATA: the file's bytes when they are already read (PATH then only names the file).
     """
-    return import_onnx(path, mean=mean, std=std, input_size=input_size, check=check, tolerance=tolerance).module
+    return import_onnx(path, mean=mean, std=std, input_size=input_size, check=check, tolerance=tolerance,
+                       data=data).module
 
 
 def import_onnx(path: str | os.PathLike, *, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                input_size: int | None = None, check: bool = True, tolerance: float = CHECK_TOLERANCE) -> OnnxImport:
+                input_size: int | None = None, check: bool = True, tolerance: float = CHECK_TOLERANCE,
+                data: bytes | None = None) -> OnnxImport:
     """load_onnx, with the file's graph, its layout and the check's result."""
     require_onnx()
     import onnx
 
     path = Path(path)
-    if not path.is_file():
-        raise FeatureshiftError(f"ONNX file {path} does not exist.")
-    try:
-        original = onnx.load(str(path))
-    except Exception as e:
-        raise FeatureshiftError(
-            f"{path} is not a readable ONNX file ({e.__class__.__name__}: {str(e).strip()[:200]})."
-        ) from e
+    original = read_onnx(path, data)
     meta = read_metadata(original)
     inputs = _real_inputs(original.graph)
     if len(inputs) != 1 or not original.graph.output:
@@ -437,17 +500,16 @@ def import_onnx(path: str | os.PathLike, *, mean: Sequence[float] | None = None,
     graph = _Graph(onnx.ModelProto(), {})
     graph.model.CopyFrom(original)
     graph.nhwc = _is_nhwc(graph.model.graph, dims)
-    channels = dims[3] if graph.nhwc else dims[1]
-    if channels not in (0, 3):
-        raise FeatureshiftError(f"{path} takes {channels}-channel images; featureshift takes RGB (3) networks.")
+    # a graph that leaves its channel count open is taken for an RGB one
+    in_chans = (dims[3] if graph.nhwc else dims[1]) or 3
     graph.batch = dims[0]
     fixed = dims[1:3] if graph.nhwc else dims[2:4]
     # Not the file's name: the epochs of one network, saved under different names, are one architecture.
     source_arch = str(meta.get("arch") or _clean([original.graph.name or "graph"])[0])
-    info = _model_info(path, meta, mean, std, input_size, fixed)
+    info = _model_info(path, meta, mean, std, input_size, fixed, in_chans)
     model = _prepare(graph, info.input_size, fixed, path)
     module = _convert(graph, path)
-    info.num_classes = _output_width(module, info.input_size)
+    info.num_classes = _output_width(module, info.input_size, info.in_chans)
     if len(info.class_names) != info.num_classes:
         info.class_names = [str(i) for i in range(info.num_classes)]
     info.arch = f"onnx/{source_arch}@{_structure_digest(model)}"
@@ -471,7 +533,8 @@ def _is_nhwc(graph, dims: list[int]) -> bool:
     return dims[3] in (1, 3, 4) and dims[1] not in (0, 1, 3, 4)
 
 
-def _model_info(path: Path, meta: dict[str, Any], mean, std, input_size, fixed: list[int]) -> ModelInfo:
+def _model_info(path: Path, meta: dict[str, Any], mean, std, input_size, fixed: list[int],
+                in_chans: int = 3) -> ModelInfo:
     mean = tuple(float(v) for v in mean) if mean is not None else _triple(meta.get("mean"))
     std = tuple(float(v) for v in std) if std is not None else _triple(meta.get("std"))
     size = input_size or meta.get("input_size") or (fixed[0] if fixed[0] and fixed[0] == fixed[1] else None)
@@ -483,9 +546,13 @@ def _model_info(path: Path, meta: dict[str, Any], mean, std, input_size, fixed: 
             "e.g. --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --input-size 224 for ImageNet torchvision "
             "networks, --mean 0.5,0.5,0.5 --std 0.5,0.5,0.5 for Keras networks that take [-1, 1] input."
         )
+    if in_chans != 3:
+        # RGB statistics (what --mean and --std take) fitted to the graph's bands
+        mean, std = (band_stats(v, in_chans) if len(v) == 3 else v for v in (mean, std))
     for what, values in (("mean", mean), ("std", std)):
-        if len(values) != 3:
-            raise FeatureshiftError(f"The {what} must have 3 values (R, G, B), not {len(values)}.")
+        if len(values) != in_chans:
+            raise FeatureshiftError(f"The {what} must have {in_chans} value(s), one per input band of {path}, "
+                                    f"not {len(values)}.")
     if min(std) <= 0:
         raise FeatureshiftError(f"The std values must be positive, not {', '.join(map(str, std))}.")
     names = meta.get("class_names")
@@ -494,7 +561,7 @@ def _model_info(path: Path, meta: dict[str, Any], mean, std, input_size, fixed: 
         arch="", num_classes=len(names) if isinstance(names, list) else 0,
         class_names=[str(n) for n in names] if isinstance(names, list) else [],
         mean=mean, std=std, input_size=size,
-        resize_size=int(meta.get("resize_size") or round(size * 256 / 224)), weights=str(path),
+        resize_size=int(meta.get("resize_size") or round(size * 256 / 224)), weights=str(path), in_chans=in_chans,
     )
 
 
@@ -880,9 +947,9 @@ def _single_module(module: nn.Module) -> nn.Module:
     return module
 
 
-def _output_width(module: nn.Module, size: int) -> int:
+def _output_width(module: nn.Module, size: int, in_chans: int = 3) -> int:
     with torch.no_grad():
-        out = module(torch.zeros(1, 3, size, size))
+        out = module(torch.zeros(1, in_chans, size, size))
     out = out[0] if isinstance(out, (list, tuple)) else out
     if out.dim() < 2:
         raise FeatureshiftError(f"The network's output has shape {tuple(out.shape)}, not (batch, classes).")

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FeatureshiftError
+from ..io import atomic_path
 from .param import COLOR_CORRELATION
 from .settings import RenderSettings, file_digest
 from .transforms import Transforms
@@ -112,12 +113,38 @@ def save_spectrum(spectrum: np.ndarray, path: str | os.PathLike) -> Path:
     path = Path(path)
     spectrum = np.asarray(spectrum, np.float32)
     _check_spectrum(spectrum, str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".npz":
-        np.savez_compressed(path, log_magnitude=np.log(np.maximum(spectrum, 1e-12)).astype(np.float16))
-    else:
-        np.save(path, spectrum)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: numpy adds no suffix
+        if path.suffix == ".npz":
+            np.savez_compressed(f, log_magnitude=np.log(np.maximum(spectrum, 1e-12)).astype(np.float16))
+        else:
+            np.save(f, spectrum)
     return path
+
+
+RUN_SPECTRUM = "cache/maco-spectrum-{size}.npz"
+
+
+def run_spectrum(run_dir: str | os.PathLike, size: int) -> Path:
+    """The MACO spectrum of a training run's own training images (the domain it was fine-tuned
+    to; its validation images for a run without any) at SIZE px, computed once and kept in
+    RUN/cache/."""
+    from ..run import read_split
+
+    path = Path(run_dir) / RUN_SPECTRUM.format(size=int(size))
+    if not path.exists():
+        _, train, val = read_split(run_dir)
+        save_spectrum(dataset_spectrum([p for p, _ in train or val], size), path)
+    return path
+
+
+def for_run(settings: RenderSettings, run_dir: str | os.PathLike) -> RenderSettings:
+    """SETTINGS for rendering snapshots of a run: MACO without a spectrum file of its own takes
+    the run's training images' spectrum; every other method is unchanged."""
+    from ..run import is_run
+
+    if settings.method != "maco" or settings.spectrum is not None or not is_run(run_dir):
+        return settings
+    return settings.replace(spectrum=str(run_spectrum(run_dir, settings.size)))
 
 
 def load_spectrum(path: str | os.PathLike | None = None) -> np.ndarray:

@@ -318,6 +318,10 @@ class _Writer:
         from .analysis import analyse_layer
 
         self.facts = {l: analyse_layer(self.m, l, self.tiles) for l in self.m.channels}
+        # (layer, channel) -> its rows in epoch order: an atlas has thousands of channel pages.
+        self.channel_rows: dict[tuple[str, int], list[dict]] = {}
+        for r in self.m.channel_rows:
+            self.channel_rows.setdefault((r["layer"], r["channel"]), []).append(r)
 
     # ------------------------------------------------------------ helpers
     def page(self, name: str, template: str, **context) -> None:
@@ -360,11 +364,12 @@ class _Writer:
         for layer in self.m.channels:
             self.write_layer(layer)
             bar.update()
-        for i, (layer, c) in enumerate(pages):
-            same = [p for p in pages if p[0] == layer]
-            j = same.index((layer, c))
-            self.write_channel(layer, c, same[j - 1] if j > 0 else None, same[j + 1] if j + 1 < len(same) else None)
-            bar.update()
+        for layer in self.m.channels:
+            same = [(layer, c) for c in self.chosen.get(layer, [])]
+            for j, (_, c) in enumerate(same):
+                self.write_channel(layer, c, same[j - 1] if j > 0 else None,
+                                   same[j + 1] if j + 1 < len(same) else None)
+                bar.update()
         bar.close()
 
     def write_index(self) -> None:
@@ -550,9 +555,9 @@ class _Writer:
                 items.append({"src": rel, "name": f"{ex.path.parent.name}/{ex.path.name}", "path": str(ex.path),
                               "value": f"{ex.value:.3g}"})
             sides.append({"title": title, "shown": items})
-        history = [{"epoch": r["epoch"], **measure_cells(r)} for r in m.channel_rows
-                   if r["layer"] == layer and r["channel"] == c]
-        last = next((r for r in m.channel_rows if r["layer"] == layer and r["channel"] == c and r["epoch"] == self.last), {})
+        own = self.channel_rows.get((layer, c), [])
+        history = [{"epoch": r["epoch"], **measure_cells(r)} for r in own]
+        last = next((r for r in own if r["epoch"] == self.last), {})
         names = {"weight_change": "weight change", "correlation": "correlation", "drift": "visual drift",
                  "cross_b_on_a": f"epoch {self.last} net on epoch {self.reference} render (B on A)",
                  "cross_a_on_b": f"epoch {self.reference} net on epoch {self.last} render (A on B)"}
@@ -578,7 +583,7 @@ class _Writer:
             plot = f"img/plots/channel-{safe_name(layer)}-{c:04d}.svg"
             series = {"weight change": "weight_change", "drift": "drift", "correlation": "correlation",
                       "B on A": "cross_b_on_a", "A on B": "cross_a_on_b"}
-            plots.channel_history(m.epochs, {k: [v for _, v in m.channel_series(layer, c, col)]
+            plots.channel_history(m.epochs, {k: [r[col] for r in own]
                                              for k, col in series.items()}, self.out / plot)
         self.page(channel_page(layer, c), "channel.html", layer=layer, channel=c, layer_page=layer_page(layer),
                   prev={"channel": prev[1], "page": channel_page(*prev)} if prev else None,

@@ -1,5 +1,5 @@
-"""The same channels rendered on every snapshot of a run, stacked so that each row is
-one moment of training and each column one neuron.
+"""The same channels rendered on every snapshot of a run (or every file of a folder of ONNX
+files), stacked so that each row is one moment of training and each column one neuron.
 
 Tiles live in the run's content-addressed tile cache (`featureshift.jobs.cache`), so a
 rerun renders only what is new: the snapshots written since, the settings changed, or
@@ -23,10 +23,10 @@ from ...io import SIGNATURE_KEY, is_write_error, png_text, safe_name, save_image
 from ...jobs.cache import CACHE_DIR, TileCache, read_tile, read_tile_about
 from ...jobs.executors import JobReport, check_ray, make_executor, run_jobs
 from ...jobs.plan import TileRequest, plan_jobs
+from ...optvis.maco import for_run
 from ...optvis.settings import DEFAULT_SETTINGS, RenderSettings
-from ...run import list_snapshots, select_snapshots
 from ...selection import DEFAULT_COLUMNS, select_channels
-from ...snapshot import SnapshotMeta, read_meta
+from ...states import ONNX, Preprocessing, State, list_states, open_state, read_snapshot_state
 
 TIMELINE_DIR = "timeline"
 LOGITS = "logits"
@@ -38,7 +38,7 @@ class TimelineResult:
     run_dir: Path
     layers: list[str]
     channels: dict[str, list[int]]  # layer -> channels, the columns
-    epochs: list[int]  # the rows, in training order
+    epochs: list[int]  # the rows, in training order (for a folder of ONNX files: positions, 0 first)
     merged: dict[str, Path]  # layer -> merged.png
     rows: dict[str, dict[int, Path]]  # layer -> epoch -> row image
     gifs: dict[str, dict[int, Path]]  # layer -> channel -> animated GIF across snapshots
@@ -50,12 +50,14 @@ class TimelineResult:
     failed: dict[tuple[str, int, int], str] = dataclasses.field(default_factory=dict)
     # (layer, epoch, channel) of tiles whose channel is zero for every input: drawn as "no response"
     no_response: set[tuple[str, int, int]] = dataclasses.field(default_factory=set)
+    files: dict[int, str] = dataclasses.field(default_factory=dict)  # row -> file name, for a folder of ONNX files
 
     def summary(self) -> str:
-        lines = [f"{len(self.epochs)} snapshot(s) x {sum(len(c) for c in self.channels.values())} channel(s): "
+        lines = [f"{len(self.epochs)} {'file' if self.files else 'snapshot'}(s) x "
+                 f"{sum(len(c) for c in self.channels.values())} channel(s): "
                  f"{self.rendered} tile(s) rendered, {self.cached} from the cache"]
         for epoch, why in self.missing.items():
-            lines.append(f"epoch {epoch}: row marked missing: {why}")
+            lines.append(f"{self.files.get(epoch) or f'epoch {epoch}'}: row marked missing: {why}")
         for (layer, epoch, channel), why in self.failed.items():
             lines.append(f"{layer} channel {channel} at epoch {epoch} failed: {why}")
         silent: dict[tuple[str, int], list[int]] = {}
@@ -71,52 +73,43 @@ class TimelineResult:
 
 # ---------------------------------------------------------------- planning
 
-@dataclasses.dataclass
-class SnapshotRow:
-    """One row of a timeline: a snapshot, its metadata, or why it cannot be used."""
-
-    epoch: int
-    path: Path
-    meta: SnapshotMeta | None = None  # None when unreadable
-    error: str | None = None
-
-
-def read_rows(entries: list[tuple[int, Path]]) -> list[SnapshotRow]:
+def read_rows(entries: list[tuple[int, Path]]) -> list[State]:
     """A row per (epoch, snapshot path), with the snapshot's metadata or the error reading it."""
-    rows = []
-    for epoch, path in entries:
-        try:
-            rows.append(SnapshotRow(epoch, Path(path), read_meta(path)))
-        except FeatureshiftError as e:
-            rows.append(SnapshotRow(epoch, Path(path), error=str(e)))
-    return rows
+    return [read_snapshot_state(epoch, path) for epoch, path in entries]
 
 
-def _skeleton(info):
-    """The architecture of INFO without weights (meta device): names and shapes for free."""
+def _skeleton(row: State, real: bool = False):
+    """The architecture of ROW without weights (meta device) unless REAL: names and shapes for
+    free. An ONNX file's is its converted graph, unchecked."""
     import torch
 
     from ...models.info import attach_info
     from ...models.zoo import build
 
+    if row.kind == ONNX:
+        return open_state(row.path, row.preprocessing, check=False)
+    info = row.meta.info
     kwargs = dict(num_classes=info.num_classes, pretrained=False, in_chans=info.in_chans, img_size=info.img_size)
-    try:
-        with torch.device("meta"):
-            return attach_info(build(info.arch, **kwargs), info)
-    except Exception:  # some builders insist on real tensors
-        return attach_info(build(info.arch, **kwargs), info)
+    if not real:
+        try:
+            with torch.device("meta"):
+                return attach_info(build(info.arch, **kwargs), info)
+        except Exception:  # some builders insist on real tensors
+            pass
+    return attach_info(build(info.arch, **kwargs), info)
 
 
-def _layer_channels(rows: list[SnapshotRow], layers: Sequence[str]) -> dict[str, int]:
+def _layer_channels(rows: list[State], layers: Sequence[str]) -> dict[str, int]:
     """Check that every snapshot has every layer and one architecture; channels per layer."""
     from ...models.layers import resolve_layers, trace_layers
 
     good = [r for r in rows if r.meta is not None]
-    groups: dict[tuple, list[SnapshotRow]] = {}
+    what = "files in this folder" if good[0].kind == ONNX else "snapshots in this run"
+    groups: dict[tuple, list[State]] = {}
     for r in good:
         i = r.meta.info
         groups.setdefault((i.arch, i.num_classes, i.in_chans, i.img_size), []).append(r)
-    skeletons = {g: _skeleton(rs[0].meta.info) for g, rs in groups.items()}
+    skeletons = {g: _skeleton(rs[0]) for g, rs in groups.items()}
     # A layer present in some snapshots only is named first: it is the more specific problem.
     for layer in layers:
         if layer == LOGITS:
@@ -131,7 +124,7 @@ def _layer_channels(rows: list[SnapshotRow], layers: Sequence[str]) -> dict[str,
         desc = "; ".join(f"{arch}: {', '.join(r.path.name for r in rs[:4])}{' ...' if len(rs) > 4 else ''}"
                          for (arch, *_), rs in groups.items())
         raise FeatureshiftError(
-            f"The snapshots in this run are of different architectures ({desc}). A timeline follows one network "
+            f"The {what} are of different architectures ({desc}). A timeline follows one network "
             "through training; choose the snapshots of one architecture with --snapshots.")
     key, first = next(iter(groups.items()))
     model = skeletons[key]
@@ -139,12 +132,7 @@ def _layer_channels(rows: list[SnapshotRow], layers: Sequence[str]) -> dict[str,
     try:
         infos = {l.name: l.channels for l in trace_layers(model, size)}
     except Exception:  # an op without a meta kernel: trace a real (random) copy instead
-        from ...models.info import attach_info
-        from ...models.zoo import build
-
-        i = first[0].meta.info
-        model = attach_info(build(i.arch, num_classes=i.num_classes, pretrained=False, in_chans=i.in_chans,
-                                  img_size=i.img_size), i)
+        model = _skeleton(first[0], real=True)
         infos = {l.name: l.channels for l in trace_layers(model, size)}
     out = {}
     for layer in layers:
@@ -159,8 +147,13 @@ def _layer_channels(rows: list[SnapshotRow], layers: Sequence[str]) -> dict[str,
 
 # ---------------------------------------------------------------- labels
 
-def row_label(row: SnapshotRow) -> str:
-    """The label left of a row: its epoch and validation accuracy."""
+def row_label(row: State) -> str:
+    """The label left of a row: its epoch and validation accuracy; for an ONNX file its name, under
+    the epoch its metadata records."""
+    if row.kind == ONNX:
+        epoch = row.meta.epoch if row.meta is not None else None
+        text = row.path.stem if epoch is None else f"epoch {epoch}\n{row.path.stem}"
+        return text + ("\nunreadable" if row.meta is None else "")
     text = f"epoch {row.epoch}"
     metrics = row.meta.metrics if row.meta is not None else {}
     acc = metrics.get("val_acc")
@@ -195,30 +188,36 @@ def timeline(run_dir: str | Path, layers: str | Sequence[str], channels: int | s
              settings: RenderSettings | None = None, device: str = "auto", batch_size: int | None = None,
              force: bool = False, labels: bool = True, quiet: bool = False,
              on_tile: Callable[[str, int, int, Path], None] | None = None, ray: str | None = None,
+             mean: Sequence[float] | None = None, std: Sequence[float] | None = None, input_size: int | None = None,
              **changes) -> TimelineResult:
-    """Render `channels` of each of `layers` on every snapshot of the run in `run_dir`.
+    """Render `channels` of each of `layers` on every snapshot of the run in `run_dir`, or on every
+    ONNX file in the folder `run_dir` (rows in natural order of the names: epoch2 before epoch10).
 
     `channels` is a count N (the first N channels, the `--columns` of the CLI), a spec
     like "0-4,17", or a list. `snapshots` ("0,1,5-10" or a list of epochs) or `every`
-    (epochs that are multiples of N) choose the rows. `settings` (a RenderSettings, default
+    (epochs that are multiples of N) choose the rows; for ONNX files the numbers are their
+    positions (0 first). `mean`, `std` and `input_size`: the preprocessing of ONNX files that
+    do not carry their own. `settings` (a RenderSettings, default
     the engine's) with keyword `changes` to its fields (steps=64, seed=1, ...) decide the
     pictures; `device` and `batch_size` only how they are computed.
 
-    Writes RUN/timeline/<layer>/ with one row image per snapshot (`{epoch:03d}.png`),
+    Writes RUN/timeline/<layer>/ with one row image per snapshot (`{epoch:03d}.png`, the
+    position for an ONNX file),
     `merged.png` and one GIF per channel (`channel_{c:04d}.gif`). Tiles come from the
     cache unless `force`; `on_tile(layer, epoch, channel, path)` is called after each new
     tile is saved. A corrupt snapshot is reported in `result.missing` and its row marked
     missing; the others are rendered. An interrupted call keeps every tile it finished.
     """
-    settings = (settings or DEFAULT_SETTINGS).replace(**changes)
+    settings = for_run((settings or DEFAULT_SETTINGS).replace(**changes), run_dir)
     check_ray(ray)
     run_dir = Path(run_dir)
     layers = [layers] if isinstance(layers, str) else list(dict.fromkeys(layers))
     if not layers:
         raise FeatureshiftError("Name at least one layer (--layer); `featureshift layers MODEL` lists them.")
-    entries = select_snapshots(list_snapshots(run_dir), snapshots, every)
-    rows = read_rows(entries)
+    rows = list_states(run_dir, snapshots, every, preprocessing=Preprocessing.of(mean, std, input_size))
     good = [r for r in rows if r.meta is not None]
+    if not good and rows[0].kind == ONNX:
+        raise FeatureshiftError(f"None of the {len(rows)} ONNX file(s) in {run_dir} can be used ({rows[0].error})")
     if not good:
         raise FeatureshiftError(
             f"None of the {len(rows)} snapshot(s) in {run_dir / 'snapshots'} can be read ({rows[0].error}). "
@@ -226,13 +225,14 @@ def timeline(run_dir: str | Path, layers: str | Sequence[str], channels: int | s
     counts = _layer_channels(rows, layers)
     columns = {layer: _choose_channels(layer, counts[layer], channels) for layer in layers}
     cache = TileCache(run_dir / TIMELINE_DIR / CACHE_DIR)
-    result = TimelineResult(run_dir, layers, columns, [r.epoch for r in rows], {}, {}, {}, {})
+    result = TimelineResult(run_dir, layers, columns, [r.epoch for r in rows], {}, {}, {}, {},
+                            files={r.epoch: r.path.name for r in rows if r.kind == ONNX})
     for r in rows:
         if r.error:
             result.missing[r.epoch] = r.error
 
     # One job list for the whole timeline: the tiles not in the cache, grouped by snapshot.
-    requests = {(layer, r.epoch, c): TileRequest(r.path, r.meta.checksum, layer, c, r.epoch)
+    requests = {(layer, r.epoch, c): TileRequest(r.path, r.checksum, layer, c, r.epoch, r.preprocessing)
                 for r in good for layer in layers for c in columns[layer]}
     plan = plan_jobs(requests.values(), cache, settings=settings, force=force)
     keys = {where: plan.keys[req] for where, req in requests.items()}
@@ -307,7 +307,7 @@ def timeline_title(run_name: str, layer: str, objective, snapshots: int) -> str:
             f"({objective} objective)")
 
 
-def _write_outputs(rows: list[SnapshotRow], result: TimelineResult, labels: bool, settings: RenderSettings) -> None:
+def _write_outputs(rows: list[State], result: TimelineResult, labels: bool, settings: RenderSettings) -> None:
     """Rows, merged.png and GIFs of every layer. Each file carries a signature of its tiles and
     labels and is rewritten only when that changes, so a rerun after one new snapshot does not
     rewrite every row."""
