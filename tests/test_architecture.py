@@ -5,7 +5,7 @@ Layers, top to bottom:
     cli               parses flags, prints
     commands          train, vis, timeline, merge, compare, report, demo
     engines           optvis (rendering), metrics, jobs (tile cache, executors)
-    foundations       models, network, snapshot, run, data, io, errors, device, selection, grid, version
+    foundations       models, network, snapshot, states, run, data, io, errors, device, selection, grid, version
 A module may import from its own layer (without cycles) and from the layers below it.
 """
 from __future__ import annotations

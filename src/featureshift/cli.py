@@ -181,14 +181,16 @@ def settings_from(options: dict):
 
 
 def _floats(ctx, param, value):
+    # One number per band; the ONNX loader checks the count against the graph (RGB values are
+    # fitted to graphs of other band counts).
     if value is None:
         return None
     try:
         numbers = tuple(float(v) for v in value.split(","))
     except ValueError:
         raise click.BadParameter(f"'{value}' is not a comma-separated list of numbers, e.g. 0.485,0.456,0.406.")
-    if len(numbers) != 3:
-        raise click.BadParameter(f"give three numbers (R,G,B), not {len(numbers)}.")
+    if not numbers:
+        raise click.BadParameter("give one number per input band, e.g. 0.485,0.456,0.406.")
     return numbers
 
 
@@ -590,11 +592,13 @@ def vis(model_or_snapshot, layers, output, columns, channels, device, batch_size
 @click.option("--force", is_flag=True, help="Render again even what the cache holds.")
 @click.option("--labels/--no-labels", default=True, help="Epoch, accuracy and channel labels, or a bare grid.")
 @ray_option
+@preprocessing_options
 @quiet_option
 @_handle_errors
-def timeline(run, layers, columns, channels, snapshots, every, device, batch_size, force, labels, ray, quiet,
-             **render):
-    """Render the same channels on every snapshot of the training run RUN.
+def timeline(run, layers, columns, channels, snapshots, every, device, batch_size, force, labels, ray, mean, std,
+             input_size, quiet, **render):
+    """Render the same channels on every snapshot of the training run RUN, or on every ONNX file
+    in the folder RUN (in natural order of the names: epoch2 before epoch10).
 
     Each row is one snapshot in training order (the first is before training), each column
     one channel. Writes RUN/timeline/<layer>/: one row image per snapshot, merged.png and an
@@ -606,6 +610,7 @@ def timeline(run, layers, columns, channels, snapshots, every, device, batch_siz
       featureshift timeline runs/flowers --layer features.6 --channels 0-3,17 --every 5
       featureshift timeline runs/flowers --layer inception5b --columns 1024 --ray auto
       featureshift timeline runs/flowers --layer inception4c --method accent --image flower.jpg
+      featureshift timeline onnx-epochs/ --layer inception4c.Concat --columns 8
     """
     from .commands.timeline.timeline import timeline as timeline_api
     from .selection import DEFAULT_COLUMNS, check_exclusive
@@ -613,7 +618,8 @@ def timeline(run, layers, columns, channels, snapshots, every, device, batch_siz
     check_exclusive(columns, channels)
     result = timeline_api(run, list(layers), channels if channels is not None else (columns or DEFAULT_COLUMNS),
                           snapshots=snapshots, every=every, settings=settings_from(render), device=device,
-                          batch_size=batch_size, force=force, labels=labels, quiet=quiet, ray=ray)
+                          batch_size=batch_size, force=force, labels=labels, quiet=quiet, ray=ray, mean=mean,
+                          std=std, input_size=input_size)
     click.echo(result.summary())
 
 

@@ -98,7 +98,13 @@ def list_states(folder: str | os.PathLike, snapshots: str | Sequence[int] | None
     if is_onnx_folder(folder):
         entries = select_snapshots(list(enumerate(onnx_files(folder))), snapshots, every)
         return [read_onnx_state(i, path, preprocessing) for i, path in entries]
-    entries = select_snapshots(list_snapshots(folder), snapshots, every)
+    try:
+        found = list_snapshots(folder)
+    except FeatureshiftError as e:
+        if Path(folder).is_dir() and not (Path(folder) / RUN_FILE).is_file():
+            raise FeatureshiftError(f"{e} Or give a folder of ONNX files (.onnx), one state each.") from e
+        raise
+    entries = select_snapshots(found, snapshots, every)
     return [read_snapshot_state(epoch, path) for epoch, path in entries]
 
 
