@@ -1,6 +1,6 @@
 """Render speed and quality: featureshift against Lucent and against the bare network.
 
-    python benchmarks/render_speed.py [--steps 64] [--quality-steps 128] [--threads N]
+    python benchmarks/render_speed.py [--steps 64] [--quality-steps 128] [--threads N] [--only speed|time-to-quality]
 
 Speed (torchvision GoogLeNet, random weights, layer inception4a, 8 channels, 128 px canvas,
 the same number of Adam steps for every method, one model object), in image-steps/s:
@@ -126,7 +126,8 @@ def activations(model, layer, images):
     return [float(f[i, c]) for i, c in enumerate(CHANNELS)]
 
 
-TTQ_STEPS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # featureshift's ladder of step counts
+# featureshift's ladder of step counts
+TTQ_STEPS = (16, 24, 32, 40, 48, 56, 64, 72, 80, 96, 112, 128, 192, 256, 384, 512)
 VIEWS = 4
 
 

@@ -147,12 +147,12 @@ def render_options(objective: bool, inherit: bool = False):
                           "optimized, the magnitude fixed to a natural-image spectrum (the run's own images "
                           "where there is a run); accent: start from --image and change it only as much as the "
                           "channel needs  [default: lucid]."),
-        click.option("--image", type=click.Path(dir_okay=False, exists=True), default=None,
+        click.option("--image", type=click.Path(dir_okay=False), default=None,
                      help="--method accent: the photo to accentuate (the same photo on every snapshot)."),
         click.option("--accent-weight", type=float, default=None,
                      help=f"--method accent: how strongly the picture is held to the photo  "
                           f"[default: {d.accent_weight}]."),
-        click.option("--spectrum", type=click.Path(dir_okay=False, exists=True), default=None,
+        click.option("--spectrum", type=click.Path(dir_okay=False), default=None,
                      help="--method maco: a magnitude spectrum file (.npz/.npy)  [default: the run's training "
                           "images, else the spectrum shipped with featureshift]."),
         click.option("--crops", type=int, default=None, help=f"--method maco: random crops per step  "

@@ -27,8 +27,8 @@ ATLAS_FORMAT = "featureshift.atlas/1"
 DEFAULT_SNAPSHOTS = "first,last"
 LOGITS = "logits"
 # The timed renders behind the estimate: a few steps of a small batch per layer.
-PROBE_STEPS = 3
-PROBE_BATCH = 16
+PROBE_STEPS = 6
+PROBE_BATCH = 64
 
 
 @dataclasses.dataclass
@@ -43,7 +43,7 @@ class AtlasResult:
     tiles: dict[tuple[str, int, int], Path]  # (layer, epoch, channel) -> cached tile (those that exist)
     planned: int  # tiles to render when the atlas started
     cached: int  # tiles found in the cache
-    estimate_s: float | None  # the estimated rendering time (None when nothing is to render)
+    estimate_s: float | None  # the estimated rendering time (None when nothing is to render, or quiet)
     executor: str = "local"
     rendered: int = 0
     seconds: float = 0.0
@@ -180,10 +180,10 @@ def _write_record(run_dir: Path, result: AtlasResult, keys: dict[tuple[str, int,
 def estimate_seconds(model, counts: dict[str, int], settings: RenderSettings, *, device: str = "auto",
                      batch_size: int | None = None, calls: int = 1, loads: int = 0) -> float:
     """Seconds to render counts[layer] tiles of each layer with `settings` in `calls` batched
-    render calls, from timed renders of a small batch of each layer on this machine: one step
-    and PROBE_STEPS + 1 steps, whose difference is the cost of a step without the fixed cost
-    of a call (setting up, the first forward pass). Batches larger than the probe's usually
-    render faster per tile, so this leans to the long side."""
+    render calls, from timed renders of a batch of each layer on this machine: 2 steps and
+    PROBE_STEPS + 2 steps, whose difference is the cost of a step without the fixed cost of a
+    call (setting up, the first forward pass). On a machine shared with other work the
+    figure moves with the load."""
     from ..optvis.engine import render
 
     def timed(targets, steps):
@@ -202,10 +202,11 @@ def estimate_seconds(model, counts: dict[str, int], settings: RenderSettings, *,
         if not warmed:  # kernels, allocator and caches start up once, in no figure
             timed(targets[:1], 1)
             warmed = True
-        one = timed(targets, 1)
-        more = timed(targets, PROBE_STEPS + 1)
-        per_step = max(more - one, 1e-6) / PROBE_STEPS
-        fixed.append(max(one - per_step, 0.0))
+        few = timed(targets, 2)
+        more = timed(targets, PROBE_STEPS + 2)
+        # A busy machine can make the longer render the quicker one: then the whole of it counts.
+        per_step = (more - few) / PROBE_STEPS if more > few else more / (PROBE_STEPS + 2)
+        fixed.append(max(few - 2 * per_step, 0.0))
         total += per_step / len(targets) * n * settings.steps
     # Reading and checking a snapshot: well under a second for the zoo's networks.
     return total + calls * (sum(fixed) / max(len(fixed), 1)) + 0.5 * loads
@@ -271,7 +272,7 @@ def atlas(run_dir: str | Path, layers: str | Sequence[str] = (), *, all_layers: 
     result = AtlasResult(run_dir, names, chosen, [r.epoch for r in good], settings, {}, plan.tiles, plan.cached,
                          None, executor=f"Ray at {ray}" if ray else f"local, {device}", dry_run=dry_run)
     result.missing = {r.epoch: r.error for r in rows if r.error}
-    if plan.tiles:
+    if plan.tiles and (dry_run or not quiet):  # the estimate is for people; it costs a few seconds
         todo: dict[str, int] = {}
         for job in plan.jobs:
             for layer, _ in job.targets:

@@ -35,7 +35,7 @@ from .settings import METHODS, PARAMS, PRECISIONS, RenderSettings
 from .transforms import Transforms
 
 # Bump whenever the same call would produce different pixels (timeline caches key on it).
-ENGINE_VERSION = "fs-render-2"
+ENGINE_VERSION = "fs-render-3"
 
 _CPU_MAX_BATCH = 64  # beyond this a CPU gains no speed, only memory use
 _CUDA_MAX_BATCH = 1024
@@ -86,7 +86,9 @@ class _RedirectedReLU(torch.autograd.Function):
     def backward(ctx, grad):
         (out,) = ctx.saved_tensors
         relu_grad = torch.ops.aten.threshold_backward(grad, out, 0)
-        blocked = torch.linalg.vector_norm(_per_image(relu_grad), dim=1) == 0  # as Lucid (and faster than any())
+        # all zero, as Lucid, but by the largest magnitude: a sum of squares underflows to zero for
+        # the tiny gradients of a randomly initialized network (and is no faster than any())
+        blocked = torch.linalg.vector_norm(_per_image(relu_grad), ord=math.inf, dim=1) == 0
         if not blocked.any():  # the common case: nothing to redirect
             return relu_grad, None
         rows = blocked.nonzero()[:, 0]
@@ -428,7 +430,8 @@ def _render_chunk(net, obj, image_param, transforms, norm, dev, precision, targe
     tgens = [torch.Generator().manual_seed(s ^ 0x5DEECE66D) for s in seeds]
     draws = torch.stack([transforms.draw(g, steps) for g in tgens])  # (n, steps, 6)
     thetas = transforms.theta(draws.reshape(-1, 6), size).view(n, steps, 2, 3).to(dev) if steps else None
-    offsets = torch.stack([transforms.draw_offsets(g, steps) for g in tgens]).float().to(dev)  # (n, steps, 2)
+    ogens = [torch.Generator().manual_seed(s ^ 0x9E3779B9) for s in seeds]  # a third: offsets, also shape-free
+    offsets = torch.stack([transforms.draw_offsets(g, steps) for g in ogens]).float().to(dev)  # (n, steps, 2)
 
     layers = [layer for layer, _ in targets]
     batch_info = dict(
