@@ -19,10 +19,13 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 # Each script prints both sides of its comparison and their ratio. render_speed.py needs Lucent
-# (see docs/render.md); the others need nothing more.
+# (see docs/render.md); the others need nothing more than the test extra.
 bench: $(STAMP)
+	$(PY) benchmarks/startup_speed.py
 	$(PY) benchmarks/train_speed.py
 	$(PY) benchmarks/timeline_speed.py
+	$(PY) benchmarks/ray_speed.py
+	$(PY) benchmarks/atlas_speed.py
 	$(PY) benchmarks/render_speed.py
 
 clean:

@@ -329,8 +329,6 @@ def test_timeline_marks_a_channel_that_does_not_respond(dead_run):
     assert not (merged[pad:pad + tile, pad:pad + tile] == NO_RESPONSE_FILL).all(-1).any()
 
 
-@pytest.mark.xfail(strict=True, reason="the tile cache's header (jobs.executors.tile_about) does not record "
-                                       "no_response yet, so a cached rerun cannot tell")
 def test_a_cached_timeline_still_marks_a_channel_that_does_not_respond(dead_run):
     from featureshift.commands.timeline.timeline import timeline
 

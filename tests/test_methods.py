@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from _measure import channel_means, normalized
 from featureshift import FeatureshiftError, create_model, model_info
-from featureshift.models.layers import truncated
 from featureshift.optvis.accent import load_photo
 from featureshift.optvis.engine import render
 from featureshift.optvis.maco import (PhaseImage, dataset_spectrum, image_spectrum, load_spectrum,
@@ -38,17 +38,6 @@ def chelsea(tmp_path_factory):
     path = tmp_path_factory.mktemp("photos") / "chelsea.png"
     Image.fromarray(data.chelsea()).save(path)
     return path
-
-
-def normalized(model, images: np.ndarray) -> torch.Tensor:
-    info = model_info(model)
-    x = torch.tensor(images).permute(0, 3, 1, 2)
-    return (x - torch.tensor(info.mean).view(1, 3, 1, 1)) / torch.tensor(info.std).view(1, 3, 1, 1)
-
-
-def channel_means(model, images: np.ndarray, layer: str) -> torch.Tensor:
-    with truncated(model, [layer]) as net, torch.no_grad():
-        return net(normalized(model, images))[layer].mean((2, 3))
 
 
 # --- settings ---------------------------------------------------------------------------

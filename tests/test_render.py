@@ -16,6 +16,7 @@ from PIL import Image
 from torch import nn
 
 import featureshift
+from _measure import channel_means, normalized
 from featureshift import FeatureshiftError, attach_info, create_model, model_info
 from featureshift.cli import main
 from featureshift.grid import to_pil
@@ -35,17 +36,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 @pytest.fixture(scope="module")
 def squeeze():
     return create_model("squeezenet1_1", weights="imagenet")
-
-
-def normalized(model, images: np.ndarray) -> torch.Tensor:
-    info = model_info(model)
-    x = torch.tensor(images).permute(0, 3, 1, 2)
-    return (x - torch.tensor(info.mean).view(1, 3, 1, 1)) / torch.tensor(info.std).view(1, 3, 1, 1)
-
-
-def channel_means(model, images: np.ndarray, layer: str) -> torch.Tensor:
-    with truncated(model, [layer]) as net, torch.no_grad():
-        return net(normalized(model, images))[layer].mean((2, 3))
 
 
 def png_bytes(image: np.ndarray) -> bytes:

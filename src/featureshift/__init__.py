@@ -26,6 +26,8 @@ _EXPORTS = {
     "RunMetrics": "metrics.driver", "run_metrics": "metrics.driver",
     "build_report": "commands.report.builder", "report": "commands.report.builder",
     "run_demo": "commands.demo", "demo": "commands.demo",
+    "AtlasResult": "commands.atlas", "atlas": "commands.atlas",
+    "CompareRunsResult": "commands.compare_runs", "compare_runs": "commands.compare_runs",
     "ExportResult": "commands.export", "export": "commands.export", "load_onnx": "models.onnx_io",
 }
 

@@ -683,6 +683,46 @@ def export(snapshot_or_model, output, weights, opset, tolerance, check, mean, st
         click.echo(result.describe())
 
 
+# ---------------------------------------------------------------- atlas
+
+@main.command()
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--layer", "layers", multiple=True, help="Layer to atlas (repeat for several); `featureshift layers "
+              "RUN/snapshots/000.safetensors` lists them.")
+@click.option("--all-layers", is_flag=True, help="Every layer the listing shows (large networks: many tiles; see "
+              "--dry-run first).")
+@click.option("--snapshots", default="first,last", show_default=True,
+              help="Which snapshots: first,last | all | epochs like 0,5,10 | first,5,last.")
+@click.option("--channels", default=None, help="Only these channels of each layer, e.g. 0-63  [default: all].")
+@render_options(objective=True)
+@device_option
+@ray_option
+@click.option("--dry-run", is_flag=True, help="Print how many tiles would render and about how long, then stop.")
+@click.option("--force", is_flag=True, help="Render again even what the cache holds.")
+@quiet_option
+@_handle_errors
+def atlas(run, layers, all_layers, snapshots, channels, device, batch_size, ray, dry_run, force, quiet, **render):
+    """Render every channel of layers of the run RUN before and after fine-tuning (an atlas).
+
+    Tiles go into the same cache as timelines (an atlas after a timeline reuses its tiles;
+    a rerun renders only what is missing) and are recorded in RUN/atlas.json, so the report
+    shows every atlased channel: before/after thumbnails sortable by each measure, a page
+    per channel, and the most changed neurons of the network. Before rendering it prints
+    how many tiles it will render and an estimate of the time, measured on this machine.
+
+    \b
+      featureshift atlas runs/flowers --layer inception4c --dry-run
+      featureshift atlas runs/flowers --layer inception4c --layer inception5b --ray auto
+      featureshift atlas runs/flowers --all-layers --snapshots all --steps 64 --size 64
+    """
+    from .commands.atlas import atlas as atlas_api
+
+    result = atlas_api(run, list(layers), all_layers=all_layers, snapshots=snapshots, channels=channels,
+                       settings=settings_from(render), device=device, batch_size=batch_size, ray=ray,
+                       dry_run=dry_run, force=force, quiet=quiet)
+    click.echo(result.summary())
+
+
 # ---------------------------------------------------------------- compare / report
 
 @main.command()
@@ -769,6 +809,27 @@ def report(run, layers, columns, channels, examples, probe, probe_limit, image_s
                          batch_size=batch_size, open_browser=open_browser, quiet=quiet, ray=ray,
                          **{k: v for k, v in render.items() if v is not None})
     click.echo(str(index))
+
+
+@main.command("compare-runs")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Also write the comparison to this file: JSON for a name ending in .json, else the table.")
+@quiet_option
+@_handle_errors
+def compare_runs(runs, output, quiet):
+    """Set the measures of runs that differ in one setting side by side (e.g. images per class, cutoff).
+
+    Per run the final accuracy, and per layer the speed of adaptation, the shares of kept,
+    repurposed and died channels and the coarsening of its features, with the settings in
+    which the runs differ named. Build each run's report first (`featureshift report RUN`).
+
+    \b
+      featureshift compare-runs runs/flowers-10pc runs/flowers-full -o small-data.json
+    """
+    from .commands.compare_runs import compare_runs as compare_runs_api
+
+    click.echo(compare_runs_api(list(runs), output=output, quiet=quiet).table())
 
 
 if __name__ == "__main__":

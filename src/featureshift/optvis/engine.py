@@ -324,92 +324,83 @@ def render(model: nn.Module, targets: Sequence[tuple[str, int]], settings: Rende
     The model is used in eval mode with frozen weights; its state is restored afterwards.
     """
     s = (settings or RenderSettings()).replace(**changes)
-    if s.method != "lucid":
-        return _render_method(model, targets, s, device, batch_size, quiet, mean, std)
-    objective, steps, size, seed, lr, param = s.objective, s.steps, s.size, s.seed, s.lr, s.param
-    diversity, diversity_weight, transforms = s.diversity, s.diversity_weight, s.transforms
-    decay_power, init_sd, fft_divisor, decorrelate = s.decay_power, s.init_sd, s.fft_divisor, s.decorrelate
-    relu_redirect_steps, precision, betas = s.relu_redirect_steps, s.precision, tuple(s.betas)
-    if isinstance(objective, str) and objective == "diversity" and diversity is None:
-        diversity = 4
-    copies = diversity or 1
-    targets = _check_args(targets, steps, size, lr, param, batch_size, copies)
-    steps, size, copies = int(steps), int(size), int(copies)
-    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-        raise FeatureshiftError(f"Adam's betas must be two numbers in [0, 1), not {betas}.")
-    obj = as_objective(objective, diversity_weight)
-    if copies > 1 and isinstance(objective, str) and objective != "diversity":
-        obj = obj - diversity_weight * Diversity()
+    dev = resolve_device(str(device))
+    precision = resolve_precision(dev, s.precision)
     if mean is None or std is None:
         info = model_info(model)
         mean, std = mean or info.mean, std or info.std
-    dev = resolve_device(str(device))
-    precision = resolve_precision(dev, precision)
+    work = _plan_targets(model, targets, s, batch_size)
+    steps, size, bands = int(s.steps), int(s.size), input_channels(model)
+    common = dict(engine=ENGINE_VERSION, objective=repr(work.obj), steps=steps, size=size, seed=s.seed, lr=s.lr,
+                  betas=list(s.betas), diversity=work.copies, relu_redirect_steps=s.relu_redirect_steps,
+                  precision=precision, mean=list(mean), std=list(std))
+    if s.method == "lucid":
+        betas = tuple(s.betas)
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise FeatureshiftError(f"Adam's betas must be two numbers in [0, 1), not {betas}.")
+        transforms = s.transforms
+        out_size = transforms.output_size(size)
+        if out_size < 1:
+            raise FeatureshiftError(f"The transforms crop more than the {size} px canvas holds; use a larger --size.")
+        used = dict(common, param=s.param, transforms=dataclasses.asdict(transforms), decay_power=s.decay_power,
+                    init_sd=s.init_sd, fft_divisor=s.fft_divisor, decorrelate=s.decorrelate)
+        if s.include_cls:
+            used["include_cls"] = True
+        if bands != 3:
+            used["in_chans"] = bands
+        image_param = ImageParam(s.param, size, s.decay_power, s.fft_divisor, s.decorrelate, dev, channels=bands)
+        param_numel = math.prod(init_params(s.param, size, [torch.Generator()], channels=bands).shape)
 
-    # expanded: one entry per image; copies of a target are adjacent and share a group id
-    expanded = [t for t in targets for _ in range(copies)]
-    groups = [i for i in range(len(targets)) for _ in range(copies)]
-    seeds = [target_seed(seed, layer, ch, k) for (layer, ch) in targets for k in range(copies)]
-    own = {layer for layer, _ in targets}
-    needed = obj.layers(own)
-    inner = [n for n in dict.fromkeys(layer for layer, _ in targets) if n != LOGITS]
-    inner += sorted(needed - set(inner) - {LOGITS})
-    try:
-        infos = {i.name: i for i in resolve_layers(model, inner)} if inner else {}
-    except FeatureshiftError as e:
-        raise FeatureshiftError(f"{e} The network's output (class logits) is the layer '{LOGITS}'.") from None
-    out_size = transforms.output_size(size)
-    if out_size < 1:
-        raise FeatureshiftError(f"The transforms crop more than the {size} px canvas holds; use a larger --size.")
+        def chunk(net, norm, targets, groups, seeds, bar):
+            return _render_chunk(net, work.obj, image_param, transforms, norm, dev, precision, targets, groups,
+                                 seeds, steps, size, s.lr, betas, s.init_sd, s.relu_redirect_steps, bar)
 
-    settings = dict(engine=ENGINE_VERSION, objective=repr(obj), steps=steps, size=size, seed=seed, lr=lr,
-                    betas=list(betas), param=param, diversity=copies, transforms=dataclasses.asdict(transforms),
-                    decay_power=decay_power, init_sd=init_sd, fft_divisor=fft_divisor, decorrelate=decorrelate,
-                    relu_redirect_steps=relu_redirect_steps, precision=precision, mean=list(mean), std=list(std))
-    if s.include_cls:
-        settings["include_cls"] = True
-    if input_channels(model) != 3:
-        settings["in_chans"] = input_channels(model)
-    images = np.zeros((len(expanded), size, size, input_channels(model)), np.float32)
-    scores = np.full(len(expanded), np.nan, np.float32)
+        views, view_size = 1, out_size
+    else:
+        if bands != 3:
+            raise FeatureshiftError(f"The {s.method} method renders RGB images; this network takes {bands} input "
+                                    "channels. Use the lucid method.")
+        plan = _method_plan(s, dev, len(work.targets))
+        used = dict(common, method=s.method, **{k: v for k, v in s.key_fields().items() if k in plan.settings})
+        transforms, param_numel, views, view_size = plan.transforms, plan.param_numel, plan.views_per_image, \
+            plan.input_size
+
+        def chunk(net, norm, targets, groups, seeds, bar):
+            return _method_chunk(plan, net, work.obj, norm, dev, precision, targets, groups, seeds, steps, s.lr,
+                                 tuple(s.betas), s.relu_redirect_steps, bar)
+
+    images = np.zeros((len(work.expanded), size, size, bands), np.float32)
+    scores = np.full(len(work.expanded), np.nan, np.float32)
     failed: dict[int, str] = {}
     no_response: set[int] = set()
-
-    # Shallow targets first, so a chunk of shallow targets stops its forward early.
-    depth = {name: info.last for name, info in infos.items()}
-    order = sorted(range(len(targets)), key=lambda t: depth.get(targets[t][0], math.inf))
-
     with _prepared(model, dev):
-        net = _features(model, [infos[n] for n in inner], LOGITS in needed, s.include_cls)
+        net = _features(model, [work.infos[n] for n in work.inner], LOGITS in work.needed, s.include_cls)
         try:
-            _check_size(net, size, transforms, dev, sorted(needed))
-            if LOGITS in needed:
+            _check_size(net, size, transforms, dev, sorted(work.needed))
+            classes = None
+            if LOGITS in work.needed:
                 with torch.no_grad():
                     classes = net(blank_input(model, size, device=dev))[LOGITS].shape[1]
-            else:
-                classes = None
-            _check_channels(expanded + fixed_units(obj), infos, classes)
-            bands = input_channels(model)
-            image_param = ImageParam(param, size, decay_power, fft_divisor, decorrelate, dev, channels=bands)
-            param_numel = math.prod(init_params(param, size, [torch.Generator()], channels=bands).shape)
+            _check_channels(work.expanded + fixed_units(work.obj), work.infos, classes)
             if batch_size is None:
-                per_image = _bytes_per_image(net, model, out_size, dev, param_numel)
+                per_image = views * _bytes_per_image(net, model, view_size, dev, param_numel)
                 cap = _CUDA_MAX_BATCH if dev.type == "cuda" else _CPU_MAX_BATCH
                 batch_size = max(1, min(cap, _available_memory(dev) // max(per_image, 1)))
+            copies = work.copies
             per_chunk = max(1, batch_size // copies)  # whole groups per chunk
-            chunks = [order[i:i + per_chunk] for i in range(0, len(order), per_chunk)]
+            chunks = [work.order[i:i + per_chunk] for i in range(0, len(work.order), per_chunk)]
             norm = (torch.tensor(mean, device=dev).view(1, -1, 1, 1), torch.tensor(std, device=dev).view(1, -1, 1, 1))
             from tqdm.auto import tqdm
 
+            n = len(work.expanded)
             bar = tqdm(total=steps * len(chunks), disable=quiet, file=sys.stderr, unit="step",
-                       desc=f"render {len(expanded)} image{'s' * (len(expanded) != 1)}", leave=False)
+                       desc=f"{'render' if s.method == 'lucid' else s.method} {n} image{'s' * (n != 1)}",
+                       leave=False)
             try:
-                for chunk in chunks:
-                    idx = [t * copies + k for t in chunk for k in range(copies)]
-                    imgs, sc, fails, silent = _render_chunk(
-                        net, obj, image_param, transforms, norm, dev, precision,
-                        [expanded[i] for i in idx], [groups[i] for i in idx], [seeds[i] for i in idx],
-                        steps, size, lr, betas, init_sd, relu_redirect_steps, bar)
+                for part in chunks:
+                    idx = [t * copies + k for t in part for k in range(copies)]
+                    imgs, sc, fails, silent = chunk(net, norm, [work.expanded[i] for i in idx],
+                                                    [work.groups[i] for i in idx], [work.seeds[i] for i in idx], bar)
                     images[idx], scores[idx] = imgs, sc
                     failed.update({idx[j]: why for j, why in fails.items()})
                     no_response.update(idx[j] for j in silent)
@@ -417,7 +408,45 @@ def render(model: nn.Module, targets: Sequence[tuple[str, int]], settings: Rende
                 bar.close()
         finally:
             net.close()
-    return RenderResult(images, list(expanded), scores, dict(sorted(failed.items())), settings, no_response)
+    return RenderResult(images, list(work.expanded), scores, dict(sorted(failed.items())), used, no_response)
+
+
+@dataclasses.dataclass
+class _Work:
+    """The targets of one render() call, expanded to one entry per image: copies of a target
+    (diversity) are adjacent and share a group; each image has its own seed."""
+    targets: list[tuple[str, int]]
+    obj: Any  # the Objective
+    copies: int
+    expanded: list[tuple[str, int]]
+    groups: list[int]
+    seeds: list[int]
+    needed: set[str]  # every layer the objective reads
+    inner: list[str]  # those inside the network (not the logits), the targets' own first
+    infos: dict[str, LayerInfo]
+    order: list[int]  # targets, shallow first: a chunk of shallow targets stops its forward early
+
+
+def _plan_targets(model: nn.Module, targets, s: RenderSettings, batch_size: int | None) -> _Work:
+    copies = s.copies
+    targets = _check_args(targets, s.steps, s.size, s.lr, s.param, batch_size, copies)
+    obj = as_objective(s.objective, s.diversity_weight)
+    if copies > 1 and isinstance(s.objective, str) and s.objective != "diversity":
+        obj = obj - s.diversity_weight * Diversity()
+    needed = obj.layers({layer for layer, _ in targets})
+    inner = [n for n in dict.fromkeys(layer for layer, _ in targets) if n != LOGITS]
+    inner += sorted(needed - set(inner) - {LOGITS})
+    try:
+        infos = {i.name: i for i in resolve_layers(model, inner)} if inner else {}
+    except FeatureshiftError as e:
+        raise FeatureshiftError(f"{e} The network's output (class logits) is the layer '{LOGITS}'.") from None
+    depth = {name: info.last for name, info in infos.items()}
+    return _Work(targets=targets, obj=obj, copies=copies,
+                 expanded=[t for t in targets for _ in range(copies)],
+                 groups=[i for i in range(len(targets)) for _ in range(copies)],
+                 seeds=[target_seed(s.seed, layer, ch, k) for (layer, ch) in targets for k in range(copies)],
+                 needed=needed, inner=inner, infos=infos,
+                 order=sorted(range(len(targets)), key=lambda t: depth.get(targets[t][0], math.inf)))
 
 
 def _render_chunk(net, obj, image_param, transforms, norm, dev, precision, targets, groups, seeds,
@@ -433,26 +462,14 @@ def _render_chunk(net, obj, image_param, transforms, norm, dev, precision, targe
     ogens = [torch.Generator().manual_seed(s ^ 0x9E3779B9) for s in seeds]  # a third: offsets, also shape-free
     offsets = torch.stack([transforms.draw_offsets(g, steps) for g in ogens]).float().to(dev)  # (n, steps, 2)
 
-    layers = [layer for layer, _ in targets]
-    batch_info = dict(
-        channels=torch.tensor([c for _, c in targets], device=dev),
-        rows={layer: torch.tensor([i for i, l in enumerate(layers) if l == layer], device=dev)
-              for layer in dict.fromkeys(layers)},
-        groups=torch.tensor(groups, device=dev))
-    mean, std = norm
-    channels_last = torch.channels_last
+    batch_info = _batch_info(targets, groups, dev)
+    score = _evaluator(net, obj, norm, dev)
 
     def evaluate(x, precision=precision):
-        x = ((x - mean) / std).contiguous(memory_format=channels_last)
-        with _autocast(dev, precision):
-            feats = net(x)
-        return obj(Batch(feats=feats, **batch_info))
+        return score(x, batch_info, precision)
 
     optimizer = torch.optim.Adam([params], lr=lr, betas=betas)
-    alive = torch.ones(n, dtype=torch.bool, device=dev)
-    fail_step = torch.full((n,), -1, dtype=torch.long, device=dev)
-    responded = torch.zeros(n, dtype=torch.bool, device=dev)
-    frozen = params.detach().clone()  # each image's parameters when it stopped
+    guard = _Guard(params)
     sync_every = 1 if dev.type == "cpu" else 10
     for step in range(steps):
         optimizer.zero_grad(set_to_none=False)
@@ -460,35 +477,21 @@ def _render_chunk(net, obj, image_param, transforms, norm, dev, precision, targe
         x = transforms.apply(img, thetas[:, step], offsets[:, step])
         with (RedirectReLU() if step < relu_redirect_steps else contextlib.nullcontext()):
             values = evaluate(x)
-        (-torch.where(alive, values, 0.0).sum()).backward()
-        grad = params.grad
-        ok = torch.isfinite(values) & torch.isfinite(grad.flatten(1)).all(1)
-        responded |= normalize_per_image(grad)
-        if dev.type == "cpu" and bool(ok.all()) and bool(alive.all()):
+        (-torch.where(guard.alive, values, 0.0).sum()).backward()
+        ok = guard.check(values, params.grad)
+        if dev.type == "cpu" and bool(ok.all()) and bool(guard.alive.all()):
             optimizer.step()  # the common case, checked for free on a CPU
         else:  # without a host sync on a GPU
-            newly = alive & ~ok
-            fail_step = torch.where(newly, step, fail_step)
-            alive = alive & ok
-            frozen = torch.where(_rows(newly, params), params.detach(), frozen)
-            params.grad = torch.where(_rows(alive, params), grad, 0.0)
-            optimizer.step()
-            with torch.no_grad():
-                params.copy_(torch.where(_rows(alive, params), params, frozen))  # stopped images stay put
+            guard.step(optimizer, params, ok, step)
         bar.update(1)
         if not bar.disable and (step % sync_every == 0 or step == steps - 1):
-            live = values.detach()[alive]
+            live = values.detach()[guard.alive]
             bar.set_postfix(objective=f"{live.mean().item():.4g}" if len(live) else "-")
 
     with torch.no_grad():
         final = image_param(params)
         final_scores = evaluate(final, "fp32").float()  # scores exact whatever the network ran in
-    final_scores = torch.where(alive, final_scores, float("nan"))
-    images = final.permute(0, 2, 3, 1).float().cpu().numpy()
-    fails = {i: f"the objective or its gradient became NaN/Inf at step {s}; its image at that step is kept"
-             for i, s in enumerate(fail_step.tolist()) if s >= 0}
-    silent = [i for i, r in enumerate(responded.tolist()) if steps and not r and i not in fails]
-    return images, final_scores.cpu().numpy(), fails, silent
+    return guard.results(final, final_scores, steps)
 
 
 def normalize_per_image(grad: torch.Tensor) -> torch.Tensor:
@@ -524,89 +527,53 @@ def _method_plan(s: RenderSettings, dev: torch.device, count: int):
     raise FeatureshiftError(f"Unknown method '{s.method}'; use one of {', '.join(METHODS)}.")
 
 
-def _render_method(model: nn.Module, targets: Sequence[tuple[str, int]], s: RenderSettings,
-                   device: str | torch.device, batch_size: int | None, quiet: bool,
-                   mean: Sequence[float] | None, std: Sequence[float] | None) -> RenderResult:
-    """render() for a method other than Lucid's.
+class _Guard:
+    """Per image of a chunk: whether it is still optimized (an objective or gradient that became
+    NaN/Inf stops it, keeping its parameters of that step) and whether it ever responded."""
 
-    A plan (optvis.maco.MacoPlan, optvis.accent.AccentPlan) says what is optimized
-    (`init`, `image`), what the network sees at each step (`draw`, then `views`:
-    `views_per_image` views of each image at `input_size` px, their objectives averaged)
-    and what else pulls on the parameters (`penalty_grad`). Targets, seeds, batching,
-    objectives, the dead-ReLU fix, precision, failures and final scores are render()'s."""
-    copies = s.copies
-    if input_channels(model) != 3:
-        raise FeatureshiftError(f"The {s.method} method renders RGB images; this network takes "
-                                f"{input_channels(model)} input channels. Use the lucid method.")
-    targets = _check_args(targets, s.steps, s.size, s.lr, s.param, batch_size, copies)
-    steps, size = int(s.steps), int(s.size)
-    obj = as_objective(s.objective, s.diversity_weight)
-    if copies > 1 and isinstance(s.objective, str) and s.objective != "diversity":
-        obj = obj - s.diversity_weight * Diversity()
-    if mean is None or std is None:
-        info = model_info(model)
-        mean, std = mean or info.mean, std or info.std
-    dev = resolve_device(str(device))
-    precision = resolve_precision(dev, s.precision)
-    plan = _method_plan(s, dev, len(targets))
+    def __init__(self, params: torch.Tensor):
+        n, dev = params.shape[0], params.device
+        self.alive = torch.ones(n, dtype=torch.bool, device=dev)
+        self.fail_step = torch.full((n,), -1, dtype=torch.long, device=dev)
+        self.responded = torch.zeros(n, dtype=torch.bool, device=dev)
+        self.frozen = params.detach().clone()  # each image's parameters when it stopped
 
-    expanded = [t for t in targets for _ in range(copies)]
-    groups = [i for i in range(len(targets)) for _ in range(copies)]
-    seeds = [target_seed(s.seed, layer, ch, k) for (layer, ch) in targets for k in range(copies)]
-    needed = obj.layers({layer for layer, _ in targets})
-    inner = [n for n in dict.fromkeys(layer for layer, _ in targets) if n != LOGITS]
-    inner += sorted(needed - set(inner) - {LOGITS})
-    try:
-        infos = {i.name: i for i in resolve_layers(model, inner)} if inner else {}
-    except FeatureshiftError as e:
-        raise FeatureshiftError(f"{e} The network's output (class logits) is the layer '{LOGITS}'.") from None
+    def check(self, values: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """Which images are finite this step; normalizes GRAD per image (in place)."""
+        ok = torch.isfinite(values) & torch.isfinite(grad.flatten(1)).all(1)
+        self.responded |= normalize_per_image(grad)
+        return ok
 
-    settings = dict(engine=ENGINE_VERSION, method=s.method, objective=repr(obj), steps=steps, size=size,
-                    seed=s.seed, lr=s.lr, betas=list(s.betas), diversity=copies, relu_redirect_steps=s.relu_redirect_steps,
-                    precision=precision, mean=list(mean), std=list(std),
-                    **{k: v for k, v in s.key_fields().items() if k in plan.settings})
-    images = np.zeros((len(expanded), size, size, input_channels(model)), np.float32)
-    scores = np.full(len(expanded), np.nan, np.float32)
-    failed: dict[int, str] = {}
-    no_response: set[int] = set()
-    depth = {name: info.last for name, info in infos.items()}
-    order = sorted(range(len(targets)), key=lambda t: depth.get(targets[t][0], math.inf))
+    def step(self, optimizer, params: torch.Tensor, ok: torch.Tensor, step: int) -> None:
+        """An optimizer step in which stopped images stay put, without a host sync."""
+        newly = self.alive & ~ok
+        self.fail_step = torch.where(newly, step, self.fail_step)
+        self.alive = self.alive & ok
+        self.frozen = torch.where(_rows(newly, params), params.detach(), self.frozen)
+        params.grad = torch.where(_rows(self.alive, params), params.grad, 0.0)
+        optimizer.step()
+        with torch.no_grad():
+            params.copy_(torch.where(_rows(self.alive, params), params, self.frozen))
 
-    with _prepared(model, dev):
-        net = _features(model, [infos[n] for n in inner], LOGITS in needed, s.include_cls)
-        try:
-            _check_size(net, size, plan.transforms, dev, sorted(needed))
-            classes = None
-            if LOGITS in needed:
-                with torch.no_grad():
-                    classes = net(blank_input(model, size, device=dev))[LOGITS].shape[1]
-            _check_channels(expanded + fixed_units(obj), infos, classes)
-            if batch_size is None:
-                per_image = plan.views_per_image * _bytes_per_image(net, model, plan.input_size, dev,
-                                                                    plan.param_numel)
-                cap = _CUDA_MAX_BATCH if dev.type == "cuda" else _CPU_MAX_BATCH
-                batch_size = max(1, min(cap, _available_memory(dev) // max(per_image, 1)))
-            per_chunk = max(1, batch_size // copies)
-            chunks = [order[i:i + per_chunk] for i in range(0, len(order), per_chunk)]
-            norm = (torch.tensor(mean, device=dev).view(1, -1, 1, 1), torch.tensor(std, device=dev).view(1, -1, 1, 1))
-            from tqdm.auto import tqdm
+    def results(self, final: torch.Tensor, scores: torch.Tensor, steps: int):
+        """(images HxWxC, scores with NaN for stopped images, {index: why it failed}, [silent indices])."""
+        scores = torch.where(self.alive, scores, float("nan"))
+        fails = {i: f"the objective or its gradient became NaN/Inf at step {s}; its image at that step is kept"
+                 for i, s in enumerate(self.fail_step.tolist()) if s >= 0}
+        silent = [i for i, r in enumerate(self.responded.tolist()) if steps and not r and i not in fails]
+        return final.permute(0, 2, 3, 1).float().cpu().numpy(), scores.cpu().numpy(), fails, silent
 
-            bar = tqdm(total=steps * len(chunks), disable=quiet, file=sys.stderr, unit="step",
-                       desc=f"{s.method} {len(expanded)} image{'s' * (len(expanded) != 1)}", leave=False)
-            try:
-                for chunk in chunks:
-                    idx = [t * copies + k for t in chunk for k in range(copies)]
-                    imgs, sc, fails, silent = _method_chunk(
-                        plan, net, obj, norm, dev, precision, [expanded[i] for i in idx], [groups[i] for i in idx],
-                        [seeds[i] for i in idx], steps, s.lr, tuple(s.betas), s.relu_redirect_steps, bar)
-                    images[idx], scores[idx] = imgs, sc
-                    failed.update({idx[j]: why for j, why in fails.items()})
-                    no_response.update(idx[j] for j in silent)
-            finally:
-                bar.close()
-        finally:
-            net.close()
-    return RenderResult(images, list(expanded), scores, dict(sorted(failed.items())), settings, no_response)
+
+def _evaluator(net, obj, norm, dev):
+    """The objective of a batch of images in [0, 1]: normalized, channels_last, at a precision."""
+    mean, std = norm
+
+    def evaluate(x, info, precision):
+        x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+        with _autocast(dev, precision):
+            feats = net(x)
+        return obj(Batch(feats=feats, **info))
+    return evaluate
 
 
 def _batch_info(targets, groups, dev) -> dict[str, Any]:
@@ -628,45 +595,27 @@ def _method_chunk(plan, net, obj, norm, dev, precision, targets, groups, seeds, 
     view_info = _batch_info([t for t in targets for _ in range(k)], [g * k + j for g in groups for j in range(k)],
                             dev)
     image_info = _batch_info(targets, groups, dev)
-    mean, std = norm
+    score = _evaluator(net, obj, norm, dev)
 
     def evaluate(x, info, precision=precision):
-        x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-        with _autocast(dev, precision):
-            feats = net(x)
-        return obj(Batch(feats=feats, **info))
+        return score(x, info, precision)
 
     optimizer = torch.optim.Adam([params], lr=lr, betas=betas)
-    alive = torch.ones(n, dtype=torch.bool, device=dev)
-    fail_step = torch.full((n,), -1, dtype=torch.long, device=dev)
-    responded = torch.zeros(n, dtype=torch.bool, device=dev)
-    frozen = params.detach().clone()
+    guard = _Guard(params)
     for step in range(steps):
         optimizer.zero_grad(set_to_none=False)
         x = plan.views(plan.image(params), thetas[:, step], noise)
         with (RedirectReLU() if step < relu_redirect_steps else contextlib.nullcontext()):
             values = evaluate(x, view_info).view(n, k).mean(1)
-        (-torch.where(alive, values, 0.0).sum()).backward()
-        grad = params.grad
-        ok = torch.isfinite(values) & torch.isfinite(grad.flatten(1)).all(1)
-        responded |= normalize_per_image(grad)
+        (-torch.where(guard.alive, values, 0.0).sum()).backward()
+        ok = guard.check(values, params.grad)
         pull = plan.penalty_grad(params.detach(), groups)
         if pull is not None:
-            grad.add_(pull)
-        newly = alive & ~ok
-        fail_step = torch.where(newly, step, fail_step)
-        alive = alive & ok
-        frozen = torch.where(_rows(newly, params), params.detach(), frozen)
-        params.grad = torch.where(_rows(alive, params), grad, 0.0)
-        optimizer.step()
-        with torch.no_grad():
-            params.copy_(torch.where(_rows(alive, params), params, frozen))
+            params.grad.add_(pull)
+        guard.step(optimizer, params, ok, step)
         bar.update(1)
 
     with torch.no_grad():
         final = plan.image(params)
-        final_scores = torch.where(alive, evaluate(final, image_info, "fp32").float(), float("nan"))
-    fails = {i: f"the objective or its gradient became NaN/Inf at step {s}; its image at that step is kept"
-             for i, s in enumerate(fail_step.tolist()) if s >= 0}
-    silent = [i for i, r in enumerate(responded.tolist()) if steps and not r and i not in fails]
-    return final.permute(0, 2, 3, 1).float().cpu().numpy(), final_scores.cpu().numpy(), fails, silent
+        final_scores = evaluate(final, image_info, "fp32").float()
+    return guard.results(final, final_scores, steps)
