@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Any
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from ...errors import FeatureshiftError, did_you_mean
-from ...models.layers import blank_input
+from ...models.layers import Capture, blank_input
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,43 +86,32 @@ def _is_norm(m: nn.Module) -> bool:
 def plan_cutoff(model: nn.Module, cutoff: int | str | None, size: int | None = None) -> CutoffPlan:
     """Which layers a cutoff freezes, in forward order (one traced forward pass).
 
-    Own tracing rather than trace_layers: this needs every module that holds
-    parameters (Linear heads too), and when each one is entered, not only 4-D outputs.
+    Every module that holds parameters counts (Linear heads too), ordered by when it is
+    first entered, not only the 4-D outputs `featureshift layers` lists.
     """
     info = getattr(model, "featureshift_info", None)
     size = size or (info.input_size if info else 224)
-    enter: dict[str, int] = {}
-    leave: dict[str, int] = {}
-    counter = [0]
-    handles = []
+    enter: dict[str, int] = {}  # module -> tick of its first entry
+    leave: dict[str, int] = {}  # module -> tick of its last exit
+    tick = itertools.count()
     named = dict(model.named_modules())
 
-    def pre(name):
-        def fn(module, args):
-            counter[0] += 1
-            enter.setdefault(name, counter[0])
-        return fn
+    def entered(name, module):
+        enter.setdefault(name, next(tick))
 
-    def post(name):
-        def fn(module, args, out):
-            counter[0] += 1
-            leave[name] = counter[0]
-        return fn
+    def left(name, module, out):
+        leave[name] = next(tick)
 
-    for name, m in named.items():
-        handles += [m.register_forward_pre_hook(pre(name)), m.register_forward_hook(post(name))]
     was_training = model.training
     model.eval()
     try:
         p = next(model.parameters())
-        with torch.no_grad():
-            model(blank_input(model, size, device=p.device, dtype=p.dtype))
+        with Capture(model, list(named), on_input=entered, on_output=left, keep=False) as net, torch.no_grad():
+            net(blank_input(model, size, device=p.device, dtype=p.dtype))
     except (RuntimeError, AssertionError) as e:
         raise FeatureshiftError(f"The network could not run on a {size}x{size} image ({str(e).splitlines()[0]}). "
                                 "Use a larger --image-size.") from e
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
 
     def own_params(m):
