@@ -1,5 +1,6 @@
 """featureshift report: the static HTML report of a run."""
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,21 @@ def test_the_ranked_link_opens_the_layer_ranked_by_change(report):
     html = (index.parent / layer_page(LAYER)).read_text()
     assert 'data-key="weight_change" data-first="descending"' in html
     assert 'data-key="correlation" data-first="ascending"' in html
+
+
+def test_a_tile_of_a_channel_that_does_not_respond_is_marked_in_the_report(tmp_path, photos):
+    import numpy as np
+    from PIL import Image
+
+    from featureshift.grid import NO_RESPONSE_FILL
+    from featureshift.jobs.cache import read_tile, write_tile
+
+    run = make_run(tmp_path, photos, only_first=True)
+    build_report(run, [LAYER], "2", image_size=IMAGE_SIZE, quiet=True, **RENDER)
+    tile = next((run / "timeline" / "cache").glob("*.png"))
+    image, about = read_tile(tile)
+    write_tile(tile, image, {**about, "no_response": True})  # as a render whose channel never responded
+    shutil.rmtree(run / "report")
+    index = build_report(run, [LAYER], "2", image_size=IMAGE_SIZE, quiet=True, **RENDER)
+    shown = np.asarray(Image.open(index.parent / "img" / "renders" / tile.name).convert("RGB"))
+    assert (shown == NO_RESPONSE_FILL).all(-1).mean() > 0.5

@@ -21,6 +21,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from ...errors import FeatureshiftError
+from ...grid import no_response_tile
+from ...jobs.cache import read_tile_about
 from ...io import current_umask, safe_name, save_image, write_bytes, write_text
 from ...optvis.settings import DEFAULT_SETTINGS, RenderSettings
 from ...run import describe_status
@@ -335,6 +337,14 @@ class _Writer:
         if src not in self._copied:
             rel = f"img/renders/{src.name}"
             dst = self.out / rel
+            if read_tile_about(src).get("no_response"):
+                # A channel that never responded renders as noise: show it marked, as grids do.
+                from PIL import Image
+
+                with Image.open(src) as im:
+                    save_image(dst, no_response_tile(*im.size))
+                self._copied[src] = rel
+                return rel
             try:
                 # A hard link: an atlas puts thousands of tiles in a report, and a cached tile is
                 # never changed in place (a new one replaces it under the same name).
