@@ -201,3 +201,33 @@ def test_maco_on_a_run_takes_the_spectrum_of_its_own_training_images(tmp_path, p
     assert spectrum.exists()
     _, about = read_tile(next(iter(result.tiles.values())))
     assert "maco-spectrum-32.npz" in json.dumps(about)
+
+
+def test_timeline_accentuates_the_same_photo_at_every_snapshot(tmp_path, photos):
+    """Each snapshot's tile stays close to the photo: its mean absolute difference to the
+    photo's 32 px square is well below that of a Lucid render (which starts from noise)."""
+    from _fakerun import LAYER, make_run
+
+    from featureshift.commands.timeline.timeline import timeline
+    from featureshift.jobs.cache import read_tile
+
+    run = make_run(tmp_path, photos, epochs=(0, 1))
+    photo = tmp_path / "chelsea.png"
+    photos["chelsea"].save(photo)
+    square = load_photo(photo, 32)
+    accent = timeline(run, LAYER, [2, 3], method="accent", image=str(photo), steps=4, size=32, quiet=True,
+                      device="cpu")
+    assert accent.epochs == [0, 1] and sorted(accent.rows[LAYER]) == [0, 1]
+    assert all(p.is_file() for p in accent.rows[LAYER].values())
+    lucid = timeline(run, LAYER, [2, 3], steps=4, size=32, quiet=True, device="cpu")
+    for where, path in accent.tiles.items():
+        image, about = read_tile(path)
+        assert about["method"] == "accent" and about["image"][0].startswith("chelsea.png:")
+        near = np.abs(np.asarray(image, np.float32) / 255 - square).mean()
+        far = np.abs(np.asarray(read_tile(lucid.tiles[where])[0], np.float32) / 255 - square).mean()
+        assert near < 0.1 and near < far / 2, (where, near, far)
+    changed = [np.asarray(read_tile(accent.tiles[(LAYER, e, 3)])[0]) for e in (0, 1)]  # re-initialized at 1
+    assert not np.array_equal(*changed)
+    again = timeline(run, LAYER, [2, 3], method="accent", image=str(photo), steps=4, size=32, quiet=True,
+                     device="cpu")
+    assert again.rendered == 0 and again.cached == 4

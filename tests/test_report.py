@@ -79,6 +79,43 @@ def test_rebuild_reuses_the_cached_renders_and_probe_pass(report, monkeypatch):
     monkeypatch.setattr(probe, "probe_loader", lambda *a, **k: (_ for _ in ()).throw(AssertionError("probe pass ran")))
     again = build_report(run, [LAYER], CHANNELS, image_size=IMAGE_SIZE, quiet=True, **RENDER)
     assert again == index and index.is_file() and ran
+    assert all('id="accentuation"' in (index.parent / channel_page(LAYER, c)).read_text() for c in CHANNELS)
+
+
+def _accent_section(html: str) -> str:
+    start = html.index('id="accentuation"')
+    return html[start:html.index("</div>", start)]
+
+
+def test_channel_pages_show_the_top_example_accentuated_at_each_snapshot(report):
+    from featureshift.jobs.cache import read_tile_about
+
+    run, index = report
+    for c in CHANNELS:
+        html = (index.parent / channel_page(LAYER, c)).read_text()
+        section = _accent_section(html)
+        assert "The top dataset example, accentuated at each snapshot" in html
+        images = re.findall(r'<img src="([^"]*)"', section)
+        assert len(images) == 1 + 3 and images[0].startswith("img/accent/")  # the example, then each snapshot
+        assert all((index.parent / src).is_file() for src in images)
+        assert f"accent, channel, {RENDER['steps']} steps, {RENDER['size']} px" in section  # settings.describe()
+        abouts = [read_tile_about(index.parent / src) for src in images[1:]]
+        assert [a["epoch"] for a in abouts] == [0, 1, 2]
+        assert all(a["method"] == "accent" and a["layer"] == LAYER and a["channel"] == c for a in abouts)
+        assert all((run / "timeline" / "cache" / Path(src).name).is_file() for src in images[1:])  # the run's cache
+    assert "accentuations of " + LAYER in index.read_text()
+
+
+def test_without_accentuation(report, tmp_path, monkeypatch):
+    import featureshift.optvis.engine as render_module
+
+    run, _ = report
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("report"))
+    monkeypatch.setattr(render_module, "render", lambda *a, **k: pytest.fail("rendered: every tile is cached"))
+    index = build_report(copy, [LAYER], CHANNELS, image_size=IMAGE_SIZE, quiet=True, accent=False, **RENDER)
+    assert not any('id="accentuation"' in (index.parent / channel_page(LAYER, c)).read_text() for c in CHANNELS)
+    assert not (index.parent / "img" / "accent").exists() and "accentuations of" not in index.read_text()
 
 
 def test_a_run_with_only_the_first_snapshot(tmp_path, photos):

@@ -782,11 +782,14 @@ def compare(a, b, layer, columns, channels, most_changed, by, output, weights, t
 @probe_options
 @render_options(objective=False, inherit=True)
 @device_option
+@click.option("--accent/--no-accent", default=True, show_default=True,
+              help="On the channel pages of the timelines' channels: the channel's top dataset example, "
+                   "accentuated at every snapshot (a render per channel and snapshot, cached).")
 @click.option("--open", "open_browser", is_flag=True, help="Open the report in the web browser.")
 @ray_option
 @quiet_option
 @_handle_errors
-def report(run, layers, columns, channels, examples, probe, probe_limit, image_size, device, batch_size,
+def report(run, layers, columns, channels, examples, probe, probe_limit, image_size, device, batch_size, accent,
            open_browser, ray, quiet, **render):
     """Write the HTML report of the training run RUN to RUN/report/ and print its path.
 
@@ -806,7 +809,7 @@ def report(run, layers, columns, channels, examples, probe, probe_limit, image_s
     check_exclusive(columns, channels)
     index = build_report(run, list(layers) or None, channels if channels is not None else columns, probe=probe,
                          probe_limit=probe_limit, image_size=image_size, examples=examples, device=device,
-                         batch_size=batch_size, open_browser=open_browser, quiet=quiet, ray=ray,
+                         batch_size=batch_size, accent=accent, open_browser=open_browser, quiet=quiet, ray=ray,
                          **{k: v for k, v in render.items() if v is not None})
     click.echo(str(index))
 

@@ -162,7 +162,8 @@ def build_report(run_dir: str | os.PathLike, layers: str | Sequence[str] | None 
                  channels: int | str | Sequence[int] | None = None, *, probe: str | os.PathLike | None = None,
                  probe_limit: int | None = 256, image_size: int | None = None, examples: int = 6,
                  settings: RenderSettings | None = None, device: str = "auto", batch_size: int | None = None,
-                 open_browser: bool = False, quiet: bool = False, ray: str | None = None, **changes) -> Path:
+                 open_browser: bool = False, quiet: bool = False, ray: str | None = None, accent: bool = True,
+                 **changes) -> Path:
     """Write RUN/report/ and return the path of its index.html.
 
     layers: the layers to render and rank channel by channel (default: those the run has
@@ -173,6 +174,8 @@ def build_report(run_dir: str | os.PathLike, layers: str | Sequence[str] | None 
     `changes` to its fields (steps=64, ...) apply on top, None keeping the value. probe:
     a folder of images for the representation measures and dataset examples (default:
     the run's validation images, at most `probe_limit`). examples: probe images per channel.
+    accent: show on each channel page the channel's top dataset example accentuated at every
+    snapshot (`accentuate_examples`, cached like the timeline's renders).
     ray: where the timelines render (None: here; "auto" or a cluster address: on Ray).
     """
     from ...metrics.driver import run_metrics
@@ -246,6 +249,14 @@ def build_report(run_dir: str | os.PathLike, layers: str | Sequence[str] | None 
     measured = [l for l in layers if l != "logits"]
     m = run_metrics(run_dir, measured, {l: chosen[l] for l in measured}, renders=tiles, probe=probe,
                     probe_limit=probe_limit, image_size=image_size, examples=examples, device=device, quiet=quiet)
+    accents: dict[tuple[str, int], Accentuation] = {}
+    if accent:
+        # Only the timelines' channels: an accentuation is a render per snapshot, and an atlas of
+        # hundreds of channels would multiply the report's cost (the demo's: 75 s -> 8 min).
+        pages = {l: timeline_channels.get(l, []) for l in m.channels}
+        fallback = (settings or DEFAULT_SETTINGS).replace(**changes)
+        accents = accentuate_examples(run_dir, m, pages, {l: used_settings.get(l, fallback) for l in pages},
+                                      device=device, batch_size=batch_size, quiet=quiet, ray=ray)
 
     out = run_dir / REPORT_DIR
     scratch = Path(tempfile.mkdtemp(prefix=".report-", dir=run_dir))
@@ -254,7 +265,7 @@ def build_report(run_dir: str | os.PathLike, layers: str | Sequence[str] | None 
         inputs = ReportInputs(run_dir=run_dir, run=run, rows=read_metrics(run_dir), meta=first_meta, metrics=m,
                               chosen=chosen, merged=merged, tiles=tiles, settings=used_settings,
                               atlas={l: atlased[l] for l in layers if l in atlased}, atlas_settings=atlas_settings,
-                              timeline_channels=timeline_channels)
+                              timeline_channels=timeline_channels, accents=accents)
         _Writer(scratch, inputs, quiet).write()
         old = None
         if out.exists():
@@ -278,6 +289,78 @@ report = build_report  # the API name of `featureshift report`
 
 
 @dataclasses.dataclass
+class Accentuation:
+    """A channel's top dataset example, accentuated at each snapshot."""
+
+    example: Path  # the probe image
+    epoch: int  # the snapshot it is the top example of
+    value: float  # the channel's largest activation on it at that snapshot
+    settings: RenderSettings  # method "accent", image: the example
+    tiles: dict[int, Path]  # epoch -> cached accentuation (missing: its snapshot could not be used)
+
+
+def top_example(m, layer: str, channel: int):
+    """The probe image the channel fires on most at the reference snapshot (where training
+    starts, so that every later snapshot shows how it reads the same picture), else at the
+    latest snapshot that has one; None when it fires on none."""
+    for epoch in (m.reference, *reversed(m.epochs)):
+        found = m.examples.get((layer, channel, epoch))
+        if found:
+            return epoch, found[0]
+    return None
+
+
+def accentuate_examples(run_dir: str | os.PathLike, m, channels: dict[str, Sequence[int]],
+                        settings: dict[str, RenderSettings], *, device: str = "auto", batch_size: int | None = None,
+                        quiet: bool = False, ray: str | None = None) -> dict[tuple[str, int], Accentuation]:
+    """Accentuate each channel's top dataset example (`top_example` of the RunMetrics `m`) on
+    every snapshot of `m.epochs`: `channels` layer -> channels, rendered with their layer's
+    `settings` and method "accent" with the example as image. The tiles go through the job
+    list into the timeline's tile cache, so a rebuilt report renders none of them again."""
+    from ...jobs.cache import CACHE_DIR, TileCache
+    from ...jobs.executors import make_executor, run_jobs
+    from ...jobs.plan import JobPlan, TileRequest, plan_jobs
+    from ...states import list_states
+    from ..timeline.timeline import TIMELINE_DIR
+
+    run_dir = Path(run_dir)
+    wanted = {}
+    for layer, cs in channels.items():
+        for c in cs:
+            top = top_example(m, layer, c)
+            if top is not None:
+                epoch, ex = top
+                s = settings[layer].replace(method="accent", image=str(ex.path))
+                wanted[(layer, c)] = Accentuation(ex.path, epoch, ex.value, s, {})
+    if not wanted:
+        return {}
+    states = [r for r in list_states(run_dir) if r.meta is not None and r.epoch in m.epochs]
+    cache = TileCache(run_dir / TIMELINE_DIR / CACHE_DIR)
+    # A plan holds one set of settings and each example is its own: one plan per (layer, example).
+    groups: dict[tuple[str, str], list[tuple[int, TileRequest]]] = {}
+    for (layer, c), a in wanted.items():
+        groups.setdefault((layer, str(a.example)), []).extend(
+            (c, TileRequest(r.path, r.checksum, layer, c, r.epoch, r.preprocessing)) for r in states)
+    jobs, cached, requested, keys = [], 0, 0, {}
+    for (layer, _), items in groups.items():
+        plan = plan_jobs([req for _, req in items], cache, settings=wanted[(layer, items[0][0])].settings)
+        jobs += plan.jobs
+        cached, requested = cached + plan.cached, requested + plan.requested
+        keys.update({(layer, req.epoch, c): plan.keys[req] for c, req in items})
+    if jobs:  # a cached rebuild starts no executor
+        # The local executor loads each snapshot once when its jobs follow one another.
+        order = {r.path: i for i, r in enumerate(states)}
+        jobs.sort(key=lambda j: order[Path(j.snapshot)])
+        combined = JobPlan(jobs, DEFAULT_SETTINGS, cached=cached, requested=requested)
+        with make_executor(ray, device=device, batch_size=batch_size, quiet=quiet) as executor:
+            run_jobs(combined, cache, executor, quiet=quiet, desc="accentuate")
+    for (layer, epoch, c), key in keys.items():
+        if key in cache:
+            wanted[(layer, c)].tiles[epoch] = cache.path(key)
+    return wanted
+
+
+@dataclasses.dataclass
 class ReportInputs:
     """Everything the pages show, gathered before the first page is written."""
 
@@ -294,6 +377,8 @@ class ReportInputs:
     atlas_settings: dict[str, str] = dataclasses.field(default_factory=dict)  # layer -> its atlas's settings, described
     # layer -> the channels of its timeline
     timeline_channels: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    # (layer, channel) -> its top dataset example accentuated at each snapshot
+    accents: dict[tuple[str, int], Accentuation] = dataclasses.field(default_factory=dict)
 
 
 class _Writer:
@@ -304,6 +389,7 @@ class _Writer:
         self.settings = inputs.settings
         self.atlas, self.atlas_settings = inputs.atlas, inputs.atlas_settings
         self.timeline_channels = inputs.timeline_channels
+        self.accents = inputs.accents
         self.env = _env()
         self.info = self.meta.info
         self.epochs = self.m.epochs
@@ -332,12 +418,14 @@ class _Writer:
 
     def tile(self, layer: str, epoch: int, channel: int) -> str | None:
         src = self.tiles.get((layer, epoch, channel))
-        if src is None:
-            return None
+        return None if src is None else self.cached_tile(src)
+
+    def cached_tile(self, src: Path, mark_silent: bool = True) -> str:
+        """The report's copy of the cached tile SRC, relative to the report folder."""
         if src not in self._copied:
             rel = f"img/renders/{src.name}"
             dst = self.out / rel
-            if read_tile_about(src).get("no_response"):
+            if mark_silent and read_tile_about(src).get("no_response"):
                 # A channel that never responded renders as noise: show it marked, as grids do.
                 from PIL import Image
 
@@ -427,6 +515,10 @@ class _Writer:
                          ("reference snapshot", f"epoch {m.reference}")]
         for layer, s in self.settings.items():
             settings_rows.append((f"renders of {layer}", s.describe()))
+        for layer in dict.fromkeys(l for l, _ in self.accents):
+            s = dataclasses.replace(next(a.settings for (l, _), a in self.accents.items() if l == layer), image=None)
+            settings_rows.append((f"accentuations of {layer}",
+                                  f"{s.describe()}, image: each channel's top dataset example"))
         for layer, described in self.atlas_settings.items():
             entry = self.atlas.get(layer, {})
             settings_rows.append((f"atlas of {layer}", f"{len(entry.get('channels', []))} channels at epochs "
@@ -565,6 +657,7 @@ class _Writer:
                 items.append({"src": rel, "name": f"{ex.path.parent.name}/{ex.path.name}", "path": str(ex.path),
                               "value": f"{ex.value:.3g}"})
             sides.append({"title": title, "shown": items})
+        accent = self.accentuation(layer, c)
         own = self.channel_rows.get((layer, c), [])
         history = [{"epoch": r["epoch"], **measure_cells(r)} for r in own]
         last = next((r for r in own if r["epoch"] == self.last), {})
@@ -599,7 +692,24 @@ class _Writer:
                   prev={"channel": prev[1], "page": channel_page(*prev)} if prev else None,
                   next={"channel": nxt[1], "page": channel_page(*nxt)} if nxt else None,
                   frames=frames, summary=summary, examples=sides, rf=m.receptive_field.get(layer, 0),
-                  image_size=m.image_size, history=history, plot=plot)
+                  image_size=m.image_size, history=history, plot=plot, accent=accent)
+
+    def accentuation(self, layer: str, c: int) -> dict[str, Any] | None:
+        """The channel page's row: the top dataset example as the accentuation starts from it,
+        then its accentuation at each snapshot."""
+        from ...grid import to_pil
+        from ...optvis.accent import load_photo
+
+        a = self.accents.get((layer, c))
+        if a is None or not a.tiles:
+            return None
+        rel = f"img/accent/{safe_name(layer)}-{c:04d}-example.png"
+        save_image(self.out / rel, to_pil(load_photo(a.example, a.settings.size)))
+        frames = [{"epoch": e, "src": self.cached_tile(a.tiles[e], mark_silent=False), "label": self.frame_label(e)}
+                  for e in self.epochs if e in a.tiles]
+        return {"example": {"src": rel, "name": f"{a.example.parent.name}/{a.example.name}", "path": str(a.example),
+                            "epoch": a.epoch, "value": f"{a.value:.3g}"},
+                "frames": frames, "describe": a.settings.describe()}
 
 
 def _shown_width(path: Path) -> int:
