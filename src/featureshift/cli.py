@@ -92,6 +92,16 @@ def quiet_option(fn):
                         "errors still go to stderr).")(fn)
 
 
+def option_group(*opts):
+    """One decorator for several click options, shown in --help in the order given (click applies
+    decorators bottom-up, so they are applied in reverse)."""
+    def wrap(fn):
+        for o in reversed(opts):
+            fn = o(fn)
+        return fn
+    return wrap
+
+
 def channel_options(default: int, most_changed: bool = False):
     """--columns / --channels (/ --most-changed): the one way to choose channels."""
     opts = [
@@ -102,11 +112,7 @@ def channel_options(default: int, most_changed: bool = False):
         opts.append(click.option("--most-changed", type=int, default=None,
                                  help="The N channels that changed most (see --by)."))
 
-    def wrap(fn):
-        for o in reversed(opts):
-            fn = o(fn)
-        return fn
-    return wrap
+    return option_group(*opts)
 
 
 def render_options(objective: bool, inherit: bool = False):
@@ -166,11 +172,7 @@ def render_options(objective: bool, inherit: bool = False):
     opts.append(click.option("--batch-size", type=int, default=None,
                              help="Images optimized at once  [default: as many as memory allows]."))
 
-    def wrap(fn):
-        for o in reversed(opts):
-            fn = o(fn)
-        return fn
-    return wrap
+    return option_group(*opts)
 
 
 def settings_from(options: dict):
@@ -194,33 +196,28 @@ def _floats(ctx, param, value):
     return numbers
 
 
-def preprocessing_options(fn):
-    """--mean/--std/--input-size: the preprocessing of an ONNX file that does not carry its own."""
-    for o in reversed([
-        click.option("--mean", callback=_floats, default=None, metavar="R,G,B",
-                     help="For an ONNX model without featureshift metadata: the input normalization's mean "
-                          "(torchvision's: 0.485,0.456,0.406)."),
-        click.option("--std", callback=_floats, default=None, metavar="R,G,B",
-                     help="For an ONNX model without featureshift metadata: the normalization's std "
-                          "(torchvision's: 0.229,0.224,0.225)."),
-        click.option("--input-size", type=int, default=None,
-                     help="For an ONNX model without featureshift metadata: its input size in pixels."),
-    ]):
-        fn = o(fn)
-    return fn
+# --mean/--std/--input-size: the preprocessing of an ONNX file that does not carry its own.
+preprocessing_options = option_group(
+    click.option("--mean", callback=_floats, default=None, metavar="R,G,B",
+                 help="For an ONNX model without featureshift metadata: the input normalization's mean "
+                      "(torchvision's: 0.485,0.456,0.406)."),
+    click.option("--std", callback=_floats, default=None, metavar="R,G,B",
+                 help="For an ONNX model without featureshift metadata: the normalization's std "
+                      "(torchvision's: 0.229,0.224,0.225)."),
+    click.option("--input-size", type=int, default=None,
+                 help="For an ONNX model without featureshift metadata: its input size in pixels."),
+)
 
 
-def model_options(fn):
-    """How to build a network that its name or file alone does not say: the preprocessing of an
-    ONNX file, the input bands and build size of a timm model."""
-    for o in reversed([
-        click.option("--in-chans", type=int, default=3, show_default=True,
-                     help="For a model name: input bands (1 grayscale, 3 RGB, N multi-band; timm models)."),
-        click.option("--img-size", type=int, default=None,
-                     help="For a vision transformer's name: the image size it is built for (timm's img_size)."),
-    ]):
-        fn = o(fn)
-    return preprocessing_options(fn)
+# How to build a network that its name or file alone does not say: the input bands and build size
+# of a timm model, and the preprocessing of an ONNX file.
+model_options = option_group(
+    click.option("--in-chans", type=int, default=3, show_default=True,
+                 help="For a model name: input bands (1 grayscale, 3 RGB, N multi-band; timm models)."),
+    click.option("--img-size", type=int, default=None,
+                 help="For a vision transformer's name: the image size it is built for (timm's img_size)."),
+    preprocessing_options,
+)
 
 
 def model_argument(spec: str, weights: str, mean, std, input_size, in_chans=3, img_size=None):
@@ -234,19 +231,16 @@ def model_argument(spec: str, weights: str, mean, std, input_size, in_chans=3, i
                         image_size=img_size).module
 
 
-def probe_options(fn):
-    for o in reversed([
-        click.option("--probe", type=click.Path(), default=None,
-                     help="Folder of probe images (any layout) for CKA, correlation and dataset examples "
-                          "[default: the run's validation images]."),
-        click.option("--probe-limit", type=int, default=256, show_default=True,
-                     help="Use at most this many probe images (evenly spaced over the list)."),
-        click.option("--image-size", type=int, default=None,
-                     help="Size the probe images are resized to [default: the size the run trained at, else "
-                          "the model's input size]."),
-    ]):
-        fn = o(fn)
-    return fn
+probe_options = option_group(
+    click.option("--probe", type=click.Path(), default=None,
+                 help="Folder of probe images (any layout) for CKA, correlation and dataset examples "
+                      "[default: the run's validation images]."),
+    click.option("--probe-limit", type=int, default=256, show_default=True,
+                 help="Use at most this many probe images (evenly spaced over the list)."),
+    click.option("--image-size", type=int, default=None,
+                 help="Size the probe images are resized to [default: the size the run trained at, else "
+                      "the model's input size]."),
+)
 
 
 # ---------------------------------------------------------------- the group
