@@ -26,7 +26,7 @@ def resolve_device(spec: str = "auto"):
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if _mps_available():
+        if mps_available():
             return torch.device("mps")
         return torch.device("cpu")
     dev = torch.device(spec)
@@ -37,13 +37,13 @@ def resolve_device(spec: str = "auto"):
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise FeatureshiftError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA "
                                     f"GPU(s), numbered from 0.")
-    if dev.type == "mps" and not _mps_available():
+    if dev.type == "mps" and not mps_available():
         raise FeatureshiftError(f"--device {spec} was asked for, but Apple's MPS is not available here. "
                                 "Use --device cpu (or auto).")
     return dev
 
 
-def _mps_available() -> bool:
+def mps_available() -> bool:
     import torch
 
     backend = getattr(torch.backends, "mps", None)

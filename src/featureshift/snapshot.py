@@ -82,11 +82,15 @@ def state_on_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_snapshot(model: nn.Module, path: str | Path, *, epoch: int | None = None,
                   metrics: dict[str, Any] | None = None, config: dict[str, Any] | None = None,
-                  parent: str | None = None, info: ModelInfo | None = None) -> SnapshotMeta:
-    """Write `model` and its metadata to `path` atomically; returns the metadata written."""
+                  parent: str | None = None, info: ModelInfo | None = None,
+                  state: dict[str, torch.Tensor] | None = None) -> SnapshotMeta:
+    """Write `model` and its metadata to `path` atomically; returns the metadata written.
+
+    state: `state_on_cpu(model)` when the caller already made it (training saves the same
+    weights in its resume state), so the weights are copied off the device once."""
     from safetensors.torch import save_file
 
-    state = state_on_cpu(model)
+    state = state_on_cpu(model) if state is None else state
     meta = SnapshotMeta(
         info=info or model_info(model), epoch=epoch, metrics=dict(metrics or {}), config=dict(config or {}),
         parent=parent, checksum=weights_checksum(state),

@@ -10,7 +10,6 @@ which the report reads to show every channel.
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import json
 import math
 import sys
@@ -20,12 +19,13 @@ from typing import Any, Sequence
 
 from ..errors import FeatureshiftError
 from ..optvis.maco import for_run
+from ..optvis.objectives import LOGITS
 from ..optvis.settings import DEFAULT_SETTINGS, RenderSettings
+from ..run import timestamp
 
 ATLAS_FILE = "atlas.json"
 ATLAS_FORMAT = "featureshift.atlas/1"
 DEFAULT_SNAPSHOTS = "first,last"
-LOGITS = "logits"
 # The timed renders behind the estimate: a few steps of a small batch per layer.
 PROBE_STEPS = 6
 PROBE_BATCH = 64
@@ -171,7 +171,7 @@ def _write_record(run_dir: Path, result: AtlasResult, keys: dict[tuple[str, int,
             tiles = merged
         record["layers"][layer] = {"channels": channels, "epochs": epochs, "settings": fields,
                                    "describe": result.settings.describe(), "tiles": tiles}
-    record["updated"] = _dt.datetime.now().isoformat(timespec="seconds")
+    record["updated"] = timestamp()
     path = run_dir / ATLAS_FILE
     write_json(path, record)
     return path
@@ -288,8 +288,7 @@ def atlas(run_dir: str | Path, layers: str | Sequence[str] = (), *, all_layers: 
     if plan.tiles:
         with make_executor(ray, device=device, batch_size=batch_size, quiet=quiet) as executor:
             result.executor = executor.describe()
-            plan = plan_jobs(requests, cache, settings=settings, force=force, max_tiles=executor.max_tiles)
-            report = run_jobs(plan, cache, executor, quiet=quiet, desc="atlas")
+            report = run_jobs(plan.sized(executor.max_tiles), cache, executor, quiet=quiet, desc="atlas")
         result.rendered = report.rendered
         by_key: dict[str, list[tuple[str, int, int]]] = {}
         for where, key in keys.items():

@@ -13,10 +13,10 @@ from typing import Sequence
 
 from ..errors import FeatureshiftError
 from ..jobs.cache import read_tile, tile_key, write_tile
+from ..optvis.objectives import LOGITS
 from ..optvis.settings import DEFAULT_SETTINGS, RenderSettings
 from ..selection import DEFAULT_COLUMNS, select_channels
 
-LOGITS = "logits"
 
 
 NO_RESPONSE_WHY = "no response (the channel is zero for every input)"

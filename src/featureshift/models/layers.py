@@ -329,13 +329,16 @@ def resolve_layers(model: nn.Module, names: Iterable[str], size: int | None = No
     out = []
     for name in names:
         if name not in layers:
-            kind = "a layer with a 4-D or token output" if name in dict(model.named_modules()) else "a layer"
-            raise FeatureshiftError(
-                f"'{name}' is not {kind} of this network.{did_you_mean(name, layers)} "
-                "`featureshift layers MODEL` lists every layer name."
-            )
+            raise not_a_layer(model, name, layers)
         out.append(layers[name])
     return out
+
+
+def not_a_layer(model: nn.Module, name: str, layers: Iterable[str]) -> FeatureshiftError:
+    """The error for a NAME that is not among LAYERS (the traced layer names), naming the closest."""
+    kind = "a layer with a 4-D or token output" if name in dict(model.named_modules()) else "a layer"
+    return FeatureshiftError(f"'{name}' is not {kind} of this network.{did_you_mean(name, layers)} "
+                             "`featureshift layers MODEL` lists every layer name.")
 
 
 # Tracing is only about structure, so it is done once per architecture (and class count) at
@@ -379,9 +382,9 @@ def layer_structure(model: nn.Module) -> LayerStructure:
 def layer_info(model: nn.Module, layer: str) -> LayerInfo:
     """LayerInfo of one layer (shapes at the traced size), or an error naming the closest layers."""
     structure = layer_structure(model)
-    if layer in structure.layers:
-        return structure.layers[layer]
-    return resolve_layers(model, [layer], structure.size)[0]
+    if layer not in structure.layers:
+        raise not_a_layer(model, layer, structure.layers)
+    return structure.layers[layer]
 
 
 def truncated(model: nn.Module, layers: Sequence[str], include_prefix: bool = False) -> Capture:

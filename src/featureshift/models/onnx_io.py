@@ -526,7 +526,8 @@ def import_onnx(path: str | os.PathLike, *, mean: Sequence[float] | None = None,
 
 
 def _is_nhwc(graph, dims: list[int]) -> bool:
-    consumers = [n for n in graph.node if graph.input and _real_inputs(graph)[0].name in n.input]
+    inputs = _real_inputs(graph)  # once: it gathers the graph's initializer names
+    consumers = [n for n in graph.node if inputs[0].name in n.input] if inputs else []
     if consumers and all(n.op_type == "Transpose" and _attr(n, "perm") == [0, 3, 1, 2] for n in consumers):
         return True
     # no transposing node to go by: channels last when the last axis looks like colours

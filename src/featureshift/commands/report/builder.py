@@ -110,7 +110,7 @@ def existing_timelines(run_dir: Path) -> dict[str, dict[str, Any]]:
     from PIL import Image
 
     from ...io import OUTPUT_TEXT_KEY
-    from ...jobs.cache import CACHE_DIR, TILE_TEXT_KEY
+    from ...jobs.cache import CACHE_DIR
     from ..timeline.timeline import TIMELINE_DIR
 
     root = run_dir / TIMELINE_DIR
@@ -120,7 +120,8 @@ def existing_timelines(run_dir: Path) -> dict[str, dict[str, Any]]:
     for merged in sorted(root.glob("*/merged.png")):
         try:
             with Image.open(merged) as im:
-                about = json.loads(im.text.get(OUTPUT_TEXT_KEY, "{}"))
+                # .info: the text chunks before the pixels (.text would decode the whole image)
+                about = json.loads(im.info.get(OUTPUT_TEXT_KEY, "{}"))
         except (OSError, ValueError):
             continue
         if about.get("kind") == "timeline" and about.get("layer") and about.get("channels"):
@@ -134,8 +135,7 @@ def existing_timelines(run_dir: Path) -> dict[str, dict[str, Any]]:
         if all(v["settings"] is not None for v in found.values()):
             break
         try:
-            with Image.open(tile) as im:
-                about = json.loads(im.text.get(TILE_TEXT_KEY, "{}"))
+            about = read_tile_about(tile)
         except (OSError, ValueError):
             continue
         entry = found.get(about.get("layer"))

@@ -24,12 +24,12 @@ from ...jobs.cache import CACHE_DIR, TileCache, read_tile, read_tile_about
 from ...jobs.executors import JobReport, check_ray, make_executor, run_jobs
 from ...jobs.plan import TileRequest, plan_jobs
 from ...optvis.maco import for_run
+from ...optvis.objectives import LOGITS
 from ...optvis.settings import DEFAULT_SETTINGS, RenderSettings
 from ...selection import DEFAULT_COLUMNS, select_channels
 from ...states import ONNX, Preprocessing, State, list_states, open_state, read_snapshot_state
 
 TIMELINE_DIR = "timeline"
-LOGITS = "logits"
 GIF_FRAME_MS = 600
 
 
@@ -101,7 +101,7 @@ def _skeleton(row: State, real: bool = False):
 
 def _layer_channels(rows: list[State], layers: Sequence[str]) -> dict[str, int]:
     """Check that every snapshot has every layer and one architecture; channels per layer."""
-    from ...models.layers import resolve_layers, trace_layers
+    from ...models.layers import not_a_layer, trace_layers
 
     good = [r for r in rows if r.meta is not None]
     what = "files in this folder" if good[0].kind == ONNX else "snapshots in this run"
@@ -141,7 +141,7 @@ def _layer_channels(rows: list[State], layers: Sequence[str]) -> dict[str, int]:
         elif layer in infos:
             out[layer] = infos[layer]
         else:
-            resolve_layers(model, [layer], size)  # raises, naming the closest layers
+            raise not_a_layer(model, layer, infos)
     return out
 
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from ...device import check_device_spec, resolve_device
 from ...errors import FeatureshiftError
-from .loop import EpochStats, EvalStats
+from .loop import Stats
 from .state import seed_all
 
 # Test hook: the last rank kills itself with SIGKILL when this epoch begins (a rank that dies).
@@ -115,19 +115,12 @@ class Group:
         torch.distributed.all_reduce(t)
         return t.tolist()
 
-    def reduce_train(self, s: EpochStats) -> EpochStats:
-        """The epoch's training metrics over every rank's images."""
+    def reduce(self, s: Stats) -> Stats:
+        """Training or validation metrics over every rank's images."""
         n = s.images
         loss, correct, n = self._sum([(s.loss or 0.0) * n, round((s.acc or 0.0) * n), n])
         n = int(n)
-        return EpochStats(loss / n, correct / n, n) if n else EpochStats(None, None, 0)
-
-    def reduce_eval(self, s: EvalStats) -> EvalStats:
-        """The validation metrics over every rank's share of the validation images."""
-        n = s.images
-        loss, correct, n = self._sum([(s.loss or 0.0) * n, round((s.acc or 0.0) * n), n])
-        n = int(n)
-        return EvalStats(loss / n, correct / n, n) if n else EvalStats(None, None, 0)
+        return Stats(loss / n, correct / n, n) if n else Stats(None, None, 0)
 
     def loss_scale(self, loader: torch.utils.data.DataLoader) -> Callable[[int, int], float]:
         """train_one_epoch's loss_scale for LOADER (from make_loaders): each rank's loss weighted by its

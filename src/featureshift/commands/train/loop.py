@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from ...data import (ImageDataset, SeededShuffle, ShardedSeededBatches, collate_skip, eval_transform,
+from ...data import (ImageDataset, Sample, SeededShuffle, ShardedSeededBatches, collate_skip, eval_transform,
                      normalize_batch, train_transform, transform_sizes)
 from ...errors import FeatureshiftError
 from ...models.info import ModelInfo
@@ -24,24 +24,15 @@ from .cutoff import CutoffPlan, set_train_mode
 # torchvision's reference recipe weights the auxiliary classifiers' losses (1 head: inception_v3, 2: googlenet)
 AUX_WEIGHT = {1: 0.4, 2: 0.3}
 
-Sample = tuple[Path, int]
 BadFiles = Callable[[list[tuple[str, str]]], None]  # called with [(path, why)] of files a batch could not read
 
 
 @dataclasses.dataclass(frozen=True)
-class EpochStats:
-    """One epoch of training: mean loss of the main classifier and accuracy over the images trained on."""
+class Stats:
+    """Mean loss of the main classifier and accuracy over some images: an epoch's training images,
+    or the validation images. loss and acc are None when there were none (or none could be read)."""
 
-    loss: float | None  # None when no image could be read
-    acc: float | None
-    images: int
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalStats:
-    """Loss and accuracy over the validation images."""
-
-    loss: float | None  # None without validation images
+    loss: float | None
     acc: float | None
     images: int = 0
 
@@ -162,7 +153,7 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, crite
                     plan: CutoffPlan | None = None, scaler: torch.amp.GradScaler | None = None,
                     amp_dtype: torch.dtype | None = None, channels_last: bool = False,
                     on_bad: BadFiles | None = None, progress: bool = True,
-                    loss_scale: Callable[[int, int], float] | None = None) -> EpochStats:
+                    loss_scale: Callable[[int, int], float] | None = None) -> Stats:
     """Train MODEL for one pass over LOADER (batches from make_loaders).
 
     plan: the cutoff, whose frozen batch-norm layers stay in eval mode. Auxiliary classifiers
@@ -216,16 +207,16 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, crite
         if progress and (i % 5 == 0 or i == len(loader) - 1):
             bar.set_postfix(loss=f"{float(loss_sum) / n:.3f}", acc=f"{int(correct) / n:.3f}", refresh=False)
     if not n:
-        return EpochStats(None, None, 0)
-    return EpochStats(float(loss_sum) / n, int(correct) / n, n)
+        return Stats(None, None, 0)
+    return Stats(float(loss_sum) / n, int(correct) / n, n)
 
 
 def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader | None, criterion: nn.Module,
              device: torch.device, *, info: ModelInfo, amp_dtype: torch.dtype | None = None,
-             channels_last: bool = False, on_bad: BadFiles | None = None, progress: bool = True) -> EvalStats:
+             channels_last: bool = False, on_bad: BadFiles | None = None, progress: bool = True) -> Stats:
     """Mean loss (CRITERION, in float32) and accuracy of MODEL in eval mode over LOADER."""
     if loader is None:
-        return EvalStats(None, None)
+        return Stats(None, None)
     from tqdm import tqdm
 
     model.eval()
@@ -247,5 +238,5 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader | None, crite
             correct += (logits.argmax(1) == y).sum()
             n += len(y)
     if not n:
-        return EvalStats(None, None)
-    return EvalStats(float(loss_sum) / n, int(correct) / n, n)
+        return Stats(None, None)
+    return Stats(float(loss_sum) / n, int(correct) / n, n)

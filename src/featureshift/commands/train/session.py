@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from ...data import scan_image_folder, stratified_split
+from ...data import Sample, scan_image_folder, stratified_split
 from ...device import resolve_device
 from ...errors import FeatureshiftError
 from ...io import WriteError, write_error
@@ -47,7 +47,6 @@ from .state import TrainState, load_state, save_state, seed_all, set_rng_state, 
 
 EpochHook = Callable[[int, dict], None]
 SnapshotHook = Callable[[int, Path], None]
-Sample = tuple[Path, int]
 
 
 def train(config: TrainConfig | Mapping[str, Any] | str | os.PathLike | None = None, *,
@@ -255,7 +254,7 @@ def _run_epochs(s: _Session, start: int) -> None:
             t = time.perf_counter()
             ev = evaluate(s.model, s.loaders.val, s.criterion, s.device, **common)
             if s.group:
-                ev = s.group.reduce_eval(ev)
+                ev = s.group.reduce(ev)
             _finish_epoch(s, {"epoch": 0, "train_loss": None, "train_acc": None, "val_loss": ev.loss,
                               "val_acc": ev.acc, "lr": None, "seconds": round(time.perf_counter() - t, 3),
                               "train_seconds": 0.0}, bar, tb)
@@ -269,12 +268,12 @@ def _run_epochs(s: _Session, start: int) -> None:
                                  scaler=s.scaler, loss_scale=s.group.loss_scale(s.loaders.train) if s.group else None,
                                  **common)
             if s.group:
-                tr = s.group.reduce_train(tr)
+                tr = s.group.reduce(tr)
                 s.group.sync_buffers(s.model)
             train_seconds = time.perf_counter() - t
             ev = evaluate(s.model, s.loaders.val, s.criterion, s.device, **common)
             if s.group:
-                ev = s.group.reduce_eval(ev)
+                ev = s.group.reduce(ev)
             row = {"epoch": epoch, "train_loss": tr.loss, "train_acc": tr.acc, "val_loss": ev.loss, "val_acc": ev.acc,
                    "lr": lr, "seconds": round(time.perf_counter() - t, 3), "train_seconds": round(train_seconds, 3),
                    "train_images": tr.images}
@@ -354,14 +353,15 @@ def _finish_epoch(s: _Session, row: dict[str, Any], bar, tb: _Tensorboard | None
     if not s.main:
         s.group.barrier()  # rank 0 is writing the epoch
         return
+    weights = state_on_cpu(s.model)
     if snap:
         with _writing(s, snapshot_path(s.run_dir, e)):
             meta = save_snapshot(s.model, snapshot_path(s.run_dir, e), epoch=e, metrics=row, config=s.run["config"],
-                                 parent=s.parent, info=s.info)
+                                 parent=s.parent, info=s.info, state=weights)
         s.parent = meta.checksum
     with _writing(s, s.run_dir / STATE_FILE):
         save_state(s.run_dir, TrainState(
-            epoch=e, model=state_on_cpu(s.model), optimizer=s.optimizer.state_dict(), scaler=s.scaler.state_dict(),
+            epoch=e, model=weights, optimizer=s.optimizer.state_dict(), scaler=s.scaler.state_dict(),
             rng=rng_state(s.loader_gen), parent=s.parent, history=s.history,
             skipped=[[p, why] for p, why in s.skipped.items()]))
     s.saved_epoch = e

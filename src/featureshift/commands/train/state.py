@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...device import mps_available
 from ...errors import FeatureshiftError
 from ...io import atomic_path
 from ...run import STATE_FILE
@@ -47,7 +48,7 @@ def rng_state(loader_gen: torch.Generator) -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "loader": loader_gen.get_state(), "python": random.getstate(),
              "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
              "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    if _mps_available():
+    if mps_available():
         state["mps"] = torch.mps.get_rng_state()
     return state
 
@@ -61,13 +62,9 @@ def set_rng_state(s: dict[str, Any], loader_gen: torch.Generator) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if s["cuda"] and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(s["cuda"])
-    if s.get("mps") is not None and _mps_available():
+    if s.get("mps") is not None and mps_available():
         torch.mps.set_rng_state(s["mps"])
 
-
-def _mps_available() -> bool:
-    backend = getattr(torch.backends, "mps", None)
-    return bool(backend is not None and backend.is_available())
 
 
 def save_state(run_dir: str | Path, state: TrainState) -> None:
