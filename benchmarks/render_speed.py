@@ -127,7 +127,7 @@ def activations(model, layer, images):
 
 
 # featureshift's ladder of step counts
-TTQ_STEPS = (16, 24, 32, 40, 48, 56, 64, 72, 80, 96, 112, 128, 192, 256, 384, 512)
+TTQ_STEPS = (16, 24, 32, 36, 40, 44, 48, 56, 64, 72, 80, 96, 112, 128, 192, 256, 384, 512)
 VIEWS = 4
 
 

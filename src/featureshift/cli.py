@@ -15,7 +15,7 @@ import click
 from .device import DEVICE_CHOICES, check_device_spec
 from .errors import FeatureshiftError
 from .io import WRITE_ERRNOS, write_error
-from .optvis.settings import DEFAULT_SETTINGS, METHODS, OBJECTIVES, PARAMS
+from .optvis.settings import DEFAULT_SETTINGS, LUCID_LR_BUDGET, METHOD_LR, METHODS, OBJECTIVES, PARAMS
 from .version import __version__
 
 WEIGHTS_HELP = "imagenet (download-and-cache; squeezenet1_1 works offline), random, or a weights file."
@@ -130,7 +130,11 @@ def render_options(objective: bool, inherit: bool = False):
         opt("--size", d.size, "Image size in pixels (the original tool: 144).", type=int),
         opt("--seed", d.seed, "Seed of each channel's starting noise and transforms; same seed, same image.",
             type=int),
-        opt("--lr", d.lr, "Adam learning rate.", type=float),
+        click.option("--lr", type=float, default=None,
+                     help="Adam learning rate  [default: " + ("as the run's timeline, else " if inherit else "")
+                     + f"lucid: {METHOD_LR['lucid'][0]:g}, or {LUCID_LR_BUDGET:g}/steps where that is lower; "
+                     + ", ".join(f"{m}: {lr:g}" for m, (lr, _, _) in METHOD_LR.items() if m != "lucid")
+                     + "; Lucid's own recipe: 0.05]."),
         opt("--param", d.param, "Image parameterization: 1/f-scaled Fourier spectrum, or plain pixels.",
             type=click.Choice(PARAMS)),
     ]

@@ -88,8 +88,7 @@ class Transforms:
 
         if self == Transforms.none():
             return images
-        out = self.output_size(images.shape[-1])
-        grid = F.affine_grid(theta, [images.shape[0], 3, out, out], align_corners=False)
+        grid = affine_grid(theta, self.output_size(images.shape[-1]))
         # grid_sample pads with zeros; shift so that the padding is pad_value
         x = F.grid_sample(images - self.pad_value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         if offsets is not None and self.resample_shift:
@@ -97,21 +96,32 @@ class Transforms:
         return x + self.pad_value
 
 
+def affine_grid(theta: torch.Tensor, size: int) -> torch.Tensor:
+    """`F.affine_grid(theta, (B, C, size, size), align_corners=False)` as two broadcast multiply-adds:
+    the same grid (to float rounding) in a fifth of the time, which matters once per step."""
+    import torch
+
+    c = (torch.arange(size, dtype=theta.dtype, device=theta.device) * 2 + 1) / size - 1  # pixel centers
+    x, y = c[None, None, :], c[None, :, None]
+    t = theta[:, :, :, None, None]  # (B, 2, 3, 1, 1)
+    return (t[:, :, 0] * x + t[:, :, 1] * y + t[:, :, 2]).permute(0, 2, 3, 1)
+
+
 def subpixel_shift(images: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) images read at (x + dx, y + dy) by bilinear interpolation, zero outside, with
     OFFSETS (B, 2) = (dx, dy) in pixels, each in (-1, 1).
 
-    The same as `grid_sample` with a translation, but as weighted slices, whose backward
-    costs far less than grid_sample's on a CPU."""
+    The same as `grid_sample` with a translation, but as one depthwise 3x3 convolution whose
+    kernel holds each image's bilinear weights: its backward costs a fraction of grid_sample's
+    (or of the same weights applied as shifted slices) on a CPU."""
     import torch
     import torch.nn.functional as F
 
     def taps(d):  # the weights of the pixels at -1, 0, +1
         a, below = d.abs(), (d < 0).to(d.dtype)
-        return torch.stack([below * a, 1 - a, (1 - below) * a], 1)[:, :, None, None, None]
+        return torch.stack([below * a, 1 - a, (1 - below) * a], 1)
 
-    h, w = images.shape[-2:]
-    wx, wy = taps(offsets[:, 0]), taps(offsets[:, 1])
-    padded = F.pad(images, (1, 1, 1, 1))
-    rows = sum(wy[:, k] * padded[:, :, k:k + h, :] for k in range(3))
-    return sum(wx[:, k] * rows[:, :, :, k:k + w] for k in range(3))
+    b, c, h, w = images.shape
+    kernel = taps(offsets[:, 1])[:, :, None] * taps(offsets[:, 0])[:, None, :]  # (B, 3, 3): rows y, columns x
+    kernel = kernel[:, None].expand(b, c, 3, 3).reshape(b * c, 1, 3, 3)
+    return F.conv2d(images.reshape(1, b * c, h, w), kernel, padding=1, groups=b * c).view(b, c, h, w)

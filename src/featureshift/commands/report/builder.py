@@ -33,7 +33,6 @@ from . import plots
 
 REPORT_DIR = "report"
 # The settings taken over from a run's existing timeline of a layer, so that its renders are reused.
-RENDER_KEYS = ("steps", "size", "seed", "lr", "param")
 COLUMNS = ("weight_change", "correlation", "drift", "cross_b_on_a", "cross_a_on_b")
 PLOTTED_CHANNELS = 24  # channel pages of a layer with more rendered channels get a plot only in the timeline
 
@@ -104,14 +103,15 @@ def channel_page(layer: str, channel: int) -> str:
 def existing_timelines(run_dir: Path) -> dict[str, dict[str, Any]]:
     """Layers the run already has timelines of: layer -> {"channels": [...], "settings": {...}}.
 
-    The settings are read from a tile of the layer in the timeline cache, so the report
-    reuses those renders instead of rendering the same channels again with other settings.
+    The settings are those the timeline recorded in its merged.png (a timeline written before
+    it recorded them: those of a Lucid tile of the layer in the cache), so the report reuses
+    those renders instead of rendering the same channels again with other settings.
     """
     from PIL import Image
 
     from ...io import OUTPUT_TEXT_KEY
     from ...jobs.cache import CACHE_DIR
-    from ..timeline.timeline import TIMELINE_DIR
+    from ..timeline.timeline import RECORDED_SETTINGS, TIMELINE_DIR
 
     root = run_dir / TIMELINE_DIR
     found: dict[str, dict[str, Any]] = {}
@@ -125,7 +125,7 @@ def existing_timelines(run_dir: Path) -> dict[str, dict[str, Any]]:
         except (OSError, ValueError):
             continue
         if about.get("kind") == "timeline" and about.get("layer") and about.get("channels"):
-            found[about["layer"]] = {"channels": [int(c) for c in about["channels"]], "settings": None}
+            found[about["layer"]] = {"channels": [int(c) for c in about["channels"]], "settings": about.get("settings")}
     # An atlas of the same layer shares the cache, maybe with other settings: the timeline's own
     # tiles are read first, the atlas's only when it has the same ones.
     atlased = {k for entry in read_atlas(run_dir)["layers"].values() for keys in (entry.get("tiles") or {}).values()
@@ -139,8 +139,11 @@ def existing_timelines(run_dir: Path) -> dict[str, dict[str, Any]]:
         except (OSError, ValueError):
             continue
         entry = found.get(about.get("layer"))
-        if entry is not None and entry["settings"] is None and about.get("objective", "channel") == "channel":
-            entry["settings"] = {k: about[k] for k in RENDER_KEYS if k in about}
+        # (timelines written before they recorded their settings; Lucid tiles only: an accentuation
+        # or MACO tile of the layer has another learning rate)
+        if entry is not None and entry["settings"] is None and about.get("objective", "channel") == "channel" \
+                and about.get("method", "lucid") == "lucid":
+            entry["settings"] = {k: about[k] for k in RECORDED_SETTINGS if k in about}
     return found
 
 
@@ -330,7 +333,9 @@ def accentuate_examples(run_dir: str | os.PathLike, m, channels: dict[str, Seque
             top = top_example(m, layer, c)
             if top is not None:
                 epoch, ex = top
-                s = settings[layer].replace(method="accent", image=str(ex.path))
+                # the layer's render settings, with accentuation's own learning rate and schedule
+                s = dataclasses.replace(settings[layer], method="accent", image=str(ex.path), lr=None, lr_hold=None,
+                                        lr_final=None)
                 wanted[(layer, c)] = Accentuation(ex.path, epoch, ex.value, s, {})
     if not wanted:
         return {}

@@ -30,6 +30,9 @@ from ...selection import DEFAULT_COLUMNS, select_channels
 from ...states import ONNX, Preprocessing, State, list_states, open_state, read_snapshot_state
 
 TIMELINE_DIR = "timeline"
+# The render settings a timeline records in its merged.png, which a report rebuilt later reuses
+# so that it reads the cached tiles instead of rendering them again with other settings.
+RECORDED_SETTINGS = ("steps", "size", "seed", "lr", "lr_hold", "lr_final", "param")
 GIF_FRAME_MS = 600
 
 
@@ -355,8 +358,10 @@ def _write_outputs(rows: list[State], result: TimelineResult, labels: bool, sett
         if _stored_signature(result.merged[layer]) != sig:
             grid = [[] if k is None else [tile(layer, r.epoch, c) for c in cols] for r, k in zip(rows, keys)]
             merged = make_grid(grid, row_labels=row_labels if labels else None, col_labels=col_labels, title=title)
+            used = settings.resolved()
             save_merged(result.merged[layer], merged, signature=sig, kind="timeline", layer=layer,
-                        epochs=result.epochs, channels=cols)
+                        epochs=result.epochs, channels=cols,
+                        settings={k: getattr(used, k) for k in RECORDED_SETTINGS} if used.method == "lucid" else None)
 
         result.gifs[layer] = {}
         present = [(r, k) for r, k in zip(rows, keys) if k is not None]
