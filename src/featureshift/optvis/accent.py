@@ -98,8 +98,10 @@ class AccentPlan:
         return self.transforms.theta(draws.reshape(-1, 6), size).view(n, steps, 2, 3).to(self.start.device)
 
     def views(self, images: torch.Tensor, thetas: torch.Tensor, noise_generators) -> torch.Tensor:
-        """This step's transformed images, one view each."""
-        return self.transforms.apply(images, thetas)
+        """This step's transformed images, one view each, with Lucid's second sub-pixel resampling
+        (its offsets from each image's own noise stream, which accentuation has no other use for)."""
+        offsets = torch.stack([torch.rand(2, generator=g, device=images.device) for g in noise_generators])
+        return self.transforms.apply(images, thetas, (offsets * 2 - 1) * self.transforms.resample_shift)
 
     def penalty_grad(self, params: torch.Tensor, index: Sequence[int]) -> torch.Tensor:
         """accent_weight times the distance from the photo's parameters, in units of their RMS."""
