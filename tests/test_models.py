@@ -184,3 +184,20 @@ def test_timm_models_by_name():
     assert info.arch == "timm/resnet18" and info.num_classes == 4
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 4)
     assert "layer4" in [l.name for l in list_layers(model, 64)]
+
+
+def test_networks_sharing_an_architecture_name_keep_their_own_layers():
+    from torch import nn
+
+    from featureshift.models.info import ModelInfo, attach_info
+    from featureshift.models.layers import layer_info
+
+    def tiny(width, stride):
+        net = nn.Sequential(nn.Conv2d(3, width, 3, stride=stride), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                            nn.Linear(width, 2))
+        return attach_info(net.eval(), ModelInfo(arch="tiny", num_classes=2, class_names=["a", "b"]))
+
+    a, b, c = tiny(4, 1), tiny(8, 1), tiny(4, 2)
+    assert (layer_info(a, "0").channels, layer_info(b, "0").channels) == (4, 8)
+    assert layer_info(c, "0").height < layer_info(a, "0").height  # same parameters, another stride
+    assert layer_info(tiny(4, 1), "0") == layer_info(a, "0")  # the same structure is traced once

@@ -44,12 +44,12 @@ def is_snapshot_spec(spec: str | os.PathLike) -> bool:
     return s.endswith(SNAPSHOT_SUFFIX) or Path(s).is_file()
 
 
-def open_network(spec: str | os.PathLike, weights: str = "imagenet", *, num_classes: int | None = None,
+def open_network(spec: str | os.PathLike, weights: str | None = "imagenet", *, num_classes: int | None = None,
                  device: str | torch.device = "cpu", progress: bool = True,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  input_size: int | None = None, in_chans: int = 3, image_size: int | None = None) -> Network:
-    """Resolve SPEC (a model name, a snapshot file, or an ONNX file) with WEIGHTS (imagenet, random,
-    or the path of a snapshot or a state-dict file; ignored when SPEC is a file) into a Network.
+    """Resolve SPEC (a model name, a snapshot file, or an ONNX file) with WEIGHTS (imagenet, random
+    (or None, as in torchvision), or the path of a snapshot or a state-dict file; ignored when SPEC is a file) into a Network.
     mean, std, input_size: the preprocessing of an ONNX file that does not carry its own.
     in_chans, image_size: input bands and the image size a vision transformer is built for, when
     SPEC is a model name (see models.zoo.create_model); a snapshot records its own."""
@@ -62,6 +62,8 @@ def open_network(spec: str | os.PathLike, weights: str = "imagenet", *, num_clas
         module, meta = load_snapshot(path, device=device)
         return Network(module, meta.info, meta, path)
     name = str(spec)
+    if weights is None:  # torchvision's spelling of random weights
+        weights = "random"
     if weights in ("imagenet", "random"):
         module = build_named(name, weights=weights, num_classes=num_classes, progress=progress,
                              in_chans=in_chans, image_size=image_size).to(device)
@@ -85,7 +87,7 @@ def open_network(spec: str | os.PathLike, weights: str = "imagenet", *, num_clas
     return Network(module, model_info(module), None, path)
 
 
-def create_model(name: str, weights: str = "imagenet", num_classes: int | None = None,
+def create_model(name: str, weights: str | None = "imagenet", num_classes: int | None = None,
                  progress: bool = True, *, in_chans: int = 3, image_size: int | None = None) -> nn.Module:
     """A network in eval mode taking normalized input, with `featureshift_info` attached.
 

@@ -45,7 +45,7 @@ def step_timeline(run: Path, quiet: bool = False):
     from .timeline.timeline import timeline
 
     _say(f"[demo] rendering a timeline of {DEMO_LAYER}, channels 0-4, over every snapshot", quiet)
-    result = timeline(run, DEMO_LAYER, 5, steps=128, size=128, quiet=quiet)
+    result = timeline(run, DEMO_LAYER, 5, quiet=quiet)  # the default render settings
     _say(f"[demo] timeline: {result.merged[DEMO_LAYER]}", quiet)
     return result
 

@@ -16,6 +16,8 @@ the renderer, the metrics and the channel-source tracing all hook modules throug
 """
 from __future__ import annotations
 
+import hashlib
+
 import dataclasses
 import functools
 import math
@@ -355,12 +357,18 @@ _STRUCTURES: dict[tuple, LayerStructure] = {}
 
 
 def arch_key(model: nn.Module) -> tuple:
-    """What identifies a network's structure: its architecture, class count, input channels and
-    build size (the object itself for a network featureshift did not make)."""
+    """What identifies a network's structure: every module's name, class and settings (its
+    extra_repr: strides, kernel sizes, ...) and the shapes of its own parameters and buffers,
+    plus the input channels and build size featureshift recorded. Two networks with one key
+    have the same layers with the same shapes, whatever they are called: an architecture name
+    would not do (two hand-made networks may share one), nor id() (reused once one is freed).
+    Snapshots of one run share a key, so what is cached per key is computed once per run."""
     info = getattr(model, "featureshift_info", None)
-    if info is None:
-        return (id(model),)
-    return (info.arch, info.num_classes, getattr(info, "in_chans", 3), getattr(info, "img_size", None))
+    h = hashlib.blake2b(digest_size=16)
+    for name, m in model.named_modules():
+        own = [(n, tuple(t.shape)) for n, t in [*m._parameters.items(), *m._buffers.items()] if t is not None]
+        h.update(f"{name}\0{type(m).__module__}.{type(m).__qualname__}\0{m.extra_repr()}\0{own}\n".encode())
+    return (h.hexdigest(), getattr(info, "in_chans", 3), getattr(info, "img_size", None))
 
 
 def layer_structure(model: nn.Module) -> LayerStructure:
