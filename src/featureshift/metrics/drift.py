@@ -92,17 +92,22 @@ def visual_drift(images_a, images_b) -> np.ndarray:
     images_a, images_b = list(images_a), list(images_b)
     if not images_a:
         return np.zeros(0)
-    da, db = texture_descriptors(images_a), texture_descriptors(images_b)
-    out = np.zeros(len(images_a))
+    out = texture_distance(texture_descriptors(images_a), texture_descriptors(images_b))
+    same = np.array([np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images_a, images_b)])
+    out[same] = 0.0  # exact zero, not rounding noise, for an unchanged network
+    return out
+
+
+def texture_distance(da: Sequence[np.ndarray], db: Sequence[np.ndarray]) -> np.ndarray:
+    """visual_drift from the two lists' texture_descriptors (a caller that compares one set of
+    renders with many describes it once)."""
+    out = np.zeros(len(da[0]))
     for ua, ub in zip(da, db):
         na = np.linalg.norm(ua, axis=1)
         nb = np.linalg.norm(ub, axis=1)
         cos = (ua * ub).sum(1) / np.maximum(na * nb, 1e-30)
         out += np.clip(1.0 - cos, 0.0, 1.0)
-    out /= len(da)
-    same = np.array([np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images_a, images_b)])
-    out[same] = 0.0  # exact zero, not rounding noise, for an unchanged network
-    return out
+    return out / len(da)
 
 
 def channel_activation(model: nn.Module, targets: Sequence[tuple[str, int]], images) -> np.ndarray:
@@ -118,13 +123,14 @@ def channel_activation(model: nn.Module, targets: Sequence[tuple[str, int]], ima
 
 
 def cross_activation(model_a: nn.Module, model_b: nn.Module, targets: Sequence[tuple[str, int]],
-                     renders_a, renders_b) -> tuple[np.ndarray, np.ndarray]:
+                     renders_a, renders_b, own_a: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(b_on_a, a_on_b) per target.
 
     b_on_a = act_B(render_A) / act_B(render_B): how strongly the later network's channel
     fires on the earlier snapshot's render, relative to its own render; a_on_b the
     reverse. Near 1: the feature was kept; low: re-purposed. NaN where the network's
-    own render does not activate the channel (a failed render).
+    own render does not activate the channel (a failed render). own_a: act_A(render_A), where the
+    caller has it already (one reference snapshot against many).
     """
     check_same_arch(model_a, model_b)
     renders_a, renders_b = list(renders_a), list(renders_b)
@@ -133,7 +139,7 @@ def cross_activation(model_a: nn.Module, model_b: nn.Module, targets: Sequence[t
     b_a = channel_activation(model_b, targets, renders_a)
     b_b = channel_activation(model_b, targets, renders_b)
     a_b = channel_activation(model_a, targets, renders_b)
-    a_a = channel_activation(model_a, targets, renders_a)
+    a_a = channel_activation(model_a, targets, renders_a) if own_a is None else np.asarray(own_a)
     with np.errstate(invalid="ignore", divide="ignore"):
         b_on_a = np.where(b_b > 0, b_a / b_b, np.nan)
         a_on_b = np.where(a_a > 0, a_b / a_a, np.nan)

@@ -18,7 +18,8 @@ from ..io import write_json, write_text
 from ..models.layers import LayerInfo, layer_info, layer_structure
 from ..run import trained_image_size
 from .adaptation import dead_channels
-from .drift import cross_activation, read_image, visual_drift
+from .drift import (channel_activation, cross_activation, read_image, texture_descriptors,
+                    texture_distance)
 from .examples import find_examples, receptive_field
 from .probe import DEFAULT_PROBE_LIMIT, METRICS_VERSION, PROBE_BATCH, probe_stats, resolve_probe
 from .similarity import channel_correlation, cka
@@ -119,6 +120,7 @@ def run_metrics(run_dir: str | Path, layers: Sequence[str] = (), channels: dict[
     rf = {l: receptive_field(ref_model, l, image_size) for l in layers}
 
     layer_rows, channel_rows, found = [], [], {}
+    refs: dict[tuple[str, int], ReferenceRender] = {}  # decoded and measured once, compared with every snapshot
     ref_stats = None
     bar = tqdm(readable, desc="metrics", unit="snapshot", disable=quiet, dynamic_ncols=True)
     for epoch, path, meta in bar:
@@ -142,7 +144,10 @@ def run_metrics(run_dir: str | Path, layers: Sequence[str] = (), channels: dict[
             per = {c: {"drift": np.nan, "cross_b_on_a": np.nan, "cross_a_on_b": np.nan} for c in range(len(corr))}
             have = [c for c in channels[l] if (l, ref_epoch, c) in renders and (l, epoch, c) in renders]
             if have:
-                ra = [read_image(renders[(l, ref_epoch, c)]) for c in have]
+                ref = reference_renders(ref_model, l, [c for c in have if (l, c) not in refs],
+                                        [renders[(l, ref_epoch, c)] for c in have if (l, c) not in refs])
+                refs.update(ref)
+                ra = [refs[(l, c)].image for c in have]
                 rb = [read_image(renders[(l, epoch, c)]) for c in have]
                 # The very same tile (same weights, same settings) has drift 0 by definition; the judge
                 # network would take as long on it as on a changed one, and an atlas has hundreds.
@@ -150,9 +155,12 @@ def run_metrics(run_dir: str | Path, layers: Sequence[str] = (), channels: dict[
                 drift = [0.0] * len(have)
                 todo = [i for i, s in enumerate(same) if not s]
                 if todo:
-                    for i, d in zip(todo, visual_drift([ra[i] for i in todo], [rb[i] for i in todo])):
-                        drift[i] = d
-                b_on_a, a_on_b = cross_activation(ref_model, model, [(l, c) for c in have], ra, rb)
+                    da = [np.stack(rows) for rows in zip(*(refs[(l, have[i])].descriptors for i in todo))]
+                    for i, d in zip(todo, texture_distance(da, texture_descriptors([rb[i] for i in todo]))):
+                        # pixel-identical renders of two snapshots (a frozen layer): exactly 0, as visual_drift
+                        drift[i] = 0.0 if np.array_equal(ra[i], rb[i]) else d
+                b_on_a, a_on_b = cross_activation(ref_model, model, [(l, c) for c in have], ra, rb,
+                                                  own_a=[refs[(l, c)].own for c in have])
                 for i, c in enumerate(have):
                     per[c] = {"drift": drift[i], "cross_b_on_a": b_on_a[i], "cross_a_on_b": a_on_b[i]}
             for c in range(len(corr)):
@@ -172,6 +180,25 @@ def run_metrics(run_dir: str | Path, layers: Sequence[str] = (), channels: dict[
         sources={l: [s.module for s in channel_sources(ref_model, l)] for l in all_layers}, missing=missing)
     write_run_metrics(out_dir, result)
     return result
+
+
+@dataclasses.dataclass
+class ReferenceRender:
+    """A channel's render at the reference snapshot, with what every comparison needs of it."""
+    image: np.ndarray
+    descriptors: list[np.ndarray]  # one row per judge layer (texture_descriptors)
+    own: float  # the reference network's channel activation on it
+
+
+def reference_renders(model, layer: str, channels: Sequence[int], paths) -> dict[tuple[str, int], ReferenceRender]:
+    """Decode and measure the reference snapshot's renders of CHANNELS of LAYER once."""
+    if not channels:
+        return {}
+    images = [read_image(p) for p in paths]
+    desc = texture_descriptors(images)
+    own = channel_activation(model, [(layer, c) for c in channels], images)
+    return {(layer, c): ReferenceRender(images[i], [d[i] for d in desc], float(own[i]))
+            for i, c in enumerate(channels)}
 
 
 def write_run_metrics(out_dir: Path, m: RunMetrics) -> None:
