@@ -77,15 +77,17 @@ def test_same_start_on_any_network(squeeze):
 
 
 def test_alone_or_in_a_batch_gives_the_same_image(squeeze):
-    kw = dict(steps=24, size=48, seed=3, quiet=True)
+    # A few steps: a draw that depends on the batch (start, transforms, offsets) shows at once
+    # (another seed: 0.23 mean pixel difference after these 4 steps). A batch of one runs other
+    # conv kernels than larger batches, and the optimization amplifies that rounding noise
+    # (3e-6 after 1 step on one thread, 1e-3 after 4: a pixel decision such as a max-pool tie
+    # flips) into another picture from a near tie over more steps: at 24 steps on 48 px, 4 of
+    # seeds 0-9 end 0.07-0.2 apart at the default lr, 3 of 10 at a constant lr 0.2.
+    kw = dict(steps=4, size=48, seed=3, quiet=True)
     alone = render(squeeze, [(MID, 7)], **kw)
     crowd = render(squeeze, [("features.3", 1), (MID, 7), ("features.6", 20), (MID, 8)], **kw)
-    # A batch of one runs other conv kernels than larger batches. That rounding noise mostly
-    # stays far below any visible difference (1e-7 here, and with seeds 4-7), while another
-    # seed or a batch-wide random draw differs by > 0.15; but the optimization can amplify it
-    # into another picture from a near tie (seed 2: 0.11 mean pixel difference after 24 steps).
     diff = np.abs(alone.images[0] - crowd.images[1]).mean()
-    assert diff < 0.02, diff
+    assert diff < 0.01, diff
     assert np.abs(alone.images[0] - crowd.images[3]).mean() > 0.1
     assert crowd.targets == [("features.3", 1), (MID, 7), ("features.6", 20), (MID, 8)]
     # batches of two or more use the same kernels: the same pixels exactly (on CPU)
@@ -328,11 +330,6 @@ def test_logit_objective_and_logits_layer(squeeze):
 
 
 def test_diversity_pushes_renders_of_one_channel_apart(squeeze):
-    kw = dict(steps=64, size=48, quiet=True, diversity=3)
-    plain = render(squeeze, [(MID, 5)], diversity_weight=0, **kw)
-    diverse = render(squeeze, [(MID, 5)], objective="diversity", **kw)
-    assert diverse.targets == [(MID, 5)] * 3 and diverse.images.shape[0] == 3
-
     def similarity(images):
         with truncated(squeeze, [MID]) as net, torch.no_grad():
             f = net(normalized(squeeze, images))[MID]
@@ -340,7 +337,16 @@ def test_diversity_pushes_renders_of_one_channel_apart(squeeze):
                       groups=torch.zeros(3, dtype=torch.long))
         return float(objectives.diversity()(batch).mean())
 
-    assert similarity(diverse.images) < similarity(plain.images) - 0.05
+    # Over seeds: at the default (fast) learning rate the push varies from seed to seed (measured
+    # on seeds 0-2: 0.00, 0.34 and 0.10 less Gram similarity; at a constant lr 0.2: 0.04-0.08).
+    gained = []
+    for seed in range(3):
+        kw = dict(steps=64, size=48, quiet=True, diversity=3, seed=seed)
+        plain = render(squeeze, [(MID, 5)], diversity_weight=0, **kw)
+        diverse = render(squeeze, [(MID, 5)], objective="diversity", **kw)
+        assert diverse.targets == [(MID, 5)] * 3 and diverse.images.shape[0] == 3
+        gained.append(similarity(plain.images) - similarity(diverse.images))
+    assert np.mean(gained) > 0.05, gained
 
 
 def test_objectives_compose():

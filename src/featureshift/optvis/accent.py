@@ -26,6 +26,7 @@ from ..errors import FeatureshiftError
 from .maco import square_image
 from .param import ImageParam
 from .settings import RenderSettings
+from .transforms import TransformDraws, draw_transforms
 
 SATURATION = 0.01  # pixels are kept this far inside [0, 1]: the sigmoid cannot reach 0 or 1 exactly
 
@@ -89,19 +90,13 @@ class AccentPlan:
         """The photo's parameters for each image (INDEX: the target each image renders)."""
         return self._photos(index).clone()
 
-    def draw(self, generators: Sequence[torch.Generator], steps: int) -> torch.Tensor:
-        """(n, steps, 2, 3) transform matrices, drawn from each image's own generator."""
-        n, size = len(generators), self.image.size
-        draws = torch.stack([self.transforms.draw(g, steps) for g in generators])
-        if not steps:
-            return torch.zeros((n, 0, 2, 3), device=self.start.device)
-        return self.transforms.theta(draws.reshape(-1, 6), size).view(n, steps, 2, 3).to(self.start.device)
+    def draw(self, generators: Sequence[torch.Generator], steps: int) -> TransformDraws:
+        """Every step's transforms of each image, from its own generator (as Lucid's)."""
+        return draw_transforms(self.transforms, generators, steps, self.image.size, self.start.device)
 
-    def views(self, images: torch.Tensor, thetas: torch.Tensor, noise_generators) -> torch.Tensor:
-        """This step's transformed images, one view each, with Lucid's second sub-pixel resampling
-        (its offsets from each image's own noise stream, which accentuation has no other use for)."""
-        offsets = torch.stack([torch.rand(2, generator=g, device=images.device) for g in noise_generators])
-        return self.transforms.apply(images, thetas, (offsets * 2 - 1) * self.transforms.resample_shift)
+    def views(self, images: torch.Tensor, draws: TransformDraws, noise_generators) -> torch.Tensor:
+        """This step's transformed images, one view each."""
+        return draws.apply(self.transforms, images)
 
     def penalty_grad(self, params: torch.Tensor, index: Sequence[int]) -> torch.Tensor:
         """accent_weight times the distance from the photo's parameters, in units of their RMS."""

@@ -30,7 +30,6 @@ from ..models.layers import Capture, LayerInfo, blank_input, feature_views, reso
 from ..device import resolve_device
 from ..models.info import input_channels, model_info
 from .objectives import LOGITS, Batch, Diversity, Objective, as_objective, fixed_units
-from .param import ImageParam, init_params
 from .settings import METHODS, PARAMS, PRECISIONS, RenderSettings
 from .transforms import Transforms
 
@@ -343,38 +342,23 @@ def render(model: nn.Module, targets: Sequence[tuple[str, int]], settings: Rende
                   lr_hold=s.lr_hold, lr_final=s.lr_final, betas=list(betas), diversity=work.copies,
                   relu_redirect_steps=s.relu_redirect_steps,
                   precision=precision, mean=list(mean), std=list(std))
-    if s.method == "lucid":
-        transforms = s.transforms
-        out_size = transforms.output_size(size)
-        if out_size < 1:
-            raise FeatureshiftError(f"The transforms crop more than the {size} px canvas holds; use a larger --size.")
-        used = dict(common, param=s.param, transforms=dataclasses.asdict(transforms), decay_power=s.decay_power,
-                    init_sd=s.init_sd, fft_divisor=s.fft_divisor, decorrelate=s.decorrelate)
-        if s.include_cls:
-            used["include_cls"] = True
-        if bands != 3:
-            used["in_chans"] = bands
-        image_param = ImageParam(s.param, size, s.decay_power, s.fft_divisor, s.decorrelate, dev, channels=bands)
-        param_numel = math.prod(init_params(s.param, size, [torch.Generator()], channels=bands).shape)
+    if s.method != "lucid" and bands != 3:
+        raise FeatureshiftError(f"The {s.method} method renders RGB images; this network takes {bands} input "
+                                "channels. Use the lucid method.")
+    plan = _method_plan(s, dev, len(work.targets), bands)
+    if plan.input_size < 1:
+        raise FeatureshiftError(f"The transforms crop more than the {size} px canvas holds; use a larger --size.")
+    used = dict(common, **({} if s.method == "lucid" else {"method": s.method}),
+                **{k: v for k, v in s.key_fields().items() if k in plan.settings})
+    if s.include_cls:
+        used["include_cls"] = True
+    if bands != 3:
+        used["in_chans"] = bands
+    schedule = lr_schedule(s.lr, steps, s.lr_hold, s.lr_final)
 
-        def chunk(net, norm, targets, groups, seeds, bar):
-            return _render_chunk(net, work.obj, image_param, transforms, norm, dev, precision, targets, groups,
-                                 seeds, steps, size, s.lr, s.lr_hold, s.lr_final, betas, s.init_sd,
-                                 s.relu_redirect_steps, bar)
-
-        views, view_size = 1, out_size
-    else:
-        if bands != 3:
-            raise FeatureshiftError(f"The {s.method} method renders RGB images; this network takes {bands} input "
-                                    "channels. Use the lucid method.")
-        plan = _method_plan(s, dev, len(work.targets))
-        used = dict(common, method=s.method, **{k: v for k, v in s.key_fields().items() if k in plan.settings})
-        transforms, param_numel, views, view_size = plan.transforms, plan.param_numel, plan.views_per_image, \
-            plan.input_size
-
-        def chunk(net, norm, targets, groups, seeds, bar):
-            return _method_chunk(plan, net, work.obj, norm, dev, precision, targets, groups, seeds, steps,
-                                 lr_schedule(s.lr, steps, s.lr_hold, s.lr_final), betas, s.relu_redirect_steps, bar)
+    def chunk(net, norm, targets, groups, seeds, bar):
+        return _render_chunk(plan, net, work.obj, norm, dev, precision, targets, groups, seeds, steps, schedule,
+                             betas, s.relu_redirect_steps, bar)
 
     images = np.zeros((len(work.expanded), size, size, bands), np.float32)
     scores = np.full(len(work.expanded), np.nan, np.float32)
@@ -383,14 +367,15 @@ def render(model: nn.Module, targets: Sequence[tuple[str, int]], settings: Rende
     with _prepared(model, dev):
         net = _features(model, [work.infos[n] for n in work.inner], LOGITS in work.needed, s.include_cls)
         try:
-            _check_size(net, size, transforms, dev, sorted(work.needed))
+            _check_size(net, size, plan.transforms, dev, sorted(work.needed))
             classes = None
             if LOGITS in work.needed:
                 with torch.no_grad():
                     classes = net(blank_input(model, size, device=dev))[LOGITS].shape[1]
             _check_channels(work.expanded + fixed_units(work.obj), work.infos, classes)
             if batch_size is None:
-                per_image = views * _bytes_per_image(net, model, view_size, dev, param_numel)
+                per_image = plan.views_per_image * _bytes_per_image(net, model, plan.input_size, dev,
+                                                                    plan.param_numel)
                 cap = _CUDA_MAX_BATCH if dev.type == "cuda" else _CPU_MAX_BATCH
                 batch_size = max(1, min(cap, _available_memory(dev) // max(per_image, 1)))
             copies = work.copies
@@ -456,54 +441,6 @@ def _plan_targets(model: nn.Module, targets, s: RenderSettings, batch_size: int 
                  order=sorted(range(len(targets)), key=lambda t: depth.get(targets[t][0], math.inf)))
 
 
-def _render_chunk(net, obj, image_param, transforms, norm, dev, precision, targets, groups, seeds,
-                  steps, size, lr, lr_hold, lr_final, betas, init_sd, relu_redirect_steps, bar):
-    n = len(targets)
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
-    params = init_params(image_param.kind, size, gens, init_sd, channels=image_param.channels)
-    params = params.to(dev).requires_grad_(True)
-    # a second stream per target for the transforms, so they do not depend on the param shape
-    tgens = [torch.Generator().manual_seed(s ^ 0x5DEECE66D) for s in seeds]
-    draws = torch.stack([transforms.draw(g, steps) for g in tgens])  # (n, steps, 6)
-    thetas = transforms.theta(draws.reshape(-1, 6), size).view(n, steps, 2, 3).to(dev) if steps else None
-    ogens = [torch.Generator().manual_seed(s ^ 0x9E3779B9) for s in seeds]  # a third: offsets, also shape-free
-    offsets = torch.stack([transforms.draw_offsets(g, steps) for g in ogens]).float().to(dev)  # (n, steps, 2)
-
-    batch_info = _batch_info(targets, groups, dev)
-    score = _evaluator(net, obj, norm, dev)
-
-    def evaluate(x, precision=precision):
-        return score(x, batch_info, precision)
-
-    optimizer = torch.optim.Adam([params], lr=lr, betas=betas)
-    guard = _Guard(params)
-    sync_every = 1 if dev.type == "cpu" else 10
-    schedule = lr_schedule(lr, steps, lr_hold, lr_final)
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = schedule[step]
-        optimizer.zero_grad(set_to_none=False)
-        img = image_param(params)
-        x = transforms.apply(img, thetas[:, step], offsets[:, step])
-        with (RedirectReLU() if step < relu_redirect_steps else contextlib.nullcontext()):
-            values = evaluate(x)
-        (-torch.where(guard.alive, values, 0.0).sum()).backward()
-        ok = guard.check(values, params.grad)
-        if dev.type == "cpu" and bool(ok.all()) and bool(guard.alive.all()):
-            optimizer.step()  # the common case, checked for free on a CPU
-        else:  # without a host sync on a GPU
-            guard.step(optimizer, params, ok, step)
-        bar.update(1)
-        if not bar.disable and (step % sync_every == 0 or step == steps - 1):
-            live = values.detach()[guard.alive]
-            bar.set_postfix(objective=f"{live.mean().item():.4g}" if len(live) else "-")
-
-    with torch.no_grad():
-        final = image_param(params)
-        final_scores = evaluate(final, "fp32").float()  # scores exact whatever the network ran in
-    return guard.results(final, final_scores, steps)
-
-
 def lr_schedule(lr: float, steps: int, hold: float, final: float) -> list[float]:
     """The learning rate of each step: LR for the first HOLD fraction of the steps, then falling
     linearly to FINAL * LR at the last step (see docs/render.md, "Time to quality")."""
@@ -542,7 +479,12 @@ def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 # --- the other methods: MACO, feature accentuation ---------------------------------------
 
-def _method_plan(s: RenderSettings, dev: torch.device, count: int):
+def _method_plan(s: RenderSettings, dev: torch.device, count: int, bands: int):
+    """What the render loop optimizes and shows the network, for the settings' method."""
+    if s.method == "lucid":
+        from .lucid import LucidPlan
+
+        return LucidPlan(s, dev, bands)
     if s.method == "maco":
         from .maco import MacoPlan
 
@@ -612,12 +554,15 @@ def _batch_info(targets, groups, dev) -> dict[str, Any]:
                 groups=torch.tensor(groups, device=dev))
 
 
-def _method_chunk(plan, net, obj, norm, dev, precision, targets, groups, seeds, steps, schedule, betas,
+def _render_chunk(plan, net, obj, norm, dev, precision, targets, groups, seeds, steps, schedule, betas,
                   relu_redirect_steps, bar):
+    """Optimize one chunk of images by the PLAN (optvis.lucid, .maco, .accent) -> Guard.results."""
     n, k = len(targets), plan.views_per_image
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     params = plan.init(gens, groups).requires_grad_(True)
-    thetas = plan.draw([torch.Generator().manual_seed(s ^ 0x5DEECE66D) for s in seeds], steps)
+    # a second stream per image for the transforms and a third for noise, so neither depends on
+    # the parameters' shape (nor on each other)
+    draws = plan.draw([torch.Generator().manual_seed(s ^ 0x5DEECE66D) for s in seeds], steps)
     noise = [torch.Generator(device=dev).manual_seed(s ^ 0x2545F491) for s in seeds]
     # view j of every image is one group of its own: diversity compares like views of the copies
     view_info = _batch_info([t for t in targets for _ in range(k)], [g * k + j for g in groups for j in range(k)],
@@ -625,27 +570,31 @@ def _method_chunk(plan, net, obj, norm, dev, precision, targets, groups, seeds, 
     image_info = _batch_info(targets, groups, dev)
     score = _evaluator(net, obj, norm, dev)
 
-    def evaluate(x, info, precision=precision):
-        return score(x, info, precision)
-
     optimizer = torch.optim.Adam([params], lr=schedule[0] if steps else 0.0, betas=betas)
     guard = _Guard(params)
+    sync_every = 1 if dev.type == "cpu" else 10
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = schedule[step]
         optimizer.zero_grad(set_to_none=False)
-        x = plan.views(plan.image(params), thetas[:, step], noise)
+        x = plan.views(plan.image(params), draws[:, step], noise)
         with (RedirectReLU() if step < relu_redirect_steps else contextlib.nullcontext()):
-            values = evaluate(x, view_info).view(n, k).mean(1)
+            values = score(x, view_info, precision).view(n, k).mean(1)
         (-torch.where(guard.alive, values, 0.0).sum()).backward()
         ok = guard.check(values, params.grad)
         pull = plan.penalty_grad(params.detach(), groups)
         if pull is not None:
             params.grad.add_(pull)
-        guard.step(optimizer, params, ok, step)
+        if dev.type == "cpu" and bool(ok.all()) and bool(guard.alive.all()):
+            optimizer.step()  # the common case, checked for free on a CPU
+        else:  # without a host sync on a GPU
+            guard.step(optimizer, params, ok, step)
         bar.update(1)
+        if not bar.disable and (step % sync_every == 0 or step == steps - 1):
+            live = values.detach()[guard.alive]
+            bar.set_postfix(objective=f"{live.mean().item():.4g}" if len(live) else "-")
 
     with torch.no_grad():
         final = plan.image(params)
-        final_scores = evaluate(final, image_info, "fp32").float()
+        final_scores = score(final, image_info, "fp32").float()  # scores exact whatever the network ran in
     return guard.results(final, final_scores, steps)

@@ -96,6 +96,37 @@ class Transforms:
         return x + self.pad_value
 
 
+@dataclasses.dataclass
+class TransformDraws:
+    """The random transforms of a chunk of images: `draws[:, step]` is one step's."""
+    thetas: torch.Tensor  # (n, steps, 2, 3) from Transforms.theta, or (n, 2, 3) for one step
+    offsets: torch.Tensor  # (n, steps, 2) from Transforms.draw_offsets, or (n, 2)
+
+    def __getitem__(self, index) -> "TransformDraws":
+        return TransformDraws(self.thetas[index], self.offsets[index])
+
+    def apply(self, transforms: Transforms, images: torch.Tensor) -> torch.Tensor:
+        """IMAGES transformed by one step's draws (see Transforms.apply)."""
+        return transforms.apply(images, self.thetas, self.offsets)
+
+
+def draw_transforms(transforms: Transforms, generators, steps: int, size: int, device) -> TransformDraws:
+    """Every step's transforms for each image of a SIZE px canvas, from the image's own generator;
+    the sub-pixel offsets from a second generator seeded from the first, so that neither
+    sequence depends on the other's length."""
+    import torch
+
+    n = len(generators)
+    draws = torch.stack([transforms.draw(g, steps) for g in generators])  # (n, steps, 6)
+    thetas = transforms.theta(draws.reshape(-1, 6), size).view(n, steps, 2, 3)
+    offsets = torch.stack([transforms.draw_offsets(torch.Generator().manual_seed(g.initial_seed() ^ OFFSET_STREAM),
+                                                   steps) for g in generators]).float()
+    return TransformDraws(thetas.to(device), offsets.to(device))
+
+
+OFFSET_STREAM = 0x9E3779B9  # seeds the offsets' generator from the transforms' own seed
+
+
 def affine_grid(theta: torch.Tensor, size: int) -> torch.Tensor:
     """`F.affine_grid(theta, (B, C, size, size), align_corners=False)` as two broadcast multiply-adds:
     the same grid (to float rounding) in a fifth of the time, which matters once per step."""
