@@ -119,3 +119,16 @@ def test_plain_safetensors_file_is_not_a_snapshot(tmp_path):
 def test_missing_snapshot(tmp_path):
     with pytest.raises(FeatureshiftError, match="does not exist"):
         load_snapshot(tmp_path / "nope.safetensors")
+
+
+def test_snapshot_bytes_are_checked_like_a_snapshot_file(tmp_path):
+    # Ray workers receive a snapshot's bytes: the same format check and message as reading the file
+    from safetensors.torch import save as save_bytes
+
+    from featureshift.snapshot import load_snapshot_bytes
+
+    plain = save_bytes({"w": torch.zeros(2)})  # safetensors weights without featureshift metadata
+    with pytest.raises(FeatureshiftError, match="no featureshift metadata"):
+        load_snapshot_bytes(plain, "plain.safetensors")
+    with pytest.raises(FeatureshiftError, match="not a readable featureshift snapshot"):
+        load_snapshot_bytes(b"\x01", "short.safetensors")

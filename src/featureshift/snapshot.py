@@ -102,7 +102,7 @@ def save_snapshot(model: nn.Module, path: str | Path, *, epoch: int | None = Non
     return meta
 
 
-def _bad(path: Path, why: str) -> FeatureshiftError:
+def _bad(path: Path | str, why: str) -> FeatureshiftError:
     return FeatureshiftError(
         f"{path} is not a readable featureshift snapshot: {why}. It may be truncated or damaged; "
         "use another snapshot or save it again."
@@ -121,13 +121,18 @@ def read_meta(path: str | Path) -> SnapshotMeta:
             raw = f.metadata() or {}
     except Exception as e:
         raise _bad(path, f"{e.__class__.__name__}: {e}") from e
+    return meta_from_header(raw, path)
+
+
+def meta_from_header(raw: dict, source: str | Path) -> SnapshotMeta:
+    """The featureshift metadata of a safetensors header's `__metadata__` (RAW), checked."""
     if raw.get("format") != FORMAT or "featureshift" not in raw:
-        raise _bad(path, "it holds no featureshift metadata (plain safetensors weights can be loaded with "
+        raise _bad(source, "it holds no featureshift metadata (plain safetensors weights can be loaded with "
                    "`--model NAME --weights FILE` once saved as a state dict)")
     try:
-        return SnapshotMeta.from_dict(json.loads(raw["featureshift"]), path=str(path))
+        return SnapshotMeta.from_dict(json.loads(raw["featureshift"]), path=str(source))
     except (ValueError, KeyError, TypeError) as e:
-        raise _bad(path, f"its metadata is malformed ({e})") from e
+        raise _bad(source, f"its metadata is malformed ({e})") from e
 
 
 def load_snapshot(path: str | Path, device: str | torch.device = "cpu", verify: bool = True
@@ -156,14 +161,16 @@ def load_snapshot_bytes(data: bytes, source: str, device: str | torch.device = "
 
     try:
         (length,) = struct.unpack("<Q", data[:8])
-        meta = SnapshotMeta.from_dict(json.loads(json.loads(data[8:8 + length])["__metadata__"]["featureshift"]),
-                                      path=source)
+        raw = json.loads(data[8:8 + length]).get("__metadata__") or {}
+    except Exception as e:
+        raise _bad(source, f"{e.__class__.__name__}: {e}") from e
+    meta = meta_from_header(raw, source)  # the same checks as read_meta
+    try:
         state = load_safetensors(data)
     except Exception as e:
-        raise FeatureshiftError(f"The snapshot {source} cannot be read ({e.__class__.__name__}: {e}).") from e
+        raise _bad(source, f"{e.__class__.__name__}: {e}") from e
     if weights_checksum(state) != meta.checksum:
-        raise FeatureshiftError(f"The snapshot {source} cannot be read (its weights do not match the checksum "
-                                "stored with them).")
+        raise _bad(source, "its weights do not match the checksum stored with them")
     model = build_from_state(meta.info, state, source)
     return attach_info(model.to(device).eval(), meta.info)
 
