@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import FeatureshiftError
-from ..metrics.adaptation import Reuse, Speed, layer_fates, layer_speed, reuse
-from ..metrics.spatial import coarsening, dominant_frequency, layer_coarsening
+from ..metrics.adaptation import Reuse, Speed, layer_speed
+from ..metrics.answers import analyse_layer
 
 # Settings that never make two runs different experiments.
 IGNORED_SETTINGS = {"out", "force", "resume", "quiet", "device", "workers", "amp", "nproc", "created", "updated"}
@@ -152,21 +152,6 @@ def _num(v) -> str:
     return "–" if v is None or not math.isfinite(v) else f"{v:.2f}x"
 
 
-def _atlas_coarsening(run_dir: Path, m: MeasuredRun) -> dict[str, float]:
-    from .atlas import atlas_tiles
-
-    tiles = atlas_tiles(run_dir)
-    last = m.epochs[-1]
-    out = {}
-    for layer in sorted({l for l, _, _ in tiles}):
-        ratios = []
-        for (l, e, c), path in tiles.items():
-            if l == layer and e == m.reference and (layer, last, c) in tiles and last != m.reference:
-                ratios.append(coarsening(dominant_frequency(path), dominant_frequency(tiles[(layer, last, c)])))
-        out[layer] = layer_coarsening(ratios)
-    return out
-
-
 def compare_runs(run_dirs: Sequence[str | os.PathLike], *, output: str | os.PathLike | None = None,
                  quiet: bool = False) -> CompareRunsResult:
     """Set the measures of RUN_DIRS side by side and name the settings in which they differ.
@@ -178,6 +163,7 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], *, output: str | os.Path
     """
     from ..io import write_json, write_text
     from ..run import read_metrics, read_run
+    from .atlas import atlas_tiles
 
     dirs = [Path(d) for d in run_dirs]
     if len(dirs) < 2:
@@ -187,15 +173,13 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], *, output: str | os.Path
         run = read_run(d)
         m = read_measures(d)
         accs = [r["val_acc"] for r in read_metrics(d) if isinstance(r.get("val_acc"), (int, float))]
-        channel_layers = sorted({r["layer"] for r in m.channel_rows})
-        fates = {}
-        for layer in channel_layers:
-            fl = layer_fates(m, layer) if len(m.epochs) > 1 else {}
-            before = {r["channel"]: bool(r.get("dead")) for r in m.channel_table(layer, m.reference)}
-            fates[layer] = reuse(list(fl.values()), [before.get(c, False) for c in fl])
+        # the report's own answers (metrics.answers), from the same measures and the atlas's renders
+        tiles = atlas_tiles(d)
+        facts = {l: analyse_layer(m, l, tiles) for l in sorted({r["layer"] for r in m.channel_rows})}
         speeds = {l: layer_speed(m, l) for l in dict.fromkeys(r["layer"] for r in m.layer_rows)}
-        runs.append(RunColumn(d, run_settings(run), accs[-1] if accs else None, speeds, fates,
-                              _atlas_coarsening(d, m)))
+        runs.append(RunColumn(d, run_settings(run), accs[-1] if accs else None, speeds,
+                              {l: f.reuse for l, f in facts.items()},
+                              {l: f.coarsening for l, f in facts.items() if f.scale_pairs}))
     keys = list(dict.fromkeys(k for r in runs for k in r.settings))
     differs = {k: [r.settings.get(k) for r in runs] for k in keys
                if len({repr(r.settings.get(k)) for r in runs}) > 1}

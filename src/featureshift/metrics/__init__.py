@@ -20,4 +20,6 @@ Four families of measures, all defined in docs/metrics.md:
     driver.py       run_metrics: every measure of a training run, written to RUN/metrics/
     adaptation.py   speed of adaptation, dead channels, reuse (kept / repurposed / died) from run_metrics' rows
     spatial.py      dominant spatial frequency of a render and its change (coarsening)
+    answers.py      analyse_layer: the paper's questions per layer (speed, fates, scale), for the
+                    report and compare-runs alike
 """

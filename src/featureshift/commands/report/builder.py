@@ -408,7 +408,7 @@ class _Writer:
                        "reference": self.reference, "last": self.last}
         self._images: dict[int, Any] = {}
         self._copied: dict[Path, str] = {}
-        from .analysis import analyse_layer
+        from ...metrics.answers import analyse_layer
 
         self.facts = {l: analyse_layer(self.m, l, self.tiles) for l in self.m.channels}
         # (layer, channel) -> its rows in epoch order: an atlas has thousands of channel pages.
