@@ -148,6 +148,25 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
+@dataclasses.dataclass
+class StepLoss:
+    logits: torch.Tensor  # the main head's output
+    loss: torch.Tensor  # what is backpropagated: the main loss plus the auxiliary heads' (AUX_WEIGHT)
+    main: torch.Tensor  # the main loss alone, detached: what is reported
+
+
+def forward_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion: nn.Module, device: torch.device,
+                 amp_dtype: torch.dtype | None = None) -> StepLoss:
+    """The forward pass and loss of one training batch, as training and its pre-check run it."""
+    with _autocast(device, amp_dtype):
+        logits, aux = split_outputs(model(x))
+        loss = criterion(logits, y)
+        main = loss.detach()
+        if aux:
+            loss = loss + AUX_WEIGHT.get(len(aux), 0.3) * sum(criterion(a, y) for a in aux)
+    return StepLoss(logits, loss, main)
+
+
 def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, criterion: nn.Module,
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int, *, info: ModelInfo,
                     plan: CutoffPlan | None = None, scaler: torch.amp.GradScaler | None = None,
@@ -182,12 +201,8 @@ def train_one_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, crite
             continue
         x, y = to_device(x, y, device, info, channels_last)
         try:
-            with _autocast(device, amp_dtype):
-                logits, aux = split_outputs(model(x))
-                loss = criterion(logits, y)
-                main_loss = loss.detach()
-                if aux:
-                    loss = loss + AUX_WEIGHT.get(len(aux), 0.3) * sum(criterion(a, y) for a in aux)
+            step = forward_loss(model, x, y, criterion, device, amp_dtype)
+            logits, loss, main_loss = step.logits, step.loss, step.main
         except RuntimeError as e:
             if n == 0 and "out of memory" not in str(e).lower():
                 raise FeatureshiftError(

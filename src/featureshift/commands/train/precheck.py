@@ -8,7 +8,6 @@ at any size and leaves the network's weights, statistics and random streams alon
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,7 +22,7 @@ from ...models.layers import blank_input
 from ...models.zoo import aux_heads, drop_aux_heads
 from .config import MIN_IMAGE_SIZE
 from .cutoff import CutoffPlan, set_train_mode
-from .loop import AUX_WEIGHT, split_outputs, to_device
+from .loop import AUX_WEIGHT, forward_loss, to_device
 
 _LIMIT = 2048  # the largest size probed
 
@@ -152,13 +151,7 @@ def check_training_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tenso
                                    device_type=device.type if accelerator else "cuda"):  # dropout draws from them
             set_train_mode(model, plan)
             x, y = to_device(*batch, device, info, channels_last)
-            autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-            with autocast:
-                logits, aux = split_outputs(model(x))
-                loss = criterion(logits, y)
-                if aux:
-                    loss = loss + AUX_WEIGHT.get(len(aux), 0.3) * sum(criterion(a, y) for a in aux)
-            loss.backward()
+            forward_loss(model, x, y, criterion, device, amp_dtype).loss.backward()
     except torch.OutOfMemoryError as e:
         raise FeatureshiftError(
             f"The {device} device ran out of memory training on a batch of {batch_size} images of {size} px. "
