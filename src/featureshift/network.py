@@ -31,11 +31,16 @@ class Network:
     info: ModelInfo
     meta: SnapshotMeta | None = None  # set when the network came from a snapshot
     path: Path | None = None  # the snapshot or weights file, when there was one
+    weights: str | None = None  # imagenet or random, for a network built by name
 
     @property
     def label(self) -> str:
-        """How to name this network to a person: the file's name or the architecture."""
-        return self.path.name if self.path is not None else self.info.arch
+        """How to name this network to a person: "003.safetensors, epoch 3", "weights.pt",
+        "googlenet (imagenet)", or the architecture of a module given as it is."""
+        if self.path is not None:
+            epoch = self.meta.epoch if self.meta is not None else None
+            return self.path.name + (f", epoch {epoch}" if epoch is not None else "")
+        return f"{self.info.arch} ({self.weights})" if self.weights else self.info.arch
 
 
 def is_snapshot_spec(spec: str | os.PathLike) -> bool:
@@ -44,15 +49,17 @@ def is_snapshot_spec(spec: str | os.PathLike) -> bool:
     return s.endswith(SNAPSHOT_SUFFIX) or Path(s).is_file()
 
 
-def open_network(spec: str | os.PathLike, weights: str | None = "imagenet", *, num_classes: int | None = None,
+def open_network(spec: str | os.PathLike | nn.Module, weights: str | None = "imagenet", *, num_classes: int | None = None,
                  device: str | torch.device = "cpu", progress: bool = True,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  input_size: int | None = None, in_chans: int = 3, image_size: int | None = None) -> Network:
-    """Resolve SPEC (a model name, a snapshot file, or an ONNX file) with WEIGHTS (imagenet, random
+    """Resolve SPEC (a model name, a snapshot file, an ONNX file, or a module as it is) with WEIGHTS (imagenet, random
     (or None, as in torchvision), or the path of a snapshot or a state-dict file; ignored when SPEC is a file) into a Network.
     mean, std, input_size: the preprocessing of an ONNX file that does not carry its own.
     in_chans, image_size: input bands and the image size a vision transformer is built for, when
     SPEC is a model name (see models.zoo.create_model); a snapshot records its own."""
+    if isinstance(spec, nn.Module):  # a network already in hand (the API): as it is
+        return Network(spec, model_info(spec))
     if is_onnx_path(spec):
         path = Path(spec)
         module = load_onnx(path, mean=mean, std=std, input_size=input_size).to(device)
@@ -67,7 +74,7 @@ def open_network(spec: str | os.PathLike, weights: str | None = "imagenet", *, n
     if weights in ("imagenet", "random"):
         module = build_named(name, weights=weights, num_classes=num_classes, progress=progress,
                              in_chans=in_chans, image_size=image_size).to(device)
-        return Network(module, model_info(module))
+        return Network(module, model_info(module), weights=weights)
     path = Path(weights)
     if not path.exists():
         raise FeatureshiftError(

@@ -28,6 +28,7 @@ from ..metrics.probe import DEFAULT_PROBE_LIMIT, probe_stats, resolve_probe
 from ..metrics.similarity import channel_correlation, cka
 from ..metrics.weights import weight_change
 from ..models.layers import layer_info
+from ..network import open_network
 
 DEFAULT_COLUMNS = 8
 
@@ -95,28 +96,6 @@ def change_score(row: dict[str, Any], by: str) -> float:
     return float(v)
 
 
-@dataclasses.dataclass
-class _Side:
-    """One of the two networks compared: the module, its name on the sheet, its snapshot file."""
-
-    model: nn.Module
-    name: str
-    path: Path | None = None
-
-
-def _open(x, weights: str) -> _Side:
-    from ..network import is_snapshot_spec, open_network
-
-    if isinstance(x, nn.Module):
-        info = getattr(x, "featureshift_info", None)
-        return _Side(x, info.arch if info is not None else type(x).__name__)
-    net = open_network(x, weights)
-    if not is_snapshot_spec(x):
-        return _Side(net.module, f"{x} ({weights})")
-    epoch = f", epoch {net.meta.epoch}" if net.meta is not None and net.meta.epoch is not None else ""
-    return _Side(net.module, f"{Path(x).name}{epoch}", Path(x))
-
-
 def _run_of(path: Path | None) -> Path | None:
     from ..run import is_run
 
@@ -170,8 +149,8 @@ def compare(a, b, layer: str, *, columns: int | None = None, channels: str | Seq
     if by not in CHANGE_METRICS:
         raise FeatureshiftError(f"Unknown measure '{by}'.{did_you_mean(by, CHANGE_METRICS)} "
                                 f"Rank by one of {', '.join(CHANGE_METRICS)}.")
-    side_a, side_b = _open(a, weights), _open(b, weights)
-    model_a, model_b, name_a, name_b = side_a.model, side_b.model, side_a.name, side_b.name
+    side_a, side_b = open_network(a, weights), open_network(b, weights)
+    model_a, model_b, name_a, name_b = side_a.module, side_b.module, side_a.label, side_b.label
     count = _check_pair(model_a, model_b, name_a, name_b, layer)
 
     def select(scores=None) -> list[int]:
@@ -183,7 +162,7 @@ def compare(a, b, layer: str, *, columns: int | None = None, channels: str | Seq
     wc = weight_change(model_a, model_b, [layer])[layer]
     rows = [{"channel": c, "weight_change": float(wc.channels[c]), "correlation": math.nan, "drift": math.nan,
              "cross_b_on_a": math.nan, "cross_a_on_b": math.nan} for c in range(count)]
-    run = _run_of(side_a.path) or _run_of(side_b.path)
+    run = _run_of(side_a.path if side_a.meta else None) or _run_of(side_b.path if side_b.meta else None)
     layer_cka, n_probe = None, 0
     if probe is not None or run is not None:
         paths = resolve_probe(run, probe, probe_limit)

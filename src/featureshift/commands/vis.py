@@ -89,11 +89,8 @@ def vis(model, layers: str | Sequence[str], output: str | os.PathLike, *, column
     out = Path(output)
     if out.suffix.lower() != ".png":
         raise FeatureshiftError(f"-o {output}: the grid is written as PNG; give a name ending in .png.")
-    if isinstance(model, (str, os.PathLike)):
-        net = open_network(model, weights)
-        module, checksum = net.module, net.meta.checksum if net.meta is not None else None
-    else:
-        module, checksum = model, None
+    net = open_network(model, weights)
+    module, checksum = net.module, net.meta.checksum if net.meta is not None else None
     if not checksum:
         from ..snapshot import state_on_cpu, weights_checksum
 
