@@ -318,6 +318,7 @@ def _write_outputs(rows: list[State], result: TimelineResult, labels: bool, sett
     class_names = first.meta.info.class_names
     row_labels = [row_label(r) if labels else None for r in rows]
     opened: dict[Path, Image.Image] = {}
+    abouts: dict[Path, dict] = {}  # the metadata of the tiles decoded here: not read a second time below
 
     def tile(layer: str, epoch: int, c: int) -> Image.Image | None:
         path = result.tiles.get((layer, epoch, c))
@@ -325,6 +326,7 @@ def _write_outputs(rows: list[State], result: TimelineResult, labels: bool, sett
             return None
         if path not in opened:
             image, about = read_tile(path)
+            abouts[path] = about
             if about.get("no_response") or (layer, epoch, c) in result.no_response:
                 result.no_response.add((layer, epoch, c))
                 # The starting noise is no picture of the channel: the tile says so instead.
@@ -373,7 +375,7 @@ def _write_outputs(rows: list[State], result: TimelineResult, labels: bool, sett
                 frames = [make_grid([[tile(layer, r.epoch, c)]], title=t) for (r, _), t in zip(present, titles)]
                 _gif(path, frames, sig)
     for key, path in result.tiles.items():
-        about = read_tile_about(path)
+        about = abouts[path] if path in abouts else read_tile_about(path)
         if about.get("failed"):
             result.failed[key] = about["failed"]
         if about.get("no_response"):
