@@ -135,6 +135,12 @@ def render_options(objective: bool, inherit: bool = False):
                      + f"lucid: {METHOD_LR['lucid'][0]:g}, or {LUCID_LR_BUDGET:g}/steps where that is lower; "
                      + ", ".join(f"{m}: {lr:g}" for m, (lr, _, _) in METHOD_LR.items() if m != "lucid")
                      + "; Lucid's own recipe: 0.05]."),
+        click.option("--lr-hold", type=float, default=None,
+                     help="The fraction of the steps at the full learning rate, after which it falls linearly  "
+                          f"[default: {METHOD_LR['lucid'][1]:g} (lucid), 1 (maco, accent); Lucid's: 1, constant]."),
+        click.option("--lr-final", type=float, default=None,
+                     help="The learning rate at the last step, as a fraction of --lr  "
+                          f"[default: {METHOD_LR['lucid'][2]:g} (lucid), 1 (maco, accent)]."),
         opt("--param", d.param, "Image parameterization: 1/f-scaled Fourier spectrum, or plain pixels.",
             type=click.Choice(PARAMS)),
     ]
@@ -181,7 +187,7 @@ def render_options(objective: bool, inherit: bool = False):
 
 def settings_from(options: dict):
     """RenderSettings from the render options a command received (None: keep the default)."""
-    keys = ("steps", "size", "seed", "lr", "param", "objective", "diversity", "diversity_weight", "include_cls",
+    keys = ("steps", "size", "seed", "lr", "lr_hold", "lr_final", "param", "objective", "diversity", "diversity_weight", "include_cls",
             "method", "image", "accent_weight", "spectrum", "crops", "noise")
     return DEFAULT_SETTINGS.replace(**{k: options.pop(k) for k in keys if k in options})
 
@@ -559,7 +565,7 @@ def vis(model_or_snapshot, layers, output, columns, channels, device, batch_size
       featureshift vis squeezenet1_1 features.9 --columns 4 --method accent --image cat.jpg -o accent.png
 
     Lucid's method: 1/f Fourier parameterization with decorrelated colors, random pad, jitter,
-    scale and rotation, Adam. `--steps 2048 --size 144` reproduces the original tool.
+    scale and rotation, Adam. `--steps 2048 --size 144 --lr 0.05 --lr-hold 1` reproduces the original tool.
     """
     from .commands.vis import vis as vis_api
 
