@@ -88,8 +88,8 @@ class _RedirectedReLU(torch.autograd.Function):
         # all zero, as Lucid, but by the largest and smallest value: a sum of squares underflows to
         # zero for the tiny gradients of a randomly initialized network, and two plain reductions
         # run ~15x faster than any() or an infinity norm (a NaN is never "blocked" either way)
-        rows = _per_image(relu_grad)
-        blocked = (rows.amax(1) == 0) & (rows.amin(1) == 0)
+        flat = _per_image(relu_grad)
+        blocked = (flat.amax(1) == 0) & (flat.amin(1) == 0)
         if not blocked.any():  # the common case: nothing to redirect
             return relu_grad, None
         rows = blocked.nonzero()[:, 0]
