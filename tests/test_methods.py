@@ -6,6 +6,7 @@ ImageNet SqueezeNet and real photos from scikit-image.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -231,3 +232,29 @@ def test_timeline_accentuates_the_same_photo_at_every_snapshot(tmp_path, photos)
     again = timeline(run, LAYER, [2, 3], method="accent", image=str(photo), steps=4, size=32, quiet=True,
                      device="cpu")
     assert again.rendered == 0 and again.cached == 4
+
+
+def test_photos_of_one_snapshot_are_accentuated_in_one_batch(squeeze, chelsea, tmp_path):
+    # The report accentuates each channel's own top example: one job per photo would be batches
+    # of one. batch_photos makes one job per snapshot, keys and each tile's own photo kept.
+    from skimage import data
+
+    from featureshift.jobs.executors import render_job, tile_about
+    from featureshift.jobs.plan import TileJob, batch_photos
+
+    coffee = tmp_path / "coffee.png"
+    Image.fromarray(data.coffee()).save(coffee)
+    s = RenderSettings(method="accent", steps=4, size=48)
+    jobs = [TileJob(Path("a.safetensors"), "c", ((MID, 1), (MID, 2)), ("k1", "k2"), s.replace(image=str(chelsea))),
+            TileJob(Path("a.safetensors"), "c", ((MID, 3),), ("k3",), s.replace(image=str(coffee))),
+            TileJob(Path("b.safetensors"), "d", ((MID, 3),), ("k4",), s.replace(image=str(coffee)))]
+    merged = batch_photos(jobs)
+    assert [j.keys for j in merged] == [("k1", "k2", "k3"), ("k4",)]
+    assert merged[0].settings.image == (str(chelsea), str(chelsea), str(coffee))
+    assert merged[1].settings.image == str(coffee)
+
+    together = render_job(squeeze, merged[0])
+    alone = render_job(squeeze, jobs[1])
+    assert np.abs(together.images[2].astype(float) - alone.images[0]).mean() < 2  # uint8 pixels, 4 steps
+    about = tile_about(merged[0], 2, together)
+    assert about["image"] == tile_about(jobs[1], 0, alone)["image"]  # the tile's own photo, as its key has

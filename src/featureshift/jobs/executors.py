@@ -91,8 +91,11 @@ def tile_about(job: TileJob, index: int, output: JobOutput) -> dict[str, Any]:
         about["epoch"] = job.epoch
     # A channel without a response is still cached (its starting noise), marked so that every
     # command that shows it can say so instead.
+    settings = job.settings
+    if isinstance(settings.image, tuple):  # one photo per target (plan.batch_photos): this tile's own
+        settings = dataclasses.replace(settings, image=settings.image[index])
     about.update({"checksum": job.checksum, "score": output.scores[index], "failed": output.failed.get(index),
-                  "no_response": index in output.no_response, **job.settings.key_fields()})
+                  "no_response": index in output.no_response, **settings.key_fields()})
     return about
 
 

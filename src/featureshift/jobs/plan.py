@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from ..optvis.settings import DEFAULT_SETTINGS, RenderSettings
 from ..states import Preprocessing
@@ -131,3 +131,28 @@ def _cut(groups: dict[tuple[Path, str, Preprocessing | None], list[tuple[tuple[s
             jobs.append(TileJob(snapshot, checksum, tuple(t for t, _, _ in part), tuple(k for _, k, _ in part),
                                 settings, part[0][2], preprocessing))
     return jobs
+
+
+def batch_photos(jobs: Sequence[TileJob], max_tiles: int = CPU_JOB_TILES) -> list[TileJob]:
+    """Accentuation jobs of one snapshot that differ only in their photo, as jobs of up to
+    MAX_TILES targets with one photo per target (RenderSettings.image as a tuple): the engine
+    optimizes them together instead of one small batch per photo. Keys are unchanged (each
+    tile's key holds its own photo); other jobs pass through as they are."""
+    out: list[TileJob] = []
+    groups: dict[tuple, list[tuple[tuple[str, int], str, str]]] = {}
+    for job in jobs:
+        s = job.settings
+        if s.method != "accent" or isinstance(s.image, tuple) or s.image is None:
+            out.append(job)
+            continue
+        base = dataclasses.replace(s, image=None)
+        groups.setdefault((job.snapshot, job.checksum, job.preprocessing, job.epoch, base), []).extend(
+            (t, k, str(s.image)) for t, k in zip(job.targets, job.keys))
+    for (snapshot, checksum, preprocessing, epoch, base), items in groups.items():
+        for start in range(0, len(items), max_tiles):
+            part = items[start:start + max_tiles]
+            photos = tuple(p for _, _, p in part)
+            out.append(TileJob(snapshot, checksum, tuple(t for t, _, _ in part), tuple(k for _, k, _ in part),
+                               dataclasses.replace(base, image=photos if len(set(photos)) > 1 else photos[0]),
+                               epoch, preprocessing))
+    return out

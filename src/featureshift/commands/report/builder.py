@@ -322,7 +322,7 @@ def accentuate_examples(run_dir: str | os.PathLike, m, channels: dict[str, Seque
     list into the timeline's tile cache, so a rebuilt report renders none of them again."""
     from ...jobs.cache import CACHE_DIR, TileCache
     from ...jobs.executors import make_executor, run_jobs
-    from ...jobs.plan import JobPlan, TileRequest, plan_jobs
+    from ...jobs.plan import JobPlan, TileRequest, batch_photos, plan_jobs
     from ...states import list_states
     from ..timeline.timeline import TIMELINE_DIR
 
@@ -341,7 +341,8 @@ def accentuate_examples(run_dir: str | os.PathLike, m, channels: dict[str, Seque
         return {}
     states = [r for r in list_states(run_dir) if r.meta is not None and r.epoch in m.epochs]
     cache = TileCache(run_dir / TIMELINE_DIR / CACHE_DIR)
-    # A plan holds one set of settings and each example is its own: one plan per (layer, example).
+    # A plan holds one set of settings and each example is its own: one plan per (layer, example),
+    # whose jobs batch_photos then puts together, one batch per snapshot.
     groups: dict[tuple[str, str], list[tuple[int, TileRequest]]] = {}
     for (layer, c), a in wanted.items():
         groups.setdefault((layer, str(a.example)), []).extend(
@@ -356,8 +357,9 @@ def accentuate_examples(run_dir: str | os.PathLike, m, channels: dict[str, Seque
         # The local executor loads each snapshot once when its jobs follow one another.
         order = {r.path: i for i, r in enumerate(states)}
         jobs.sort(key=lambda j: order[Path(j.snapshot)])
-        combined = JobPlan(jobs, DEFAULT_SETTINGS, cached=cached, requested=requested)
         with make_executor(ray, device=device, batch_size=batch_size, quiet=quiet) as executor:
+            combined = JobPlan(batch_photos(jobs, executor.max_tiles), DEFAULT_SETTINGS, cached=cached,
+                               requested=requested)
             run_jobs(combined, cache, executor, quiet=quiet, desc="accentuate")
     for (layer, epoch, c), key in keys.items():
         if key in cache:
