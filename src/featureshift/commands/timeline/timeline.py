@@ -360,10 +360,12 @@ def _write_outputs(rows: list[State], result: TimelineResult, labels: bool, sett
         if _stored_signature(result.merged[layer]) != sig:
             grid = [[] if k is None else [tile(layer, r.epoch, c) for c in cols] for r, k in zip(rows, keys)]
             merged = make_grid(grid, row_labels=row_labels if labels else None, col_labels=col_labels, title=title)
-            used = settings.resolved()
+            # As given, not resolved: a setting left to its default (None: the learning rate follows
+            # the steps) stays so when a report reuses these settings with other steps.
             save_merged(result.merged[layer], merged, signature=sig, kind="timeline", layer=layer,
                         epochs=result.epochs, channels=cols,
-                        settings={k: getattr(used, k) for k in RECORDED_SETTINGS} if used.method == "lucid" else None)
+                        settings={k: getattr(settings, k) for k in RECORDED_SETTINGS}
+                        if settings.method == "lucid" else None)
 
         result.gifs[layer] = {}
         present = [(r, k) for r, k in zip(rows, keys) if k is not None]
