@@ -26,7 +26,7 @@ import torch
 import featureshift
 from featureshift.commands.timeline.timeline import timeline
 from featureshift.run import snapshot_path
-from timeline_speed import nudge  # the same snapshots as the timeline benchmark
+from timeline_speed import nudge, timeline_arguments  # the same snapshots and timeline as its benchmark
 
 
 def tiles(run: Path) -> dict[str, bytes]:
@@ -46,12 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="squeezenet1_1")
     ap.add_argument("--weights", default="imagenet", help="imagenet or random (offline for any model)")
-    ap.add_argument("--layer", default="features.6.expand3x3_activation")
-    ap.add_argument("--channels", type=int, default=5)
-    ap.add_argument("--snapshots", type=int, default=11)
-    ap.add_argument("--steps", type=int, default=64)
-    ap.add_argument("--size", type=int, default=96)
-    ap.add_argument("--device", default="auto")
+    timeline_arguments(ap)
     ap.add_argument("--cpus", type=int, help="CPUs of the Ray instance (default: this machine's)")
     ap.add_argument("--repeat", type=int, default=2, help="runs of each, alternating (default 2)")
     ap.add_argument("--threads", type=int, help="torch CPU threads here and in each Ray worker "

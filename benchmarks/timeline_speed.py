@@ -32,14 +32,19 @@ def nudge(model, epoch: int) -> None:
                 p.add_(0.02 * p.std() * torch.randn(p.shape, generator=g))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def timeline_arguments(ap: argparse.ArgumentParser) -> None:
+    """The timeline this benchmark (and benchmarks/ray_speed.py) renders: layer, channels, snapshots, settings."""
     ap.add_argument("--layer", default="features.6.expand3x3_activation")
     ap.add_argument("--channels", type=int, default=5)
     ap.add_argument("--snapshots", type=int, default=11)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--size", type=int, default=96)
     ap.add_argument("--device", default="auto")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    timeline_arguments(ap)
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice); on a machine "
                     "shared with other work, 1 avoids threads spinning against each other.")
     ap.add_argument("--keep", help="Write the run here and keep it (default: a temporary folder).")

@@ -29,7 +29,7 @@ from ..errors import FeatureshiftError
 from ..models.layers import Capture, LayerInfo, blank_input, feature_views, resolve_layers
 from ..device import resolve_device
 from ..models.info import input_channels, model_info
-from .objectives import LOGITS, Batch, Diversity, Objective, as_objective, fixed_units
+from .objectives import LOGITS, Batch, Diversity, as_objective, fixed_units
 from .settings import METHODS, PARAMS, PRECISIONS, RenderSettings
 from .transforms import Transforms
 

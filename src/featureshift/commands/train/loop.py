@@ -8,7 +8,6 @@ import contextlib
 import dataclasses
 import os
 import sys
-from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
