@@ -89,25 +89,27 @@ def visual_drift(images_a, images_b) -> np.ndarray:
     difference it ignores where a pattern sits, which is seed noise, and keeps what the
     pattern is: its colors, textures and parts.
     """
-    images_a, images_b = list(images_a), list(images_b)
+    images_a = list(images_a)
     if not images_a:
         return np.zeros(0)
-    out = texture_distance(texture_descriptors(images_a), texture_descriptors(images_b))
-    same = np.array([np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images_a, images_b)])
-    out[same] = 0.0  # exact zero, not rounding noise, for an unchanged network
-    return out
+    return visual_drift_from(texture_descriptors(images_a), images_a, images_b)
 
 
-def texture_distance(da: Sequence[np.ndarray], db: Sequence[np.ndarray]) -> np.ndarray:
-    """visual_drift from the two lists' texture_descriptors (a caller that compares one set of
-    renders with many describes it once)."""
-    out = np.zeros(len(da[0]))
-    for ua, ub in zip(da, db):
+def visual_drift_from(descriptors_a: Sequence[np.ndarray], images_a, images_b) -> np.ndarray:
+    """visual_drift with IMAGES_A already described (their texture_descriptors): a caller
+    that compares one set of renders with many describes it once."""
+    images_a, images_b = list(images_a), list(images_b)
+    db = texture_descriptors(images_b)
+    out = np.zeros(len(images_a))
+    for ua, ub in zip(descriptors_a, db):
         na = np.linalg.norm(ua, axis=1)
         nb = np.linalg.norm(ub, axis=1)
         cos = (ua * ub).sum(1) / np.maximum(na * nb, 1e-30)
         out += np.clip(1.0 - cos, 0.0, 1.0)
-    return out / len(da)
+    out /= len(db)
+    same = np.array([np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images_a, images_b)])
+    out[same] = 0.0  # exact zero, not rounding noise, for an unchanged network
+    return out
 
 
 def channel_activation(model: nn.Module, targets: Sequence[tuple[str, int]], images) -> np.ndarray:

@@ -18,8 +18,7 @@ from ..io import write_json, write_text
 from ..models.layers import LayerInfo, layer_info, layer_structure
 from ..run import trained_image_size
 from .adaptation import dead_channels
-from .drift import (channel_activation, cross_activation, read_image, texture_descriptors,
-                    texture_distance)
+from .drift import channel_activation, cross_activation, read_image, texture_descriptors, visual_drift_from
 from .examples import find_examples, receptive_field
 from .probe import DEFAULT_PROBE_LIMIT, METRICS_VERSION, PROBE_BATCH, probe_stats, resolve_probe
 from .similarity import channel_correlation, cka
@@ -156,9 +155,8 @@ def run_metrics(run_dir: str | Path, layers: Sequence[str] = (), channels: dict[
                 todo = [i for i, s in enumerate(same) if not s]
                 if todo:
                     da = [np.stack(rows) for rows in zip(*(refs[(l, have[i])].descriptors for i in todo))]
-                    for i, d in zip(todo, texture_distance(da, texture_descriptors([rb[i] for i in todo]))):
-                        # pixel-identical renders of two snapshots (a frozen layer): exactly 0, as visual_drift
-                        drift[i] = 0.0 if np.array_equal(ra[i], rb[i]) else d
+                    for i, d in zip(todo, visual_drift_from(da, [ra[i] for i in todo], [rb[i] for i in todo])):
+                        drift[i] = d
                 b_on_a, a_on_b = cross_activation(ref_model, model, [(l, c) for c in have], ra, rb,
                                                   own_a=[refs[(l, c)].own for c in have])
                 for i, c in enumerate(have):
