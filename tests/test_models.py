@@ -201,3 +201,14 @@ def test_networks_sharing_an_architecture_name_keep_their_own_layers():
     assert (layer_info(a, "0").channels, layer_info(b, "0").channels) == (4, 8)
     assert layer_info(c, "0").height < layer_info(a, "0").height  # same parameters, another stride
     assert layer_info(tiny(4, 1), "0") == layer_info(a, "0")  # the same structure is traced once
+
+
+def test_open_network_names_each_kind_of_network(tmp_path, squeezenet):
+    from featureshift.network import open_network
+
+    assert open_network("squeezenet1_1", "imagenet").label == "squeezenet1_1 (imagenet)"
+    assert open_network(squeezenet).label == "squeezenet1_1"  # a module in hand, as it is
+    assert open_network("squeezenet1_1", None).weights == "random"  # torchvision's spelling
+    path = tmp_path / "007.safetensors"
+    featureshift.save_snapshot(squeezenet, path, epoch=7)
+    assert open_network(path).label == "007.safetensors, epoch 7"

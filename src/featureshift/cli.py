@@ -187,7 +187,8 @@ def render_options(objective: bool, inherit: bool = False):
 
 def settings_from(options: dict):
     """RenderSettings from the render options a command received (None: keep the default)."""
-    keys = ("steps", "size", "seed", "lr", "lr_hold", "lr_final", "param", "objective", "diversity", "diversity_weight", "include_cls",
+    keys = ("steps", "size", "seed", "lr", "lr_hold", "lr_final", "param", "objective", "diversity",
+            "diversity_weight", "include_cls",
             "method", "image", "accent_weight", "spectrum", "crops", "noise")
     return DEFAULT_SETTINGS.replace(**{k: options.pop(k) for k in keys if k in options})
 

@@ -49,12 +49,14 @@ def is_snapshot_spec(spec: str | os.PathLike) -> bool:
     return s.endswith(SNAPSHOT_SUFFIX) or Path(s).is_file()
 
 
-def open_network(spec: str | os.PathLike | nn.Module, weights: str | None = "imagenet", *, num_classes: int | None = None,
+def open_network(spec: str | os.PathLike | nn.Module, weights: str | None = "imagenet", *,
+                 num_classes: int | None = None,
                  device: str | torch.device = "cpu", progress: bool = True,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  input_size: int | None = None, in_chans: int = 3, image_size: int | None = None) -> Network:
-    """Resolve SPEC (a model name, a snapshot file, an ONNX file, or a module as it is) with WEIGHTS (imagenet, random
-    (or None, as in torchvision), or the path of a snapshot or a state-dict file; ignored when SPEC is a file) into a Network.
+    """Resolve SPEC (a model name, a snapshot file, an ONNX file, or a module as it is) with
+    WEIGHTS (imagenet, random (or None, as in torchvision), or the path of a snapshot or a
+    state-dict file; ignored when SPEC is a file) into a Network.
     mean, std, input_size: the preprocessing of an ONNX file that does not carry its own.
     in_chans, image_size: input bands and the image size a vision transformer is built for, when
     SPEC is a model name (see models.zoo.create_model); a snapshot records its own."""

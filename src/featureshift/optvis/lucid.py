@@ -20,7 +20,8 @@ class LucidPlan:
 
     def __init__(self, settings: RenderSettings, device: torch.device, channels: int = 3):
         s = settings
-        self.kind, self.size, self.init_sd, self.channels, self.device = s.param, int(s.size), s.init_sd, channels, device
+        self.kind, self.size, self.init_sd = s.param, int(s.size), s.init_sd
+        self.channels, self.device = channels, device
         self.image = ImageParam(s.param, self.size, s.decay_power, s.fft_divisor, s.decorrelate, device,
                                 channels=channels)
         self.transforms = s.transforms
