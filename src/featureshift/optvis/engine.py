@@ -173,8 +173,11 @@ def _prepared(model: nn.Module, device: torch.device) -> Iterator[None]:
 
 
 def _cpu_has_native_bf16() -> bool:
-    try:  # AMX tiles: oneDNN runs bf16 convolutions about 1.5x faster than fp32
-        return bool(torch.cpu._is_amx_tile_supported())
+    # AMX tiles or AVX-512 BF16 dot products: oneDNN runs a render's network 1.2-1.9x faster in
+    # bf16 than in fp32 (measured on an AVX-512 BF16 CPU: SqueezeNet, GoogLeNet, VGG16, ResNet-50,
+    # InceptionV3); without either, bf16 is emulated and slower than fp32.
+    try:
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
 
