@@ -63,7 +63,7 @@ def main() -> None:
             nudge(model, epoch)
             featureshift.save_snapshot(model, snapshot_path(local_run, epoch), epoch=epoch)
         shutil.copytree(local_run / "snapshots", ray_run / "snapshots")
-        opts = dict(steps=args.steps, size=args.size, device=args.device, quiet=True)
+        opts = dict(steps=args.steps, size=args.size, device=args.device, precision=args.precision, quiet=True)
         from featureshift.optvis.engine import render
         render(model, [(args.layer, 0)], steps=2, size=args.size, device=args.device, quiet=True)
 

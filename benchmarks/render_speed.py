@@ -26,9 +26,9 @@ the network at one exact pixel alignment only does not count. Both sides are ave
 seeds 0-2 (--seeds): with one seed the step count found swings by a rung of the ladder
 (17x to 22x measured on the same code with two streams of sub-pixel offsets).
 Recognition (--only recognition): class-logit renders of 16 classes at the defaults, seeds
-0-7, classified by the network, in fp32 and in the precision featureshift picks (bf16 on CPUs
-with native bf16): what the faster arithmetic costs in recognizability. --precision fp32 runs
-every other part with featureshift in fp32.
+0-31 (fewer swing by several points either way), classified by the network, in fp32 and in
+the precision featureshift picks (bf16 on CPUs with native bf16): what the faster arithmetic
+costs in recognizability. --precision fp32 runs every other part with featureshift in fp32.
 
 Lucent is not a featureshift dependency; install it into the same environment with
     pip install --no-deps torch-lucent==0.1.8 kornia==0.4.1 && pip install decorator ipython
@@ -144,7 +144,9 @@ def recognition(seeds: int) -> None:
             top1 += int((best[:, 0] == classes).sum())
             top5 += int((best == classes[:, None]).any(1).sum())
         n = seeds * len(classes)
-        print(f"  {precision}: top-1 {top1}/{n} ({top1 / n:.0%}), top-5 {top5}/{n} ({top5 / n:.0%}); "
+        se = 100 * math.sqrt(top1 / n * (1 - top1 / n) / n)  # each render is close to a fresh coin: chaotic
+        print(f"  {precision}: top-1 {top1}/{n} ({100 * top1 / n:.1f}% +- {se:.1f}), top-5 {top5}/{n} "
+              f"({100 * top5 / n:.1f}%); "
               f"{(time.perf_counter() - t0) / seeds:.1f} s per render of {len(classes)}", flush=True)
 
 
@@ -268,7 +270,7 @@ def main():
     ap.add_argument("--max-steps", type=int, default=512, help="featureshift's largest step count in time to quality")
     ap.add_argument("--seeds", type=int, default=None,
                     help="time to quality: seeds per side, activations averaged [default: 3]; "
-                         "recognition: renders per class [default: 8]")
+                         "recognition: renders per class [default: 32]")
     args = ap.parse_args()
     global PRECISION
     PRECISION = args.precision
@@ -280,7 +282,7 @@ def main():
           f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.1f}, featureshift's precision {render_precision()}")
     if args.only == "recognition":
-        recognition(args.seeds or 8)
+        recognition(args.seeds or 32)
         return
     if args.only == "time-to-quality":
         time_to_quality(args.max_steps, args.repeats - 1, args.seeds or 3)

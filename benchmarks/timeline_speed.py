@@ -40,6 +40,7 @@ def timeline_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--size", type=int, default=96)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
 
 
 def main() -> None:
@@ -60,7 +61,7 @@ def main() -> None:
         nudge(model, epoch)
         featureshift.save_snapshot(model, snapshot_path(run, epoch), epoch=epoch,
                                    metrics={"val_acc": 0.33 + 0.06 * epoch})
-    opts = dict(steps=args.steps, size=args.size, device=args.device)
+    opts = dict(steps=args.steps, size=args.size, device=args.device, precision=args.precision)
     # One throwaway render first, so neither figure includes one-time start-up (kernels, allocator).
     from featureshift.optvis.engine import render
     render(model, [(args.layer, 0)], steps=2, size=args.size, device=args.device, quiet=True)
@@ -80,7 +81,7 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
 
     print(f"timeline {args.layer}, {args.channels} channels, steps {args.steps}, size {args.size}, "
-          f"device {args.device}, torch threads {torch.get_num_threads()}")
+          f"device {args.device}, precision {args.precision}, torch threads {torch.get_num_threads()}")
     # CPU seconds are printed too: on a shared machine they vary far less than wall-clock time.
     print(f"  {args.snapshots} snapshots:          {full:8.2f} s wall, {full_cpu:8.2f} s CPU  "
           f"({first.rendered} tiles rendered, {first.cached} cached)")

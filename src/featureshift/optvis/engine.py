@@ -34,7 +34,7 @@ from .settings import METHODS, PARAMS, PRECISIONS, RenderSettings
 from .transforms import Transforms
 
 # Bump whenever the same call would produce different pixels (timeline caches key on it).
-ENGINE_VERSION = "fs-render-4"
+ENGINE_VERSION = "fs-render-5"
 
 _CPU_MAX_BATCH = 64  # beyond this a CPU gains no speed, only memory use
 _CUDA_MAX_BATCH = 1024
