@@ -337,8 +337,8 @@ def test_diversity_pushes_renders_of_one_channel_apart(squeeze):
                       groups=torch.zeros(3, dtype=torch.long))
         return float(objectives.diversity()(batch).mean())
 
-    # Over seeds: at the default (fast) learning rate the push varies from seed to seed (measured
-    # on seeds 0-2: 0.00, 0.34 and 0.10 less Gram similarity; at a constant lr 0.2: 0.04-0.08).
+    # Over seeds: the push varies from seed to seed at any learning rate (measured on seeds 0-2 in fp32:
+    # 0.00, 0.34 and 0.10 less Gram similarity here; see docs/render.md).
     gained = []
     for seed in range(3):
         kw = dict(steps=64, size=48, quiet=True, diversity=3, seed=seed)
