@@ -473,6 +473,18 @@ def test_vis_reads_layers_from_a_layers_listing_on_stdin(tmp_path):
     assert labelled[0] > 3 * 32 and labelled[1] > 2 * 32
 
 
+def test_vis_precision_option_reaches_the_render_and_its_tiles(tmp_path, squeeze):
+    from featureshift.jobs.cache import read_tile_about
+
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / f"{precision}.png"
+        r = _vis(tmp_path, MID, "-o", str(out), "--channels", "3", "--precision", precision)
+        assert r.exit_code == 0, r.output
+        assert read_tile_about(tmp_path / f"{precision}_tiles" / f"{MID}_3.png")["precision"] == precision
+    r = _vis(tmp_path, MID, "-o", str(tmp_path / "x.png"), "--precision", "fp64")
+    assert r.exit_code == 2 and "fp64" in r.output and "Traceback" not in r.output
+
+
 def test_vis_channels_option_and_same_bytes_as_the_api(tmp_path, squeeze):
     out = tmp_path / "g.png"
     r = _vis(tmp_path, MID, "-o", str(out), "--channels", "0-1,17")
