@@ -106,6 +106,17 @@ def test_channel_pages_show_the_top_example_accentuated_at_each_snapshot(report)
     assert "accentuations of " + LAYER in index.read_text()
 
 
+def test_the_report_names_the_precision_the_network_ran_in(report):
+    from featureshift.jobs.cache import read_tile_about
+
+    run, index = report
+    tile = next(p for p in (run / "timeline" / "cache").glob("*.png") if read_tile_about(p).get("layer") == LAYER
+                and read_tile_about(p).get("method", "lucid") == "lucid")
+    used = read_tile_about(tile)["precision"]  # "auto" resolves per machine: fp32 or bf16 here
+    row = re.search(rf"renders of {re.escape(LAYER)}.*?</tr>", index.read_text(), re.S)
+    assert row and f"network in {used}" in row.group(0)
+
+
 def test_without_accentuation(report, tmp_path, monkeypatch):
     import featureshift.optvis.engine as render_module
 

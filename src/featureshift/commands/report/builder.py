@@ -423,6 +423,17 @@ class _Writer:
         html = self.env.get_template(template).render(**self.common, **context)
         write_text(self.out / name, html)
 
+    def precision_used(self, layer: str, settings) -> str:
+        """', network in bf16': what "auto" meant on the machine that rendered LAYER's tiles."""
+        if settings.precision != "auto":
+            return ""  # describe() names it
+        src = next((p for (l, _, _), p in self.tiles.items() if l == layer), None)
+        try:
+            used = read_tile_about(src).get("precision") if src is not None else None
+        except (OSError, ValueError):
+            used = None
+        return f", network in {used}" if used else ""
+
     def tile(self, layer: str, epoch: int, channel: int) -> str | None:
         src = self.tiles.get((layer, epoch, channel))
         return None if src is None else self.cached_tile(src)
@@ -521,7 +532,7 @@ class _Writer:
         settings_rows = [("probe images", f"{len(m.probe)} at {m.image_size} px"),
                          ("reference snapshot", f"epoch {m.reference}")]
         for layer, s in self.settings.items():
-            settings_rows.append((f"renders of {layer}", s.describe()))
+            settings_rows.append((f"renders of {layer}", s.describe() + self.precision_used(layer, s)))
         for layer in dict.fromkeys(l for l, _ in self.accents):
             s = dataclasses.replace(next(a.settings for (l, _), a in self.accents.items() if l == layer), image=None)
             settings_rows.append((f"accentuations of {layer}",
