@@ -313,5 +313,7 @@ def test_a_timeline_records_its_settings_as_given(tmp_path, photos, one_thread):
     assert recorded["steps"] == TINY["steps"] and recorded["lr"] is None
     longer = DEFAULT_SETTINGS.replace(**recorded).replace(steps=512).resolved()
     assert longer.lr == pytest.approx(28.8 / 512)
-    timeline(run, LAYER, 1, quiet=True, lr=0.3, **TINY)  # a rate given is kept
+    assert recorded["precision"] == "auto"  # not what it resolved to on this machine
+    timeline(run, LAYER, 1, quiet=True, lr=0.3, precision="fp32", **TINY)  # a rate and a precision given are kept
     assert existing_timelines(run)[LAYER]["settings"]["lr"] == 0.3
+    assert existing_timelines(run)[LAYER]["settings"]["precision"] == "fp32"

@@ -143,7 +143,8 @@ def existing_timelines(run_dir: Path) -> dict[str, dict[str, Any]]:
         # or MACO tile of the layer has another learning rate)
         if entry is not None and entry["settings"] is None and about.get("objective", "channel") == "channel" \
                 and about.get("method", "lucid") == "lucid":
-            entry["settings"] = {k: about[k] for k in RECORDED_SETTINGS if k in about}
+            # (a tile records the precision "auto" resolved to, which the cache key does not hold)
+            entry["settings"] = {k: about[k] for k in RECORDED_SETTINGS if k in about and k != "precision"}
     return found
 
 

@@ -32,7 +32,7 @@ from ...states import ONNX, Preprocessing, State, list_states, open_state, read_
 TIMELINE_DIR = "timeline"
 # The render settings a timeline records in its merged.png, which a report rebuilt later reuses
 # so that it reads the cached tiles instead of rendering them again with other settings.
-RECORDED_SETTINGS = ("steps", "size", "seed", "lr", "lr_hold", "lr_final", "param")
+RECORDED_SETTINGS = ("steps", "size", "seed", "lr", "lr_hold", "lr_final", "param", "precision")
 GIF_FRAME_MS = 600
 
 
