@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from _measure import channel_means, normalized, recognized
-from featureshift import FeatureshiftError, create_model, model_info
+from _measure import channel_means, recognized
+from featureshift import FeatureshiftError, create_model
 from featureshift.optvis.accent import load_photo
 from featureshift.optvis.engine import render
 from featureshift.optvis.maco import (PhaseImage, dataset_spectrum, image_spectrum, load_spectrum,

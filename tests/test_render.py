@@ -17,7 +17,7 @@ from torch import nn
 
 import featureshift
 from _measure import channel_means, normalized, recognized
-from featureshift import FeatureshiftError, attach_info, create_model, model_info
+from featureshift import FeatureshiftError, attach_info, create_model
 from featureshift.cli import main
 from featureshift.grid import to_pil
 from featureshift.models.info import ModelInfo

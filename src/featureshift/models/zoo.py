@@ -7,7 +7,6 @@ command reads, so a fine-tuned network is rebuilt exactly as it was saved.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import urllib.error
 from pathlib import Path
@@ -18,7 +17,7 @@ import torchvision
 from torch import nn
 
 from ..errors import FeatureshiftError, did_you_mean
-from .info import IMAGENET_MEAN, IMAGENET_STD, ModelInfo, attach_info, band_stats, model_info
+from .info import IMAGENET_MEAN, IMAGENET_STD, ModelInfo, attach_info, band_stats
 
 # Builder arguments fixed per architecture so that "imagenet" and "random" weights
 # and a snapshot reload all produce the same module tree (and the same layer names).
@@ -51,11 +50,11 @@ def available_models() -> list[str]:
 def _resolve_name(name: str) -> tuple[str, str]:
     """-> (library, builder name)."""
     if name.startswith(("timm/", "timm:")):
-        lib, base = "timm", name[5:]
+        base = name[5:]
     elif name in torchvision_models():
         return "torchvision", name
     else:
-        lib, base = "timm", name
+        base = name
     timm = _timm()
     if timm is not None and timm.is_model(base):
         return "timm", base

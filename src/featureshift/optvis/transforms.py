@@ -18,6 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the annotations only
+    import torch
 
 
 DEFAULT_SCALES = tuple(1 + (i - 5) / 50 for i in range(11))
