@@ -28,7 +28,8 @@ seeds 0-2 (--seeds): with one seed the step count found swings by a rung of the 
 Recognition (--only recognition): class-logit renders of 16 classes at the defaults, seeds
 0-31 (fewer swing by several points either way), classified by the network, in fp32 and in
 the precision featureshift picks (bf16 on CPUs with native bf16): what the faster arithmetic
-costs in recognizability. --precision fp32 runs every other part with featureshift in fp32.
+costs in recognizability; --lucent-seeds N adds Lucent's 512-step class renders, judged alike.
+--precision fp32 runs every other part with featureshift in fp32.
 
 Lucent is not a featureshift dependency; install it into the same environment with
     pip install --no-deps torch-lucent==0.1.8 kornia==0.4.1 && pip install decorator ipython
@@ -122,9 +123,10 @@ def bare_network(model, layer, steps, size, channels_last, precision="fp32"):
             p.requires_grad_(f)
 
 
-def recognition(seeds: int) -> None:
+def recognition(seeds: int, lucent_seeds: int = 0) -> None:
     """Class-logit renders at the defaults, classified by the network: does the precision
-    featureshift picks on this machine cost recognizability against fp32?"""
+    featureshift picks on this machine cost recognizability against fp32, and (lucent_seeds)
+    how do Lucent's 512-step class renders fare with the same judge?"""
     model = create_model("squeezenet1_1", weights="imagenet")
     info = model_info(model)
     mean, std = torch.tensor(info.mean).view(1, 3, 1, 1), torch.tensor(info.std).view(1, 3, 1, 1)
@@ -132,22 +134,34 @@ def recognition(seeds: int) -> None:
     print(f"recognition: squeezenet1_1 (ImageNet weights), class-logit renders of {len(classes)} classes "
           f"{RECOGNITION_CLASSES}, 96 px, the default steps and lr, seeds 0-{seeds - 1}; each image classified "
           "by the network in fp32", flush=True)
-    for precision in dict.fromkeys(["fp32", render_precision()]):
+
+    def lucent_classes(seed):  # the logits are the classifier's pooled output, classifier.3
+        objectives, param, lucent_render = lucent()
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        obj = sum(objectives.channel("classifier_3", int(c), batch=i) for i, c in enumerate(classes))
+        return lucent_render.render_vis(model, obj, lambda: param.image(96, batch=len(classes)), thresholds=(512,),
+                                        show_image=False, progress=False, fixed_image_size=96)[-1]
+
+    sides = [(f"featureshift {p}", seeds, lambda seed, p=p: render(
+        model, [("logits", int(c)) for c in classes], size=96, seed=seed, device="cpu", precision=p,
+        quiet=True).images) for p in dict.fromkeys(["fp32", render_precision()])]
+    if lucent_seeds:
+        sides.append(("lucent 0.1.8, 512 steps", lucent_seeds, lucent_classes))
+    for name, count, draw in sides:
         top1 = top5 = 0
         t0 = time.perf_counter()
-        for seed in range(seeds):
-            images = render(model, [("logits", int(c)) for c in classes], size=96, seed=seed, device="cpu",
-                            precision=precision, quiet=True).images
-            x = torch.tensor(np.asarray(images, np.float32)).permute(0, 3, 1, 2)
+        for seed in range(count):
+            x = torch.tensor(np.asarray(draw(seed), np.float32)).permute(0, 3, 1, 2)
             with torch.no_grad():
                 best = model((x - mean) / std).topk(5, 1).indices
             top1 += int((best[:, 0] == classes).sum())
             top5 += int((best == classes[:, None]).any(1).sum())
-        n = seeds * len(classes)
+        n = count * len(classes)
         se = 100 * math.sqrt(top1 / n * (1 - top1 / n) / n)  # each render is close to a fresh coin: chaotic
-        print(f"  {precision}: top-1 {top1}/{n} ({100 * top1 / n:.1f}% +- {se:.1f}), top-5 {top5}/{n} "
-              f"({100 * top5 / n:.1f}%); "
-              f"{(time.perf_counter() - t0) / seeds:.1f} s per render of {len(classes)}", flush=True)
+        print(f"  {name} (seeds 0-{count - 1}): top-1 {top1}/{n} ({100 * top1 / n:.1f}% +- {se:.1f}), top-5 "
+              f"{top5}/{n} ({100 * top5 / n:.1f}%); {(time.perf_counter() - t0) / count:.1f} s per render of "
+              f"{len(classes)}", flush=True)
 
 
 def render_precision():
@@ -265,6 +279,8 @@ def main():
     ap.add_argument("--only", choices=("speed", "time-to-quality", "recognition"), default=None,
                     help="run one part: the speed and quality figures, the time-to-quality comparison, or "
                          "the recognition of class renders in fp32 and in the precision featureshift picks")
+    ap.add_argument("--lucent-seeds", type=int, default=0,
+                    help="recognition: also Lucent's 512-step class renders, this many seeds (about 1 min each)")
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                     help="featureshift's network precision [default: auto: bf16 on CPUs with native bf16]")
     ap.add_argument("--max-steps", type=int, default=512, help="featureshift's largest step count in time to quality")
@@ -274,7 +290,7 @@ def main():
     args = ap.parse_args()
     global PRECISION
     PRECISION = args.precision
-    if args.only != "recognition":  # the only part without Lucent
+    if args.only != "recognition" or args.lucent_seeds:  # recognition needs Lucent only for its side
         lucent()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -282,7 +298,7 @@ def main():
           f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.1f}, featureshift's precision {render_precision()}")
     if args.only == "recognition":
-        recognition(args.seeds or 32)
+        recognition(args.seeds or 32, args.lucent_seeds)
         return
     if args.only == "time-to-quality":
         time_to_quality(args.max_steps, args.repeats - 1, args.seeds or 3)
