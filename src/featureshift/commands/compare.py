@@ -162,7 +162,7 @@ def compare(a, b, layer: str, *, columns: int | None = None, channels: str | Seq
     wc = weight_change(model_a, model_b, [layer])[layer]
     rows = [{"channel": c, "weight_change": float(wc.channels[c]), "correlation": math.nan, "drift": math.nan,
              "cross_b_on_a": math.nan, "cross_a_on_b": math.nan} for c in range(count)]
-    run = _run_of(side_a.path if side_a.meta else None) or _run_of(side_b.path if side_b.meta else None)
+    run = _run_of(side_a.path) or _run_of(side_b.path)
     layer_cka, n_probe = None, 0
     if probe is not None or run is not None:
         paths = resolve_probe(run, probe, probe_limit)
