@@ -480,7 +480,8 @@ def test_vis_precision_option_reaches_the_render_and_its_tiles(tmp_path, squeeze
         out = tmp_path / f"{precision}.png"
         r = _vis(tmp_path, MID, "-o", str(out), "--channels", "3", "--precision", precision)
         assert r.exit_code == 0, r.output
-        assert read_tile_about(tmp_path / f"{precision}_tiles" / f"{MID}_3.png")["precision"] == precision
+        about = read_tile_about(tmp_path / f"{precision}_tiles" / f"{MID}_3.png")
+        assert about["precision"] == about["precision_used"] == precision
     r = _vis(tmp_path, MID, "-o", str(tmp_path / "x.png"), "--precision", "fp64")
     assert r.exit_code == 2 and "fp64" in r.output and "Traceback" not in r.output
 

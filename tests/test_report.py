@@ -112,7 +112,10 @@ def test_the_report_names_the_precision_the_network_ran_in(report):
     run, index = report
     tile = next(p for p in (run / "timeline" / "cache").glob("*.png") if read_tile_about(p).get("layer") == LAYER
                 and read_tile_about(p).get("method", "lucid") == "lucid")
-    used = read_tile_about(tile)["precision"]  # "auto" resolves per machine: fp32 or bf16 here
+    about = read_tile_about(tile)
+    assert about["precision"] == "auto"  # as given: the cache key's
+    used = about["precision_used"]  # what auto resolved to on this machine
+    assert used in ("fp32", "bf16")
     row = re.search(rf"renders of {re.escape(LAYER)}.*?</tr>", index.read_text(), re.S)
     assert row and f"network in {used}" in row.group(0)
 

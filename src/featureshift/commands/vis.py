@@ -143,6 +143,8 @@ def vis(model, layers: str | Sequence[str], output: str | os.PathLike, *, column
                     image = no_response_tile(size, size) if quiet_channel else to_pil(result.images[j])
                     about = {"key": keys[t], "layer": t[0], "channel": t[1], "copy": k, "checksum": checksum,
                              "score": float(result.scores[j]), "no_response": quiet_channel, **settings.key_fields(),
+                             **({"precision_used": result.settings["precision"]} if "precision" in result.settings
+                                else {}),
                              **({"shown": shown_as} if shown_as else {})}
                     write_tile(tile_path(*t, k), image, about)
                     tiles[(*t, k)] = tile_path(*t, k)

@@ -46,6 +46,7 @@ class JobOutput:
     no_response: set[int] = dataclasses.field(default_factory=set)  # indices of channels with no gradient
     error: str | None = None  # the snapshot could not be loaded
     threads: int = 0  # the CPU threads torch used
+    precision: str | None = None  # what the network ran in (settings' "auto" resolves per machine)
 
 
 @dataclasses.dataclass
@@ -80,7 +81,8 @@ def render_job(model, job: TileJob, *, device: str = "auto", batch_size: int | N
             failed[j] = out.failed[k]
         if k in out.no_response:
             no_response.add(j)
-    return JobOutput(np.stack(images), scores, failed, no_response, threads=torch.get_num_threads())
+    return JobOutput(np.stack(images), scores, failed, no_response, threads=torch.get_num_threads(),
+                     precision=out.settings.get("precision"))
 
 
 def tile_about(job: TileJob, index: int, output: JobOutput) -> dict[str, Any]:
@@ -96,6 +98,8 @@ def tile_about(job: TileJob, index: int, output: JobOutput) -> dict[str, Any]:
         settings = dataclasses.replace(settings, image=settings.image[index])
     about.update({"checksum": job.checksum, "score": output.scores[index], "failed": output.failed.get(index),
                   "no_response": index in output.no_response, **settings.key_fields()})
+    if output.precision is not None:  # beside the key's "precision" (as given): what it meant here
+        about["precision_used"] = output.precision
     return about
 
 

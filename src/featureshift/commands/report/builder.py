@@ -143,8 +143,7 @@ def existing_timelines(run_dir: Path) -> dict[str, dict[str, Any]]:
         # or MACO tile of the layer has another learning rate)
         if entry is not None and entry["settings"] is None and about.get("objective", "channel") == "channel" \
                 and about.get("method", "lucid") == "lucid":
-            # (a tile records the precision "auto" resolved to, which the cache key does not hold)
-            entry["settings"] = {k: about[k] for k in RECORDED_SETTINGS if k in about and k != "precision"}
+            entry["settings"] = {k: about[k] for k in RECORDED_SETTINGS if k in about}
     return found
 
 
@@ -430,7 +429,7 @@ class _Writer:
             return ""  # describe() names it
         src = next((p for (l, _, _), p in self.tiles.items() if l == layer), None)
         try:
-            used = read_tile_about(src).get("precision") if src is not None else None
+            used = read_tile_about(src).get("precision_used") if src is not None else None
         except (OSError, ValueError):
             used = None
         return f", network in {used}" if used else ""
