@@ -36,3 +36,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    """scikit-learn's handwritten digits as an ImageFolder (tests/_digits.py): real data for training tests."""
+    from _digits import export_digits
+
+    return export_digits(tmp_path_factory.mktemp("digits") / "digits")
