@@ -204,6 +204,26 @@ def test_vis_into_a_read_only_folder(tmp_path):
         folder.chmod(0o755)
 
 
+# ---------------------------------------------------------------- render settings
+
+@pytest.mark.parametrize("command", [
+    "vis squeezenet1_1 features.3 -o {tmp}/grid.png --steps {steps}",
+    "timeline {tmp}/run --layer features.3 --steps {steps}",
+    "atlas {tmp}/run --layer features.3 --steps {steps}",
+    "compare squeezenet1_1 squeezenet1_1 --layer features.3 -o {tmp}/cmp.png --steps {steps}",
+    "report {tmp}/run --steps {steps}",
+    "train --data {tmp}/data --out {tmp}/trained --visualize features.3 --vis-steps {steps}",
+])
+@pytest.mark.parametrize("steps", ["0", "-3"])
+def test_a_render_of_no_steps_is_a_usage_error_on_every_command(tmp_path, command, steps):
+    # It would write the starting noise under the name of a render of the channel.
+    r = CliRunner().invoke(main, shlex.split(command.format(tmp=tmp_path, steps=steps)))
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    flag = "--vis-steps" if "--vis-steps" in command else "--steps"
+    assert f"Invalid value for '{flag}': {steps} steps would write the starting noise" in r.stderr, r.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written, nothing loaded
+
+
 # ---------------------------------------------------------------- help texts
 
 def examples(help_text: str, name: str) -> list[list[str]]:

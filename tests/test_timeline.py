@@ -169,6 +169,20 @@ def test_corrupt_snapshot_is_reported_and_its_row_marked_missing(tmp_path, model
     for row in (0, 3):
         assert (tile_at(merged, row, 0) == MISSING_FILL).all(axis=-1).mean() < 0.1
     assert sorted(res.rows[LAYER]) == [0, 3]
+    message = res.unreadable()  # one paragraph naming both files, and how to leave them out
+    assert "2 snapshots could not be read" in message and "--snapshots 0,3" in message and "\n" not in message
+    assert "001.safetensors" in message and "002.safetensors" in message
+    assert timeline(run, LAYER, 2, snapshots="0,3", **FAST).unreadable() is None
+
+
+def test_epochs_are_given_back_as_ranges_for_snapshots():
+    from featureshift.commands.timeline.timeline import epochs_spec
+
+    assert epochs_spec([0, 2, 3, 4, 7, 9, 10]) == "0,2-4,7,9-10"
+    assert epochs_spec([5]) == "5" and epochs_spec([]) == ""
+    run_epochs = [0, 2, 3, 4, 7, 9, 10]
+    entries = [(e, e) for e in run_epochs]
+    assert [e for e, _ in select_snapshots(entries, epochs_spec(run_epochs))] == run_epochs
 
 
 def test_bad_runs_give_clear_errors(tmp_path, model):

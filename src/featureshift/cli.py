@@ -74,6 +74,15 @@ def _device_callback(ctx, param, value):
         raise click.BadParameter(str(e)) from None
 
 
+def _steps_callback(ctx, param, value):
+    # The API renders 0 steps on purpose (the starting noise, to compare a render with); from the
+    # command line it only writes tiles that were never optimized, under the name of a render.
+    if value is not None and value < 1:
+        raise click.BadParameter(f"{value} steps would write the starting noise as the picture, never "
+                                 f"optimized; give 1 or more (the default: {DEFAULT_SETTINGS.steps}).")
+    return value
+
+
 def device_option(fn):
     return click.option("--device", default="auto", show_default=True, callback=_device_callback,
                         help=f"Where to run: {DEVICE_CHOICES} (auto: a CUDA GPU, else MPS, else the CPU).")(fn)
@@ -126,7 +135,8 @@ def render_options(objective: bool, inherit: bool = False):
         return click.option(flag, default=value, show_default=True, help=text, **kw)
 
     opts = [
-        opt("--steps", d.steps, "Optimization steps per image (the original tool: 2048).", type=int),
+        opt("--steps", d.steps, "Optimization steps per image (the original tool: 2048).", type=int,
+            callback=_steps_callback),
         opt("--size", d.size, "Image size in pixels (the original tool: 144).", type=int),
         opt("--seed", d.seed, "Seed of each channel's starting noise and transforms; same seed, same image.",
             type=int),
@@ -470,7 +480,7 @@ def models(pattern, quiet):
 @click.option("--visualize", multiple=True, metavar="LAYER", help="Render LAYER's first --columns channels on each "
               "snapshot as soon as it is written, into RUN/timeline/LAYER/merged.png (repeat for several layers).")
 @click.option("--columns", type=int, default=5, show_default=True, help="Channels per row with --visualize.")
-@click.option("--vis-steps", type=int, default=DEFAULT_SETTINGS.steps, show_default=True,
+@click.option("--vis-steps", type=int, default=DEFAULT_SETTINGS.steps, show_default=True, callback=_steps_callback,
               help="Render steps with --visualize.")
 @click.option("--vis-size", type=int, default=DEFAULT_SETTINGS.size, show_default=True,
               help="Render size with --visualize.")
@@ -614,6 +624,10 @@ def timeline(run, layers, columns, channels, snapshots, every, device, batch_siz
     animated GIF per channel. Tiles are cached by snapshot checksum and settings, so a rerun
     renders only new snapshots or changed settings, and an interrupted run resumes.
 
+    A snapshot that cannot be read (truncated, damaged) gets a row marked missing and the
+    rest is rendered and written; then the file is named on stderr, with how to restore it or
+    leave it out, and the exit status is 2.
+
     \b
       featureshift timeline runs/flowers --layer inception4c.branch4.1 --columns 5
       featureshift timeline runs/flowers --layer features.6 --channels 0-3,17 --every 5
@@ -630,6 +644,8 @@ def timeline(run, layers, columns, channels, snapshots, every, device, batch_siz
                           batch_size=batch_size, force=force, labels=labels, quiet=quiet, ray=ray, mean=mean,
                           std=std, input_size=input_size)
     click.echo(result.summary())
+    if result.unreadable():
+        raise FeatureshiftError(result.unreadable())
 
 
 @main.command()
@@ -717,7 +733,12 @@ def atlas(run, layers, all_layers, snapshots, channels, device, batch_size, ray,
     a rerun renders only what is missing) and are recorded in RUN/atlas.json, so the report
     shows every atlased channel: before/after thumbnails sortable by each measure, a page
     per channel, and the most changed neurons of the network. Before rendering it prints
-    how many tiles it will render and an estimate of the time, measured on this machine.
+    how many tiles it will render and an estimate of the time, measured on this machine, on
+    stderr (--dry-run: on stdout, and stops there).
+
+    A snapshot that cannot be read (truncated, damaged) is left out and the rest is rendered
+    and recorded; then the file is named on stderr, with how to restore it or leave it out,
+    and the exit status is 2.
 
     \b
       featureshift atlas runs/flowers --layer inception4c --dry-run
@@ -730,6 +751,8 @@ def atlas(run, layers, all_layers, snapshots, channels, device, batch_size, ray,
                        settings=settings_from(render), device=device, batch_size=batch_size, ray=ray,
                        dry_run=dry_run, force=force, quiet=quiet)
     click.echo(result.summary())
+    if result.unreadable():
+        raise FeatureshiftError(result.unreadable())
 
 
 # ---------------------------------------------------------------- compare / report

@@ -10,6 +10,7 @@ Every file is replaced atomically, so a run killed at any moment stays readable.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -63,6 +64,34 @@ def list_snapshots(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
             f"Resume it with `featureshift train --resume {run_dir}` or start it again with --force."
         )
     return sorted(found)
+
+
+@dataclasses.dataclass(frozen=True)
+class UnreadableSnapshot:
+    epoch: int
+    path: Path
+    why: str  # a sentence naming the file and what is wrong with it
+
+
+def unreadable_snapshots(run_dir: str | os.PathLike) -> list[UnreadableSnapshot]:
+    """The run's snapshots that cannot be opened (truncated, damaged, not a snapshot), in epoch order.
+
+    Each file's header is read and its length checked against it (`read_meta`), which finds a
+    truncated file; the weights' checksum is not verified, as that reads every byte of every
+    snapshot (gigabytes for a long run of a large network)."""
+    from .snapshot import read_meta
+
+    folder = Path(run_dir) / SNAPSHOT_DIR
+    found = []
+    for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+        m = _SNAPSHOT_RE.match(p.name)
+        if not m or not p.is_file():
+            continue
+        try:
+            read_meta(p)
+        except FeatureshiftError as e:
+            found.append(UnreadableSnapshot(int(m.group(1)), p, str(e)))
+    return sorted(found, key=lambda s: s.epoch)
 
 
 def select_snapshots(entries: list[tuple[int, Path]], snapshots: str | Sequence[int] | None = None,

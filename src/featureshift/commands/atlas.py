@@ -68,13 +68,26 @@ class AtlasResult:
             return self.plan_line() + "\n(dry run: nothing rendered)"
         lines = [f"atlas: {self.rendered} tile(s) rendered, {self.cached} from the cache in "
                  f"{format_duration(self.seconds)}; recorded in {self.record}"]
-        for epoch, why in self.missing.items():
-            lines.append(f"epoch {epoch} left out: {why}")
         for (layer, epoch, c), why in sorted(self.failed.items()):
             lines.append(f"{layer} channel {c} at epoch {epoch} failed: {why}")
         if self.no_response:
             lines.append(f"{len(self.no_response)} tile(s) of channels that do not respond at all (no picture)")
         return "\n".join(lines)
+
+    def unreadable(self) -> str | None:
+        """One paragraph on the chosen snapshots that could not be read, naming each file and saying
+        how to atlas it or leave it out; None when every chosen snapshot was used."""
+        from .timeline.timeline import epochs_spec
+
+        if not self.missing:
+            return None
+        n, them = len(self.missing), "them" if len(self.missing) != 1 else "it"
+        kept = [e for e in self.epochs if e not in self.missing]
+        whys = " ".join(why for _, why in sorted(self.missing.items()))  # each names its file
+        leave = f"; to leave {them} out, give --snapshots {epochs_spec(kept)}" if kept else ""
+        return (f"{n} snapshot{'s' * (n != 1)} could not be read, so the atlas leaves out epoch{'s' * (n != 1)} "
+                f"{', '.join(map(str, sorted(self.missing)))}. {whys} To atlas {them}, restore the "
+                f"file{'s' * (n != 1)} from a copy or train the run again{leave}.")
 
 
 def _epochs(epochs: Sequence[int]) -> str:
@@ -226,8 +239,10 @@ def atlas(run_dir: str | Path, layers: str | Sequence[str] = (), *, all_layers: 
     (steps=64, size=64, ...) decide the pictures, as for `vis` and `timeline`; device,
     batch_size and ray (None: this machine; "auto": a Ray instance here; "HOST:PORT": a Ray
     cluster) only how they are computed. Tiles already in the cache are not rendered again
-    (unless `force`). Prints the number of tiles to render and an estimate of the time on
-    stderr (unless `quiet`); `dry_run` stops there. Records the atlas in RUN/atlas.json.
+    (unless `force`). Before rendering, prints the number of tiles to render and an estimate of
+    the time on stderr (unless `quiet`); `dry_run` returns that plan instead (`plan_line()`,
+    `summary()`) and renders nothing. Records the atlas in RUN/atlas.json. Snapshots that
+    cannot be read are left out and reported in `missing` (`unreadable()`: a paragraph).
     """
     from ..jobs.cache import CACHE_DIR, TileCache
     from ..jobs.executors import make_executor, run_jobs
@@ -280,10 +295,10 @@ def atlas(run_dir: str | Path, layers: str | Sequence[str] = (), *, all_layers: 
         result.estimate_s = estimate_seconds(model, todo, settings, device=device, batch_size=batch_size,
                                              calls=len(plan.jobs), loads=len({j.snapshot for j in plan.jobs}))
     del model
-    if not quiet:
-        print(result.plan_line(), file=sys.stderr, flush=True)
-    if dry_run:
+    if dry_run:  # the plan is the result: the caller prints it (`summary()`), once
         return result
+    if not quiet:  # a progress line before a long render, beside the progress bar
+        print(result.plan_line(), file=sys.stderr, flush=True)
 
     if plan.tiles:
         with make_executor(ray, device=device, batch_size=batch_size, quiet=quiet) as executor:

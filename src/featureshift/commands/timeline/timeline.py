@@ -59,8 +59,6 @@ class TimelineResult:
         lines = [f"{len(self.epochs)} {'file' if self.files else 'snapshot'}(s) x "
                  f"{sum(len(c) for c in self.channels.values())} channel(s): "
                  f"{self.rendered} tile(s) rendered, {self.cached} from the cache"]
-        for epoch, why in self.missing.items():
-            lines.append(f"{self.files.get(epoch) or f'epoch {epoch}'}: row marked missing: {why}")
         for (layer, epoch, channel), why in self.failed.items():
             lines.append(f"{layer} channel {channel} at epoch {epoch} failed: {why}")
         silent: dict[tuple[str, int], list[int]] = {}
@@ -72,6 +70,34 @@ class TimelineResult:
         for layer in self.layers:
             lines.append(f"{layer}: {self.merged[layer]}")
         return "\n".join(lines)
+
+    def unreadable(self) -> str | None:
+        """One paragraph on the snapshots (or ONNX files) that could not be used, naming each file and
+        saying how to render its row or leave it out; None when every row was rendered."""
+        if not self.missing:
+            return None
+        n, them = len(self.missing), "them" if len(self.missing) != 1 else "it"
+        kept = [e for e in self.epochs if e not in self.missing]
+        # A snapshot's error names its file; an ONNX importer's may not.
+        whys = " ".join(f"{self.files[e]}: {why}" if e in self.files else why for e, why in sorted(self.missing.items()))
+        fix = (f"replace the file{'s' * (n != 1)} or remove {them} from the folder" if self.files
+               else f"restore the file{'s' * (n != 1)} from a copy or train the run again")
+        leave = f"; to leave {them} out, give --snapshots {epochs_spec(kept)}" if kept else ""
+        others = "; the other rows were rendered and written" if kept else ""
+        return (f"{n} {'file' if self.files else 'snapshot'}{'s' * (n != 1)} could not be read, so the timeline "
+                f"marks {'their rows' if n != 1 else 'its row'} missing{others}. {whys} To render {them}, "
+                f"{fix}{leave}.")
+
+
+def epochs_spec(epochs: Sequence[int]) -> str:
+    """EPOCHS as --snapshots takes them, runs of consecutive epochs as ranges: "0,2-4,7"."""
+    runs: list[list[int]] = []
+    for e in sorted(set(epochs)):
+        if runs and runs[-1][-1] == e - 1:
+            runs[-1].append(e)
+        else:
+            runs.append([e])
+    return ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
 # ---------------------------------------------------------------- planning
@@ -208,8 +234,9 @@ def timeline(run_dir: str | Path, layers: str | Sequence[str], channels: int | s
     position for an ONNX file),
     `merged.png` and one GIF per channel (`channel_{c:04d}.gif`). Tiles come from the
     cache unless `force`; `on_tile(layer, epoch, channel, path)` is called after each new
-    tile is saved. A corrupt snapshot is reported in `result.missing` and its row marked
-    missing; the others are rendered. An interrupted call keeps every tile it finished.
+    tile is saved. A corrupt snapshot is reported in `result.missing` (`result.unreadable()`
+    says it in a paragraph) and its row marked missing; the others are rendered. An interrupted
+    call keeps every tile it finished.
     """
     settings = for_run((settings or DEFAULT_SETTINGS).replace(**changes), run_dir)
     check_ray(ray)

@@ -586,6 +586,8 @@ def _resume(cfg: TrainConfig, run: dict[str, Any], on_epoch_end: EpochHook | Non
     if cfg.epochs < done:
         raise FeatureshiftError(f"The run {run_dir} has already trained {done} epochs; --epochs {cfg.epochs} would "
                                 f"shorten it. Give --epochs {done} or more.")
+    if group is None or group.main:
+        _warn_unreadable_snapshots(run_dir, done, cfg)
     if cfg.epochs == done:
         if not cfg.quiet:
             _info(f"The run {run_dir} has finished all {done} epochs; nothing to do. "
@@ -651,6 +653,22 @@ def _warn(msg: str) -> None:
     from tqdm import tqdm
 
     tqdm.write(f"featureshift: warning: {msg}", file=sys.stderr)
+
+
+def _warn_unreadable_snapshots(run_dir: Path, done: int, cfg: TrainConfig) -> None:
+    """Resuming needs only train_state.pt, but a damaged snapshot leaves its epoch out of every later
+    timeline, atlas and report: say so while it can still be restored."""
+    from ...run import unreadable_snapshots
+
+    for bad in unreadable_snapshots(run_dir):
+        e = bad.epoch
+        if done < e <= cfg.epochs and (e % cfg.snapshot_every == 0 or e == cfg.epochs):
+            _warn(f"{bad.why} Training resumes from {STATE_FILE} and writes it again when it reaches epoch {e}.")
+        else:
+            _warn(f"{bad.why} Training resumes from {STATE_FILE}, which does not need it, but does not write it "
+                  f"again, so timelines, atlases and reports leave epoch {e} out. Restore the file from a copy, or "
+                  f"train the run again into another folder with the settings in {run_dir / RUN_FILE} (on a CPU "
+                  "the same settings and seed give the same weights).")
 
 
 def _warn_skipped(skipped: list[tuple[Any, str]]) -> None:
