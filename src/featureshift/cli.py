@@ -439,7 +439,11 @@ def models(pattern, quiet):
               "every layer up to and including LAYER (a name from `featureshift layers`)  [default: all layers "
               "train].")
 @click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd", "rmsprop"]), help="[default: adam]")
-@click.option("--lr", type=float, help="Learning rate  [default: 0.001].")
+@click.option("--lr", type=float, help="Learning rate of the new classifier head, and of every layer with --weights "
+              "random  [default: 0.001].")
+@click.option("--pretrained-lr-scale", type=float, metavar="F", help="Layers that start from trained weights learn "
+              "at F x --lr: fine-tuning every layer at the head's rate wrecks the pretrained features (1 trains "
+              "all at --lr; --cutoff freezes layers)  [default: 0.1].")
 @click.option("--weight-decay", type=float, help="[default: 0]")
 @click.option("--momentum", type=float, help="For sgd and rmsprop  [default: 0.9].")
 @click.option("--nesterov/--no-nesterov", default=None, help="Nesterov momentum for sgd  [default: off].")

@@ -3,7 +3,8 @@ differ in one setting (the images per class, the cutoff, ...), with that setting
 
 Each run's measures come from its RUN/metrics/ (written by `featureshift report`) and, for
 the spatial scale, from its atlas (RUN/atlas.json and the tile cache): nothing is rendered
-or measured again.
+again. A run whose report was never built gets its layer measures computed (and written to
+RUN/metrics/, as the report would) from its snapshots.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import csv
 import dataclasses
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,8 +20,11 @@ from ..errors import FeatureshiftError
 from ..metrics.adaptation import Reuse, Speed, layer_speed
 from ..metrics.answers import analyse_layer
 
-# Settings that never make two runs different experiments.
-IGNORED_SETTINGS = {"out", "force", "resume", "quiet", "device", "workers", "amp", "nproc", "created", "updated"}
+# Settings that never make two runs different experiments: where the run was written and how
+# its images were decoded. How it computed (device, processes, precision) is named, since it
+# changes the numbers: two processes see half batches each, float16 rounds otherwise.
+IGNORED_SETTINGS = {"out", "force", "resume", "quiet", "workers", "tensorboard", "created", "updated",
+                    "device", "amp", "channels_last"}
 
 
 @dataclasses.dataclass
@@ -55,14 +60,19 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def read_measures(run_dir: str | os.PathLike) -> MeasuredRun:
-    """A run's measures from RUN/metrics/layers.csv and channels.csv; a clear error without them."""
+def read_measures(run_dir: str | os.PathLike, quiet: bool = True) -> MeasuredRun:
+    """A run's measures from RUN/metrics/layers.csv and channels.csv; where the run has none yet
+    (no report was built), its layer measures are computed from its snapshots first."""
     run_dir = Path(run_dir)
     folder = run_dir / "metrics"
     layers, channels = folder / "layers.csv", folder / "channels.csv"
     if not layers.is_file():
-        raise FeatureshiftError(f"{run_dir} has no measures yet ({layers} is missing): build its report first "
-                                f"(featureshift report {run_dir}).")
+        from ..metrics.driver import run_metrics
+
+        if not quiet:
+            print(f"featureshift: {run_dir} has no report yet; measuring its snapshots (layer measures only: "
+                  f"`featureshift report {run_dir}` adds the rendered channels)", file=sys.stderr)
+        run_metrics(run_dir, quiet=quiet)
     layer_rows = _read_csv(layers)
     channel_rows = _read_csv(channels) if channels.is_file() else []
     epochs = sorted({r["epoch"] for r in layer_rows})
@@ -75,6 +85,11 @@ def run_settings(run: dict[str, Any]) -> dict[str, Any]:
     """The settings of a run (run.json) that make it an experiment: its config, and the
     training images per class its dataset had."""
     out = {k: v for k, v in (run.get("config") or {}).items() if k not in IGNORED_SETTINGS}
+    # runs made before the scale existed trained every layer at lr (see train's --pretrained-lr-scale)
+    out.setdefault("pretrained_lr_scale", 1.0)
+    out["device"] = str(run.get("device") or "?").split(":")[0]
+    out["processes"] = run.get("processes", 1)
+    out["precision"] = run.get("amp") or "float32"
     counts = (run.get("dataset") or {}).get("counts") or {}
     train = [c.get("train") for c in counts.values() if isinstance(c, dict) and isinstance(c.get("train"), int)]
     if train:
@@ -158,8 +173,8 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], *, output: str | os.Path
 
     Per run: the final validation accuracy; per layer measured in every run, the speed of
     adaptation, the shares of kept / repurposed / died channels (where renders exist) and
-    the coarsening of an atlased layer. Every run needs its report built first (its
-    RUN/metrics/). output: also write the table to a .json, or as text to any other file.
+    the coarsening of an atlased layer. A run without a report (RUN/metrics/) is measured from
+    its snapshots first (layer measures only). output: also write the table to a .json, or as text to any other file.
     """
     from ..io import write_json, write_text
     from ..run import read_metrics, read_run
@@ -171,7 +186,7 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], *, output: str | os.Path
     runs = []
     for d in dirs:
         run = read_run(d)
-        m = read_measures(d)
+        m = read_measures(d, quiet=quiet)
         accs = [r["val_acc"] for r in read_metrics(d) if isinstance(r.get("val_acc"), (int, float))]
         # the report's own answers (metrics.answers), from the same measures and the atlas's renders
         tiles = atlas_tiles(d)

@@ -8,7 +8,7 @@ import contextlib
 import dataclasses
 import os
 import sys
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -65,23 +65,42 @@ def make_scaler(dtype: torch.dtype | None) -> torch.amp.GradScaler:
     return torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
 
-def make_optimizer(c: TrainConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    """The optimizer C names, with its learning rate, weight decay and momentum."""
-    params = list(params)
+def param_groups(model: nn.Module, new_layers: Sequence[str] | None, pretrained_lr_scale: float) -> list[dict]:
+    """MODEL's trainable parameters as optimizer groups, each with its learning rate as a fraction
+    of --lr ("lr_scale"): the NEW_LAYERS (the replaced head; None: every layer, as with random
+    weights) at 1, layers that start from trained weights at PRETRAINED_LR_SCALE. One group
+    where the rates are all the same, as runs made before the scale existed have."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if new_layers is None or pretrained_lr_scale == 1:
+        return [{"params": [p for _, p in trainable], "lr_scale": 1.0 if new_layers is None else pretrained_lr_scale}]
+
+    def is_new(name: str) -> bool:
+        return any(name == l or name.startswith(l + ".") for l in new_layers)
+
+    new = [p for n, p in trainable if is_new(n)]
+    old = [p for n, p in trainable if not is_new(n)]
+    groups = [{"params": new, "lr_scale": 1.0}] if new else []
+    return groups + ([{"params": old, "lr_scale": pretrained_lr_scale}] if old else [])
+
+
+def make_optimizer(c: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    """The optimizer C names over GROUPS (param_groups), with its weight decay and momentum; set_lr
+    sets each group's learning rate."""
     if c.optimizer == "adam":
-        return torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
+        return torch.optim.Adam(groups, lr=c.lr, weight_decay=c.weight_decay)
     if c.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        return torch.optim.AdamW(groups, lr=c.lr, weight_decay=c.weight_decay)
     if c.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov and c.momentum > 0,
+        return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov and c.momentum > 0,
                                weight_decay=c.weight_decay)
-    return torch.optim.RMSprop(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+    return torch.optim.RMSprop(groups, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set every parameter group's learning rate (the schedule is config.lr_at, a function of the epoch)."""
+    """Set every parameter group's learning rate: LR (the schedule's, config.lr_at, a function of the
+    epoch) times the group's lr_scale."""
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
 def make_loaders(train: Sequence[Sample], val: Sequence[Sample], info: ModelInfo, *, batch_size: int, workers: int,

@@ -40,8 +40,8 @@ from ...snapshot import build_from_state, save_snapshot, state_on_cpu, with_inpu
 from .config import NOT_STORED, RESUMABLE, TrainConfig, changed_options, check_keys, lr_at, make_config, stored_config
 from .cutoff import CutoffPlan, apply_cutoff, plan_cutoff
 from .distributed import Group, join, launch, launched_world, leave, main_process
-from .loop import (Loaders, amp_dtype, default_workers, evaluate, make_loaders, make_optimizer, make_scaler, set_lr,
-                   train_one_epoch)
+from .loop import (Loaders, amp_dtype, default_workers, evaluate, make_loaders, make_optimizer, make_scaler,
+                   param_groups, set_lr, train_one_epoch)
 from .precheck import AuxChoice, check_input_size, check_training_step, choose_aux, first_batch
 from .state import TrainState, load_state, save_state, seed_all, set_rng_state, rng_state
 
@@ -203,11 +203,12 @@ def _open_device(cfg: TrainConfig, group: Group | None = None) -> torch.device:
 
 
 def _prepare(cfg: TrainConfig, run_dir: Path, device: torch.device, loader_gen: torch.Generator, model: nn.Module,
-             info: ModelInfo, train: list[Sample], val: list[Sample], *, on_epoch_end: EpochHook | None,
-             on_snapshot: SnapshotHook | None, group: Group | None = None) -> _Session:
+             info: ModelInfo, train: list[Sample], val: list[Sample], *, new_layers: list[str] | None,
+             on_epoch_end: EpochHook | None, on_snapshot: SnapshotHook | None, group: Group | None = None) -> _Session:
     """The set-up a fresh run and a resume share: cutoff, device, optimizer, data loaders, and with
     several processes DistributedDataParallel (which waits for every rank: none reads the run
-    folder after this, so rank 0 may write it)."""
+    folder after this, so rank 0 may write it). NEW_LAYERS: the layers that start untrained
+    (see loop.param_groups)."""
     plan = plan_cutoff(model, cfg.cutoff, cfg.image_size)
     if cfg.epochs > 0 and not any(not l.frozen for l in plan.layers):
         raise FeatureshiftError(f"--cutoff {cfg.cutoff!r} freezes every layer, so nothing would train. "
@@ -217,7 +218,7 @@ def _prepare(cfg: TrainConfig, run_dir: Path, device: torch.device, loader_gen: 
     cuda = device.type == "cuda"
     if cuda and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(cfg, (p for p in model.parameters() if p.requires_grad))
+    optimizer = make_optimizer(cfg, param_groups(model, new_layers, cfg.pretrained_lr_scale))
     workers = cfg.workers if cfg.workers is not None else default_workers(device)
     loaders = make_loaders(train, val, info, batch_size=cfg.batch_size, workers=workers, loader_gen=loader_gen,
                            augment=cfg.augment, image_size=cfg.image_size, pin_memory=cuda,
@@ -331,8 +332,13 @@ def _write_error(s: _Session, path: Path, e: OSError) -> WriteError:
     named = OSError(e.errno, e.strerror or str(e) or e.__class__.__name__, os.fspath(path))  # not a temporary name
     if s.saved_epoch is None:
         return write_error(named, f"Nothing of the run {s.run_dir} is saved yet", "run the same command again")
-    snaps = sorted(p.name for p in (s.run_dir / SNAPSHOT_DIR).glob("*.safetensors"))
-    last = f" (its last snapshot: {SNAPSHOT_DIR}/{snaps[-1]})" if snaps else ""
+    snaps = sorted((int(p.stem), p.name) for p in (s.run_dir / SNAPSHOT_DIR).glob("*.safetensors") if p.stem.isdigit())
+    last = ""
+    if snaps:
+        epoch, name = snaps[-1]
+        # A snapshot is written before the state of its epoch, so it can be one epoch ahead of it.
+        last = (f" (its last snapshot: {SNAPSHOT_DIR}/{name})" if epoch <= s.saved_epoch else
+                f" (and {SNAPSHOT_DIR}/{name}, whose epoch a resume trains again)")
     return write_error(named, f"The run {s.run_dir} is saved up to epoch {s.saved_epoch}{last}",
                        f"continue with `featureshift train --resume {s.run_dir}`")
 
@@ -434,16 +440,20 @@ def _fresh(cfg: TrainConfig, on_epoch_end: EpochHook | None, on_snapshot: Snapsh
     net = open_network(cfg.model, cfg.weights, in_chans=cfg.in_chans, image_size=cfg.img_size)
     model = net.module
     info = model_info(model)
+    # What starts untrained learns at --lr, the rest at --pretrained-lr-scale of it (loop.param_groups).
+    new_layers: list[str] | None = None if net.weights == "random" else []
     if list(info.class_names) != index.classes:
-        replace_head(model, len(index.classes))
+        replaced = replace_head(model, len(index.classes))
+        if new_layers is not None:
+            new_layers = replaced
     info = dataclasses.replace(info, num_classes=len(index.classes), class_names=list(index.classes))
     info = with_input_size(info, cfg.image_size)
     attach_info(model, info)
     aux = _fit_to_size(model, info)
     if aux and not aux.used and not cfg.quiet and (group is None or group.main):
         _info(f"{info.arch}: {aux.why}.")
-    s = _prepare(cfg, run_dir, device, loader_gen, model, info, train, val, on_epoch_end=on_epoch_end,
-                 on_snapshot=on_snapshot, group=group)
+    s = _prepare(cfg, run_dir, device, loader_gen, model, info, train, val, new_layers=new_layers,
+                 on_epoch_end=on_epoch_end, on_snapshot=on_snapshot, group=group)
     s.parent = net.meta.checksum if net.meta else None
 
     counts = {c: {"train": 0, "val": 0} for c in index.classes}
@@ -453,7 +463,9 @@ def _fresh(cfg: TrainConfig, on_epoch_end: EpochHook | None, on_snapshot: Snapsh
     s.run = new_run(
         config=stored_config(cfg),
         model={**info.to_dict(), **({"aux_logits": aux.to_dict()} if aux else {})},
-        source={"model": cfg.model, "weights": cfg.weights, "parent": s.parent},
+        source={"model": cfg.model, "weights": cfg.weights, "parent": s.parent,
+                # None: every layer started untrained; else the layers that did (the new head)
+                "new_layers": new_layers},
         dataset={
             "root": cfg.data, "val_root": cfg.val,
             "split": "folder" if cfg.val else f"seeded stratified split: {cfg.val_fraction:g} of each class, seed {cfg.seed}",
@@ -573,6 +585,7 @@ def _resume_config(overrides: dict[str, Any], run_dir: Path) -> tuple[TrainConfi
                 f"Only {', '.join(sorted(RESUMABLE))} may change. Start a new run (another --out) to train differently."
             )
     merged = {**stored, **{k: v for k, v in overrides.items() if k in RESUMABLE}}
+    merged.setdefault("pretrained_lr_scale", 1.0)  # runs made before the scale existed trained every layer at lr
     cfg = make_config(merged, quiet=overrides.get("quiet", False), resume=str(run_dir), out=str(run_dir))
     return cfg, run
 
@@ -613,7 +626,8 @@ def _resume(cfg: TrainConfig, run: dict[str, Any], on_epoch_end: EpochHook | Non
                                     "moved?). Put the dataset back where it was to resume.")
     device = _open_device(cfg, group)
     loader_gen = torch.Generator()
-    s = _prepare(cfg, run_dir, device, loader_gen, model, info, train, val, on_epoch_end=on_epoch_end,
+    s = _prepare(cfg, run_dir, device, loader_gen, model, info, train, val,
+                 new_layers=run.get("source", {}).get("new_layers"), on_epoch_end=on_epoch_end,
                  on_snapshot=on_snapshot, group=group)
     s.optimizer.load_state_dict(state.optimizer)
     if state.scaler:
