@@ -199,3 +199,95 @@ def test_probe_images_go_in_at_the_size_the_run_trained_at(tmp_path, photos):
     assert result.image_size == 48
     assert json.loads((run / "metrics" / "summary.json").read_text())["image_size"] == 48
     assert trained_image_size(tmp_path / "nowhere") is None
+
+
+# ---------------------------------------------------------------- which layers changed most
+
+SCALED = (0, 2)  # the channels of conv 0 that `_rescale` writes at 100 times their scale
+
+
+def _small_net(seed: int):
+    """conv-ReLU-conv-ReLU-conv-BatchNorm-ReLU-conv, in eval mode, with running statistics of its own."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    bn = net[5]
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(8) + 0.5)
+        bn.bias.copy_(torch.randn(8) * 0.1)
+    bn.running_mean.copy_(torch.randn(8) * 0.1)
+    bn.running_var.copy_(torch.rand(8) + 0.5)
+    return net.eval()
+
+
+def _nudge(net, seed: int):
+    """A fine-tuned copy: every weighted layer moved by a different, known amount; conv 0 only in the
+    channels that `_rescale` leaves at their scale."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = copy.deepcopy(net)
+    with torch.no_grad():
+        for i, size in ((0, 0.5), (2, 0.02), (4, 0.1), (5, 0.1), (7, 0.2)):
+            for p in out[i].parameters():
+                step = torch.randn(p.shape, generator=g) * p.std() * size
+                if i == 0:
+                    step[list(SCALED)] = 0
+                p.add_(step)
+    return out
+
+
+def _rescale(net):
+    """The same function written with other weights: conv 0's channels SCALED times 100 (undone by
+    conv 2 behind the ReLU, which is positively homogeneous), and conv 4 times 100 (undone by the
+    batch norm's running statistics)."""
+    import torch
+
+    out = copy.deepcopy(net)
+    s = torch.ones(8)
+    s[list(SCALED)] = 100.0
+    with torch.no_grad():
+        out[0].weight.mul_(s.view(-1, 1, 1, 1))
+        out[0].bias.mul_(s)
+        out[2].weight.div_(s.view(1, -1, 1, 1))
+        out[4].weight.mul_(100.0)
+        out[4].bias.mul_(100.0)
+        out[5].running_mean.mul_(100.0)
+        out[5].running_var.mul_(100.0 ** 2)
+        out[5].eps *= 100.0 ** 2
+    return out
+
+
+def test_function_change_ranks_layers_alike_however_their_weights_are_scaled():
+    import torch
+
+    from featureshift.metrics.function import function_change
+
+    a = _small_net(0)
+    b = _nudge(a, 1)
+    a2, b2 = _rescale(a), _rescale(b)
+    x = [torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with torch.no_grad():
+        assert torch.allclose(a(x[0]), a2(x[0]), rtol=1e-4, atol=1e-4)  # the same function, other weights
+    layers = [str(i) for i in range(8)]
+    plain, scaled = function_change(a, b, layers, x), function_change(a2, b2, layers, x)
+    for l in layers:
+        assert scaled[l] == pytest.approx(plain[l], rel=1e-3, abs=1e-9)
+    weighted = ["0", "2", "4", "5", "7"]
+    assert sorted(weighted, key=plain.get) == sorted(weighted, key=scaled.get)
+    assert plain["0"] == max(plain[l] for l in weighted)  # conv 0 moved most, whatever its scale
+    # Layers without weights of their own compute exactly as before on the same input.
+    assert plain["1"] == plain["3"] == plain["6"] == 0
+    assert function_change(a, a, layers, x) == {l: 0.0 for l in layers}
+    # The relative weight change is not comparable across such layers: written at scale 100, conv 0's
+    # moved channels are drowned by the unmoved large ones, and it drops from first to last.
+    per_module = {}
+    for name, (na, nb) in {"plain": (a, b), "scaled": (a2, b2)}.items():
+        before = {l: torch.cat([p.detach().flatten() for p in na[int(l)].parameters()]) for l in weighted}
+        after = {l: torch.cat([p.detach().flatten() for p in nb[int(l)].parameters()]) for l in weighted}
+        rel = {l: float((after[l] - before[l]).norm() / before[l].norm()) for l in weighted}
+        per_module[name] = sorted(weighted, key=rel.get)
+    assert per_module["plain"][-1] == "0" and per_module["scaled"][0] == "0"

@@ -207,3 +207,61 @@ def test_a_tile_of_a_channel_that_does_not_respond_is_marked_in_the_report(tmp_p
     index = build_report(run, [LAYER], "2", image_size=IMAGE_SIZE, quiet=True, **RENDER)
     shown = np.asarray(Image.open(index.parent / "img" / "renders" / tile.name).convert("RGB"))
     assert (shown == NO_RESPONSE_FILL).all(-1).mean() > 0.5
+
+
+def _findings(index: Path) -> list[str]:
+    import html as html_lib
+
+    page = index.read_text()
+    section = page[page.index('id="findings"'):page.index("</section>")]
+    return [html_lib.unescape(t).strip() for t in re.findall(r"<li>(.*?)<a href", section, re.S)]
+
+
+def test_the_findings_of_a_real_run_rank_only_layers_with_weights_and_set_the_new_head_apart(tmp_path, one_thread):
+    # Real fine-tuning on real data: its new head moves most, and SqueezeNet's ReLU and pooling
+    # layers after it would repeat its number; none of them may be named "changed most".
+    import featureshift
+    from _digits import export_digits
+    from featureshift.metrics.driver import parameter_modules
+    from featureshift.snapshot import load_snapshot
+
+    data = export_digits(tmp_path / "digits", per_class=12)
+    run = featureshift.train(data=str(data), model="squeezenet1_1", weights="imagenet", epochs=1, batch_size=16,
+                             image_size=32, workers=0, quiet=True, out=str(tmp_path / "run"))
+    index = build_report(run, layers=["features.9"], channels=[0], image_size=32, examples=0, accent=False,
+                         quiet=True, steps=2, size=32)
+    texts = _findings(index)
+    ranked = [t for t in texts if "changed most" in t]
+    assert len(ranked) == 1, texts
+    most, least = re.search(r"own, (\S+) changed most and (\S+) least", ranked[0]).groups()
+    model, _ = load_snapshot(run / "snapshots" / "000.safetensors")
+    for layer in (most, least):
+        assert parameter_modules(model, layer), f"{layer} has no weights of its own: {ranked[0]}"
+        assert not layer.startswith("classifier"), ranked[0]
+    head = [t for t in texts if "head" in t]
+    assert len(head) == 1 and head[0].startswith("The new 10-class head classifier.1 is not ranked"), texts
+    # The ranking is the one in RUN/metrics: the largest and the smallest function change of those layers.
+    import csv
+
+    rows = {r["layer"]: float(r["function_change"]) for r in csv.DictReader((run / "metrics" / "layers.csv").open())
+            if r["epoch"] == "1" and r["function_change"]}
+    weighted = {l: v for l, v in rows.items() if parameter_modules(model, l) and not l.startswith("classifier")}
+    assert most == max(weighted, key=weighted.get) and least == min(weighted, key=weighted.get)
+    assert rows["classifier.3"] == rows["classifier.2"] == 0  # pooling and ReLU compute as before
+
+
+def test_the_timeline_caption_names_the_timelines_channels_when_an_atlas_of_the_layer_adds_more(tmp_path, photos,
+                                                                                              one_thread):
+    import featureshift
+    from featureshift.commands.atlas import atlas
+
+    run = make_run(tmp_path, photos, epochs=(0, 1))
+    tiny = dict(steps=2, size=32)
+    featureshift.timeline(run, [LAYER], [2, 3], quiet=True, **tiny)
+    atlas(run, LAYER, channels="0-7", quiet=True, **tiny)
+    index = build_report(run, image_size=IMAGE_SIZE, examples=0, accent=False, quiet=True)
+    page = index.read_text()
+    timelines = page[page.index('id="timelines"'):page.index('id="layers"')]
+    assert "Columns: channels 2, 3." in timelines
+    layer_html = (index.parent / layer_page(LAYER)).read_text()
+    assert all(channel_page(LAYER, c) in layer_html for c in range(8))  # the atlas's channels are all in the report

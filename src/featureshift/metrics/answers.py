@@ -1,12 +1,14 @@
 """The paper's questions, answered per layer from a run's measures and renders: how fast
 each channel and the layer changed (speed of adaptation), what became of each channel's
-feature (kept, repurposed, died) and whether its features got coarser or finer. The
-report (commands/report) and compare-runs read these same answers."""
+feature (kept, repurposed, died) and whether its features got coarser or finer; and which
+layers changed most (`rank_layers`). The report (commands/report) and compare-runs read
+these same answers."""
 from __future__ import annotations
 
 import dataclasses
 import math
 from pathlib import Path
+from typing import Sequence
 
 from .adaptation import Reuse, Speed, channel_speeds, layer_fates, layer_speed, reuse
 from .spatial import coarsening, dominant_frequency, layer_coarsening
@@ -29,8 +31,8 @@ class LayerFacts:
     speed: Speed
     channels: dict[int, ChannelFacts]
     reuse: Reuse
-    coarsening: float  # geometric mean over the channels rendered at both ends
-    scale_pairs: int  # channels with renders at both ends
+    coarsening: float  # geometric mean over the responsive channels rendered at both ends
+    scale_pairs: int  # responsive channels (alive before and after) with renders at both ends
 
 
 def analyse_layer(metrics, layer: str, tiles: dict[tuple[str, int, int], Path]) -> LayerFacts:
@@ -41,14 +43,82 @@ def analyse_layer(metrics, layer: str, tiles: dict[tuple[str, int, int], Path]) 
     dead_last = {r["channel"]: bool(r.get("dead")) for r in metrics.channel_table(layer, last)}
     dead_ref = {r["channel"]: bool(r.get("dead")) for r in metrics.channel_table(layer, ref)}
     facts: dict[int, ChannelFacts] = {}
+    rendered = []  # channels with renders at both ends: the set the layer's shares are of
     for c, speed in speeds.items():
         f = ChannelFacts(speed, fates.get(c), dead_last.get(c, False), dead_ref.get(c, False))
         a, b = tiles.get((layer, ref, c)), tiles.get((layer, last, c))
         if a is not None and b is not None and last != ref:
+            rendered.append(f)
             f.freq_before, f.freq_after = dominant_frequency(a), dominant_frequency(b)
             f.coarsening = coarsening(f.freq_before, f.freq_after)
         facts[c] = f
-    ratios = [f.coarsening for f in facts.values() if math.isfinite(f.coarsening)]
+    # A channel that responds to nothing renders as noise, whose frequency says nothing about its feature.
+    ratios = [f.coarsening for f in rendered if math.isfinite(f.coarsening) and not (f.dead or f.dead_before)]
     return LayerFacts(layer, layer_speed(metrics, layer), facts,
-                      reuse([f.fate for f in facts.values()], [f.dead_before for f in facts.values()]),
+                      reuse([f.fate for f in rendered], [f.dead_before for f in rendered]),
                       layer_coarsening(ratios), len(ratios))
+
+
+# ---------------------------------------------------------------- which layers changed most
+
+@dataclasses.dataclass(frozen=True)
+class LayerChange:
+    layer: str
+    value: float
+
+
+@dataclasses.dataclass
+class ChangeRanking:
+    """The layers of a run by how much they changed at one epoch, and those that cannot be compared."""
+
+    epoch: int
+    column: str  # the measure ranked by (a layer_rows column)
+    ranked: list[LayerChange]  # layers with trained weights of their own, most changed first
+    head: list[LayerChange]  # the classifier head: it maps onto this run's classes, so it is reported apart
+    frozen: list[str]  # layers whose own weights were all frozen in training
+    weightless: list[str]  # layers without weights of their own (ReLU, pooling, dropout)
+
+
+def rank_layers(metrics, epoch: int | None = None, column: str = "function_change",
+                frozen: Sequence[str] = ()) -> ChangeRanking:
+    """Rank the measured layers of a RunMetrics by COLUMN at EPOCH (default the last).
+
+    Only layers with weights of their own take part: a ReLU or a pooling layer would repeat
+    the number of the layer before it. The classifier head (`metrics.head`) and layers whose
+    weights were all in FROZEN (module names, e.g. run.json's cutoff.frozen) are set apart;
+    a container that holds exactly the weights of another ranked layer counts once, under
+    the name of the module that holds them.
+    """
+    epoch = metrics.epochs[-1] if epoch is None else epoch
+    values = {r["layer"]: r.get(column) for r in metrics.layer_rows if r["epoch"] == epoch}
+    head, frozen = set(metrics.head), set(frozen)
+    ranked, heads, frozen_layers, weightless = [], [], [], []
+    seen: dict[frozenset, int] = {}
+    for layer in metrics.layers:
+        own = metrics.parameters.get(layer, [])
+        v = values.get(layer)
+        if not own:
+            weightless.append(layer)
+            continue
+        if v is None or not math.isfinite(float(v)):
+            continue
+        item = LayerChange(layer, float(v))
+        if all(_inside(m, head) for m in own):
+            heads.append(item)
+        elif all(_inside(m, frozen) for m in own):
+            frozen_layers.append(layer)
+        else:
+            key = frozenset(own)
+            if key in seen:
+                if layer in own:  # the module that holds the weights names them better than its container
+                    ranked[seen[key]] = item
+                continue
+            seen[key] = len(ranked)
+            ranked.append(item)
+    ranked.sort(key=lambda x: -x.value)
+    return ChangeRanking(epoch, column, ranked, heads, frozen_layers, weightless)
+
+
+def _inside(module: str, roots: set[str]) -> bool:
+    """Whether MODULE is one of ROOTS or inside one of them."""
+    return any(module == r or module.startswith(r + ".") for r in roots)

@@ -16,11 +16,14 @@ from torch import nn
 from ..errors import FeatureshiftError
 from ..io import write_json, write_text
 from ..models.layers import LayerInfo, layer_info, layer_structure
+from ..models.zoo import head_modules
 from ..run import trained_image_size
 from .adaptation import dead_channels
 from .drift import channel_activation, cross_activation, read_image, texture_descriptors, visual_drift_from
 from .examples import find_examples, receptive_field
-from .probe import DEFAULT_PROBE_LIMIT, METRICS_VERSION, PROBE_BATCH, probe_stats, resolve_probe
+from .function import cached_function_change
+from .probe import DEFAULT_PROBE_LIMIT, METRICS_VERSION, PROBE_BATCH, model_checksum, probe_loader, probe_stats, \
+    resolve_probe
 from .similarity import channel_correlation, cka
 from .sources import channel_sources
 from .weights import weight_change
@@ -28,6 +31,7 @@ from .weights import weight_change
 # Larger = more changed, for ranking channels (`--most-changed N --by METRIC`).
 CHANGE_METRICS = ("weight", "correlation", "drift", "cross")
 CHANNEL_COLUMNS = ("weight_change", "correlation", "drift", "cross_b_on_a", "cross_a_on_b")
+LAYER_COLUMNS = ("weight_change", "function_change", "cka")
 
 
 @dataclasses.dataclass
@@ -38,7 +42,7 @@ class RunMetrics:
     reference: int
     layers: list[str]  # layers with layer-level measures
     channels: dict[str, list[int]]  # layers with channel-level measures -> the rendered channels
-    layer_rows: list[dict]  # epoch, layer, weight_change, cka
+    layer_rows: list[dict]  # epoch, layer, weight_change, function_change, cka
     channel_rows: list[dict]  # epoch, layer, channel, weight_change, correlation, drift, cross_b_on_a, cross_a_on_b
     probe: list[Path]
     image_size: int
@@ -46,6 +50,9 @@ class RunMetrics:
     receptive_field: dict[str, int]
     layer_info: dict[str, LayerInfo]  # type and channel count of every measured layer
     sources: dict[str, list[str]]  # layer -> the modules whose weights make its channels
+    # layer -> the parameter-holding modules inside it (itself included); empty: no weights of its own
+    parameters: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    head: list[str] = dataclasses.field(default_factory=list)  # the classifier's final layer(s) (zoo.head_modules)
     missing: dict[int, str] = dataclasses.field(default_factory=dict)
     files: dict[str, Path] = dataclasses.field(default_factory=dict)
 
@@ -134,9 +141,13 @@ def run_metrics(run_dir: str | Path, layers: Sequence[str] = (), channels: dict[
         if ref_stats is None:
             ref_stats = stats
         wc = weight_change(ref_model, model, all_layers)
+        fc = cached_function_change(
+            ref_model, model, all_layers, _batches(paths, ref_meta.info, image_size, device, ref_model, model),
+            checksums=(model_checksum(ref_model, ref_meta), model_checksum(model, meta)), probe=(paths, image_size),
+            cache_dir=cache)
         for l in all_layers:
             layer_rows.append({"epoch": epoch, "layer": l, "weight_change": wc[l].value,
-                               "cka": cka(ref_stats, stats, l)})
+                               "function_change": fc[l], "cka": cka(ref_stats, stats, l)})
         for l in layers:
             corr = channel_correlation(ref_stats, stats, l)
             dead = dead_channels(stats.layers[l].peak)
@@ -175,9 +186,42 @@ def run_metrics(run_dir: str | Path, layers: Sequence[str] = (), channels: dict[
         run_dir=run_dir, epochs=measured, reference=ref_epoch, layers=all_layers, channels=channels,
         layer_rows=layer_rows, channel_rows=channel_rows, probe=paths, image_size=image_size, examples=found,
         receptive_field=rf, layer_info={l: layer_info(ref_model, l) for l in all_layers},
-        sources={l: [s.module for s in channel_sources(ref_model, l)] for l in all_layers}, missing=missing)
+        sources={l: [s.module for s in channel_sources(ref_model, l)] for l in all_layers},
+        parameters={l: parameter_modules(ref_model, l) for l in all_layers},
+        head=classifier_head(ref_model), missing=missing)
     write_run_metrics(out_dir, result)
     return result
+
+
+def parameter_modules(model: nn.Module, layer: str) -> list[str]:
+    """The modules inside LAYER (itself included) that hold parameters: empty for a ReLU, a pooling
+    or a dropout layer, whose change measures only pass on those of the layers before it."""
+    root = model.get_submodule(layer)
+    prefix = f"{layer}." if layer else ""
+    return [prefix + n if n else layer for n, m in root.named_modules()
+            if any(True for _ in m.parameters(recurse=False))]
+
+
+def classifier_head(model: nn.Module) -> list[str]:
+    """The modules of MODEL's final classifier (and auxiliary classifiers); empty where it has none."""
+    try:
+        return [n for n, _ in head_modules(model)]
+    except FeatureshiftError:
+        return []
+
+
+def _batches(paths, info, image_size: int, device: str, *models: nn.Module):
+    """The probe images in batches, on the device the models are moved to."""
+    import torch
+
+    from ..device import resolve_device
+
+    dev = resolve_device(str(device))
+    for m in models:
+        m.to(dev)
+    with torch.no_grad():
+        for x in probe_loader(paths, info, image_size):
+            yield x.to(dev)
 
 
 @dataclasses.dataclass
@@ -203,7 +247,7 @@ def write_run_metrics(out_dir: Path, m: RunMetrics) -> None:
     """Write `m` as layers.csv, channels.csv, examples.json and summary.json in `out_dir`; sets m.files."""
     files = {"layers": out_dir / "layers.csv", "channels": out_dir / "channels.csv",
              "examples": out_dir / "examples.json", "summary": out_dir / "summary.json"}
-    _write_csv(files["layers"], m.layer_rows, ("epoch", "layer", "weight_change", "cka"))
+    _write_csv(files["layers"], m.layer_rows, ("epoch", "layer", *LAYER_COLUMNS))
     _write_csv(files["channels"], m.channel_rows, ("epoch", "layer", "channel", *CHANNEL_COLUMNS, "dead"))
     write_json(files["examples"], {
         "probe": [str(p) for p in m.probe], "image_size": m.image_size,
@@ -218,7 +262,7 @@ def write_run_metrics(out_dir: Path, m: RunMetrics) -> None:
         "layers": m.layers, "channel_layers": {l: m.channels[l] for l in m.channels},
         "probe_images": len(m.probe), "image_size": m.image_size, "probe_batch": PROBE_BATCH,
         "unreadable_snapshots": {str(k): v for k, v in m.missing.items()},
-        "weight_sources": m.sources,
+        "weight_sources": m.sources, "layer_parameters": m.parameters, "head": m.head,
         "definitions": "docs/metrics.md",
     })
     m.files = files

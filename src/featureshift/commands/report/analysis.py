@@ -1,13 +1,13 @@
 """The paper's questions answered for the report, in words: the findings as sentences with
-their evidence (from metrics.answers: speed of adaptation, fates, spatial scale) and the
-most changed neurons of the network."""
+their evidence (from metrics.answers: which layers changed most, speed of adaptation, fates,
+spatial scale) and the most changed neurons of the network."""
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-from ...metrics.answers import LayerFacts
+from ...metrics.answers import ChangeRanking, LayerFacts
 
 # The measures "most changed" can rank by: name -> (row column, larger means more changed).
 RANKINGS = {"weight change": ("weight_change", True), "visual drift": ("drift", True),
@@ -27,29 +27,108 @@ def scale_phrase(ratio: float) -> str:
     return f"got {ratio:.1f}x coarser" if ratio > 1 else f"got {1 / ratio:.1f}x finer"
 
 
-def layer_findings(f: LayerFacts, page: str, epochs: list[int]) -> list[dict[str, str]]:
-    """The sentences about one layer, each with the link to its evidence."""
+def layer_findings(f: LayerFacts, page: str, epochs: list[int], made_by: Sequence[str] = ()) -> list[dict[str, str]]:
+    """The sentences about one layer, each with the link to its evidence.
+
+    made_by: for a layer without weights of its own (a ReLU, a pooling layer), the modules
+    whose weights make it, so that "its weights" are not read as the layer's."""
     out = []
     s = f.speed
+    weights = f"the weights that make it ({_names(made_by)})" if made_by else "its weights"
     if s.half_epoch is not None and s.first_share is not None:
-        first = "epoch 1" if s.first_epoch == 1 else f"the first {s.first_epoch} epochs"
-        out.append({"text": f"{f.layer}: {_pct(s.first_share)} of its weight change happened in {first}; half of it "
-                            f"by epoch {s.half_epoch} (of {epochs[-1]}).", "href": f"{page}#speed"})
+        # The speed compares distances from the reference, not amounts of movement: a share of 80% at
+        # the first snapshot says where the weights were, not that 80% of the training happened by then.
+        text = (f"{f.layer}: by epoch {s.first_epoch}, {weights} had moved {_pct(s.first_share)} of the distance from "
+                f"epoch {epochs[0]} that they reached by epoch {epochs[-1]}")
+        if s.half_epoch != s.first_epoch:
+            text += f"; half of it by epoch {s.half_epoch}"
+        out.append({"text": text + ".", "href": f"{page}#speed"})
     elif len(epochs) > 1:
-        out.append({"text": f"{f.layer}: its weights did not change.", "href": f"{page}#speed"})
+        out.append({"text": f"{f.layer}: {weights} did not change.", "href": f"{page}#speed"})
     r = f.reuse
     if r.measured:
-        text = (f"{f.layer}: of {r.measured} rendered channel{'s' * (r.measured != 1)}, {_pct(r.share('kept'))} "
-                f"kept their feature, {_pct(r.share('repurposed'))} were repurposed, {_pct(r.share('died'))} died")
+        text = (f"{f.layer}: of the {r.measured} rendered channel{'s' * (r.measured != 1)} that responded to the probe "
+                "images before training, ")
+        if r.measured < 10:  # shares of a handful of channels read as more than they are: counted instead
+            n = {k: r.counts[k] for k in ("kept", "repurposed", "died")}
+            text += (f"{n['kept'] or 'none'} kept {'its' if n['kept'] == 1 else 'their'} feature, "
+                     f"{n['repurposed'] or 'none'} {'was' if n['repurposed'] == 1 else 'were'} repurposed, "
+                     f"{n['died'] or 'none'} died")
+        else:
+            text += (f"{_pct(r.share('kept'))} kept their feature, {_pct(r.share('repurposed'))} were repurposed, "
+                     f"{_pct(r.share('died'))} died")
+        aside = []
         if r.dead_before:
-            text += f" ({r.dead_before} responded to nothing already before training)"
+            aside.append(f"{r.dead_before} more responded to none already before training")
+        if r.unmeasured:
+            aside.append(f"{r.unmeasured} more could not be compared: a failed render")
+        if aside:
+            text += f" ({'; '.join(aside)})"
         out.append({"text": text + ".", "href": f"{page}#sort=cross_b_on_a"})
     if f.scale_pairs:
         out.append({"text": f"{f.layer}: its features {scale_phrase(f.coarsening)}, by the dominant spatial "
-                            f"frequency of {f.scale_pairs} channel{'s' * (f.scale_pairs != 1)}' renders before and "
-                            "after.",
+                            f"frequency of {f.scale_pairs} responsive channel{'s' * (f.scale_pairs != 1)}' renders "
+                            "before and after.",
                     "href": f"{page}#sort=coarsening"})
     return out
+
+
+def change_findings(ranking: ChangeRanking, classes: int, head_new: bool | None,
+                    frozen_by: str | None = None) -> list[dict[str, str]]:
+    """The sentences on which layers changed most (`metrics.answers.rank_layers`) and on the
+    classifier head, which is reported apart: it maps onto this run's classes and, when it
+    was made new for them, has no earlier function to keep.
+
+    head_new: whether training replaced the head (None: not known). frozen_by: how the
+    frozen layers were chosen (e.g. "--cutoff features.5"), named when some are left out."""
+    out = []
+    r = ranking
+    if len(r.ranked) >= 2:
+        hi, lo = r.ranked[0], r.ranked[-1]
+        text = (f"By epoch {r.epoch}, of the {len(r.ranked)} layers with trained weights of their own, {hi.layer} "
+                f"changed most and {lo.layer} least: on the same inputs, their outputs moved by {hi.value:.3f} and "
+                f"{lo.value:.3f} of their size (function change)")
+        if r.frozen:
+            many = len(r.frozen) != 1
+            text += (f"; the {len(r.frozen)} layer{'s' * many} frozen{' by ' + frozen_by if frozen_by else ''} "
+                     f"({_names(r.frozen)}) did not take part")
+        out.append({"text": text + ".", "href": "index.html#change"})
+    for h in r.head:
+        what = f"The new {classes}-class head {h.layer}" if head_new else f"The {classes}-class head {h.layer}"
+        why = ("made for this dataset's classes when training began, it had no earlier function to keep"
+               if head_new else "it maps the features onto this dataset's classes")
+        out.append({"text": f"{what} is not ranked with the other layers ({why}); by epoch {r.epoch} its output on "
+                            f"the same inputs moved by {h.value:.3f} of its size.", "href": "index.html#change"})
+    return out
+
+
+def head_is_new(run: dict[str, Any]) -> bool | None:
+    """Whether the run's training replaced the classifier head with a new one for its classes: its
+    classes are not those of the network it started from. None where that network is unknown."""
+    classes = list((run.get("dataset") or {}).get("classes") or (run.get("model") or {}).get("class_names") or [])
+    source = (run.get("source") or {}).get("weights")
+    if not classes or not source:
+        return None
+    if source == "random":
+        return True  # every weight is new; the head is made for the run's classes all the same
+    if source == "imagenet":
+        from ...models.zoo import imagenet_classes
+
+        return classes != imagenet_classes()
+    from ...errors import FeatureshiftError
+    from ...snapshot import read_meta
+
+    try:
+        return classes != list(read_meta(source).info.class_names)
+    except (FeatureshiftError, OSError, ValueError):
+        return None
+
+
+def _names(names: Sequence[str], limit: int = 3) -> str:
+    names = list(names)
+    if len(names) <= limit:
+        return ", ".join(names)
+    return f"{', '.join(names[:limit])} and {len(names) - limit} more"
 
 
 def most_changed(metrics, layers: list[str], tiles: dict[tuple[str, int, int], Path], facts: dict[str, LayerFacts],

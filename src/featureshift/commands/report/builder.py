@@ -503,12 +503,16 @@ class _Writer:
             r = _row(m.layer_rows, self.last, l)
             layer_table.append({"layer": l, "page": layer_page(l) if l in m.channels else None,
                                 "weight_change": _num(r.get("weight_change")), "weight_change_v": _val(r.get("weight_change")),
+                                "function_change": _num(r.get("function_change")),
+                                "function_change_v": _val(r.get("function_change")),
                                 "cka": _num(r.get("cka")), "cka_v": _val(r.get("cka"))})
         timelines = []
         for layer, path in self.merged.items():
             rel = f"img/timeline-{safe_name(layer)}.png"
             write_bytes(self.out / rel, Path(path).read_bytes())
-            timelines.append({"layer": layer, "src": rel, "channels": self.chosen[layer], "width": _shown_width(path),
+            # The timeline's own channels: an atlas of the same layer adds its channels to chosen, not to the picture.
+            shown = self.timeline_channels.get(layer) or self.chosen[layer]
+            timelines.append({"layer": layer, "src": rel, "channels": shown, "width": _shown_width(path),
                               "page": layer_page(layer) if layer in m.channels else None})
         ds = run.get("dataset", {}) or {}
         counts = ds.get("counts", {}) or {}
@@ -557,23 +561,27 @@ class _Writer:
 
     def findings(self, finals: list) -> list[dict[str, str]]:
         """The report's conclusions in sentences with numbers, each linking to its evidence."""
-        from .analysis import layer_findings
+        from ...metrics.answers import rank_layers
+        from .analysis import change_findings, head_is_new, layer_findings
 
         if self.nothing:
             return []
         out = []
         accs = [(r.get("epoch"), r["val_acc"]) for r in self.rows if isinstance(r.get("val_acc"), (int, float))]
         if len(accs) >= 2:
-            out.append({"text": f"Validation accuracy went from {100 * accs[0][1]:.1f}% (epoch {accs[0][0]}) to "
-                                f"{100 * accs[-1][1]:.1f}% (epoch {accs[-1][0]}).", "href": "index.html#curves"})
-        wc = [(r["weight_change"], r["layer"]) for r in self.m.layer_rows
-              if r["epoch"] == self.last and r.get("weight_change") is not None and math.isfinite(r["weight_change"])]
-        if len(wc) >= 2:
-            hi, lo = max(wc), min(wc)
-            out.append({"text": f"By epoch {self.last} the weights of {hi[1]} changed most (relative change "
-                                f"{hi[0]:.3f}) and those of {lo[1]} least ({lo[0]:.3f}).", "href": "index.html#change"})
+            first = ("before training " if accs[0][0] == self.reference else "") + f"(epoch {accs[0][0]})"
+            # Where a run starts from a new head, its first accuracy is about chance: say what chance is.
+            chance = f"; chance with {self.info.num_classes} classes is {100 / self.info.num_classes:.1f}%" \
+                if self.info.num_classes > 1 else ""
+            out.append({"text": f"Validation accuracy went from {100 * accs[0][1]:.1f}% {first} to "
+                                f"{100 * accs[-1][1]:.1f}% at epoch {accs[-1][0]}{chance}.", "href": "index.html#curves"})
+        cut = self.run.get("cutoff") or {}
+        ranking = rank_layers(self.m, self.last, frozen=cut.get("frozen") or ())
+        out.extend(change_findings(ranking, self.info.num_classes, head_is_new(self.run),
+                                   f"--cutoff {cut['value']}" if cut.get("value") else None))
         for layer, facts in self.facts.items():
-            out.extend(layer_findings(facts, layer_page(layer), self.epochs))
+            made_by = [] if self.m.parameters.get(layer) else self.m.sources.get(layer, [])
+            out.extend(layer_findings(facts, layer_page(layer), self.epochs, made_by))
         return out
 
     def most_changed(self) -> list[dict[str, Any]]:
@@ -623,8 +631,9 @@ class _Writer:
             from .analysis import scale_phrase
 
             s, r = facts.speed, facts.reuse
-            cards = [("half of the change by", "–" if s.half_epoch is None else f"epoch {s.half_epoch}"),
-                     ("change in the first " + ("epoch" if s.first_epoch == 1 else f"{s.first_epoch or 1} epochs"),
+            # Distances from the reference, as the speed measures them: not amounts of training done.
+            cards = [("weights half as far as at the end by", "–" if s.half_epoch is None else f"epoch {s.half_epoch}"),
+                     (f"share of the final weight distance at epoch {s.first_epoch or self.epochs[min(1, len(self.epochs) - 1)]}",
                       "–" if s.first_share is None else f"{100 * s.first_share:.0f}%")]
             if r.measured:
                 cards.append(("kept / repurposed / died", " / ".join(
@@ -633,7 +642,8 @@ class _Writer:
                 cards.append(("spatial scale", scale_phrase(facts.coarsening)))
         unrendered = sum(1 for r in rows if not r["rendered"])
         self.page(layer_page(layer), "layer.html", layer=layer, layer_type=li.type, channels=li.channels,
-                  sources=sources, layer_wc=_num(lr.get("weight_change")), layer_cka=_num(lr.get("cka")),
+                  sources=sources, layer_wc=_num(lr.get("weight_change")), layer_fc=_num(lr.get("function_change")),
+                  layer_cka=_num(lr.get("cka")),
                   rendered=rendered, plot=plot, timeline=timeline, rows=rows, cards=cards,
                   unrendered=unrendered, dead=sum(1 for r in rows if r["dead"]),
                   atlas=self.atlas_settings.get(layer), drift_scale=_num(self.drift_scale(layer), 2))
@@ -688,9 +698,10 @@ class _Writer:
         f = self.facts[layer].channels.get(c) if layer in self.facts else None
         if f is not None and not self.nothing:
             cells = _speed_cells(f)
-            summary += [("half of its weight change by", "–" if f.speed.half_epoch is None
+            summary += [("weights half as far from the reference as at the end by", "–" if f.speed.half_epoch is None
                          else f"epoch {f.speed.half_epoch}"),
-                        ("share of the change in the first snapshot after training began", cells["first_share"]),
+                        ("share of the final weight distance reached at the first snapshot after training began",
+                         cells["first_share"]),
                         ("its feature (kept / repurposed / died)", cells["fate"]),
                         ("dominant spatial frequency, before → after",
                          f"{_num(f.freq_before)} → {_num(f.freq_after)} cycles/px" if math.isfinite(f.freq_before)
