@@ -1,9 +1,11 @@
 """How much each layer and each channel changed between two snapshots.
 
-Four families of measures, all defined in docs/metrics.md:
+Five families of measures, all defined in docs/metrics.md:
 
 - weights: relative change ||W_b - W_a|| / ||W_a|| of the parameters that produce a
   layer's channels;
+- function: how far each layer's output on the same inputs moved, relative to its size
+  (median over its channels), the measure that ranks layers against each other;
 - representations on a fixed probe set: linear CKA per layer (minibatch, unbiased
   HSIC) and, per channel, the correlation across probe images of its spatially
   pooled activation;
@@ -13,6 +15,7 @@ Four families of measures, all defined in docs/metrics.md:
 
     sources.py      which parameters make each channel of a layer, found by tracing (any architecture)
     weights.py      weight_change: relative weight change per layer and per channel
+    function.py     function_change: how differently each layer computes on the same inputs
     probe.py        the probe set and its per-snapshot statistics (probe_stats), cached on disk
     similarity.py   cka, channel_correlation: representation measures from two snapshots' statistics
     drift.py        visual_drift, cross_activation: measures from the channel's renders
@@ -20,6 +23,6 @@ Four families of measures, all defined in docs/metrics.md:
     driver.py       run_metrics: every measure of a training run, written to RUN/metrics/
     adaptation.py   speed of adaptation, dead channels, reuse (kept / repurposed / died) from run_metrics' rows
     spatial.py      dominant spatial frequency of a render and its change (coarsening)
-    answers.py      analyse_layer: the paper's questions per layer (speed, fates, scale), for the
-                    report and compare-runs alike
+    answers.py      analyse_layer: the paper's questions per layer (speed, fates, scale), and
+                    rank_layers: which layers changed most, for the report and compare-runs alike
 """
