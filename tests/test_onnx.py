@@ -16,9 +16,10 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from featureshift.errors import FeatureshiftError  # noqa: E402
 from featureshift.models.layers import list_layers  # noqa: E402
-from featureshift.models.onnx_io import (  # noqa: E402
-    CHECK_TOLERANCE, check_with_onnxruntime, load_onnx, read_metadata, require_onnx,
-)
+from featureshift.models.onnx.check import CHECK_TOLERANCE, check_with_onnxruntime  # noqa: E402
+from featureshift.models.onnx.common import require_onnx  # noqa: E402
+from featureshift.models.onnx.convert import load_onnx  # noqa: E402
+from featureshift.models.onnx.metadata import read_metadata  # noqa: E402
 
 CLASSES = ["cat", "dog", "owl", "fox", "elk"]
 SIZE = 64  # the exported networks' input size: small, and still deep enough for squeezenet
@@ -279,7 +280,7 @@ TINY = dict(steps=4, size=32, device="cpu", quiet=True)
 
 def _variant(model, path, seed, epoch=None):
     """MODEL's graph with its weights moved a little (another epoch of the same network), saved at PATH."""
-    from featureshift.models.onnx_io import set_metadata
+    from featureshift.models.onnx.metadata import set_metadata
 
     rng = np.random.default_rng(seed)
     model = onnx.ModelProto.FromString(model.SerializeToString())
@@ -357,7 +358,7 @@ def test_info_on_an_onnx_file(exported):
 
 
 def test_in_chans_comes_from_the_graphs_input(tmp_path):
-    from featureshift.models.onnx_io import describe
+    from featureshift.models.onnx.metadata import describe
 
     path = _save(_tf_graph(nhwc=False, lrn=False, pools=False, uneven=False, chans=1), tmp_path / "gray.onnx")
     module = load_onnx(path, mean=(0.5,), std=(0.25,))  # checked against onnxruntime on one band

@@ -28,7 +28,7 @@ _EXPORTS = {
     "run_demo": "commands.demo", "demo": "commands.demo",
     "AtlasResult": "commands.atlas", "atlas": "commands.atlas",
     "CompareRunsResult": "commands.compare_runs", "compare_runs": "commands.compare_runs",
-    "ExportResult": "commands.export", "export": "commands.export", "load_onnx": "models.onnx_io",
+    "ExportResult": "commands.export", "export": "commands.export", "load_onnx": "models.onnx.convert",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -221,6 +221,18 @@ def _floats(ctx, param, value):
     return numbers
 
 
+def _input_size(ctx, param, value):
+    # "224" or HEIGHTxWIDTH ("48x192"): text and detection networks are not square
+    if value is None:
+        return None
+    from .models.onnx.common import parse_size
+
+    try:
+        return parse_size(value)
+    except FeatureshiftError as e:
+        raise click.BadParameter(str(e))
+
+
 # --mean/--std/--input-size: the preprocessing of an ONNX file that does not carry its own.
 preprocessing_options = option_group(
     click.option("--mean", callback=_floats, default=None, metavar="R,G,B",
@@ -229,8 +241,9 @@ preprocessing_options = option_group(
     click.option("--std", callback=_floats, default=None, metavar="R,G,B",
                  help="For an ONNX model without featureshift metadata: the normalization's std "
                       "(torchvision's: 0.229,0.224,0.225)."),
-    click.option("--input-size", type=int, default=None,
-                 help="For an ONNX model without featureshift metadata: its input size in pixels."),
+    click.option("--input-size", callback=_input_size, default=None, metavar="N|HxW",
+                 help="For an ONNX model without featureshift metadata: its input size in pixels, or "
+                      "HEIGHTxWIDTH (48x192) for one that is not square."),
 )
 
 
@@ -322,25 +335,38 @@ def main():
 @quiet_option
 @_handle_errors
 def layers(model, weights, size, header, mean, std, input_size, in_chans, img_size, quiet):
-    """List the visualizable layers of MODEL (a model name or a snapshot file).
+    """List the visualizable layers of MODEL (a model name, a snapshot or an ONNX file).
 
     One line per module whose output is a 4-D feature map, in forward-execution order:
     name, type, channels, HxW at the input size, tab-separated for grep and cut.
-    The names can be passed straight to vis, timeline and compare:
+    The names can be passed straight to vis, timeline and compare. An ONNX file needs no
+    --mean/--std for the listing (only its input size, when its graph leaves it open):
 
     \b
       featureshift layers googlenet | grep inception4c
       featureshift layers runs/flowers/snapshots/010.safetensors --header | cut -f1,3
-      featureshift layers model.onnx --mean 0.5,0.5,0.5 --std 0.5,0.5,0.5 --input-size 299
+      featureshift layers model.onnx --input-size 48x192
     """
     from .models.layers import list_layers
+    from .models.onnx.common import is_onnx_path
     from .network import open_network
 
-    net = open_network(model, weights, progress=not quiet, mean=mean, std=std, input_size=input_size,
-                       in_chans=in_chans, image_size=img_size)
+    if is_onnx_path(model):
+        from .models.onnx.convert import import_onnx
+
+        imported = import_onnx(model, mean=mean, std=std, input_size=input_size or size, require_preprocessing=False)
+        module = imported.module
+        if imported.unknown and not quiet:
+            click.echo(f"featureshift: note: {model} does not say how to normalize its input (no "
+                       f"{' and '.join(imported.unknown)} in its metadata). The listing does not need it; vis, "
+                       "timeline and compare do: give them --mean and --std, or write them into the file once "
+                       f"with `featureshift export {model} -o OUT.onnx --mean R,G,B --std R,G,B`.", err=True)
+    else:
+        module = open_network(model, weights, progress=not quiet, mean=mean, std=std, input_size=input_size,
+                              in_chans=in_chans, image_size=img_size).module
     if header:
         click.echo("name\ttype\tchannels\tsize")
-    for layer in list_layers(net.module, size):
+    for layer in list_layers(module, size):
         click.echo(layer.row())
 
 
@@ -363,7 +389,7 @@ def info(snapshot, as_json, quiet):
     from .snapshot import read_meta
 
     if snapshot.lower().endswith(".onnx"):
-        from .models.onnx_io import describe
+        from .models.onnx.metadata import describe
 
         about = describe(snapshot)
         if as_json:

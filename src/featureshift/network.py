@@ -17,7 +17,8 @@ from torch import nn
 
 from .errors import FeatureshiftError
 from .models.info import ModelInfo, model_info
-from .models.onnx_io import is_onnx_path, load_onnx
+from .models.onnx.common import is_onnx_path
+from .models.onnx.convert import load_onnx
 from .models.zoo import create_model as build_named
 from .models.zoo import head_modules, replace_head
 from .snapshot import SnapshotMeta, load_snapshot, read_meta
@@ -53,7 +54,8 @@ def open_network(spec: str | os.PathLike | nn.Module, weights: str | None = "ima
                  num_classes: int | None = None,
                  device: str | torch.device = "cpu", progress: bool = True,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 input_size: int | None = None, in_chans: int = 3, image_size: int | None = None) -> Network:
+                 input_size: int | tuple[int, int] | None = None, in_chans: int = 3,
+                 image_size: int | None = None) -> Network:
     """Resolve SPEC (a model name, a snapshot file, an ONNX file, or a module as it is) with
     WEIGHTS (imagenet, random (or None, as in torchvision), or the path of a snapshot or a
     state-dict file; ignored when SPEC is a file) into a Network.

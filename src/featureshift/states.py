@@ -21,7 +21,7 @@ from .run import RUN_FILE, SNAPSHOT_DIR, list_snapshots, select_snapshots
 
 SNAPSHOT = "snapshot"
 ONNX = "onnx"
-ONNX_SUFFIX = ".onnx"  # as models.onnx_io, which imports torch: this module does not
+ONNX_SUFFIX = ".onnx"  # as models.onnx.common
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,20 +31,21 @@ class Preprocessing:
 
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
-    input_size: int | None = None
+    input_size: int | tuple[int, int] | None = None  # pixels, or (height, width)
 
     @classmethod
     def of(cls, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-           input_size: int | None = None) -> Preprocessing | None:
+           input_size: int | Sequence[int] | None = None) -> Preprocessing | None:
         """The preprocessing the arguments give, or None when they give nothing."""
         if mean is None and std is None and input_size is None:
             return None
         return cls(None if mean is None else tuple(float(v) for v in mean),
                    None if std is None else tuple(float(v) for v in std),
-                   None if input_size is None else int(input_size))
+                   None if input_size is None else int(input_size) if isinstance(input_size, int)
+                   else tuple(int(v) for v in input_size))
 
     def kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of `models.onnx_io.load_onnx`."""
+        """The keyword arguments of `models.onnx.convert.load_onnx`."""
         return {"mean": self.mean, "std": self.std, "input_size": self.input_size}
 
 
@@ -121,7 +122,8 @@ def read_snapshot_state(epoch: int, path: str | os.PathLike) -> State:
 def read_onnx_state(index: int, path: str | os.PathLike, preprocessing: Preprocessing | None = None) -> State:
     """The State of an ONNX file: its graph converted (unchecked) for the info, the sha256 of its
     bytes as checksum; or why it cannot be used."""
-    from .models.onnx_io import import_onnx, read_metadata
+    from .models.onnx.convert import import_onnx
+    from .models.onnx.metadata import read_metadata
     from .snapshot import SnapshotMeta
 
     path = Path(path)
@@ -155,7 +157,7 @@ def open_state(path: str | os.PathLike, preprocessing: Preprocessing | None = No
     and, unless `check` is False, checked against onnxruntime. FeatureshiftError when unusable."""
     path = Path(path)
     if path.suffix.lower() == ONNX_SUFFIX:
-        from .models.onnx_io import load_onnx
+        from .models.onnx.convert import load_onnx
 
         kwargs = (preprocessing or Preprocessing()).kwargs()
         return load_onnx(path, data=data, check=check, **kwargs).to(device)

@@ -17,10 +17,11 @@ from typing import Sequence
 
 from ..errors import FeatureshiftError
 from ..models.info import ModelInfo
-from ..models.onnx_io import (
-    CHECK_TOLERANCE, OnnxCheck, check_with_onnxruntime, declared_opset, import_onnx, is_onnx_path, metadata_entries,
-    require_onnx, save_onnx, set_metadata, to_onnx,
-)
+from ..models.onnx.check import CHECK_TOLERANCE, OnnxCheck, check_with_onnxruntime
+from ..models.onnx.common import declared_opset, is_onnx_path, require_onnx
+from ..models.onnx.convert import import_onnx
+from ..models.onnx.export import save_onnx, to_onnx
+from ..models.onnx.metadata import metadata_entries, set_metadata
 
 
 @dataclasses.dataclass
@@ -46,7 +47,7 @@ class ExportResult:
 def export(snapshot_or_model: str | os.PathLike, output: str | os.PathLike, *, weights: str = "imagenet",
            opset: int = 17, tolerance: float = CHECK_TOLERANCE, check: bool = True,
            mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-           input_size: int | None = None) -> ExportResult:
+           input_size: int | tuple[int, int] | None = None) -> ExportResult:
     """Write SNAPSHOT_OR_MODEL (a snapshot file, or a model name with WEIGHTS: imagenet, random or
     a weights file) to OUTPUT as ONNX at OPSET, with its classes and preprocessing in the metadata.
 
@@ -55,8 +56,8 @@ def export(snapshot_or_model: str | os.PathLike, output: str | os.PathLike, *, w
     above TOLERANCE x max(1, largest |logit|).
 
     An ONNX file as SNAPSHOT_OR_MODEL is copied, graph unchanged (OPSET ignored), with MEAN, STD
-    and INPUT_SIZE (or what its metadata already says) written into its metadata; check: its
-    conversion to torch is checked against onnxruntime as when it is loaded.
+    and INPUT_SIZE (pixels, or (height, width); else what its metadata already says) written into
+    its metadata; check: its conversion to torch is checked against onnxruntime as when it is loaded.
     """
     require_onnx()
     from ..network import open_network
@@ -90,8 +91,11 @@ def _annotate(source: Path, output: Path, *, mean, std, input_size, tolerance: f
     imported = import_onnx(source, mean=mean, std=std, input_size=input_size, check=check, tolerance=tolerance)
     info = dataclasses.replace(imported.module.featureshift_info, arch=imported.source_arch)
     model = imported.model
-    layout = {"input": "float32 NHWC RGB, scaled to [0, 1] then normalized with mean and std"} if imported.nhwc else {}
-    set_metadata(model, metadata_entries(info, layout))
+    extra = {"input": "float32 NHWC RGB, scaled to [0, 1] then normalized with mean and std"} if imported.nhwc else {}
+    h, w = imported.input_hw
+    if h != w:  # read back as the input's height and width
+        extra["input_size"] = [h, w]
+    set_metadata(model, metadata_entries(info, extra))
     path = save_onnx(model, output)
     return ExportResult(path, info, declared_opset(model), _input_shape(model), imported.check)
 

@@ -146,14 +146,20 @@ def channel_axis(model: nn.Module, module: nn.Module, out: Any) -> int | None:
     return 1 if _layout(module, out, _channels_last_model(model)) == "NCHW" else -1
 
 
-def blank_input(model: nn.Module, size: int, device=None, dtype=None, batch: int = 1) -> torch.Tensor:
-    """Zeros shaped like MODEL's input at SIZE px: (batch, its input channels, size, size)."""
-    return torch.zeros(batch, input_channels(model), size, size, device=device, dtype=dtype)
+def blank_input(model: nn.Module, size: int | tuple[int, int], device=None, dtype=None,
+                batch: int = 1) -> torch.Tensor:
+    """Zeros shaped like MODEL's input at SIZE px (or (height, width)): (batch, its input channels, H, W)."""
+    h, w = (size, size) if isinstance(size, int) else size
+    return torch.zeros(batch, input_channels(model), h, w, device=device, dtype=dtype)
 
 
-def _input_size(model: nn.Module, size: int | None) -> int:
+def _input_size(model: nn.Module, size: int | tuple[int, int] | None) -> int | tuple[int, int]:
     if size:
         return size
+    # a network converted from ONNX records the size its graph was converted at (maybe not square)
+    hw = getattr(model, "featureshift_input_hw", None)
+    if hw:
+        return hw[0] if hw[0] == hw[1] else tuple(hw)
     info = getattr(model, "featureshift_info", None)
     return info.input_size if info is not None else 224
 
@@ -262,15 +268,18 @@ def _entered(name: str, on_input: Callable[[str, nn.Module], None]):
     return fn
 
 
-def trace_layers(model: nn.Module, size: int | None = None) -> list[LayerInfo]:
+def trace_layers(model: nn.Module, size: int | tuple[int, int] | None = None) -> list[LayerInfo]:
     """Every module with a 4-D output, or a (1, tokens, width) output of a transformer, in
-    forward-execution order, at a square input of `size`. Shapes are channel-first (see
-    channels_first): channels, then the map's (or the patch grid's) height and width."""
+    forward-execution order, at an input of `size` (pixels, or (height, width)). Shapes are
+    channel-first (see channels_first): channels, then the map's (or the patch grid's) height
+    and width. A network that names its layers and their layouts (`featureshift_layouts`: an
+    ONNX graph's, whose modules are operators) lists only those."""
     size = _input_size(model, size)
     found: dict[str, LayerInfo] = {}
     events = [0]
     channels_last_model = _channels_last_model(model)
     prefix = prefix_tokens(model)
+    declared = getattr(model, "featureshift_layouts", None)
 
     shapes: dict[str, torch.Size] = {}
 
@@ -280,7 +289,9 @@ def trace_layers(model: nn.Module, size: int | None = None) -> list[LayerInfo]:
         if not (isinstance(out, torch.Tensor) and out.is_floating_point() and out.dim() in (3, 4)
                 and out.shape[0] == 1):
             return
-        layout = _layout(module, out, channels_last_model)
+        layout = declared.get(name) if declared is not None else _layout(module, out, channels_last_model)
+        if layout is None or out.dim() != (3 if layout == "tokens" else 4):
+            return
         shapes[name] = out.shape
         if name in found:
             found[name].calls += 1
@@ -300,7 +311,7 @@ def trace_layers(model: nn.Module, size: int | None = None) -> list[LayerInfo]:
             net(x)
     except (RuntimeError, AssertionError) as e:  # timm and torchvision check input sizes with assert
         raise FeatureshiftError(
-            f"The network could not run on a {size}x{size} image ({str(e).splitlines()[0]}). "
+            f"The network could not run on a {_size_text(size)} image ({str(e).splitlines()[0]}). "
             "Try a larger --size."
         ) from e
     finally:
@@ -320,7 +331,12 @@ def trace_layers(model: nn.Module, size: int | None = None) -> list[LayerInfo]:
     return sorted(found.values(), key=lambda l: l.first)
 
 
-def list_layers(model: nn.Module, size: int | None = None) -> list[LayerInfo]:
+def _size_text(size: int | tuple[int, int]) -> str:
+    h, w = (size, size) if isinstance(size, int) else size
+    return f"{h}x{w}"
+
+
+def list_layers(model: nn.Module, size: int | tuple[int, int] | None = None) -> list[LayerInfo]:
     """The visualizable layers of `model` (see trace_layers)."""
     return trace_layers(model, size)
 
@@ -349,7 +365,7 @@ def not_a_layer(model: nn.Module, name: str, layers: Iterable[str]) -> Featuresh
 @dataclasses.dataclass(frozen=True)
 class LayerStructure:
     """The layers of an architecture, traced once at a small input."""
-    size: int  # the input size they were traced at: the smallest of 32, 80 and the model's own that works
+    size: int | tuple[int, int]  # the input traced at: the smallest of 32, 80 and the model's own that works
     layers: dict[str, LayerInfo]
 
 
@@ -375,8 +391,7 @@ def layer_structure(model: nn.Module) -> LayerStructure:
     """The network's layers, traced on the first call for its architecture and remembered."""
     key = arch_key(model)
     if key not in _STRUCTURES:
-        info = getattr(model, "featureshift_info", None)
-        full = info.input_size if info is not None else 224
+        full = _input_size(model, None)
         for size in (32, 80, full):
             try:
                 _STRUCTURES[key] = LayerStructure(size, {l.name: l for l in trace_layers(model, size)})
