@@ -46,11 +46,14 @@ def write_error(e: OSError, saved: str, then: str = "run the same command again"
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, size: int | None = None) -> Iterator[Path]:
     """Yield a temporary path in the same folder; rename it over `path` on success.
 
     An OSError about the temporary file (a full disk, a read-only folder) is raised naming
-    `path`, the file the user asked for, and the temporary file is removed.
+    `path`, the file the user asked for, and the temporary file is removed. So is a failure of
+    the block without an errno (torch.save's RuntimeError, safetensors' error) where the file
+    system has no room for SIZE bytes (about what the block writes; default PROBE_BYTES), see
+    `refused_write`: OSError(ENOSPC), or the errno the file system gives.
     """
     path = Path(path)
     try:
@@ -63,7 +66,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except Exception as e:
+            # Writers in C++ or Rust (torch.save, safetensors) report a full disk as their own
+            # exception type with the errno lost; ask the file system itself.
+            if isinstance(e, FeatureshiftError) or (isinstance(e, OSError) and e.errno is not None):
+                raise
+            with contextlib.suppress(OSError):
+                os.truncate(tmp, 0)  # the room to find is that for the whole file
+            code = refused_write(tmp.parent, PROBE_BYTES if size is None else size)
+            if code is None:
+                raise
+            raise OSError(code, os.strerror(code), os.fspath(tmp)) from e
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a written file gets the usual mode
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -78,7 +93,40 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         with contextlib.suppress(OSError):
             if tmp.exists():
+                # Emptied first: a failed writer's traceback may keep the file open, and an open file
+                # keeps its space after unlink, so the run.json that records the failure would not fit.
+                os.truncate(tmp, 0)
                 tmp.unlink()
+
+
+# What refused_write asks room for when the size of the failed write is not known: a write that
+# failed for want of space leaves a few blocks at most, far less than this.
+PROBE_BYTES = 1 << 20
+
+
+def refused_write(folder: str | os.PathLike, size: int = PROBE_BYTES) -> int | None:
+    """The errno (ENOSPC, EDQUOT, ...) with which the file system refuses a new file of SIZE bytes in
+    FOLDER (reserved, not written, and removed again), or None when it has room: whether a write of
+    SIZE bytes into FOLDER that failed without an errno failed for want of space, blocks or inodes."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".featureshift-probe.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        return e.errno if e.errno in WRITE_ERRNOS else None
+    try:
+        try:
+            os.posix_fallocate(fd, 0, max(1, size))  # a quota or a full disk refuses the reservation
+            return None
+        except (AttributeError, OSError) as e:  # AttributeError: macOS has no posix_fallocate
+            if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+                return e.errno
+            if isinstance(e, OSError) and e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+                return None
+        st = os.statvfs(folder)  # a file system that reserves nothing: count its free blocks
+        return errno.ENOSPC if st.f_bavail * st.f_frsize < size else None
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
 
 
 @functools.cache

@@ -96,7 +96,8 @@ def save_snapshot(model: nn.Module, path: str | Path, *, epoch: int | None = Non
         parent=parent, checksum=weights_checksum(state),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
-    with atomic_path(path) as tmp:
+    # The size lets a full disk be told from other failures: safetensors reports neither with an errno.
+    with atomic_path(path, size=sum(t.numel() * t.element_size() for t in state.values())) as tmp:
         save_file(state, str(tmp), metadata={"format": FORMAT, "featureshift": json.dumps(meta.to_dict(), default=str)})
     meta.path = str(path)
     return meta

@@ -15,13 +15,17 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import FeatureshiftError
+from ..io import WriteError, is_write_error, write_error
 from ..optvis.maco import for_run
 from ..optvis.objectives import LOGITS
 from ..optvis.settings import DEFAULT_SETTINGS, RenderSettings
 from ..run import timestamp
+
+if TYPE_CHECKING:
+    from ..jobs.cache import TileCache
 
 ATLAS_FILE = "atlas.json"
 ATLAS_FORMAT = "featureshift.atlas/1"
@@ -158,6 +162,13 @@ def atlas_tiles(run_dir: str | Path, record: dict[str, Any] | None = None) -> di
 
 def _settings_record(settings: RenderSettings) -> dict[str, Any]:
     return json.loads(json.dumps(settings.key_fields(), default=repr))
+
+
+def _unwritten(e: OSError, cache: TileCache, keys: dict[tuple[str, int, int], str], then: str) -> WriteError:
+    """A failed write E (a full disk) as one paragraph: how many tiles are saved, what THEN was not written."""
+    done = len({key for key in keys.values() if key in cache})
+    return write_error(e, f"{done} of {len(set(keys.values()))} tiles are saved in the tile cache {cache.root}; {then}",
+                       "run the same command again: it renders only the missing tiles")
 
 
 def _write_record(run_dir: Path, result: AtlasResult, keys: dict[tuple[str, int, int], str]) -> Path:
@@ -301,9 +312,14 @@ def atlas(run_dir: str | Path, layers: str | Sequence[str] = (), *, all_layers: 
         print(result.plan_line(), file=sys.stderr, flush=True)
 
     if plan.tiles:
-        with make_executor(ray, device=device, batch_size=batch_size, quiet=quiet) as executor:
-            result.executor = executor.describe()
-            report = run_jobs(plan.sized(executor.max_tiles), cache, executor, quiet=quiet, desc="atlas")
+        try:
+            with make_executor(ray, device=device, batch_size=batch_size, quiet=quiet) as executor:
+                result.executor = executor.describe()
+                report = run_jobs(plan.sized(executor.max_tiles), cache, executor, quiet=quiet, desc="atlas")
+        except OSError as e:
+            if not is_write_error(e):
+                raise
+            raise _unwritten(e, cache, keys, f"{run_dir / ATLAS_FILE} was not updated") from e
         result.rendered = report.rendered
         by_key: dict[str, list[tuple[str, int, int]]] = {}
         for where, key in keys.items():
@@ -320,6 +336,11 @@ def atlas(run_dir: str | Path, layers: str | Sequence[str] = (), *, all_layers: 
     for where, key in keys.items():
         if key in cache:
             result.tiles[where] = cache.path(key)
-    result.record = _write_record(run_dir, result, {w: k for w, k in keys.items() if w in result.tiles})
+    try:
+        result.record = _write_record(run_dir, result, {w: k for w, k in keys.items() if w in result.tiles})
+    except OSError as e:
+        if not is_write_error(e):
+            raise
+        raise _unwritten(e, cache, keys, "the report does not show this atlas until atlas.json is written") from e
     result.seconds = time.perf_counter() - started
     return result

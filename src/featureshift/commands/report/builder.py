@@ -23,7 +23,7 @@ import numpy as np
 from ...errors import FeatureshiftError
 from ...grid import no_response_tile
 from ...jobs.cache import read_tile_about
-from ...io import current_umask, safe_name, save_image, write_bytes, write_text
+from ...io import WriteError, current_umask, is_write_error, safe_name, save_image, write_bytes, write_error, write_text
 from ...optvis.settings import DEFAULT_SETTINGS, RenderSettings
 from ...run import describe_status
 from ...selection import DEFAULT_COLUMNS
@@ -249,19 +249,24 @@ def build_report(run_dir: str | os.PathLike, layers: str | Sequence[str] | None 
             if layer in layers:
                 chosen[layer] = sorted(set(chosen.get(layer, [])) | {int(c) for c in entry.get("channels", [])})
                 atlas_settings[layer] = str(entry.get("describe", ""))
-    measured = [l for l in layers if l != "logits"]
-    m = run_metrics(run_dir, measured, {l: chosen[l] for l in measured}, renders=tiles, probe=probe,
-                    probe_limit=probe_limit, image_size=image_size, examples=examples, device=device, quiet=quiet)
-    accents: dict[tuple[str, int], Accentuation] = {}
-    if accent:
-        # Only the timelines' channels: an accentuation is a render per snapshot, and an atlas of
-        # hundreds of channels would multiply the report's cost (the demo's: 75 s -> 8 min).
-        pages = {l: timeline_channels.get(l, []) for l in m.channels}
-        fallback = (settings or DEFAULT_SETTINGS).replace(**changes)
-        accents = accentuate_examples(run_dir, m, pages, {l: used_settings.get(l, fallback) for l in pages},
-                                      device=device, batch_size=batch_size, quiet=quiet, ray=ray)
-
     out = run_dir / REPORT_DIR
+    measured = [l for l in layers if l != "logits"]
+    accents: dict[tuple[str, int], Accentuation] = {}
+    try:
+        m = run_metrics(run_dir, measured, {l: chosen[l] for l in measured}, renders=tiles, probe=probe,
+                        probe_limit=probe_limit, image_size=image_size, examples=examples, device=device, quiet=quiet)
+        if accent:
+            # Only the timelines' channels: an accentuation is a render per snapshot, and an atlas of
+            # hundreds of channels would multiply the report's cost (the demo's: 75 s -> 8 min).
+            pages = {l: timeline_channels.get(l, []) for l in m.channels}
+            fallback = (settings or DEFAULT_SETTINGS).replace(**changes)
+            accents = accentuate_examples(run_dir, m, pages, {l: used_settings.get(l, fallback) for l in pages},
+                                          device=device, batch_size=batch_size, quiet=quiet, ray=ray)
+    except OSError as e:
+        if not is_write_error(e):
+            raise
+        raise _unwritten_report(e, out) from e
+
     scratch = Path(tempfile.mkdtemp(prefix=".report-", dir=run_dir))
     os.chmod(scratch, 0o777 & ~current_umask())  # mkdtemp makes 0700: the report is for sharing
     try:
@@ -274,9 +279,20 @@ def build_report(run_dir: str | os.PathLike, layers: str | Sequence[str] | None 
         if out.exists():
             old = run_dir / f".report-old-{os.getpid()}"
             os.replace(out, old)
-        os.replace(scratch, out)
+        try:
+            os.replace(scratch, out)
+        except OSError:
+            if old is not None:  # the earlier report goes back: a failed build must not take it away
+                os.replace(old, out)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        if not is_write_error(e):
+            raise
+        # The file is named where it would have been: the scratch folder is gone after this.
+        name = e.filename and os.fspath(e.filename).replace(os.fspath(scratch), os.fspath(out), 1)
+        raise _unwritten_report(OSError(e.errno, e.strerror, name), out) from e
     finally:
         if scratch.exists():
             shutil.rmtree(scratch, ignore_errors=True)
@@ -286,6 +302,13 @@ def build_report(run_dir: str | os.PathLike, layers: str | Sequence[str] | None 
 
         webbrowser.open(index.resolve().as_uri())
     return index
+
+
+def _unwritten_report(e: OSError, out: Path) -> WriteError:
+    """A failed write E (a full disk) of the report as one paragraph."""
+    return write_error(e, f"The report {out} was not updated (an earlier report there is unchanged); finished renders "
+                          "and probe statistics are kept in the run's caches",
+                       "run the same command again: it computes only what is missing")
 
 
 report = build_report  # the API name of `featureshift report`
@@ -574,7 +597,8 @@ class _Writer:
             chance = f"; chance with {self.info.num_classes} classes is {100 / self.info.num_classes:.1f}%" \
                 if self.info.num_classes > 1 else ""
             out.append({"text": f"Validation accuracy went from {100 * accs[0][1]:.1f}% {first} to "
-                                f"{100 * accs[-1][1]:.1f}% at epoch {accs[-1][0]}{chance}.", "href": "index.html#curves"})
+                                f"{100 * accs[-1][1]:.1f}% at epoch {accs[-1][0]}{chance}.",
+                        "href": "index.html#curves"})
         cut = self.run.get("cutoff") or {}
         ranking = rank_layers(self.m, self.last, frozen=cut.get("frozen") or ())
         out.extend(change_findings(ranking, self.info.num_classes, head_is_new(self.run),
@@ -632,8 +656,9 @@ class _Writer:
 
             s, r = facts.speed, facts.reuse
             # Distances from the reference, as the speed measures them: not amounts of training done.
+            first = s.first_epoch or self.epochs[min(1, len(self.epochs) - 1)]
             cards = [("weights half as far as at the end by", "–" if s.half_epoch is None else f"epoch {s.half_epoch}"),
-                     (f"share of the final weight distance at epoch {s.first_epoch or self.epochs[min(1, len(self.epochs) - 1)]}",
+                     (f"share of the final weight distance at epoch {first}",
                       "–" if s.first_share is None else f"{100 * s.first_share:.0f}%")]
             if r.measured:
                 cards.append(("kept / repurposed / died", " / ".join(

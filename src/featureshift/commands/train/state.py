@@ -69,10 +69,22 @@ def set_rng_state(s: dict[str, Any], loader_gen: torch.Generator) -> None:
 
 def save_state(run_dir: str | Path, state: TrainState) -> None:
     """Write RUN/train_state.pt atomically: a kill at any moment leaves the previous epoch's state."""
-    with atomic_path(Path(run_dir) / STATE_FILE) as tmp:
-        # shallow on purpose: dataclasses.asdict would deep-copy every tensor
-        fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    # shallow on purpose: dataclasses.asdict would deep-copy every tensor
+    fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    # The size lets a full disk be told from other failures: torch.save reports neither with an errno.
+    with atomic_path(Path(run_dir) / STATE_FILE, size=tensor_bytes(fields)) as tmp:
         torch.save({"format": STATE_FORMAT, **fields}, tmp)
+
+
+def tensor_bytes(obj: Any) -> int:
+    """The bytes of the tensors in OBJ (nested dicts, lists and tuples): about what torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def load_state(run_dir: str | Path) -> TrainState:
