@@ -42,20 +42,23 @@ def analyse_layer(metrics, layer: str, tiles: dict[tuple[str, int, int], Path]) 
     fates = layer_fates(metrics, layer) if last != ref else {}
     dead_last = {r["channel"]: bool(r.get("dead")) for r in metrics.channel_table(layer, last)}
     dead_ref = {r["channel"]: bool(r.get("dead")) for r in metrics.channel_table(layer, ref)}
+    # The channels whose renders were compared (their drift was measured): the set a layer's fates
+    # are of, so that the channels dead before training are counted among those, not the whole layer.
+    compared = {r["channel"] for r in metrics.channel_table(layer, last)
+                if r.get("drift") is not None and math.isfinite(float(r["drift"]))} if last != ref else set()
     facts: dict[int, ChannelFacts] = {}
-    rendered = []  # channels with renders at both ends: the set the layer's shares are of
     for c, speed in speeds.items():
         f = ChannelFacts(speed, fates.get(c), dead_last.get(c, False), dead_ref.get(c, False))
         a, b = tiles.get((layer, ref, c)), tiles.get((layer, last, c))
         if a is not None and b is not None and last != ref:
-            rendered.append(f)
             f.freq_before, f.freq_after = dominant_frequency(a), dominant_frequency(b)
             f.coarsening = coarsening(f.freq_before, f.freq_after)
         facts[c] = f
     # A channel that responds to nothing renders as noise, whose frequency says nothing about its feature.
-    ratios = [f.coarsening for f in rendered if math.isfinite(f.coarsening) and not (f.dead or f.dead_before)]
+    ratios = [f.coarsening for f in facts.values() if math.isfinite(f.coarsening) and not (f.dead or f.dead_before)]
+    shown = [facts[c] for c in sorted(compared) if c in facts]
     return LayerFacts(layer, layer_speed(metrics, layer), facts,
-                      reuse([f.fate for f in rendered], [f.dead_before for f in rendered]),
+                      reuse([f.fate for f in shown], [f.dead_before for f in shown]),
                       layer_coarsening(ratios), len(ratios))
 
 

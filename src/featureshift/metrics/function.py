@@ -82,7 +82,8 @@ def function_change(model_a: nn.Module, model_b: nn.Module, layers: Sequence[str
     return {l: _median_ratio(sums[l]) for l in layers}
 
 
-def _channel_sums(model: nn.Module, module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def _channel_sums(model: nn.Module, module: nn.Module, a: torch.Tensor, b: torch.Tensor
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Per channel of one output: (sum of squared change, sum of squares at A)."""
     a, b = a.float(), b.float()
     axis = 1 if a.dim() == 2 else channel_axis(model, module, a)

@@ -35,7 +35,8 @@ def layer_findings(f: LayerFacts, page: str, epochs: list[int], made_by: Sequenc
     out = []
     s = f.speed
     weights = f"the weights that make it ({_names(made_by)})" if made_by else "its weights"
-    if s.half_epoch is not None and s.first_share is not None:
+    # With one snapshot after the reference there is no "how fast" to tell: it would always read 100%.
+    if s.half_epoch is not None and s.first_share is not None and s.first_epoch != epochs[-1]:
         # The speed compares distances from the reference, not amounts of movement: a share of 80% at
         # the first snapshot says where the weights were, not that 80% of the training happened by then.
         text = (f"{f.layer}: by epoch {s.first_epoch}, {weights} had moved {_pct(s.first_share)} of the distance from "
@@ -43,7 +44,7 @@ def layer_findings(f: LayerFacts, page: str, epochs: list[int], made_by: Sequenc
         if s.half_epoch != s.first_epoch:
             text += f"; half of it by epoch {s.half_epoch}"
         out.append({"text": text + ".", "href": f"{page}#speed"})
-    elif len(epochs) > 1:
+    elif len(epochs) > 1 and s.half_epoch is None:
         out.append({"text": f"{f.layer}: {weights} did not change.", "href": f"{page}#speed"})
     r = f.reuse
     if r.measured:
@@ -59,12 +60,22 @@ def layer_findings(f: LayerFacts, page: str, epochs: list[int], made_by: Sequenc
                      f"{_pct(r.share('died'))} died")
         aside = []
         if r.dead_before:
-            aside.append(f"{r.dead_before} more responded to none already before training")
+            aside.append(f"{r.dead_before} more responded to no probe image already before training")
         if r.unmeasured:
             aside.append(f"{r.unmeasured} more could not be compared: a failed render")
         if aside:
             text += f" ({'; '.join(aside)})"
         out.append({"text": text + ".", "href": f"{page}#sort=cross_b_on_a"})
+    elif r.dead_before or r.unmeasured:
+        rendered = r.dead_before + r.unmeasured
+        parts = []
+        if r.dead_before:
+            parts.append(f"{r.dead_before} responded to no probe image already before training")
+        if r.unmeasured:
+            parts.append(f"{r.unmeasured} could not be compared (a failed render)")
+        out.append({"text": f"{f.layer}: of the {rendered} rendered channel{'s' * (rendered != 1)}, "
+                            f"{' and '.join(parts)}: none has a fate (kept, repurposed or died) to tell.",
+                    "href": f"{page}#sort=cross_b_on_a"})
     if f.scale_pairs:
         out.append({"text": f"{f.layer}: its features {scale_phrase(f.coarsening)}, by the dominant spatial "
                             f"frequency of {f.scale_pairs} responsive channel{'s' * (f.scale_pairs != 1)}' renders "
@@ -86,8 +97,8 @@ def change_findings(ranking: ChangeRanking, classes: int, head_new: bool | None,
     if len(r.ranked) >= 2:
         hi, lo = r.ranked[0], r.ranked[-1]
         text = (f"By epoch {r.epoch}, of the {len(r.ranked)} layers with trained weights of their own, {hi.layer} "
-                f"changed most and {lo.layer} least: on the same inputs, their outputs moved by {hi.value:.3f} and "
-                f"{lo.value:.3f} of their size (function change)")
+                f"changed most and {lo.layer} least: on the same inputs, their outputs moved by {_size(hi.value)} and "
+                f"{_size(lo.value)} of their size (function change)")
         if r.frozen:
             many = len(r.frozen) != 1
             text += (f"; the {len(r.frozen)} layer{'s' * many} frozen{' by ' + frozen_by if frozen_by else ''} "
@@ -98,7 +109,7 @@ def change_findings(ranking: ChangeRanking, classes: int, head_new: bool | None,
         why = ("made for this dataset's classes when training began, it had no earlier function to keep"
                if head_new else "it maps the features onto this dataset's classes")
         out.append({"text": f"{what} is not ranked with the other layers ({why}); by epoch {r.epoch} its output on "
-                            f"the same inputs moved by {h.value:.3f} of its size.", "href": "index.html#change"})
+                            f"the same inputs moved by {_size(h.value)} of its size.", "href": "index.html#change"})
     return out
 
 
@@ -122,6 +133,11 @@ def head_is_new(run: dict[str, Any]) -> bool | None:
         return classes != list(read_meta(source).info.class_names)
     except (FeatureshiftError, OSError, ValueError):
         return None
+
+
+def _size(v: float) -> str:
+    """0.322, or 0.00012 where three decimals would read as no change at all."""
+    return f"{v:.2g}" if 0 < abs(v) < 0.001 else f"{v:.3f}"
 
 
 def _names(names: Sequence[str], limit: int = 3) -> str:
