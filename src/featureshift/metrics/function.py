@@ -56,7 +56,12 @@ def function_change(model_a: nn.Module, model_b: nn.Module, layers: Sequence[str
             if sums[name] is None:
                 return
             a = _tensors(out)
-            b = _tensors(modules_b[name](*x_args, **x_kwargs))
+            try:
+                b = _tensors(modules_b[name](*x_args, **x_kwargs))
+            except (RuntimeError, TypeError, ValueError):
+                # a module that cannot run on its own outside its parent's forward: no value, not a failed report
+                sums[name] = None
+                return
             if a is None or b is None or len(a) != len(b) or any(p.shape != q.shape for p, q in zip(a, b)) \
                     or (sums[name] and len(sums[name]) != len(a)):
                 sums[name] = None
