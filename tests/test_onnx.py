@@ -61,7 +61,7 @@ def test_export_checks_with_onnxruntime_and_describes_it(exported):
     assert exported.path.is_file() and exported.opset == 17
     assert exported.check is not None and exported.check.ok
     assert exported.check.max_diff <= CHECK_TOLERANCE * max(1.0, exported.check.scale)
-    assert exported.input_shape == ("batch", 3, SIZE, SIZE)
+    assert exported.input_shape == ("batch", 3, "height", "width")  # a CNN takes any size, as in torch
     text = exported.describe()
     assert "onnxruntime check passed" in text and "largest difference" in text
 
@@ -353,7 +353,7 @@ def test_info_on_an_onnx_file(exported):
     assert re.search(r"^opset\s+17$", text.output, re.M) and re.search(r"^\s+arch\s+squeezenet1_1$", text.output, re.M)
     about = json.loads(CliRunner().invoke(main, ["info", str(exported.path), "--json"]).output)
     assert about["in_chans"] == 3 and about["num_classes"] == len(CLASSES) and about["layout"] == "NCHW"
-    assert about["inputs"] == {"input": ["batch", 3, SIZE, SIZE]} and about["producer"].startswith("pytorch")
+    assert about["inputs"] == {"input": ["batch", 3, "height", "width"]} and about["producer"].startswith("pytorch")
     assert about["featureshift"]["class_names"] == CLASSES and about["featureshift"]["epoch"] == 3
 
 
@@ -367,3 +367,260 @@ def test_in_chans_comes_from_the_graphs_input(tmp_path):
     fitted = load_onnx(path, **PREPROCESSING).featureshift_info  # RGB values fitted to the one band
     assert fitted.mean == pytest.approx((0.4,)) and fitted.std == pytest.approx((0.25,))
     assert describe(path)["in_chans"] == 1
+
+
+# ---------------------------------------------------------------- ONNX files from other exporters
+
+def _graph(nodes, inits, input_dims, output_dims, *, opset=13, name="g"):
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("input", TensorProto.FLOAT, input_dims)],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, output_dims)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def _conv_net(input_dims, *, stride=2, names=("model/conv/Conv2D", "model/conv/Relu", "model/gap/Mean")):
+    """Conv, Relu, global average pool and a dense layer: takes any image size its input leaves free."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["input", "w", "b"], ["c"], name=names[0], kernel_shape=[3, 3],
+                              strides=[stride, stride], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name=names[1]),
+             helper.make_node("GlobalAveragePool", ["r"], ["gap"], name=names[2]),
+             helper.make_node("Flatten", ["gap"], ["flat"], name="model/flatten/Reshape"),
+             helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], name="model/dense/MatMul", transB=1)]
+    inits = [_init("w", [8, 3, 3, 3], rng), _init("b", [8], rng), _init("fc_w", [4, 8], rng), _init("fc_b", [4], rng)]
+    return _graph(nodes, inits, input_dims, [input_dims[0], 4])
+
+
+def _weights_as_constant_nodes(model):
+    """MODEL with every initializer stored as a Constant node instead, as PaddlePaddle's exporter
+    writes weights (1-D float ones as value_floats, the other form Constant takes)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    constants = []
+    for init in model.graph.initializer:
+        values = numpy_helper.to_array(init)
+        value = dict(value_floats=values.tolist()) if values.ndim == 1 and values.dtype == np.float32 else dict(
+            value=init)
+        constants.append(helper.make_node("Constant", [], [init.name], name=f"{init.name}_weights", **value))
+    del model.graph.initializer[:]
+    nodes = constants + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_weights_stored_as_constant_nodes_are_taken(tmp_path):
+    model = _weights_as_constant_nodes(_tf_graph(transpose=False, lrn=False, uneven=False))
+    assert not model.graph.initializer and sum(n.op_type == "Constant" for n in model.graph.node) == 5
+    module = load_onnx(_save(model, tmp_path / "paddle.onnx"), **PREPROCESSING)  # checked against onnxruntime
+    check = check_with_onnxruntime(module, model, nhwc=True, seed=2)
+    assert check.ok and check.max_diff < 1e-4, check.describe()
+    names = [layer.name for layer in list_layers(module, 16)]
+    assert "model.conv1.Conv2D" in names and not any("weights" in n for n in names)  # weights are no layers
+
+
+@pytest.mark.parametrize("free", [-1, 0])
+def test_a_batch_written_as_minus_one_or_zero_is_free(free, tmp_path):
+    from click.testing import CliRunner
+
+    from featureshift.cli import main
+    from featureshift.models.onnx.metadata import describe
+
+    model = _conv_net([1, 3, 16, 16])
+    for value in (model.graph.input[0], model.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_value = free
+    # a reshape that keeps the batch axis free the other ways exporters write it
+    flat = next(n for n in model.graph.node if n.op_type == "Flatten")
+    model.graph.initializer.append(numpy_helper.from_array(np.array([-1, 8], np.int64), "to_rows"))
+    model.graph.node.insert(list(model.graph.node).index(flat), helper.make_node(
+        "Reshape", ["gap", "to_rows"], ["rows"], name="model/reshape/Reshape"))
+    flat.input[0] = "rows"
+    path = _save(model, tmp_path / f"batch{free}.onnx")
+    module = load_onnx(path, **PREPROCESSING)  # the check runs onnxruntime at batch 2
+    assert module(torch.randn(3, 3, 16, 16)).shape == (3, 4)
+    assert describe(path)["inputs"] == {"input": [None, 3, 16, 16]}
+    listed = CliRunner().invoke(main, ["layers", str(path), "--mean", "0.5,0.5,0.5", "--std", "0.2,0.2,0.2"])
+    assert listed.exit_code == 0, listed.output
+    assert listed.stdout.splitlines()[0].split("\t") == ["model.conv.Conv2D", "Conv2d", "8", "8x8"]
+
+
+def test_input_size_height_by_width(tmp_path):
+    from click.testing import CliRunner
+
+    from featureshift.cli import main
+
+    free = _save(_conv_net(["N", 3, "H", "W"]), tmp_path / "text_direction.onnx")
+    module = load_onnx(free, input_size=(48, 192), **PREPROCESSING)
+    info = module.featureshift_info
+    assert info.input_size == 192 and module.featureshift_input_hw == (48, 192)
+    assert [(l.name, l.height, l.width) for l in list_layers(module)][:2] == [
+        ("model.conv.Conv2D", 24, 96), ("model.conv.Relu", 24, 96)]  # listed at 48x192, not square
+    runner = CliRunner()
+    listed = runner.invoke(main, ["layers", str(free), "--input-size", "48x192", "-q"])
+    assert listed.exit_code == 0, listed.output
+    assert listed.stdout.splitlines()[0].endswith("\t8\t24x96")
+    fixed = _save(_conv_net([1, 3, 48, 192]), tmp_path / "fixed.onnx")  # the graph says it: no flag needed
+    assert runner.invoke(main, ["layers", str(fixed), "-q"]).stdout.splitlines()[0].endswith("\t24x96")
+    wrong = runner.invoke(main, ["layers", str(free), "--input-size", "48x"])
+    assert wrong.exit_code == 2 and "HEIGHTxWIDTH" in wrong.output and "Traceback" not in wrong.output
+
+
+def test_layers_of_an_onnx_file_without_preprocessing_say_it_is_unknown(tmp_path):
+    from click.testing import CliRunner
+
+    from featureshift.cli import main
+
+    path = _save(_conv_net([1, 3, 16, 16]), tmp_path / "bare.onnx")
+    runner = CliRunner()
+    listed = runner.invoke(main, ["layers", str(path)])
+    assert listed.exit_code == 0, listed.output
+    assert [row.split("\t")[0] for row in listed.stdout.splitlines()] == [
+        "model.conv.Conv2D", "model.conv.Relu", "model.gap.Mean"]
+    assert "does not say how to normalize its input" in listed.stderr and "--mean" in listed.stderr
+    rendered = runner.invoke(main, ["vis", str(path), "model.conv.Relu", "-o", str(tmp_path / "x.png"),
+                                    "--steps", "2", "--size", "16", "-q"])
+    assert rendered.exit_code == 2 and "--mean, --std and --input-size" in rendered.stderr
+    unsized = _save(_conv_net(["N", 3, "H", "W"]), tmp_path / "unsized.onnx")  # listing needs the size
+    sizeless = runner.invoke(main, ["layers", str(unsized)])
+    assert sizeless.exit_code == 2 and "leaves its input size open" in sizeless.stderr
+
+
+def _keras_like_graph():
+    """NHWC input behind a Transpose, a feature map transposed back to NHWC before a Keras Flatten
+    (tf2onnx's `block1_pool/MaxPool__76`), and an elementwise operator between the two layouts."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Transpose", ["input"], ["nchw"], name="model/block1_conv1/Conv2D__6", perm=[0, 3, 1, 2]),
+             helper.make_node("Conv", ["nchw", "w", "b"], ["c"], name="model/block1_conv1/Conv2D",
+                              kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="model/block1_conv1/Relu"),
+             helper.make_node("MaxPool", ["r"], ["p"], name="model/block1_pool/MaxPool", kernel_shape=[2, 2],
+                              strides=[2, 2]),
+             helper.make_node("Transpose", ["p"], ["p_nhwc"], name="model/block1_pool/MaxPool__76", perm=[0, 2, 3, 1]),
+             helper.make_node("Mul", ["p_nhwc", "scale"], ["s"], name="model/scale/mul"),
+             helper.make_node("Reshape", ["s", "flat_shape"], ["flat"], name="model/flatten/Reshape"),
+             helper.make_node("MatMul", ["flat", "fc_w"], ["logits"], name="model/dense/MatMul")]
+    inits = [_init("w", [8, 3, 3, 3], rng), _init("b", [8], rng), _init("scale", [8], rng),
+             numpy_helper.from_array(np.array([1, 8 * 8 * 8], np.int64), "flat_shape"), _init("fc_w", [512, 5], rng)]
+    return _graph(nodes, inits, [1, 16, 16, 3], [1, 5])
+
+
+def test_nhwc_graph_lists_feature_maps_with_their_channels_not_layout_transposes(tmp_path):
+    module = load_onnx(_save(_keras_like_graph(), tmp_path / "vgg_like.onnx"), **PREPROCESSING)
+    layers = list_layers(module)
+    assert [(l.name, l.channels, l.shape, l.layout) for l in layers] == [
+        ("model.block1_conv1.Conv2D", 8, "16x16", "NCHW"), ("model.block1_conv1.Relu", 8, "16x16", "NCHW"),
+        ("model.block1_pool.MaxPool", 8, "8x8", "NCHW"),
+        ("model.scale.mul", 8, "8x8", "NHWC")]  # channels last between the transposes, seen channels first
+    assert module(torch.randn(2, 3, 16, 16)).shape == (2, 5)
+
+
+def test_detection_head_reshapes_are_no_layers_and_repeated_scopes_collapse(tmp_path):
+    rng = np.random.default_rng(0)
+    scope = "/model.22/cv2.0/cv2.0.0"  # as torch's old exporter names YOLOv8's head
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], name=f"{scope}/conv/Conv", kernel_shape=[1, 1]),
+             helper.make_node("Sigmoid", ["c"], ["sig"], name=f"{scope}/act/Sigmoid"),
+             helper.make_node("Mul", ["c", "sig"], ["m"], name=f"{scope}/act/Mul"),
+             helper.make_node("Reshape", ["m", "rows"], ["r"], name="/model.22/Reshape"),
+             helper.make_node("Reshape", ["r", "bins"], ["bins_out"], name="/model.22/dfl/Reshape"),
+             helper.make_node("Transpose", ["bins_out"], ["t"], name="/model.22/dfl/Transpose", perm=[0, 2, 1, 3]),
+             helper.make_node("Softmax", ["t"], ["sm"], name="/model.22/dfl/Softmax", axis=1),
+             helper.make_node("Flatten", ["sm"], ["logits"], name="/model.22/Flatten")]
+    inits = [_init("w", [12, 3, 1, 1], rng), numpy_helper.from_array(np.array([1, 12, 64], np.int64), "rows"),
+             numpy_helper.from_array(np.array([1, 4, 3, 64], np.int64), "bins")]
+    path = _save(_graph(nodes, inits, [1, 3, 8, 8], [1, 768]), tmp_path / "head.onnx")
+    layers = list_layers(load_onnx(path, **PREPROCESSING))
+    assert [(l.name, l.channels, l.shape) for l in layers] == [
+        ("model.22.cv2.0.0.conv.Conv", 12, "8x8"), ("model.22.cv2.0.0.act.Sigmoid", 12, "8x8"),
+        ("model.22.cv2.0.0.act.Mul", 12, "8x8")]
+
+
+def test_scope_pieces_that_repeat_the_path_are_collapsed():
+    from featureshift.models.onnx.names import scope_path
+
+    assert scope_path("/model.22/cv2.0/cv2.0.0/act/Mul") == ["model", "22", "cv2", "0", "0", "act", "Mul"]
+    assert scope_path("/features/features.3/squeeze/Conv") == ["features", "3", "squeeze", "Conv"]
+    assert scope_path("/layer1/layer1.0/conv1/Conv") == ["layer1", "0", "conv1", "Conv"]
+    assert scope_path("StatefulPartitionedCall/model/block1_conv1/Conv2D") == ["model", "block1_conv1", "Conv2D"]
+    assert scope_path("/backbone/backbone/Conv") == ["backbone", "backbone", "Conv"]  # a module in one of its name
+
+
+def test_shapes_lost_before_a_batchnorm_are_found_at_the_input_size(tmp_path):
+    """A reshape to sizes computed in a way shape inference does not follow leaves the BatchNorm
+    after it without a rank, which onnx2torch needs; onnxruntime's run at the input size supplies it."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Shape", ["c"], ["s"], name="shape"),
+             helper.make_node("Cast", ["s"], ["sf"], name="to_float", to=TensorProto.FLOAT),
+             helper.make_node("Neg", ["sf"], ["neg"], name="neg"),
+             helper.make_node("Neg", ["neg"], ["sf2"], name="neg_again"),
+             helper.make_node("Cast", ["sf2"], ["s2"], name="to_int", to=TensorProto.INT64),
+             helper.make_node("Reshape", ["c", "s2"], ["r"], name="reshape"),
+             helper.make_node("BatchNormalization", ["r", "g", "b", "m", "v"], ["bn"], name="bn"),
+             helper.make_node("GlobalAveragePool", ["bn"], ["gap"], name="gap"),
+             helper.make_node("Flatten", ["gap"], ["logits"], name="flat")]
+    inits = [_init("w", [4, 3, 3, 3], rng), _init("g", [4], rng), _init("b", [4], rng), _init("m", [4], rng),
+             numpy_helper.from_array(np.ones(4, np.float32), "v")]
+    model = _graph(nodes, inits, ["N", 3, "H", "W"], ["N", 4])
+    assert "r" not in {v.name for v in onnx.shape_inference.infer_shapes(model, data_prop=True).graph.value_info
+                       if v.type.tensor_type.HasField("shape")}  # the loss this test is about
+    module = load_onnx(_save(model, tmp_path / "recogniser.onnx"), input_size=(24, 40), **PREPROCESSING)
+    assert type(module.get_submodule("bn")).__name__ == "BatchNorm2d"
+    assert [(l.name, l.shape) for l in list_layers(module)][:2] == [("conv", "24x40"), ("bn", "24x40")]
+
+
+@pytest.mark.parametrize("mode", ["cubic", "linear"])
+def test_resize_with_antialias_converts_as_onnxruntime_computes_it(mode, tmp_path):
+    """Opset 18's antialias=1 (what torch's exporter writes for interpolate(antialias=True), as a
+    vision transformer resizes its position embeddings) shrinking an image."""
+    rng = np.random.default_rng(0)
+    cubic = dict(cubic_coeff_a=-0.5) if mode == "cubic" else {}
+    nodes = [helper.make_node("Resize", ["input", "", "scales"], ["small"], name="pos_embed/Resize", mode=mode,
+                              antialias=1, exclude_outside=1, coordinate_transformation_mode="half_pixel", **cubic),
+             helper.make_node("Conv", ["small", "w"], ["c"], name="conv/Conv", kernel_shape=[1, 1]),
+             helper.make_node("Flatten", ["c"], ["logits"], name="flat")]
+    inits = [numpy_helper.from_array(np.array([1, 1, 0.375, 0.375], np.float32), "scales"), _init("w", [2, 3, 1, 1], rng)]
+    model = _graph(nodes, inits, ["N", 3, 32, 32], ["N", 2 * 12 * 12], opset=18)
+    module = load_onnx(_save(model, tmp_path / "resize.onnx"), **PREPROCESSING)  # raises when it differs
+    check = check_with_onnxruntime(module, model, seed=3)
+    assert check.max_diff < 1e-4, check.describe()
+
+
+def test_opset_17_takes_an_antialias_that_changes_nothing_and_refuses_one_that_does():
+    from featureshift.models.onnx.export import convert_opset
+
+    def graph(scale):
+        nodes = [helper.make_node("Resize", ["input", "", "scales"], ["logits"], name="resize", mode="cubic",
+                                  antialias=1, cubic_coeff_a=-0.5, exclude_outside=1)]
+        inits = [numpy_helper.from_array(np.array([1, 1, scale, scale], np.float32), "scales")]
+        side = int(8 * scale)
+        return _graph(nodes, inits, [1, 3, 8, 8], [1, 3, side, side], opset=18)
+
+    kept = convert_opset(graph(1.0), 17)
+    assert kept.opset_import[0].version == 17 and not [a for a in kept.graph.node[0].attribute if a.name == "antialias"]
+    with pytest.raises(FeatureshiftError, match=r"'resize' \(Resize\) shrinks .*--opset 18"):
+        convert_opset(graph(0.5), 17)
+
+
+def test_weights_the_graph_computes_are_refused_naming_the_layer(tmp_path):
+    from click.testing import CliRunner
+
+    from featureshift.cli import main
+
+    model = _conv_net([1, 3, 16, 16])
+    model.graph.initializer.append(numpy_helper.from_array(np.array(2.0, np.float32), "two"))
+    model.graph.node.insert(0, helper.make_node("Mul", ["w", "two"], ["w_scaled"], name="model/conv/scale"))
+    model.graph.node[1].input[1] = "w_scaled"
+    path = _save(model, tmp_path / "computed.onnx")
+    result = CliRunner().invoke(main, ["layers", str(path), "-q"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "layer 'model.conv.Conv2D' (Conv) cannot be converted" in result.stderr
+    assert "must be stored in the file" in result.stderr
+
+
+def test_an_operator_that_fails_at_the_input_size_is_named(tmp_path):
+    model = _keras_like_graph()  # its Keras Flatten fixes the 16x16 input through a constant shape
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "H"
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "W"
+    with pytest.raises(FeatureshiftError, match=r"'model\.flatten\.Reshape'.*24x24"):
+        load_onnx(_save(model, tmp_path / "fixed_flatten.onnx"), input_size=24, **PREPROCESSING)

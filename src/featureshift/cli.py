@@ -710,7 +710,9 @@ def merge(inputs, output, labels, keep_order, title, quiet):
 @click.argument("snapshot_or_model")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The ONNX file to write.")
 @click.option("--weights", default="imagenet", show_default=True, help="For a model name. " + WEIGHTS_HELP)
-@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset to write.")
+@click.option("--opset", type=int, default=None,
+              help="ONNX opset to write  [default: 17, or 18 where a vision transformer needs it to take any "
+                   "image size].")
 @click.option("--tolerance", type=float, default=1e-3, show_default=True,
               help="Largest difference allowed between the network and the ONNX graph (onnxruntime) on a random "
                    "batch, relative to max(1, largest |logit|); above it nothing is written.")

@@ -45,11 +45,13 @@ class ExportResult:
 
 
 def export(snapshot_or_model: str | os.PathLike, output: str | os.PathLike, *, weights: str = "imagenet",
-           opset: int = 17, tolerance: float = CHECK_TOLERANCE, check: bool = True,
+           opset: int | None = None, tolerance: float = CHECK_TOLERANCE, check: bool = True,
            mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
            input_size: int | tuple[int, int] | None = None) -> ExportResult:
     """Write SNAPSHOT_OR_MODEL (a snapshot file, or a model name with WEIGHTS: imagenet, random or
-    a weights file) to OUTPUT as ONNX at OPSET, with its classes and preprocessing in the metadata.
+    a weights file) to OUTPUT as ONNX at OPSET (None: 17, or 18 where the graph needs it to take
+    any image size; see models.onnx.export.to_onnx), with its classes and preprocessing in the
+    metadata.
 
     check: run the network and the ONNX graph (onnxruntime) on a random batch first and raise
     FeatureshiftError, writing nothing, when the largest absolute difference of the logits is

@@ -9,7 +9,7 @@ import torch
 from torch import fx, nn
 
 from ...errors import FeatureshiftError
-from .common import first_line, input_dims
+from .common import first_line, input_dims, with_free_dims
 
 # A converted network passes when its largest absolute difference from onnxruntime is at most
 # CHECK_TOLERANCE times the scale of the reference output (its largest magnitude, at least 1):
@@ -69,7 +69,7 @@ def check_with_onnxruntime(module: nn.Module, model, *, batch: int = 2, size: in
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, channels, h, w, generator=g)
     feed = x.permute(0, 2, 3, 1).numpy() if nhwc else x.numpy()
-    session = ort_session(model, "check the conversion")
+    session = ort_session(with_free_dims(model), "check the conversion")
     try:
         input_name = session.get_inputs()[0].name
         ref = session.run([model.graph.output[0].name], {input_name: np.ascontiguousarray(feed)})[0]

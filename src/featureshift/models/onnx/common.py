@@ -106,6 +106,20 @@ def graph_shapes(graph) -> dict[str, list]:
     return out
 
 
+def with_free_dims(model):
+    """MODEL, or a copy of it where the inputs' and outputs' dims written as 0 or -1 are free:
+    onnxruntime takes 0 for an empty axis."""
+    def shaped(m):
+        return [v for v in [*m.graph.input, *m.graph.output] if v.type.tensor_type.HasField("shape")]
+
+    if not any(d.HasField("dim_value") and d.dim_value <= 0 for v in shaped(model) for d in v.type.tensor_type.shape.dim):
+        return model
+    copy = type(model).FromString(model.SerializeToString())
+    for v in shaped(copy):
+        set_dims(v, value_shape(v))
+    return copy
+
+
 def set_dims(value, dims: list) -> None:
     """Replace the dims of a ValueInfoProto: ints as sizes, strings as names, None as free."""
     shape = value.type.tensor_type.shape

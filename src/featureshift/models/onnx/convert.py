@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,7 +29,7 @@ from .names import clean, node_key, node_names
 from .ops import register_converters, single_module
 from .repair import (
     constants_to_initializers, explicit_same_padding, fill_shapes, fold_initializer_identities, free_batch,
-    free_batch_in_reshapes, nchw_input, uneven_average_pools,
+    free_batch_in_reshapes, nchw_input, own_resizes, uneven_average_pools,
 )
 
 # Opsets tried, newest first, when onnx2torch has no converter for an operator's version.
@@ -170,7 +171,10 @@ def _feeding(path: Path, meta: dict[str, Any], mean, std, input_size, fixed: tup
     else:
         hw = (fixed[0] or int(given[0]), fixed[1] or int(given[1]))
     missing = [flag for flag, value in (("--mean", mean), ("--std", std), ("--input-size", hw)) if not value]
-    if missing and (require_preprocessing or "--input-size" in missing):
+    if hw is None and not require_preprocessing:
+        raise FeatureshiftError(f"{path} leaves its input size open and its metadata does not say it: give "
+                                "--input-size (pixels, or HEIGHTxWIDTH such as 48x192).")
+    if missing and require_preprocessing:
         raise FeatureshiftError(
             f"{path} does not say how to preprocess its input (no {', '.join(m[2:] for m in missing)} in its "
             f"metadata or its graph). {PREPROCESSING_HELP}"
@@ -228,11 +232,13 @@ def _prepare(graph: _Graph, hw: tuple[int, int], path: Path):
             # shape holding 0, i.e. for a tensor with an empty axis, which image networks do not
             # make; onnx2torch refuses the attribute.
             set_attr(node, "allowzero", None)
-    # the batch left free, the image size fixed: onnx2torch and the padding below need shapes
+    # the batch left free, the image size fixed: onnx2torch and the padding below need shapes,
+    # found in the graph's own opset (the shapes stay in value_info through a conversion)
     free_batch(model, hw)
     register_converters()
-    model = graph.model = _supported_opset(model, path)
     shapes = fill_shapes(model, path, hw)
+    own_resizes(model)
+    model = graph.model = _supported_opset(model, path)
     explicit_same_padding(model.graph, shapes, path)
     if graph.batch:
         free_batch_in_reshapes(model.graph, shapes, graph.batch)
@@ -287,6 +293,9 @@ def _convert(graph: _Graph, path: Path) -> nn.Module:
     from onnx2torch.onnx_graph import OnnxGraph
     from torch import fx
 
+    # onnx2torch's operators warn, at every run, about indexing and attributes they approximate;
+    # the check against onnxruntime is what tells whether a conversion is right
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"onnx2torch\.")
     try:
         converted = convert(graph.model)
     except Exception as e:  # onnx2torch's converters raise whatever their code meets

@@ -19,42 +19,63 @@ from .names import node_key, node_names
 
 # torch's default exporter writes this opset natively; older ones go through onnx's converter.
 EXPORTER_OPSET = 18
+# What an export writes unless told otherwise: read by every runtime of the last years.
+DEFAULT_OPSET = 17
 # Where Pad nodes wait while onnx's converter runs (it has no Pad adapter from opset 18 down).
 _PASS_THROUGH = "featureshift.pass_through"
 
 
-def to_onnx(module: nn.Module, info: ModelInfo, *, opset: int = 17, batch: int = 2,
+def to_onnx(module: nn.Module, info: ModelInfo, *, opset: int | None = None, batch: int = 2,
             extra_metadata: dict[str, Any] | None = None):
-    """MODULE (normalized NCHW images in) as an ONNX ModelProto: torch's default exporter, any batch
-    size at INFO's input size, node names from the module paths, INFO in the metadata."""
+    """MODULE (normalized NCHW images in) as an ONNX ModelProto: torch's default exporter, node
+    names from the module paths, INFO in the metadata.
+
+    The graph takes any batch size and, where the network does, any image size (a network whose
+    code fixes them exports for INFO's input size, or for its example batch size). OPSET: the
+    opset to write; None: DEFAULT_OPSET, or the exporter's own where a size-free graph needs it
+    (a vision transformer resamples its position embeddings with antialiasing, which opset 17
+    cannot express; at one input size that resampling does nothing and opset 17 takes it)."""
     require_onnx()
     import onnx
 
+    target = opset or DEFAULT_OPSET
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
     x = torch.randn(batch, info.in_chans, info.input_size, info.input_size, device=device)
-    program = None
-    errors = []
+    dim = torch.export.Dim
+    attempts = (({0: dim("batch"), 2: dim("height"), 3: dim("width")},), ({0: dim("batch")},), None)
+    errors: list[str] = []
+    model = None
     was_training = module.training
     module.eval()
     try:
-        # A batch dimension left free lets any reader run any batch size; a network whose code
-        # fixes it (a view to a constant shape) still exports, for its example batch size only.
-        for shapes in (({0: torch.export.Dim("batch")},), None):
+        for shapes in attempts:
             try:
-                program = torch.onnx.export(module, (x,), dynamo=True, opset_version=max(opset, EXPORTER_OPSET),
+                program = torch.onnx.export(module, (x,), dynamo=True, opset_version=max(target, EXPORTER_OPSET),
                                             dynamic_shapes=shapes, input_names=["input"], output_names=["logits"],
                                             verbose=False)
-                break
             except Exception as e:  # the exporter raises many types; the message is what helps
-                errors.append(f"{e.__class__.__name__}: {first_line(e)}")
+                errors.append(f"torch could not export this {info.arch} network to ONNX ({e.__class__.__name__}: "
+                              f"{first_line(e)}).")
+                continue
+            model = program.model_proto
+            _name_exported_nodes(model)  # before converting: onnx's converter drops the module paths
+            if shapes is attempts[0]:
+                # stored shapes are the example's; at other sizes they would mislead a reader
+                del model.graph.value_info[:]
+            if target < EXPORTER_OPSET:
+                try:
+                    model = convert_opset(model, target)
+                except FeatureshiftError as e:
+                    if opset is None and shapes is attempts[0]:
+                        break  # size-free at the exporter's opset
+                    errors.append(str(e))
+                    model = None
+                    continue
+            break
     finally:
         module.train(was_training)
-    if program is None:
-        raise FeatureshiftError(f"torch could not export this {info.arch} network to ONNX ({errors[-1]}).")
-    model = program.model_proto
-    _name_exported_nodes(model)
-    if opset < EXPORTER_OPSET:
-        model = convert_opset(model, opset)
+    if model is None:
+        raise FeatureshiftError(errors[-1])
     set_metadata(model, metadata_entries(info, extra_metadata))
     model.doc_string = f"{info.arch} exported by featureshift {__version__}"
     onnx.checker.check_model(model)
@@ -120,7 +141,8 @@ def convert_opset(model, opset: int):
 def _drop_idle_antialias(model, opset: int) -> None:
     if opset >= 18:
         return
-    resizes = [n for n in model.graph.node if n.op_type == "Resize" and attr(n, "antialias", 0)]
+    resizes = [n for n in model.graph.node
+               if n.op_type == "Resize" and n.domain in STANDARD_DOMAINS and attr(n, "antialias", 0)]
     if not resizes:
         return
     import onnx

@@ -37,7 +37,7 @@ CHANNELS_FIRST_OPS = frozenset({
 RESHAPES = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
 # Operators that only move, copy or select values: they pass the layout on and are not listed
 # (their output is what a listed layer before them computed).
-MOVES = RESHAPES | {"Transpose", "Identity", "Dropout", "Cast", "CastLike", "Expand", "Tile", "Slice", "Gather",
+MOVES = RESHAPES | {"Transpose", "Pad", "Identity", "Dropout", "Cast", "CastLike", "Expand", "Tile", "Slice", "Gather",
                     "GatherElements", "GatherND", "Split", "Shape", "Size"}
 MATMULS = frozenset({"MatMul", "Gemm"})
 

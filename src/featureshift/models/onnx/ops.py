@@ -1,9 +1,10 @@
 """Torch modules and onnx2torch converters that featureshift adds: uneven padding (TensorFlow's
-SAME at a stride) as one layer, and Resize as opset 18 and 19 define it (antialiasing)."""
+SAME at a stride) as one layer, and Resize as opsets 11 to 19 define it (onnx2torch has none
+for 18 and 19, whose antialias a vision transformer's export uses, and approximates cubic
+resampling with torch's own coefficient)."""
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import Sequence
 
 import torch
@@ -124,7 +125,7 @@ class Resize(nn.Module):
 
 
 def resize_module(attributes: dict) -> Resize:
-    """The Resize module for a node's ATTRIBUTES (opset 18 and 19), or NotImplementedError naming
+    """The Resize module for a node's ATTRIBUTES (opsets 11 to 19), or NotImplementedError naming
     what torch's interpolate does not do. Whatever is close but not exact is left to the check
     against onnxruntime."""
     def text(name, default):
@@ -145,6 +146,9 @@ def resize_module(attributes: dict) -> Resize:
         return Resize("nearest-exact" if exact else "nearest", None, False)
     if transform not in ("half_pixel", "pytorch_half_pixel", "align_corners"):
         unsupported.append(f"coordinate_transformation_mode {transform}")
+    if mode == "linear" and antialias and attributes.get("exclude_outside", 0) != 1:
+        # torch's antialiased bilinear leaves the outside out (and its exporter says so)
+        unsupported.append("antialias without exclude_outside")
     if mode == "cubic":
         # torch's bicubic is a = -0.75; its antialiased bicubic a = -0.5 with the outside excluded,
         # which is also what plain a = -0.5 cubic computes when enlarging
@@ -161,9 +165,6 @@ def resize_module(attributes: dict) -> Resize:
 @functools.cache
 def register_converters() -> None:
     """Add featureshift's converters to onnx2torch's registry (once; only those it lacks)."""
-    # onnx2torch's operators warn at every run about indexing and attributes they approximate;
-    # the check against onnxruntime is what tells whether a conversion is right
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"onnx2torch\.")
     from onnx2torch.node_converters.registry import add_converter, get_converter
     from onnx2torch.utils.common import OperationConverterResult, onnx_mapping_from_node
 
@@ -179,7 +180,7 @@ def register_converters() -> None:
                                         onnx_mapping=onnx_mapping_from_node(node))
 
     for op, version, domain, converter in (("PaddedAveragePool", 1, DOMAIN, padded_average_pool),
-                                           ("Resize", 18, "", resize), ("Resize", 19, "", resize)):
+                                           ("Resize", 1, DOMAIN, resize)):
         try:
             get_converter(operation_type=op, version=version, domain=domain)
         except NotImplementedError:

@@ -13,7 +13,7 @@ from .common import (
     size_text, value_shape,
 )
 from .names import node_key
-from .ops import register_converters
+from .ops import register_converters, resize_module
 
 
 def constants_to_initializers(graph) -> None:
@@ -102,12 +102,15 @@ def free_batch(model, hw: tuple[int, int]) -> None:
 
 def fill_shapes(model, path: Path, hw: tuple[int, int]):
     """Store every tensor's shape in MODEL's value_info, as onnx2torch needs them (a BatchNorm's
-    rank, a pooling's) and featureshift's edits do; returns the shapes by name (see graph_shapes).
+    rank, a pooling's) and featureshift's edits and layer listing do; returns the shapes by name
+    (see graph_shapes).
 
     Shape inference (with the input size given) finds most. Where it loses them (a reshape to
-    sizes computed in a way it does not follow), onnxruntime runs the graph once at the input
-    size and the rest are read off its tensors."""
+    sizes computed in a way it does not follow, padding to whole patches), onnxruntime runs the
+    graph once at the input size and the sizes it left open are read off its tensors; a free
+    first axis (the batch, or a batch of windows) stays free."""
     import onnx
+    from onnx import helper
 
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
@@ -116,16 +119,24 @@ def fill_shapes(model, path: Path, hw: tuple[int, int]):
             f"The shapes in {path} could not be worked out at a {size_text(hw)} input ({first_line(e)}). "
             "Give the input size the network was made for (--input-size)."
         ) from e
-    known = graph_shapes(inferred.graph)
-    missing = [o for node in model.graph.node for o in node.output if o and o not in known]
+    known = {v.name: v for v in inferred.graph.value_info if value_shape(v) is not None}
+    shapes = graph_shapes(inferred.graph)
+    open_ = [o for node in model.graph.node for o in node.output
+             if o and (shapes.get(o) is None or not all(isinstance(d, int) for d in shapes[o][1:]))]
+    if open_:
+        for name, (dtype, measured) in _shapes_from_onnxruntime(model, open_, path, hw).items():
+            guess = shapes.get(name)
+            if guess is not None and len(guess) == len(measured):
+                measured = [g if isinstance(g, int) or (i == 0 and g) else m
+                            for i, (g, m) in enumerate(zip(guess, measured))]
+            known[name] = helper.make_tensor_value_info(name, dtype, measured)
     del model.graph.value_info[:]
-    model.graph.value_info.extend(v for v in inferred.graph.value_info if value_shape(v) is not None)
-    if missing:
-        model.graph.value_info.extend(_shapes_from_onnxruntime(model, missing, path, hw))
+    model.graph.value_info.extend(known.values())
     return graph_shapes(model.graph)
 
 
-def _shapes_from_onnxruntime(model, names: list[str], path: Path, hw: tuple[int, int]) -> list:
+def _shapes_from_onnxruntime(model, names: list[str], path: Path, hw: tuple[int, int]) -> dict[str, tuple]:
+    """name -> (element type, shape) of NAMES when onnxruntime runs MODEL on one image at HW."""
     import numpy as np
     import onnx
     from onnx import helper
@@ -149,12 +160,8 @@ def _shapes_from_onnxruntime(model, names: list[str], path: Path, hw: tuple[int,
             f"run the graph on a {size_text(hw)} input ({first_line(e)}). Give the input size the network was "
             "made for (--input-size)."
         ) from e
-    out = []
-    for name, array in zip(names, results):
-        if isinstance(array, np.ndarray):
-            dtype = helper.np_dtype_to_tensor_dtype(array.dtype)
-            out.append(helper.make_tensor_value_info(name, dtype, list(array.shape)))
-    return out
+    return {name: (helper.np_dtype_to_tensor_dtype(array.dtype), list(array.shape))
+            for name, array in zip(names, results) if isinstance(array, np.ndarray)}
 
 
 def explicit_same_padding(graph, shapes: dict[str, list], path: Path) -> None:
@@ -241,7 +248,38 @@ def uneven_average_pools(model) -> None:
         node.domain = DOMAIN
         node.op_type = "PaddedAveragePool"
         rewritten = True
-    if rewritten and not any(o.domain == DOMAIN for o in model.opset_import):
+    if rewritten:
+        _declare_domain(model)
+    register_converters()
+
+
+def _declare_domain(model) -> None:
+    if not any(o.domain == DOMAIN for o in model.opset_import):
         op = model.opset_import.add()
         op.domain, op.version = DOMAIN, 1
+
+
+def own_resizes(model) -> None:
+    """Resize nodes (opset 11 and later) that torch's interpolate computes exactly become
+    featureshift's own operator (ops.Resize): onnx2torch has no converter for opsets 18 and 19
+    and gives cubic resampling torch's coefficient whatever the graph says. Run after the shapes
+    are stored (shape inference does not know the operator) and before an opset conversion
+    (which leaves the operator as it is, antialiasing included)."""
+    from onnx import helper
+
+    opset = next((o.version for o in model.opset_import if o.domain in STANDARD_DOMAINS), 0)
+    if opset < 11:
+        return
+    rewritten = False
+    for node in model.graph.node:
+        if node.op_type != "Resize" or node.domain not in STANDARD_DOMAINS:
+            continue
+        try:
+            resize_module({a.name: helper.get_attribute_value(a) for a in node.attribute})
+        except NotImplementedError:
+            continue  # onnx2torch's converter approximates it; the check says whether that is close enough
+        node.domain = DOMAIN
+        rewritten = True
+    if rewritten:
+        _declare_domain(model)
     register_converters()
