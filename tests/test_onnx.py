@@ -464,6 +464,11 @@ def test_input_size_height_by_width(tmp_path):
     assert runner.invoke(main, ["layers", str(fixed), "-q"]).stdout.splitlines()[0].endswith("\t24x96")
     wrong = runner.invoke(main, ["layers", str(free), "--input-size", "48x"])
     assert wrong.exit_code == 2 and "HEIGHTxWIDTH" in wrong.output and "Traceback" not in wrong.output
+    annotated = tmp_path / "annotated.onnx"  # the size written into the file is read back
+    written = runner.invoke(main, ["export", str(free), "-o", str(annotated), "--input-size", "48x192", "--mean",
+                                   "0.5,0.5,0.5", "--std", "0.2,0.2,0.2", "-q"])
+    assert written.exit_code == 0, written.output
+    assert load_onnx(annotated).featureshift_input_hw == (48, 192)
 
 
 def test_layers_of_an_onnx_file_without_preprocessing_say_it_is_unknown(tmp_path):

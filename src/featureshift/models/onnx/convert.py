@@ -256,9 +256,8 @@ def _supported_opset(model, path: Path):
         return model
     current = next((o.version for o in model.opset_import if o.domain in STANDARD_DOMAINS), 0)
     reasons = []
-    for target in _FALLBACK_OPSETS:
-        if target >= current:
-            continue
+    targets = [t for t in _FALLBACK_OPSETS if t < current]
+    for target in targets:
         try:
             converted = convert_opset(model, target)
         except FeatureshiftError as e:
@@ -266,10 +265,11 @@ def _supported_opset(model, path: Path):
             continue
         if not _unconvertible(converted):
             return converted
+    tried = (f"; converting to opset {', '.join(map(str, targets))} did not help" + (f": {reasons[0]}" if reasons
+                                                                                      else "")) if targets else ""
     raise FeatureshiftError(
         f"{path} uses operators featureshift cannot convert to torch: {', '.join(sorted(missing))} "
-        f"(opset {current}; converting to opset {', '.join(map(str, _FALLBACK_OPSETS))} did not help"
-        + (f": {reasons[0]}" if reasons else "") + ")."
+        f"(opset {current}{tried})."
     )
 
 
