@@ -584,7 +584,8 @@ def test_resize_with_antialias_converts_as_onnxruntime_computes_it(mode, tmp_pat
                               antialias=1, exclude_outside=1, coordinate_transformation_mode="half_pixel", **cubic),
              helper.make_node("Conv", ["small", "w"], ["c"], name="conv/Conv", kernel_shape=[1, 1]),
              helper.make_node("Flatten", ["c"], ["logits"], name="flat")]
-    inits = [numpy_helper.from_array(np.array([1, 1, 0.375, 0.375], np.float32), "scales"), _init("w", [2, 3, 1, 1], rng)]
+    inits = [numpy_helper.from_array(np.array([1, 1, 0.375, 0.375], np.float32), "scales"),
+             _init("w", [2, 3, 1, 1], rng)]
     model = _graph(nodes, inits, ["N", 3, 32, 32], ["N", 2 * 12 * 12], opset=18)
     module = load_onnx(_save(model, tmp_path / "resize.onnx"), **PREPROCESSING)  # raises when it differs
     check = check_with_onnxruntime(module, model, seed=3)

@@ -120,7 +120,8 @@ def test_vit_at_opset_17_is_exported_for_its_input_size(tmp_path):
     info = model_info(original)
     model = to_onnx(original, info, opset=17)
     assert model.opset_import[0].version == 17
-    assert [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == ["batch", 3, 112, 112]
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, 112, 112]
     loaded = load_onnx(save_onnx(model, tmp_path / "vit17.onnx"))
     x = torch.randn(2, 3, 112, 112)
     with torch.no_grad():

@@ -112,7 +112,8 @@ def with_free_dims(model):
     def shaped(m):
         return [v for v in [*m.graph.input, *m.graph.output] if v.type.tensor_type.HasField("shape")]
 
-    if not any(d.HasField("dim_value") and d.dim_value <= 0 for v in shaped(model) for d in v.type.tensor_type.shape.dim):
+    dims = [d for v in shaped(model) for d in v.type.tensor_type.shape.dim]
+    if not any(d.HasField("dim_value") and d.dim_value <= 0 for d in dims):
         return model
     copy = type(model).FromString(model.SerializeToString())
     for v in shaped(copy):

@@ -103,8 +103,8 @@ def convert_opset(model, opset: int):
 
     model = onnx.ModelProto.FromString(model.SerializeToString())  # the caller's stays as it was
     _drop_idle_antialias(model, opset)
-    passed = [node for node in model.graph.node
-              if node.op_type == "Pad" and node.domain in STANDARD_DOMAINS and (len(node.input) < 4 or not node.input[3])]
+    passed = [node for node in model.graph.node if node.op_type == "Pad" and node.domain in STANDARD_DOMAINS
+              and (len(node.input) < 4 or not node.input[3])]
     for node in passed:
         node.domain = _PASS_THROUGH
     if passed:
