@@ -312,7 +312,7 @@ def main():
     much each one changed (compare) and open it all in a browser (report).
 
     \b
-      featureshift demo                      # everything, offline, in about a minute
+      featureshift demo                      # everything, offline, in under a minute
       featureshift layers googlenet | grep inception4c
       featureshift COMMAND --help            # each command's options and examples
     """
@@ -545,7 +545,7 @@ def train(config_file, visualize, columns, vis_steps, vis_size, **options):
 @quiet_option
 @_handle_errors
 def demo(out, quiet):
-    """Run featureshift end to end on a generated dataset (no download, a few minutes on a CPU).
+    """Run featureshift end to end on a generated dataset (no download, under a minute on a 2-core CPU).
 
     Fine-tunes the ImageNet SqueezeNet on textures it draws itself, with a snapshot
     after every epoch, into OUT/run, renders a timeline and writes the report; prints the
