@@ -62,3 +62,17 @@ def test_below_the_smallest_size_the_error_names_it(tiny, tmp_path):
         with pytest.raises(FeatureshiftError, match=f"smallest size it accepts is {smallest} px"):
             fit(tiny, tmp_path / model, model=model, image_size=size)
         assert not (tmp_path / model).exists()
+
+
+def test_random_inception_v3_starts_at_the_loss_of_a_uniform_guess(tmp_path):
+    # torchvision's own init gave a validation loss of 2.2e6 on digits before training (eval-mode
+    # BatchNorm, still at its starting statistics, behind convs of std 0.1), 51 after one epoch.
+    import math
+
+    from _digits import export_digits
+
+    data = export_digits(tmp_path / "digits", per_class=3)
+    run = fit(data, tmp_path / "run", model="inception_v3", image_size=75, epochs=1, batch_size=8, val_fraction=0.2)
+    before, after = read_metrics(run)
+    assert before["val_loss"] == pytest.approx(math.log(10), abs=0.01)
+    assert after["val_loss"] < 2 * math.log(10)
