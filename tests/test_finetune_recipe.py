@@ -63,6 +63,15 @@ def test_two_processes_reach_the_accuracy_of_one(one_process, digits, tmp_path):
     assert min(two) > 0.6, two
     assert abs(statistics.mean(one) - statistics.mean(two)) < 0.05, (one, two)
 
+    # compare-runs names what differs (the number of processes), measuring runs that have no report yet
+    from featureshift.commands.compare_runs import compare_runs
+
+    assert not (one_process[0] / "metrics").exists()
+    result = compare_runs([one_process[0], tmp_path / "two-s0"], quiet=True)
+    assert result.differs == {"processes": [1, 2]}, result.differs
+    assert "The runs differ in: processes." in result.table()
+    assert (one_process[0] / "metrics" / "layers.csv").is_file() and result.layers
+
 
 def test_a_new_head_starts_small_and_learns_at_lr_while_pretrained_layers_learn_at_the_scale():
     model = create_model("squeezenet1_1", weights="imagenet")
