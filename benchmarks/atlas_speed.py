@@ -107,7 +107,8 @@ def main() -> None:
     print(f"the same atlas again (everything cached): {time.perf_counter() - start:.1f} s, "
           f"{again.rendered} tiles rendered")
     if not args.no_report:
-        from featureshift.commands.report.builder import build_report, layer_page
+        from featureshift.commands.report import build_report
+        from featureshift.report.site import layer_page
 
         start = time.perf_counter()
         index = build_report(run, quiet=True, device=args.device)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import featureshift
-from featureshift.commands.timeline.timeline import timeline
+from featureshift.commands.timeline import timeline
 from featureshift.run import snapshot_path
 from timeline_speed import nudge, timeline_arguments  # the same snapshots and timeline as its benchmark
 

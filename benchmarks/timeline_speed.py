@@ -20,7 +20,7 @@ import torch
 
 import featureshift
 from featureshift.run import snapshot_path
-from featureshift.commands.timeline.timeline import timeline
+from featureshift.commands.timeline import timeline
 
 
 def nudge(model, epoch: int) -> None:

@@ -33,7 +33,7 @@ from featureshift.data import (ImageDataset, eval_transform, make_synthetic_data
                                scan_image_folder)
 from featureshift.models.zoo import replace_head  # noqa: E402
 from featureshift.device import resolve_device  # noqa: E402
-from featureshift.commands.train.session import train  # noqa: E402
+from featureshift.commands.train import train  # noqa: E402
 
 
 def _cpu() -> float:

@@ -105,7 +105,7 @@ def shared_run(tmp_path_factory, photos) -> Path:
 def shared_report(tmp_path_factory, photos):
     """(run, report index) built once per test session, shared by the metrics, report and browser tests."""
     if "index" not in _BUILT:
-        from featureshift.commands.report.builder import build_report
+        from featureshift.commands.report import build_report
 
         run = shared_run(tmp_path_factory, photos)
         _BUILT["index"] = build_report(run, [LAYER], CHANNELS, image_size=IMAGE_SIZE, quiet=True, **RENDER)

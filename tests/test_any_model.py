@@ -12,7 +12,7 @@ pytest.importorskip("timm")
 
 from featureshift.cli import main  # noqa: E402
 from featureshift.commands.compare import compare  # noqa: E402
-from featureshift.commands.train.cutoff import plan_cutoff  # noqa: E402
+from featureshift.training.cutoff import plan_cutoff  # noqa: E402
 from featureshift.commands.vis import vis  # noqa: E402
 from featureshift.data import ImageDataset, eval_transform, open_image  # noqa: E402
 from featureshift.jobs.cache import read_tile_about  # noqa: E402
@@ -152,7 +152,7 @@ def test_cutoff_by_block_name_freezes_the_blocks_up_to_it(vit):
 
 
 def test_grayscale_network_trains_on_gray_images_and_renders_gray(gray_folder, tmp_path, one_thread):
-    from featureshift.commands.train.session import train
+    from featureshift.commands.train import train
 
     model = create_model("timm/test_resnet", weights="random", num_classes=2, in_chans=1)
     info = model.featureshift_info
@@ -197,8 +197,8 @@ def test_open_network_builds_a_timm_vit_at_a_small_size():
 
 
 def test_vit_trains_with_a_block_cutoff_and_its_timeline_renders(vit, tmp_path):
-    from featureshift.commands.timeline.timeline import timeline
-    from featureshift.commands.train.session import train
+    from featureshift.commands.timeline import timeline
+    from featureshift.commands.train import train
 
     rng = np.random.default_rng(2)
     for c in ("a", "b"):

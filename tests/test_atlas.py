@@ -128,7 +128,7 @@ def test_flat_images_and_rgb_inputs(tmp_path):
 
 from pathlib import Path  # noqa: E402
 
-import featureshift.commands.timeline.timeline  # noqa: E402,F401  (imported before any test patches the executors)
+import featureshift.commands.timeline  # noqa: E402,F401  (imported before any test patches the executors)
 from featureshift.commands.atlas import ATLAS_FILE, atlas, atlas_snapshots, atlas_tiles, read_atlas  # noqa: E402
 from featureshift.errors import FeatureshiftError  # noqa: E402
 
@@ -166,7 +166,7 @@ def test_dry_run_says_what_it_would_render_and_renders_nothing(run, capsys, monk
 
 
 def test_atlas_renders_only_what_is_missing_and_shares_the_timeline_cache(run, monkeypatch, one_thread):
-    from featureshift.commands.timeline.timeline import timeline
+    from featureshift.commands.timeline import timeline
 
     tl = timeline(run, LAYER, [1, 2], snapshots="0,2", quiet=True, **TINY)
     assert tl.rendered == 4
@@ -199,7 +199,8 @@ def test_bad_requests_are_clear_errors(run):
 def test_the_report_shows_every_atlased_channel_and_the_findings(run, one_thread):
     import re
 
-    from featureshift.commands.report.builder import build_report, channel_page, layer_page
+    from featureshift.commands.report import build_report
+    from featureshift.report.site import channel_page, layer_page
 
     atlas(run, LAYER, channels="0-7", quiet=True, **TINY)
     index = build_report(run, image_size=64, examples=1, quiet=True)  # the atlas layer, no timeline rendered
@@ -223,7 +224,7 @@ def test_the_report_shows_every_atlased_channel_and_the_findings(run, one_thread
 
 
 def test_a_dead_channel_is_shown_as_dead_and_left_out_of_rankings():
-    from featureshift.commands.report.builder import measure_cells
+    from featureshift.report.site import measure_cells
 
     cells = measure_cells({"weight_change": 0.4, "correlation": 0.0, "dead": 1})
     assert cells["correlation"] == "dead" and cells["correlation_v"] == "" and cells["weight_change_v"] == ""
@@ -232,7 +233,7 @@ def test_a_dead_channel_is_shown_as_dead_and_left_out_of_rankings():
 
 
 def test_the_timeline_title_is_a_whole_phrase():
-    from featureshift.commands.timeline.timeline import timeline_title
+    from featureshift.commands.timeline import timeline_title
 
     title = timeline_title("run", "features.7.expand3x3_activation", "channel", 5)
     assert title == "run: channels of features.7.expand3x3_activation over 5 snapshots (channel objective)"
@@ -294,7 +295,7 @@ def test_compare_runs_names_a_run_with_nothing_to_measure(tmp_path):
 
 
 def test_an_atlas_with_other_settings_does_not_change_the_timelines_settings(run, one_thread):
-    from featureshift.commands.report.builder import existing_timelines
+    from featureshift.commands.report import existing_timelines
 
     before = existing_timelines(run)[LAYER]["settings"]
     assert before["size"] == TINY["size"]
@@ -305,8 +306,8 @@ def test_an_atlas_with_other_settings_does_not_change_the_timelines_settings(run
 def test_a_timeline_records_its_settings_as_given(tmp_path, photos, one_thread):
     # A default learning rate follows the steps (RenderSettings.resolved): recorded as "default",
     # a report that reuses the timeline's settings with more steps gets the rate of those steps.
-    from featureshift.commands.report.builder import existing_timelines
-    from featureshift.commands.timeline.timeline import timeline
+    from featureshift.commands.report import existing_timelines
+    from featureshift.commands.timeline import timeline
     from featureshift.optvis.settings import DEFAULT_SETTINGS
 
     run = make_run(tmp_path, photos, epochs=(0,))

@@ -259,7 +259,7 @@ def test_every_command_has_an_example_that_parses_and_a_quiet_option():
 
 @pytest.fixture
 def recorded_grids(monkeypatch):
-    import featureshift.commands.timeline.timeline as timeline_module
+    import featureshift.commands.timeline as timeline_module
     import featureshift.grid as grid
 
     calls = []
@@ -336,7 +336,7 @@ DEAD_LAYER = "features.3.squeeze_activation"
 
 
 def test_timeline_marks_a_channel_that_does_not_respond(dead_run):
-    from featureshift.commands.timeline.timeline import timeline
+    from featureshift.commands.timeline import timeline
 
     result = timeline(dead_run, DEAD_LAYER, "0-1", steps=2, size=32, batch_size=16, quiet=True, labels=False)
     assert result.no_response == {(DEAD_LAYER, 0, 1), (DEAD_LAYER, 1, 1)}
@@ -350,7 +350,7 @@ def test_timeline_marks_a_channel_that_does_not_respond(dead_run):
 
 
 def test_a_cached_timeline_still_marks_a_channel_that_does_not_respond(dead_run):
-    from featureshift.commands.timeline.timeline import timeline
+    from featureshift.commands.timeline import timeline
 
     kw = dict(steps=2, size=32, batch_size=16, quiet=True)
     timeline(dead_run, DEAD_LAYER, "0-1", labels=False, **kw)

@@ -18,8 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from featureshift import read_meta
-from featureshift.commands.train.config import make_config
-from featureshift.commands.train.session import train
+from featureshift.training.config import make_config
+from featureshift.commands.train import train
 from featureshift.data import SeededShuffle, ShardedSeededBatches, make_synthetic_dataset
 from featureshift.errors import FeatureshiftError
 from featureshift.run import list_snapshots, read_metrics, read_run, snapshot_path

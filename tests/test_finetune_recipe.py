@@ -13,9 +13,9 @@ import sys
 import pytest
 import torch
 
-from featureshift.commands.train.loop import make_optimizer, param_groups, set_lr
-from featureshift.commands.train.config import make_config
-from featureshift.commands.train.session import train
+from featureshift.training.loop import make_optimizer, param_groups, set_lr
+from featureshift.training.config import make_config
+from featureshift.commands.train import train
 from featureshift.models.zoo import head_modules, replace_head
 from featureshift.network import create_model
 from featureshift.run import read_metrics, read_run

@@ -117,7 +117,7 @@ def test_writers_that_give_no_errno_raise_a_full_disk_as_enospc_naming_the_file(
 
     import torch
 
-    from featureshift.commands.train.state import TrainState, save_state
+    from featureshift.training.state import TrainState, save_state
     from featureshift.io import write_json
 
     disk = small_disk("1m")

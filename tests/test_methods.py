@@ -190,7 +190,7 @@ def test_accent_one_image_per_target(squeeze, chelsea, tmp_path):
 def test_maco_on_a_run_takes_the_spectrum_of_its_own_training_images(tmp_path, photos):
     from _fakerun import LAYER, make_run
 
-    from featureshift.commands.timeline.timeline import timeline
+    from featureshift.commands.timeline import timeline
     from featureshift.jobs.cache import read_tile
 
     run = make_run(tmp_path, photos, epochs=(0, 1))
@@ -206,7 +206,7 @@ def test_timeline_accentuates_the_same_photo_at_every_snapshot(tmp_path, photos)
     photo's 32 px square is well below that of a Lucid render (which starts from noise)."""
     from _fakerun import LAYER, make_run
 
-    from featureshift.commands.timeline.timeline import timeline
+    from featureshift.commands.timeline import timeline
     from featureshift.jobs.cache import read_tile
 
     run = make_run(tmp_path, photos, epochs=(0, 1))

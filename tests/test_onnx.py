@@ -301,7 +301,7 @@ def test_timeline_over_a_folder_of_onnx_files(exported, tmp_path):
     from click.testing import CliRunner
 
     from featureshift.cli import main
-    from featureshift.commands.timeline.timeline import row_label, timeline
+    from featureshift.commands.timeline import row_label, timeline
     from featureshift.states import list_states
 
     graph = onnx.load(str(exported.path))
@@ -330,7 +330,7 @@ def test_timeline_over_a_folder_of_onnx_files(exported, tmp_path):
 
 
 def test_timeline_over_onnx_files_without_metadata_takes_the_preprocessing(tmp_path):
-    from featureshift.commands.timeline.timeline import timeline
+    from featureshift.commands.timeline import timeline
 
     graph = _tf_graph(nhwc=False, lrn=False, pools=False, uneven=False)
     for epoch in (1, 2):

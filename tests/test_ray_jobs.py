@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from featureshift import FeatureshiftError, create_model, save_snapshot
-from featureshift.commands.timeline.timeline import timeline
+from featureshift.commands.timeline import timeline
 from featureshift.jobs.cache import TileCache
 from featureshift.jobs.executors import CRASH_ONCE_ENV, RAY_ADDRESS_ENV, LocalExecutor, RayExecutor, make_executor
 from featureshift.jobs.plan import TileRequest, plan_jobs

@@ -8,7 +8,8 @@ from click.testing import CliRunner
 
 from featureshift.cli import main
 from featureshift.errors import FeatureshiftError
-from featureshift.commands.report.builder import build_report, channel_page, layer_page
+from featureshift.commands.report import build_report
+from featureshift.report.site import channel_page, layer_page
 
 from _fakerun import CHANNELS, EVIL, IMAGE_SIZE, LAYER, RENDER, make_run, shared_report
 
@@ -147,7 +148,7 @@ def test_a_run_with_only_the_first_snapshot(tmp_path, photos):
 
 def test_missing_probe_folder_is_a_clear_error_before_any_work(report, tmp_path, monkeypatch):
     run, index = report
-    import featureshift.commands.timeline.timeline as timeline
+    import featureshift.commands.timeline as timeline
 
     monkeypatch.setattr(timeline, "timeline", lambda *a, **k: pytest.fail("rendered before checking the probe"))
     with pytest.raises(FeatureshiftError, match="probe folder .* does not exist"):

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from featureshift.commands.report.builder import channel_page, layer_page
+from featureshift.report.site import channel_page, layer_page
 
 from _fakerun import CHANNELS, EVIL, LAYER, shared_report
 
@@ -166,7 +166,7 @@ def atlas_report(tmp_path_factory, photos):
     into the tile cache by a stand-in for the executor: the browser checks need pictures, not renders."""
     import featureshift.commands.atlas as atlas_module
     import featureshift.jobs.executors as executors
-    from featureshift.commands.report.builder import build_report
+    from featureshift.commands.report import build_report
 
     from _fakerun import make_run
 
@@ -189,7 +189,7 @@ def atlas_report(tmp_path_factory, photos):
 
 
 def test_a_large_atlas_loads_lazily_sorts_and_filters(atlas_report, page):
-    from featureshift.commands.report.builder import layer_page as page_of
+    from featureshift.report.site import layer_page as page_of
 
     path = atlas_report.parent / page_of(ATLAS_LAYER)
     assert _open(page, path) == []
@@ -227,7 +227,7 @@ def test_a_large_atlas_loads_lazily_sorts_and_filters(atlas_report, page):
 
 
 def test_the_overview_of_a_large_atlas(atlas_report, page):
-    from featureshift.commands.report.builder import channel_page as page_of
+    from featureshift.report.site import channel_page as page_of
 
     assert _open(page, atlas_report) == []
     assert page.locator("#findings li").count() >= 3

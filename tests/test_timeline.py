@@ -8,8 +8,8 @@ import featureshift
 from featureshift import FeatureshiftError, create_model, save_snapshot
 from featureshift.cli import main
 from featureshift.grid import MISSING_FILL
-from featureshift.commands.timeline.hook import SnapshotVisualizer
-from featureshift.commands.timeline.timeline import TimelineResult, timeline
+from featureshift.commands.timeline import SnapshotVisualizer
+from featureshift.commands.timeline import TimelineResult, timeline
 from featureshift.jobs.cache import read_tile
 from featureshift.run import select_snapshots
 from featureshift.selection import parse_indices
@@ -73,7 +73,7 @@ def test_rows_follow_training_order_and_are_labeled(tmp_path, model):
     assert labeled.rendered == 0  # labels change the picture, not the tiles
     img = Image.open(labeled.merged[LAYER]).convert("RGB")
     assert img.width > merged.width and img.height > merged.height
-    from featureshift.commands.timeline.timeline import read_rows, row_label
+    from featureshift.commands.timeline import read_rows, row_label
 
     labels = [row_label(r) for r in read_rows([(e, run / "snapshots" / f"{e:03d}.safetensors")
                                                 for e in (0, 2, 10)])]
@@ -176,7 +176,7 @@ def test_corrupt_snapshot_is_reported_and_its_row_marked_missing(tmp_path, model
 
 
 def test_epochs_are_given_back_as_ranges_for_snapshots():
-    from featureshift.commands.timeline.timeline import epochs_spec
+    from featureshift.commands.timeline import epochs_spec
 
     assert epochs_spec([0, 2, 3, 4, 7, 9, 10]) == "0,2-4,7,9-10"
     assert epochs_spec([5]) == "5" and epochs_spec([]) == ""

@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 
 import featureshift
 from featureshift import FeatureshiftError, read_meta
-from featureshift.commands.train.config import TrainConfig, make_config
-from featureshift.commands.train.cutoff import plan_cutoff
-from featureshift.commands.train.session import train
+from featureshift.training.config import TrainConfig, make_config
+from featureshift.training.cutoff import plan_cutoff
+from featureshift.commands.train import train
 from featureshift.data import make_synthetic_dataset
 from featureshift.run import (list_snapshots, probe_samples, read_metrics, read_run, read_split, snapshot_path,
                              write_metrics, write_run)
@@ -321,8 +321,8 @@ def test_a_run_that_cannot_train_fails_before_writing_anything(data, tmp_path):
 
 
 def test_the_training_step_up_front_leaves_no_trace(data):
-    from featureshift.commands.train.cutoff import plan_cutoff
-    from featureshift.commands.train.precheck import check_training_step, first_batch
+    from featureshift.training.cutoff import plan_cutoff
+    from featureshift.training.precheck import check_training_step, first_batch
 
     model = featureshift.create_model("resnet18", weights="random", num_classes=3)
     info = featureshift.model_info(model)

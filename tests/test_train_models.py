@@ -5,7 +5,7 @@ import torch
 
 import featureshift
 from featureshift import FeatureshiftError
-from featureshift.commands.train.session import train
+from featureshift.commands.train import train
 from featureshift.data import make_synthetic_dataset
 from featureshift.run import list_snapshots, read_metrics, read_run, snapshot_path
 

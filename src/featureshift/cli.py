@@ -531,7 +531,7 @@ def train(config_file, visualize, columns, vis_steps, vis_size, **options):
       featureshift train --model googlenet --data big --nproc 4 --batch-size 256 --out runs/ddp
       torchrun --nproc_per_node 8 --nnodes 2 ... -m featureshift train --data big --out runs/ddp
     """
-    from .commands.train.session import train as train_api
+    from .commands.train import train as train_api
 
     given = {k: v for k, v in options.items() if v is not None}
     run = train_api(config_file, visualize=list(visualize), visualize_channels=columns,
@@ -665,7 +665,7 @@ def timeline(run, layers, columns, channels, snapshots, every, device, batch_siz
       featureshift timeline runs/flowers --layer inception4c --method accent --image flower.jpg
       featureshift timeline onnx-epochs/ --layer inception4c.Concat --columns 8
     """
-    from .commands.timeline.timeline import timeline as timeline_api
+    from .commands.timeline import timeline as timeline_api
     from .selection import DEFAULT_COLUMNS, check_exclusive
 
     check_exclusive(columns, channels)
@@ -867,7 +867,7 @@ def report(run, layers, columns, channels, examples, probe, probe_limit, image_s
     \b
       featureshift report runs/flowers --layer inception4c --columns 8 --open
     """
-    from .commands.report.builder import build_report
+    from .commands.report import build_report
     from .selection import check_exclusive
 
     check_exclusive(columns, channels)

@@ -28,11 +28,17 @@ METRICS_FILE = "metrics.jsonl"
 SPLIT_FILE = "split.json"
 STATE_FILE = "train_state.pt"
 SNAPSHOT_DIR = "snapshots"
+TIMELINE_DIR = "timeline"  # timelines (one folder per layer) and the tile cache every render command shares
 _SNAPSHOT_RE = re.compile(r"^(\d+)\.safetensors$")
 
 
 def snapshot_path(run_dir: str | os.PathLike, epoch: int) -> Path:
     return Path(run_dir) / SNAPSHOT_DIR / f"{int(epoch):03d}.safetensors"
+
+
+def tile_cache_dir(run_dir: str | os.PathLike) -> Path:
+    """Where every rendered tile of the run is cached, whichever command rendered it."""
+    return Path(run_dir) / TIMELINE_DIR / "cache"
 
 
 def is_run(run_dir: str | os.PathLike) -> bool:

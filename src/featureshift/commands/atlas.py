@@ -81,7 +81,7 @@ class AtlasResult:
     def unreadable(self) -> str | None:
         """One paragraph on the chosen snapshots that could not be read, naming each file and saying
         how to atlas it or leave it out; None when every chosen snapshot was used."""
-        from .timeline.timeline import epochs_spec
+        from .timeline import epochs_spec
 
         if not self.missing:
             return None
@@ -146,11 +146,11 @@ def read_atlas(run_dir: str | Path) -> dict[str, Any]:
 
 def atlas_tiles(run_dir: str | Path, record: dict[str, Any] | None = None) -> dict[tuple[str, int, int], Path]:
     """(layer, epoch, channel) -> tile file of every atlased tile that is in the run's tile cache."""
-    from ..jobs.cache import CACHE_DIR, TileCache
-    from .timeline.timeline import TIMELINE_DIR
+    from ..jobs.cache import TileCache
+    from ..run import tile_cache_dir
 
     record = read_atlas(run_dir) if record is None else record
-    cache = TileCache(Path(run_dir) / TIMELINE_DIR / CACHE_DIR)
+    cache = TileCache(tile_cache_dir(run_dir))
     out = {}
     for layer, entry in record.get("layers", {}).items():
         for epoch, keys in (entry.get("tiles") or {}).items():
@@ -255,14 +255,15 @@ def atlas(run_dir: str | Path, layers: str | Sequence[str] = (), *, all_layers: 
     `summary()`) and renders nothing. Records the atlas in RUN/atlas.json. Snapshots that
     cannot be read are left out and reported in `missing` (`unreadable()`: a paragraph).
     """
-    from ..jobs.cache import CACHE_DIR, TileCache
+    from ..jobs.cache import TileCache
     from ..jobs.executors import make_executor, run_jobs
     from ..jobs.plan import TileRequest, plan_jobs
     from ..models.layers import layer_info
     from ..run import list_snapshots
     from ..selection import select_channels
     from ..snapshot import load_snapshot
-    from .timeline.timeline import TIMELINE_DIR, read_rows
+    from ..run import tile_cache_dir
+    from .timeline import read_rows
 
     started = time.perf_counter()
     settings = for_run((settings or DEFAULT_SETTINGS).replace(**changes), run_dir)
@@ -290,7 +291,7 @@ def atlas(run_dir: str | Path, layers: str | Sequence[str] = (), *, all_layers: 
     chosen = {layer: (select_channels(counts[layer], channels=channels, layer=layer) if channels is not None
                       else list(range(counts[layer]))) for layer in names}
 
-    cache = TileCache(run_dir / TIMELINE_DIR / CACHE_DIR)
+    cache = TileCache(tile_cache_dir(run_dir))
     requests = [TileRequest(r.path, r.meta.checksum, layer, c, r.epoch)
                 for r in good for layer in names for c in chosen[layer]]
     plan = plan_jobs(requests, cache, settings=settings, force=force)

@@ -29,7 +29,7 @@ def step_dataset(out: Path, quiet: bool = False) -> Path:
 
 def step_train(out: Path, data: Path, quiet: bool = False) -> Path:
     """Fine-tune ImageNet SqueezeNet for a few epochs, a snapshot after each."""
-    from .train.session import train
+    from .train import train
 
     _say(f"[demo] fine-tuning {DEMO_MODEL} (ImageNet weights) with cutoff {DEMO_CUTOFF}", quiet)
     return train(data=str(data), model=DEMO_MODEL, weights="imagenet", epochs=4, batch_size=16, image_size=128,
@@ -42,7 +42,7 @@ DEMO_LAYER = "features.7.expand3x3_activation"  # a middle layer, after the cuto
 
 def step_timeline(run: Path, quiet: bool = False):
     """The first channels of one middle layer on every snapshot: RUN/timeline/<layer>/merged.png."""
-    from .timeline.timeline import timeline
+    from .timeline import timeline
 
     _say(f"[demo] rendering a timeline of {DEMO_LAYER}, channels 0-4, over every snapshot", quiet)
     result = timeline(run, DEMO_LAYER, 5, quiet=quiet)  # the default render settings
@@ -64,7 +64,7 @@ def step_atlas(run: Path, quiet: bool = False):
 
 def step_report(run: Path, quiet: bool = False) -> Path:
     """The HTML report: measures of change, dataset examples, a page per layer and channel."""
-    from .report.builder import build_report
+    from .report import build_report
 
     _say("[demo] measuring what changed and writing the HTML report (reuses the timeline's renders)", quiet)
     index = build_report(run, quiet=quiet)

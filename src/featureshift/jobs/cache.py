@@ -19,7 +19,6 @@ from typing import Any
 from ..io import png_text, save_image
 from ..optvis.settings import RenderSettings
 
-CACHE_DIR = "cache"
 TILE_TEXT_KEY = "featureshift-tile"
 
 

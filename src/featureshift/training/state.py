@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...device import mps_available
-from ...errors import FeatureshiftError
-from ...io import atomic_path
-from ...run import STATE_FILE
+from ..device import mps_available
+from ..errors import FeatureshiftError
+from ..io import atomic_path
+from ..run import STATE_FILE
 
 STATE_FORMAT = 1
 

@@ -13,10 +13,10 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ...data import (ImageDataset, Sample, SeededShuffle, ShardedSeededBatches, collate_skip, eval_transform,
+from ..data import (ImageDataset, Sample, SeededShuffle, ShardedSeededBatches, collate_skip, eval_transform,
                      normalize_batch, train_transform, transform_sizes)
-from ...errors import FeatureshiftError
-from ...models.info import ModelInfo
+from ..errors import FeatureshiftError
+from ..models.info import ModelInfo
 from .config import TrainConfig
 from .cutoff import CutoffPlan, set_train_mode
 

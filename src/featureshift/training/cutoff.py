@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...errors import FeatureshiftError, did_you_mean
-from ...models.layers import Capture, blank_input
+from ..errors import FeatureshiftError, did_you_mean
+from ..models.layers import Capture, blank_input
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +131,7 @@ def plan_cutoff(model: nn.Module, cutoff: int | str | None, size: int | None = N
         threshold = enter.get(holders[cutoff], math.inf) if cutoff < len(holders) else math.inf
     else:
         if cutoff not in named or not cutoff:
-            from ...models.layers import trace_layers
+            from ..models.layers import trace_layers
 
             candidates = [l.name for l in trace_layers(model, size)] + holders
             raise FeatureshiftError(f"--cutoff '{cutoff}' is not a layer of this network.{did_you_mean(cutoff, candidates)} "

@@ -1,10 +1,9 @@
-"""Build the static HTML report of a run: RUN/report/index.html and the pages it links to.
+"""The site writer of the report: index.html, a page per layer and per rendered channel, the
+plots and pictures they show, from a ReportInputs gathered beforehand (`featureshift report`
+decides what to render and measure; commands/report.py).
 
-Everything the pages show is in the folder (PNG and SVG files, inline CSS and JS), so
-it opens from disk with no server and no network. Renders come from the run's tile
-cache (`featureshift.timeline` renders only what is missing); the measures from
-`featureshift.run_metrics`. The report is built in a scratch folder and swapped in at
-the end, so an interrupted build leaves the previous report intact.
+Everything the pages show is in the folder (PNG and SVG files, inline CSS and JS), so it
+opens from disk with no server and no network.
 """
 from __future__ import annotations
 
@@ -13,22 +12,17 @@ import datetime as _dt
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from ...errors import FeatureshiftError
-from ...grid import no_response_tile
-from ...jobs.cache import read_tile_about
-from ...io import WriteError, current_umask, is_write_error, safe_name, save_image, write_bytes, write_error, write_text
-from ...optvis.settings import DEFAULT_SETTINGS, RenderSettings
-from ...run import describe_status
-from ...selection import DEFAULT_COLUMNS
-from ...version import __version__
-from ..atlas import atlas_tiles, read_atlas
+from ..grid import no_response_tile
+from ..jobs.cache import read_tile_about
+from ..io import safe_name, save_image, write_bytes, write_text
+from ..optvis.settings import RenderSettings
+from ..run import describe_status
+from ..version import __version__
 from . import plots
 
 REPORT_DIR = "report"
@@ -41,7 +35,7 @@ def _env():
     from jinja2 import Environment, PackageLoader, StrictUndefined
 
     # autoescape everywhere: class, layer and file names are text from the user's disk.
-    return Environment(loader=PackageLoader("featureshift.commands.report", "templates"), autoescape=True,
+    return Environment(loader=PackageLoader("featureshift.report", "templates"), autoescape=True,
                        undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 
 
@@ -98,222 +92,6 @@ def channel_page(layer: str, channel: int) -> str:
     return f"channel-{safe_name(layer)}-{int(channel):04d}.html"
 
 
-# ---------------------------------------------------------------- what to render
-
-def existing_timelines(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """Layers the run already has timelines of: layer -> {"channels": [...], "settings": {...}}.
-
-    The settings are those the timeline recorded in its merged.png (a timeline written before
-    it recorded them: those of a Lucid tile of the layer in the cache), so the report reuses
-    those renders instead of rendering the same channels again with other settings.
-    """
-    from PIL import Image
-
-    from ...io import OUTPUT_TEXT_KEY
-    from ...jobs.cache import CACHE_DIR
-    from ..timeline.timeline import RECORDED_SETTINGS, TIMELINE_DIR
-
-    root = run_dir / TIMELINE_DIR
-    found: dict[str, dict[str, Any]] = {}
-    if not root.is_dir():
-        return found
-    for merged in sorted(root.glob("*/merged.png")):
-        try:
-            with Image.open(merged) as im:
-                # .info: the text chunks before the pixels (.text would decode the whole image)
-                about = json.loads(im.info.get(OUTPUT_TEXT_KEY, "{}"))
-        except (OSError, ValueError):
-            continue
-        if about.get("kind") == "timeline" and about.get("layer") and about.get("channels"):
-            found[about["layer"]] = {"channels": [int(c) for c in about["channels"]], "settings": about.get("settings")}
-    # An atlas of the same layer shares the cache, maybe with other settings: the timeline's own
-    # tiles are read first, the atlas's only when it has the same ones.
-    atlased = {k for entry in read_atlas(run_dir)["layers"].values() for keys in (entry.get("tiles") or {}).values()
-               for k in keys.values()}
-    tiles = sorted((root / CACHE_DIR).glob("*.png"), key=lambda p: (p.stem in atlased, -p.stat().st_mtime))
-    for tile in tiles[:5000]:
-        if all(v["settings"] is not None for v in found.values()):
-            break
-        try:
-            about = read_tile_about(tile)
-        except (OSError, ValueError):
-            continue
-        entry = found.get(about.get("layer"))
-        # (timelines written before they recorded their settings; Lucid tiles only: an accentuation
-        # or MACO tile of the layer has another learning rate)
-        if entry is not None and entry["settings"] is None and about.get("objective", "channel") == "channel" \
-                and about.get("method", "lucid") == "lucid":
-            entry["settings"] = {k: about[k] for k in RECORDED_SETTINGS if k in about}
-    return found
-
-
-def _default_layer(model) -> str:
-    from ...metrics.driver import overview_layers
-
-    # Two thirds of the way up the network, below the head: a layer that fine-tuning
-    # usually changes visibly while its features are still recognizable.
-    from ...models.layers import layer_info
-
-    layers = [l for l in overview_layers(model) if not l.startswith(("classifier", "fc", "head"))
-              and "Pool" not in layer_info(model, l).type]
-    return layers[min(len(layers) - 1, (2 * len(layers)) // 3)]
-
-
-# ---------------------------------------------------------------- the build
-
-def build_report(run_dir: str | os.PathLike, layers: str | Sequence[str] | None = None,
-                 channels: int | str | Sequence[int] | None = None, *, probe: str | os.PathLike | None = None,
-                 probe_limit: int | None = 256, image_size: int | None = None, examples: int = 6,
-                 settings: RenderSettings | None = None, device: str = "auto", batch_size: int | None = None,
-                 open_browser: bool = False, quiet: bool = False, ray: str | None = None, accent: bool = True,
-                 **changes) -> Path:
-    """Write RUN/report/ and return the path of its index.html.
-
-    layers: the layers to render and rank channel by channel (default: those the run has
-    timelines of, else one layer two thirds up the network). channels: a count N (the
-    first N), a spec like "0-4,17" or a list (default: the timeline's, else 5).
-    settings: the RenderSettings of the renders (default: those of the run's existing
-    timeline of the layer, so its cached renders are reused, else the engine's); keyword
-    `changes` to its fields (steps=64, ...) apply on top, None keeping the value. probe:
-    a folder of images for the representation measures and dataset examples (default:
-    the run's validation images, at most `probe_limit`). examples: probe images per channel.
-    accent: show on each channel page the channel's top dataset example accentuated at every
-    snapshot (`accentuate_examples`, cached like the timeline's renders).
-    ray: where the timelines render (None: here; "auto" or a cluster address: on Ray).
-    """
-    from ...metrics.driver import run_metrics
-    from ...run import list_snapshots, read_metrics, read_run
-    from ...snapshot import load_snapshot, read_meta
-    from ..timeline.timeline import timeline
-
-    if examples < 0:
-        raise FeatureshiftError(f"--examples must be 0 or more, not {examples}.")
-    run_dir = Path(run_dir)
-    run = read_run(run_dir)
-    entries = list_snapshots(run_dir)
-    if probe is not None and not Path(probe).is_dir():
-        from ...metrics.probe import resolve_probe
-
-        resolve_probe(run_dir, probe, probe_limit)  # the clear error, before any rendering
-    first = None
-    for _, path in entries:
-        try:
-            first = path, read_meta(path)
-            break
-        except FeatureshiftError:
-            continue
-    if first is None:
-        raise FeatureshiftError(f"None of the snapshots in {run_dir / 'snapshots'} can be read.")
-    first_meta = first[1]
-
-    existing = existing_timelines(run_dir)
-    atlased = read_atlas(run_dir)["layers"]
-    # Layers that only have an atlas are shown from its tiles, with no timeline to render.
-    atlas_only: set[str] = set()
-    if layers is None:
-        atlas_only = {l for l in atlased if l not in existing}
-        layers = list(dict.fromkeys([*existing, *atlased])) or [_default_layer(load_snapshot(first[0])[0])]
-    layers = [layers] if isinstance(layers, str) else list(dict.fromkeys(layers))
-    if not layers:
-        raise FeatureshiftError("Name at least one layer (--layer); `featureshift layers MODEL` lists them.")
-    DEFAULT_SETTINGS.replace(**changes)  # an unknown setting fails now, before any work
-
-    # The renders: the timeline makes sure every tile exists (cached ones are only read).
-    tiles: dict[tuple[str, int, int], Path] = {}
-    chosen: dict[str, list[int]] = {}
-    merged: dict[str, Path] = {}
-    used_settings: dict[str, RenderSettings] = {}
-    for layer in layers:
-        if layer in atlas_only:
-            continue
-        prior = existing.get(layer, {})
-        base = settings or DEFAULT_SETTINGS.replace(**(prior.get("settings") or {}))
-        layer_settings = base.replace(**changes)
-        cols = channels if channels is not None else (prior.get("channels") or DEFAULT_COLUMNS)
-        tl = timeline(run_dir, [layer], cols, settings=layer_settings, device=device, batch_size=batch_size,
-                      quiet=quiet, ray=ray)
-        tiles.update(tl.tiles)
-        chosen[layer] = tl.channels[layer]
-        merged[layer] = tl.merged[layer]
-        used_settings[layer] = layer_settings
-
-    # Every atlased tile joins in; where a timeline has the same tile position, its render stays,
-    # so that each channel's renders share one set of settings.
-    atlas_settings: dict[str, str] = {}
-    timeline_channels = {l: list(c) for l, c in chosen.items()}
-    if atlased:
-        for where, path in atlas_tiles(run_dir).items():
-            if where[0] in layers:
-                tiles.setdefault(where, path)
-        for layer, entry in atlased.items():
-            if layer in layers:
-                chosen[layer] = sorted(set(chosen.get(layer, [])) | {int(c) for c in entry.get("channels", [])})
-                atlas_settings[layer] = str(entry.get("describe", ""))
-    out = run_dir / REPORT_DIR
-    measured = [l for l in layers if l != "logits"]
-    accents: dict[tuple[str, int], Accentuation] = {}
-    try:
-        m = run_metrics(run_dir, measured, {l: chosen[l] for l in measured}, renders=tiles, probe=probe,
-                        probe_limit=probe_limit, image_size=image_size, examples=examples, device=device, quiet=quiet)
-        if accent:
-            # Only the timelines' channels: an accentuation is a render per snapshot, and an atlas of
-            # hundreds of channels would multiply the report's cost (the demo's: 75 s -> 8 min).
-            pages = {l: timeline_channels.get(l, []) for l in m.channels}
-            fallback = (settings or DEFAULT_SETTINGS).replace(**changes)
-            accents = accentuate_examples(run_dir, m, pages, {l: used_settings.get(l, fallback) for l in pages},
-                                          device=device, batch_size=batch_size, quiet=quiet, ray=ray)
-    except OSError as e:
-        if not is_write_error(e):
-            raise
-        raise _unwritten_report(e, out) from e
-
-    scratch = Path(tempfile.mkdtemp(prefix=".report-", dir=run_dir))
-    os.chmod(scratch, 0o777 & ~current_umask())  # mkdtemp makes 0700: the report is for sharing
-    try:
-        inputs = ReportInputs(run_dir=run_dir, run=run, rows=read_metrics(run_dir), meta=first_meta, metrics=m,
-                              chosen=chosen, merged=merged, tiles=tiles, settings=used_settings,
-                              atlas={l: atlased[l] for l in layers if l in atlased}, atlas_settings=atlas_settings,
-                              timeline_channels=timeline_channels, accents=accents)
-        _Writer(scratch, inputs, quiet).write()
-        old = None
-        if out.exists():
-            old = run_dir / f".report-old-{os.getpid()}"
-            os.replace(out, old)
-        try:
-            os.replace(scratch, out)
-        except OSError:
-            if old is not None:  # the earlier report goes back: a failed build must not take it away
-                os.replace(old, out)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
-        if not is_write_error(e):
-            raise
-        # The file is named where it would have been: the scratch folder is gone after this.
-        name = e.filename and os.fspath(e.filename).replace(os.fspath(scratch), os.fspath(out), 1)
-        raise _unwritten_report(OSError(e.errno, e.strerror, name), out) from e
-    finally:
-        if scratch.exists():
-            shutil.rmtree(scratch, ignore_errors=True)
-    index = out / "index.html"
-    if open_browser:
-        import webbrowser
-
-        webbrowser.open(index.resolve().as_uri())
-    return index
-
-
-def _unwritten_report(e: OSError, out: Path) -> WriteError:
-    """A failed write E (a full disk) of the report as one paragraph."""
-    return write_error(e, f"The report {out} was not updated (an earlier report there is unchanged); finished renders "
-                          "and probe statistics are kept in the run's caches",
-                       "run the same command again: it computes only what is missing")
-
-
-report = build_report  # the API name of `featureshift report`
-
-
 @dataclasses.dataclass
 class Accentuation:
     """A channel's top dataset example, accentuated at each snapshot."""
@@ -323,71 +101,6 @@ class Accentuation:
     value: float  # the channel's largest activation on it at that snapshot
     settings: RenderSettings  # method "accent", image: the example
     tiles: dict[int, Path]  # epoch -> cached accentuation (missing: its snapshot could not be used)
-
-
-def top_example(m, layer: str, channel: int):
-    """The probe image the channel fires on most at the reference snapshot (where training
-    starts, so that every later snapshot shows how it reads the same picture), else at the
-    latest snapshot that has one; None when it fires on none."""
-    for epoch in (m.reference, *reversed(m.epochs)):
-        found = m.examples.get((layer, channel, epoch))
-        if found:
-            return epoch, found[0]
-    return None
-
-
-def accentuate_examples(run_dir: str | os.PathLike, m, channels: dict[str, Sequence[int]],
-                        settings: dict[str, RenderSettings], *, device: str = "auto", batch_size: int | None = None,
-                        quiet: bool = False, ray: str | None = None) -> dict[tuple[str, int], Accentuation]:
-    """Accentuate each channel's top dataset example (`top_example` of the RunMetrics `m`) on
-    every snapshot of `m.epochs`: `channels` layer -> channels, rendered with their layer's
-    `settings` and method "accent" with the example as image. The tiles go through the job
-    list into the timeline's tile cache, so a rebuilt report renders none of them again."""
-    from ...jobs.cache import CACHE_DIR, TileCache
-    from ...jobs.executors import make_executor, run_jobs
-    from ...jobs.plan import JobPlan, TileRequest, batch_photos, plan_jobs
-    from ...states import list_states
-    from ..timeline.timeline import TIMELINE_DIR
-
-    run_dir = Path(run_dir)
-    wanted = {}
-    for layer, cs in channels.items():
-        for c in cs:
-            top = top_example(m, layer, c)
-            if top is not None:
-                epoch, ex = top
-                # the layer's render settings, with accentuation's own learning rate and schedule
-                s = dataclasses.replace(settings[layer], method="accent", image=str(ex.path), lr=None, lr_hold=None,
-                                        lr_final=None)
-                wanted[(layer, c)] = Accentuation(ex.path, epoch, ex.value, s, {})
-    if not wanted:
-        return {}
-    states = [r for r in list_states(run_dir) if r.meta is not None and r.epoch in m.epochs]
-    cache = TileCache(run_dir / TIMELINE_DIR / CACHE_DIR)
-    # A plan holds one set of settings and each example is its own: one plan per (layer, example),
-    # whose jobs batch_photos then puts together, one batch per snapshot.
-    groups: dict[tuple[str, str], list[tuple[int, TileRequest]]] = {}
-    for (layer, c), a in wanted.items():
-        groups.setdefault((layer, str(a.example)), []).extend(
-            (c, TileRequest(r.path, r.checksum, layer, c, r.epoch, r.preprocessing)) for r in states)
-    jobs, cached, requested, keys = [], 0, 0, {}
-    for (layer, _), items in groups.items():
-        plan = plan_jobs([req for _, req in items], cache, settings=wanted[(layer, items[0][0])].settings)
-        jobs += plan.jobs
-        cached, requested = cached + plan.cached, requested + plan.requested
-        keys.update({(layer, req.epoch, c): plan.keys[req] for c, req in items})
-    if jobs:  # a cached rebuild starts no executor
-        # The local executor loads each snapshot once when its jobs follow one another.
-        order = {r.path: i for i, r in enumerate(states)}
-        jobs.sort(key=lambda j: order[Path(j.snapshot)])
-        with make_executor(ray, device=device, batch_size=batch_size, quiet=quiet) as executor:
-            combined = JobPlan(batch_photos(jobs, executor.max_tiles), DEFAULT_SETTINGS, cached=cached,
-                               requested=requested)
-            run_jobs(combined, cache, executor, quiet=quiet, desc="accentuate")
-    for (layer, epoch, c), key in keys.items():
-        if key in cache:
-            wanted[(layer, c)].tiles[epoch] = cache.path(key)
-    return wanted
 
 
 @dataclasses.dataclass
@@ -409,6 +122,11 @@ class ReportInputs:
     timeline_channels: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     # (layer, channel) -> its top dataset example accentuated at each snapshot
     accents: dict[tuple[str, int], Accentuation] = dataclasses.field(default_factory=dict)
+
+
+def write_site(out: Path, inputs: ReportInputs, quiet: bool = False) -> None:
+    """Write the report's pages and pictures into the (empty) folder OUT."""
+    _Writer(out, inputs, quiet).write()
 
 
 class _Writer:
@@ -433,7 +151,7 @@ class _Writer:
                        "reference": self.reference, "last": self.last}
         self._images: dict[int, Any] = {}
         self._copied: dict[Path, str] = {}
-        from ...metrics.answers import analyse_layer
+        from ..metrics.answers import analyse_layer
 
         self.facts = {l: analyse_layer(self.m, l, self.tiles) for l in self.m.channels}
         # (layer, channel) -> its rows in epoch order: an atlas has thousands of channel pages.
@@ -584,7 +302,7 @@ class _Writer:
 
     def findings(self, finals: list) -> list[dict[str, str]]:
         """The report's conclusions in sentences with numbers, each linking to its evidence."""
-        from ...metrics.answers import rank_layers
+        from ..metrics.answers import rank_layers
         from .analysis import change_findings, head_is_new, layer_findings
 
         if self.nothing:
@@ -678,7 +396,7 @@ class _Writer:
         a channel that drifted this far now looks like another neuron."""
         import itertools
 
-        from ...metrics.drift import read_image, visual_drift
+        from ..metrics.drift import read_image, visual_drift
 
         have = [c for c in self.chosen.get(layer, []) if (layer, self.reference, c) in self.tiles][:6]
         pairs = list(itertools.combinations(have, 2))
@@ -688,7 +406,7 @@ class _Writer:
         return float(np.median(visual_drift([images[a] for a, _ in pairs], [images[b] for _, b in pairs])))
 
     def write_channel(self, layer: str, c: int, prev, nxt) -> None:
-        from ...metrics.examples import example_crops
+        from ..metrics.examples import example_crops
 
         m = self.m
         frames = []
@@ -751,8 +469,8 @@ class _Writer:
     def accentuation(self, layer: str, c: int) -> dict[str, Any] | None:
         """The channel page's row: the top dataset example as the accentuation starts from it,
         then its accentuation at each snapshot."""
-        from ...grid import to_pil
-        from ...optvis.accent import load_photo
+        from ..grid import to_pil
+        from ..optvis.accent import load_photo
 
         a = self.accents.get((layer, c))
         if a is None or not a.tiles:

@@ -15,11 +15,11 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ...data import ImageDataset, collate_skip, eval_transform
-from ...errors import FeatureshiftError
-from ...models.info import ModelInfo
-from ...models.layers import blank_input
-from ...models.zoo import aux_heads, drop_aux_heads
+from ..data import ImageDataset, collate_skip, eval_transform
+from ..errors import FeatureshiftError
+from ..models.info import ModelInfo
+from ..models.layers import blank_input
+from ..models.zoo import aux_heads, drop_aux_heads
 from .config import MIN_IMAGE_SIZE
 from .cutoff import CutoffPlan, set_train_mode
 from .loop import AUX_WEIGHT, forward_loss, to_device

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ...io import write_bytes
+from ..io import write_bytes
 
 COLORS = ["#2f5fb3", "#d1603d", "#3a9b5b", "#8e5bb5", "#b59a2f"]
 

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...device import check_device_spec, resolve_device
-from ...errors import FeatureshiftError
+from ..device import check_device_spec, resolve_device
+from ..errors import FeatureshiftError
 from .loop import Stats
 from .state import seed_all
 
@@ -229,7 +229,7 @@ def launch(entrypoint: Callable[[dict[str, Any]], Any], config: dict[str, Any], 
 
 
 def _launch_failure(e, run_dir: Path, nproc: int) -> FeatureshiftError:
-    from ...run import STATE_FILE, is_run, read_run, update_run
+    from ..run import STATE_FILE, is_run, read_run, update_run
 
     def text_of(f) -> str:
         return f.message.get("message", "") if isinstance(f.message, dict) else str(f.message or "")

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from ...metrics.answers import ChangeRanking, LayerFacts
+from ..metrics.answers import ChangeRanking, LayerFacts
 
 # The measures "most changed" can rank by: name -> (row column, larger means more changed).
 RANKINGS = {"weight change": ("weight_change", True), "visual drift": ("drift", True),
@@ -123,11 +123,11 @@ def head_is_new(run: dict[str, Any]) -> bool | None:
     if source == "random":
         return True  # every weight is new; the head is made for the run's classes all the same
     if source == "imagenet":
-        from ...models.zoo import imagenet_classes
+        from ..models.zoo import imagenet_classes
 
         return classes != imagenet_classes()
-    from ...errors import FeatureshiftError
-    from ...snapshot import read_meta
+    from ..errors import FeatureshiftError
+    from ..snapshot import read_meta
 
     try:
         return classes != list(read_meta(source).info.class_names)

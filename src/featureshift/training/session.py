@@ -1,7 +1,5 @@
-"""A training session: a fresh run or a resumed one, from the options to the finished run folder.
-
-    import featureshift as fs
-    run = fs.train(model="squeezenet1_1", data="flowers", epochs=20, cutoff="features.6", out="runs/a")
+"""A training session: a fresh run or a resumed one, from the options to the finished run folder
+(`configure` then `start`; `featureshift.train` is the command around them).
 
 Everything a run needs to continue lives in its folder (see featureshift.run): the
 state after the last finished epoch (weights, optimizer, RNG) is rewritten
@@ -18,28 +16,26 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from ...data import Sample, scan_image_folder, stratified_split
-from ...device import resolve_device
-from ...errors import FeatureshiftError
-from ...io import WriteError, write_error
-from ...models.info import ModelInfo, attach_info, model_info
-from ...models.zoo import replace_head
-from ...network import open_network
-from ...optvis.settings import RenderSettings
-from ...run import (METRICS_FILE, RUN_FILE, SNAPSHOT_DIR, SPLIT_FILE, STATE_FILE, add_session, add_skipped,
+from ..data import Sample, scan_image_folder, stratified_split
+from ..device import resolve_device
+from ..errors import FeatureshiftError
+from ..io import WriteError, write_error
+from ..models.info import ModelInfo, attach_info, model_info
+from ..models.zoo import replace_head
+from ..network import open_network
+from ..run import (METRICS_FILE, RUN_FILE, SNAPSHOT_DIR, SPLIT_FILE, STATE_FILE, add_session, add_skipped,
                     describe_status, is_run, new_run, read_run, read_split, snapshot_path, software_versions,
                     this_process, trainer_alive, update_run, write_metrics, write_run, write_split)
-from ...selection import DEFAULT_COLUMNS
-from ...snapshot import build_from_state, save_snapshot, state_on_cpu, with_input_size
+from ..snapshot import build_from_state, save_snapshot, state_on_cpu, with_input_size
 from .config import NOT_STORED, RESUMABLE, TrainConfig, changed_options, check_keys, lr_at, make_config, stored_config
 from .cutoff import CutoffPlan, apply_cutoff, plan_cutoff
-from .distributed import Group, join, launch, launched_world, leave, main_process
+from .distributed import Group, join, launch, launched_world, leave
 from .loop import (Loaders, amp_dtype, default_workers, evaluate, make_loaders, make_optimizer, make_scaler,
                    param_groups, set_lr, train_one_epoch)
 from .precheck import AuxChoice, check_input_size, check_training_step, choose_aux, first_batch
@@ -49,53 +45,7 @@ EpochHook = Callable[[int, dict], None]
 SnapshotHook = Callable[[int, Path], None]
 
 
-def train(config: TrainConfig | Mapping[str, Any] | str | os.PathLike | None = None, *,
-          on_epoch_end: EpochHook | None = None, on_snapshot: SnapshotHook | None = None,
-          visualize: str | Sequence[str] = (), visualize_channels: int | str | Sequence[int] = DEFAULT_COLUMNS,
-          visualize_settings: RenderSettings | None = None, **options: Any) -> Path:
-    """Fine-tune a network with snapshots; returns the run folder.
-
-    config: a TrainConfig, a dict, or a TOML file; keyword options override it
-    (names as TrainConfig's fields: data, model, weights, epochs, cutoff, lr, out, ...).
-    resume=RUN continues RUN from its last finished epoch (epochs=N extends it).
-    on_epoch_end(epoch, metrics) is called after each epoch's files are written;
-    on_snapshot(epoch, path) after an epoch that wrote a snapshot.
-
-    visualize: layers to render on every snapshot as soon as it is written, into
-    RUN/timeline/LAYER/merged.png (`featureshift train --visualize`), with
-    visualize_channels (a count, "0-4,17" or a list) and visualize_settings (the
-    render settings; default: RenderSettings()). At the end, whatever is still
-    missing is rendered; the merged images' paths are printed to stderr.
-    """
-    cfg, resumed = _configure(config, options)
-    if cfg.nproc > 1 and (on_epoch_end is not None or on_snapshot is not None):
-        raise FeatureshiftError("on_epoch_end and on_snapshot cannot be called from the processes nproc > 1 starts. "
-                                "Train with nproc=1, or start the processes with torchrun (rank 0 calls them).")
-    layers = [visualize] if isinstance(visualize, str) else list(visualize)
-    if not layers or not main_process():
-        return _start(cfg, resumed, on_epoch_end, on_snapshot)
-
-    # Loaded only here: rendering pulls in the whole optvis engine, which plain training never needs.
-    from ..timeline.hook import SnapshotVisualizer
-
-    visualizer = SnapshotVisualizer(layers, visualize_channels, settings=visualize_settings, device=cfg.device,
-                                    quiet=cfg.quiet)
-
-    def snapshot_written(epoch: int, path: Path) -> None:
-        if on_snapshot is not None:
-            on_snapshot(epoch, path)
-        visualizer(epoch, path)
-
-    run_dir = _start(cfg, resumed, on_epoch_end, snapshot_written)
-    result = visualizer.finish(run_dir)
-    for epoch, why in result.missing.items():
-        print(f"featureshift: warning: timeline row of epoch {epoch} is missing: {why}", file=sys.stderr)
-    for path in result.merged.values():
-        print(f"timeline: {path}", file=sys.stderr)
-    return run_dir
-
-
-def _configure(config, options: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any] | None]:
+def configure(config, options: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any] | None]:
     """The run's configuration, and for a resume the run's record (run.json) as found."""
     if config is None and options.get("resume"):
         check_keys(options, "the arguments")
@@ -107,11 +57,11 @@ def _configure(config, options: dict[str, Any]) -> tuple[TrainConfig, dict[str, 
         return _resume_config(options, run_dir)
     cfg = make_config(config, **options)
     if cfg.resume:
-        return _configure(None, changed_options(cfg))
+        return configure(None, changed_options(cfg))
     return cfg, None
 
 
-def _start(cfg: TrainConfig, resumed: dict[str, Any] | None, on_epoch_end: EpochHook | None,
+def start(cfg: TrainConfig, resumed: dict[str, Any] | None, on_epoch_end: EpochHook | None,
            on_snapshot: SnapshotHook | None) -> Path:
     if cfg.nproc > 1:
         # The hooks stay in this process: --visualize renders the snapshots when training ends.
@@ -144,7 +94,8 @@ def _launch(cfg: TrainConfig, resumed: dict[str, Any] | None) -> Path:
 @record  # a failure's message reaches the process that started this one (distributed.launch)
 def run_rank(config: dict[str, Any]) -> str:
     """One of the processes `--nproc` starts: train CONFIG as its rank."""
-    return str(train(config))
+    cfg, resumed = configure(config, {})
+    return str(start(cfg, resumed, None, None))
 
 
 # --- the session: what the epochs share ---
@@ -672,7 +623,7 @@ def _warn(msg: str) -> None:
 def _warn_unreadable_snapshots(run_dir: Path, done: int, cfg: TrainConfig) -> None:
     """Resuming needs only train_state.pt, but a damaged snapshot leaves its epoch out of every later
     timeline, atlas and report: say so while it can still be restored."""
-    from ...run import unreadable_snapshots
+    from ..run import unreadable_snapshots
 
     for bad in unreadable_snapshots(run_dir):
         e = bad.epoch
