@@ -1,6 +1,6 @@
 """Reliability of the default fine-tuning recipe on real data: scikit-learn's handwritten digits
 (1,797 8x8 scans, 10 classes) as an ImageFolder, trained per architecture and seed, against the
-same runs with the recipe before (every layer at --lr: --pretrained-lr-scale 1) and, with
+same runs with every layer at --lr (--pretrained-lr-scale 1; the new head still starts small) and, with
 --nproc 2, against two processes at the same global batch.
 
 Prints each run's validation accuracy per epoch, then per architecture and recipe the mean,
@@ -49,7 +49,7 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--nproc", type=int, default=1, help="with 2: one process against two (default recipe only)")
-    p.add_argument("--no-before", action="store_true", help="leave out the recipe before (every layer at --lr)")
+    p.add_argument("--no-before", action="store_true", help="leave out the runs with every layer at --lr")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -58,7 +58,7 @@ def main() -> None:
         if args.nproc > 1:
             variants.append((f"default, {args.nproc} processes", 0.1, args.nproc))
         if not args.no_before and args.weights != "random":
-            variants.append(("before (every layer at --lr)", 1.0, 1))
+            variants.append(("every layer at --lr", 1.0, 1))
         summary = []
         for model in args.models:
             for name, scale, nproc in variants:
