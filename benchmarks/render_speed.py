@@ -167,7 +167,7 @@ def recognition(seeds: int, lucent_seeds: int = 0) -> None:
 def render_precision():
     if PRECISION != "auto":
         return PRECISION
-    from featureshift.optvis.engine import resolve_precision
+    from featureshift.device import resolve_precision
 
     return resolve_precision(torch.device("cpu"), "auto")
 

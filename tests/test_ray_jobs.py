@@ -166,7 +166,7 @@ def test_ray_flag_without_ray_installed_is_exit_2_with_the_install_line(monkeypa
 
 
 def test_vis_of_several_layers_on_ray_matches_local(tmp_path, reference, ray_instance, monkeypatch):
-    import featureshift.jobs.executors as executors
+    import featureshift.device as device
     from featureshift.commands.vis import vis
 
     snap = reference[0] / "snapshots" / "001.safetensors"
@@ -175,7 +175,7 @@ def test_vis_of_several_layers_on_ray_matches_local(tmp_path, reference, ray_ins
     # rounding in a batched convolution depends on what else is in the batch).
     opts = dict(FAST, batch_size=2)
     here = vis(str(snap), layers, tmp_path / "local.png", columns=2, **opts)
-    monkeypatch.setattr(executors, "CPU_JOB_TILES", 2)  # two jobs: the parts must be put back in order
+    monkeypatch.setattr(device, "CPU_MAX_BATCH", 2)  # two jobs: the parts must be put back in order
     there = vis(str(snap), layers, tmp_path / "ray.png", columns=2, ray="auto", **opts)
     assert there.rendered == here.rendered == 4
     for key, path in here.tiles.items():

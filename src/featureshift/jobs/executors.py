@@ -24,7 +24,8 @@ import numpy as np
 
 from ..errors import FeatureshiftError
 from .cache import TileCache
-from .plan import CPU_JOB_TILES, GPU_JOB_TILES, JobPlan, TileJob
+from ..device import core_count, cuda_available, max_batch, ray_placement, uses_gpu
+from .plan import JobPlan, TileJob
 
 RAY_ADDRESS_ENV = "FEATURESHIFT_RAY_ADDRESS"
 RAY_INSTALL = "pip install 'featureshift[ray]'"
@@ -33,7 +34,7 @@ RAY_INSTALL = "pip install 'featureshift[ray]'"
 CRASH_ONCE_ENV = "FEATURESHIFT_TEST_CRASH_ONCE"
 RAY_RETRIES = 3
 LOCAL_NAMES = ("local", "none", "off")
-TILE_WRITERS = min(8, os.cpu_count() or 1)
+TILE_WRITERS = min(8, core_count())
 
 
 @dataclasses.dataclass
@@ -111,7 +112,7 @@ class LocalExecutor:
     def __init__(self, device: str = "auto", batch_size: int | None = None):
         self.device = device
         self.batch_size = batch_size
-        self.max_tiles = GPU_JOB_TILES if _wants_gpu(device) else CPU_JOB_TILES
+        self.max_tiles = max_batch(uses_gpu(device, cuda_available=device == "auto" and cuda_available()))
 
     def __enter__(self):
         return self
@@ -247,21 +248,13 @@ class RayExecutor:
                     "the address it prints, or use --ray auto for one on this machine.") from e
             self.started = True
         resources = ray.cluster_resources()
-        gpus = int(resources.get("GPU", 0))
-        if device.startswith("cuda") and not gpus:
-            raise FeatureshiftError(f"--device {device} was asked for, but the Ray cluster has no GPUs.")
-        self.use_gpu = (gpus > 0 and device == "auto") or device.startswith("cuda")
-        if self.use_gpu:
-            self.worker_device, self.threads, self.options = "cuda", None, {"num_gpus": 1, "num_cpus": 1}
-            self.slots = gpus
-        else:
-            nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
-            widest = int(max(nodes, default=1)) or 1
-            self.threads = max(1, min(torch.get_num_threads(), widest))
-            self.worker_device = "cpu" if device in ("auto", "cpu") else device
-            self.options = {"num_cpus": self.threads}
-            self.slots = max(1, int(resources.get("CPU", 1)) // self.threads)
-        self.max_tiles = GPU_JOB_TILES if self.use_gpu else CPU_JOB_TILES
+        nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+        place = ray_placement(device, cluster_gpus=int(resources.get("GPU", 0)),
+                              cluster_cpus=int(resources.get("CPU", 1)), widest_node_cpus=int(max(nodes, default=1)),
+                              own_threads=torch.get_num_threads())
+        self.use_gpu, self.worker_device, self.threads = place.gpu, place.device, place.threads
+        self.options, self.slots = place.resources, place.slots
+        self.max_tiles = max_batch(place.gpu)
         self.remote = ray.remote(max_retries=RAY_RETRIES)(_worker_job).options(**self.options)
 
     def __enter__(self):
@@ -374,16 +367,6 @@ class RayExecutor:
 
 
 # ---------------------------------------------------------------- choosing and running
-
-def _wants_gpu(device: str) -> bool:
-    if device.startswith("cuda"):
-        return True
-    if device != "auto":
-        return False
-    import torch
-
-    return torch.cuda.is_available()
-
 
 def make_executor(ray: str | None = None, device: str = "auto", batch_size: int | None = None,
                   quiet: bool = False) -> LocalExecutor | RayExecutor:

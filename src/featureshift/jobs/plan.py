@@ -14,15 +14,10 @@ import dataclasses
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ..device import CPU_MAX_BATCH
 from ..optvis.settings import DEFAULT_SETTINGS, RenderSettings
 from ..states import Preprocessing
 from .cache import TileCache, tile_key
-
-# A CPU gains no speed from batches beyond the engine's CPU batch; a GPU fills larger ones,
-# and a job that fills a whole GPU batch is the unit a cluster schedules.
-CPU_JOB_TILES = 64
-GPU_JOB_TILES = 1024
-
 
 @dataclasses.dataclass(frozen=True)
 class TileRequest:
@@ -92,13 +87,13 @@ class JobPlan:
 
 
 def plan_jobs(requests: Iterable[TileRequest], cache: TileCache, *, settings: RenderSettings | None = None,
-              force: bool = False, max_tiles: int = CPU_JOB_TILES) -> JobPlan:
+              force: bool = False, max_tiles: int = CPU_MAX_BATCH) -> JobPlan:
     """The jobs that render every requested tile missing from `cache` (all of them with `force`).
 
     Requests for the same tile (same checksum, layer and channel) are rendered once. Jobs
     keep the order in which snapshots first appear in `requests`, and targets the order in
     which they were asked for; each holds at most `max_tiles` tiles of one snapshot (use the
-    executor's `max_tiles`: `GPU_JOB_TILES` fills a GPU's batch).
+    executor's `max_tiles`: `device.max_batch`, a GPU's batch on a GPU).
     """
     if max_tiles < 1:
         raise ValueError(f"max_tiles must be at least 1, got {max_tiles}")
@@ -133,7 +128,7 @@ def _cut(groups: dict[tuple[Path, str, Preprocessing | None], list[tuple[tuple[s
     return jobs
 
 
-def batch_photos(jobs: Sequence[TileJob], max_tiles: int = CPU_JOB_TILES) -> list[TileJob]:
+def batch_photos(jobs: Sequence[TileJob], max_tiles: int = CPU_MAX_BATCH) -> list[TileJob]:
     """Accentuation jobs of one snapshot that differ only in their photo, as jobs of up to
     MAX_TILES targets with one photo per target (RenderSettings.image as a tuple): the engine
     optimizes them together instead of one small batch per photo. Keys are unchanged (each

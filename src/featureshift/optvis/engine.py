@@ -27,17 +27,15 @@ from torch.overrides import TorchFunctionMode
 
 from ..errors import FeatureshiftError
 from ..models.layers import Capture, LayerInfo, blank_input, feature_views, resolve_layers
-from ..device import resolve_device
+from ..device import autocast, max_batch, resolve_device, resolve_precision, torch_dtype
 from ..models.info import input_channels, model_info
 from .objectives import LOGITS, Batch, Diversity, as_objective, fixed_units
-from .settings import METHODS, PARAMS, PRECISIONS, RenderSettings
+from .settings import METHODS, PARAMS, RenderSettings
 from .transforms import Transforms
 
 # Bump whenever the same call would produce different pixels (timeline caches key on it).
 ENGINE_VERSION = "fs-render-5"
 
-_CPU_MAX_BATCH = 64  # beyond this a CPU gains no speed, only memory use
-_CUDA_MAX_BATCH = 1024
 
 
 def target_seed(seed: int, layer: str, channel: int, copy: int = 0) -> int:
@@ -172,34 +170,6 @@ def _prepared(model: nn.Module, device: torch.device) -> Iterator[None]:
         model.train(was_training)
 
 
-def _cpu_has_native_bf16() -> bool:
-    # AMX tiles or AVX-512 BF16 dot products: oneDNN runs a render's network 1.2-1.9x faster in
-    # bf16 than in fp32 (measured on an AVX-512 BF16 CPU: SqueezeNet, GoogLeNet, VGG16, ResNet-50,
-    # InceptionV3); without either, bf16 is emulated and slower than fp32.
-    try:
-        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(device: torch.device, precision: str) -> str:
-    """The network's precision: bf16 (fp16 where bf16 is missing) on CUDA and on CPUs with
-    native bf16 matrix units, fp32 elsewhere; the parameterization is always fp32."""
-    if precision not in PRECISIONS:
-        raise FeatureshiftError(f"Unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}.")
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if device.type == "cpu" and _cpu_has_native_bf16() else "fp32"
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
-
-
 # --- checks ---------------------------------------------------------------------------
 
 def _check_args(targets, steps, size, lr, param, batch_size, copies) -> list[tuple[str, int]]:
@@ -308,6 +278,37 @@ def _available_memory(device: torch.device) -> int:
         return 2 << 30
 
 
+def _checked_adam(s: RenderSettings) -> tuple[float, float]:
+    """S's Adam betas, once they and the learning-rate schedule are checked."""
+    betas = tuple(s.betas)
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise FeatureshiftError(f"Adam's betas must be two numbers in [0, 1), not {betas}.")
+    if not (0 <= s.lr_hold <= 1 and 0 <= s.lr_final <= 1):
+        raise FeatureshiftError(f"lr_hold and lr_final are fractions in [0, 1] (of the steps, of the learning "
+                                f"rate), not {s.lr_hold} and {s.lr_final}.")
+    return betas
+
+
+def _settings_used(s: RenderSettings, work: "_Work", plan, precision: str, mean, std, bands: int) -> dict[str, Any]:
+    """What a render records it was made with (RenderResult.settings)."""
+    used = dict(engine=ENGINE_VERSION, objective=repr(work.obj), steps=int(s.steps), size=int(s.size), seed=s.seed,
+                lr=s.lr, lr_hold=s.lr_hold, lr_final=s.lr_final, betas=list(s.betas), diversity=work.copies,
+                relu_redirect_steps=s.relu_redirect_steps, precision=precision, mean=list(mean), std=list(std))
+    used.update(**({} if s.method == "lucid" else {"method": s.method}),
+                **{k: v for k, v in s.key_fields().items() if k in plan.settings})
+    if s.include_cls:
+        used["include_cls"] = True
+    if bands != 3:
+        used["in_chans"] = bands
+    return used
+
+
+def _memory_batch(net: Capture, model: nn.Module, plan, dev: torch.device) -> int:
+    """As many images as memory allows, at most the device's batch cap."""
+    per_image = plan.views_per_image * _bytes_per_image(net, model, plan.input_size, dev, plan.param_numel)
+    return max(1, min(max_batch(dev.type == "cuda"), _available_memory(dev) // max(per_image, 1)))
+
+
 # --- the loop -------------------------------------------------------------------------
 
 def render(model: nn.Module, targets: Sequence[tuple[str, int]], settings: RenderSettings | None = None, *,
@@ -335,28 +336,14 @@ def render(model: nn.Module, targets: Sequence[tuple[str, int]], settings: Rende
         mean, std = mean or info.mean, std or info.std
     work = _plan_targets(model, targets, s, batch_size)
     steps, size, bands = int(s.steps), int(s.size), input_channels(model)
-    betas = tuple(s.betas)
-    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-        raise FeatureshiftError(f"Adam's betas must be two numbers in [0, 1), not {betas}.")
-    if not (0 <= s.lr_hold <= 1 and 0 <= s.lr_final <= 1):
-        raise FeatureshiftError(f"lr_hold and lr_final are fractions in [0, 1] (of the steps, of the learning "
-                                f"rate), not {s.lr_hold} and {s.lr_final}.")
-    common = dict(engine=ENGINE_VERSION, objective=repr(work.obj), steps=steps, size=size, seed=s.seed, lr=s.lr,
-                  lr_hold=s.lr_hold, lr_final=s.lr_final, betas=list(betas), diversity=work.copies,
-                  relu_redirect_steps=s.relu_redirect_steps,
-                  precision=precision, mean=list(mean), std=list(std))
+    betas = _checked_adam(s)
     if s.method != "lucid" and bands != 3:
         raise FeatureshiftError(f"The {s.method} method renders RGB images; this network takes {bands} input "
                                 "channels. Use the lucid method.")
     plan = _method_plan(s, dev, len(work.targets), bands)
     if plan.input_size < 1:
         raise FeatureshiftError(f"The transforms crop more than the {size} px canvas holds; use a larger --size.")
-    used = dict(common, **({} if s.method == "lucid" else {"method": s.method}),
-                **{k: v for k, v in s.key_fields().items() if k in plan.settings})
-    if s.include_cls:
-        used["include_cls"] = True
-    if bands != 3:
-        used["in_chans"] = bands
+    used = _settings_used(s, work, plan, precision, mean, std, bands)
     schedule = lr_schedule(s.lr, steps, s.lr_hold, s.lr_final)
 
     def chunk(net, norm, targets, groups, seeds, bar):
@@ -377,10 +364,7 @@ def render(model: nn.Module, targets: Sequence[tuple[str, int]], settings: Rende
                     classes = net(blank_input(model, size, device=dev))[LOGITS].shape[1]
             _check_channels(work.expanded + fixed_units(work.obj), work.infos, classes)
             if batch_size is None:
-                per_image = plan.views_per_image * _bytes_per_image(net, model, plan.input_size, dev,
-                                                                    plan.param_numel)
-                cap = _CUDA_MAX_BATCH if dev.type == "cuda" else _CPU_MAX_BATCH
-                batch_size = max(1, min(cap, _available_memory(dev) // max(per_image, 1)))
+                batch_size = _memory_batch(net, model, plan, dev)
             copies = work.copies
             per_chunk = max(1, batch_size // copies)  # whole groups per chunk
             chunks = [work.order[i:i + per_chunk] for i in range(0, len(work.order), per_chunk)]
@@ -543,7 +527,7 @@ def _evaluator(net, obj, norm, dev):
 
     def evaluate(x, info, precision):
         x = torch.addcmul(shift, x, scale).contiguous(memory_format=torch.channels_last)
-        with _autocast(dev, precision):
+        with autocast(dev, torch_dtype(precision)):
             feats = net(x)
         return obj(Batch(feats=feats, **info))
     return evaluate

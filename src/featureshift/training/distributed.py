@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..device import check_device_spec, resolve_device
+from ..device import core_count, rank_device, ranks_use_gpus, threads_per_process
 from ..errors import FeatureshiftError
 from .loop import Stats
 from .state import seed_all
@@ -49,26 +49,6 @@ def launched_world() -> int:
 def main_process() -> bool:
     """Whether this process is rank 0 of the processes torchrun started, or was started alone."""
     return os.environ.get("RANK", "0") == "0" or launched_world() <= 1
-
-
-def rank_device(spec: str, local_rank: int) -> torch.device:
-    """The device of the process LOCAL_RANK on its machine: cuda:LOCAL_RANK, or the CPU."""
-    spec = check_device_spec(spec)
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec == "mps" or spec.startswith("cuda:"):
-        raise FeatureshiftError(
-            f"--device {spec} cannot be shared by several training processes: each process takes its own GPU "
-            "(cuda:LOCAL_RANK). Give --device cuda (or auto), or cpu.")
-    if spec == "cuda":
-        resolve_device("cuda")  # a clear error without CUDA
-        if local_rank >= torch.cuda.device_count():
-            raise FeatureshiftError(
-                f"Training process {local_rank} on this machine needs cuda:{local_rank}, but the machine has "
-                f"{torch.cuda.device_count()} GPU(s). Start at most that many processes per machine "
-                "(--nproc, or torchrun's --nproc_per_node).")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,15 +168,14 @@ def launch(entrypoint: Callable[[dict[str, Any]], Any], config: dict[str, Any], 
 
     device = str(config.get("device") or "auto")
     threads: dict[str, str] = {}
-    if device in ("auto", "cuda") and torch.cuda.is_available():
+    if ranks_use_gpus(device, cuda_available=torch.cuda.is_available()):
         if nproc > torch.cuda.device_count():
             raise FeatureshiftError(f"--nproc {nproc} needs {nproc} GPUs (one per process); this machine has "
                                     f"{torch.cuda.device_count()}. Give --nproc {torch.cuda.device_count()} or less.")
     else:
         rank_device(device, 0)  # refuse cuda:N and mps before starting anything
         # Every process would otherwise use every core: share them out (torchrun gives each 1).
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        threads = {"OMP_NUM_THREADS": str(max(1, cores // nproc))}
+        threads = {"OMP_NUM_THREADS": str(threads_per_process(core_count(), nproc))}
     lc = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"featureshift-{os.getpid()}",
                       rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.1,
                       start_method="spawn",

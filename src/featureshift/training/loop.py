@@ -4,9 +4,7 @@ and return named records; the session (session.py) strings them together and kee
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 import sys
 from typing import Callable, Sequence
 
@@ -15,6 +13,7 @@ from torch import nn
 
 from ..data import (ImageDataset, Sample, SeededShuffle, ShardedSeededBatches, collate_skip, eval_transform,
                      normalize_batch, train_transform, transform_sizes)
+from ..device import autocast
 from ..errors import FeatureshiftError
 from ..models.info import ModelInfo
 from .config import TrainConfig
@@ -40,24 +39,6 @@ class Stats:
 class Loaders:
     train: torch.utils.data.DataLoader
     val: torch.utils.data.DataLoader | None  # None without validation images
-
-
-def default_workers(device: torch.device) -> int:
-    """DataLoader worker processes. On CPU the network's own threads use every core and decoding is
-    5-12% of a step, so one or two (persistent) workers overlap it without crowding the cores
-    (benchmarks/train_speed.py on 2 cores: 0.94x a plain in-memory loop with one worker, 0.88x with none);
-    a GPU leaves the cores to decoding."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if device.type == "cuda":
-        return min(8, max(1, cpus - 1))
-    return min(2, max(1, cpus // 4)) if cpus > 1 else 0
-
-
-def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """The mixed-precision type on DEVICE: bfloat16 where the GPU has it, else float16; None off CUDA."""
-    if device.type != "cuda" or not amp:
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def make_scaler(dtype: torch.dtype | None) -> torch.amp.GradScaler:
@@ -160,12 +141,6 @@ def _sum_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
 @dataclasses.dataclass
 class StepLoss:
     logits: torch.Tensor  # the main head's output
@@ -176,7 +151,7 @@ class StepLoss:
 def forward_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion: nn.Module, device: torch.device,
                  amp_dtype: torch.dtype | None = None) -> StepLoss:
     """The forward pass and loss of one training batch, as training and its pre-check run it."""
-    with _autocast(device, amp_dtype):
+    with autocast(device, amp_dtype):
         logits, aux = split_outputs(model(x))
         loss = criterion(logits, y)
         main = loss.detach()
@@ -265,7 +240,7 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader | None, crite
             if x is None:
                 continue
             x, y = to_device(x, y, device, info, channels_last)
-            with _autocast(device, amp_dtype):
+            with autocast(device, amp_dtype):
                 logits, _ = split_outputs(model(x))
             loss_sum += criterion(logits.float(), y).to(sum_dtype) * len(y)
             correct += (logits.argmax(1) == y).sum()

@@ -23,7 +23,7 @@ from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from ..data import Sample, scan_image_folder, stratified_split
-from ..device import resolve_device
+from ..device import amp_dtype, core_count, loader_workers, resolve_device
 from ..errors import FeatureshiftError
 from ..io import WriteError, write_error
 from ..models.info import ModelInfo, attach_info, model_info
@@ -36,7 +36,7 @@ from ..snapshot import build_from_state, save_snapshot, state_on_cpu, with_input
 from .config import NOT_STORED, RESUMABLE, TrainConfig, changed_options, check_keys, lr_at, make_config, stored_config
 from .cutoff import CutoffPlan, apply_cutoff, plan_cutoff
 from .distributed import Group, join, launch, launched_world, leave
-from .loop import (Loaders, amp_dtype, default_workers, evaluate, make_loaders, make_optimizer, make_scaler,
+from .loop import (Loaders, evaluate, make_loaders, make_optimizer, make_scaler,
                    param_groups, set_lr, train_one_epoch)
 from .precheck import AuxChoice, check_input_size, check_training_step, choose_aux, first_batch
 from .state import TrainState, load_state, save_state, seed_all, set_rng_state, rng_state
@@ -170,7 +170,7 @@ def _prepare(cfg: TrainConfig, run_dir: Path, device: torch.device, loader_gen: 
     if cuda and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, param_groups(model, new_layers, cfg.pretrained_lr_scale))
-    workers = cfg.workers if cfg.workers is not None else default_workers(device)
+    workers = cfg.workers if cfg.workers is not None else loader_workers(device.type, core_count())
     loaders = make_loaders(train, val, info, batch_size=cfg.batch_size, workers=workers, loader_gen=loader_gen,
                            augment=cfg.augment, image_size=cfg.image_size, pin_memory=cuda,
                            rank=group.rank if group else 0, world=group.world if group else 1)
