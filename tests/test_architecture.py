@@ -2,7 +2,7 @@
 package's __init__ or another module's private names, and a light `import featureshift`.
 
 Layers, top to bottom:
-    cli               parses flags, prints
+    cli               parses flags, prints (cli, cli_options, cli_render)
     commands          train, vis, timeline, atlas, merge, compare, compare_runs, report, export, demo
     engines           optvis (rendering), metrics, jobs (tile cache, executors), training, report (site writer)
     foundations       models, network, snapshot, states, run, data, io, errors, device, selection, grid, version
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "featureshift"
-LAYERS = {"cli": 3, "__main__": 3, "commands": 2, "optvis": 1, "metrics": 1, "jobs": 1, "training": 1, "report": 1}
+LAYERS = {"cli": 3, "cli_options": 3, "cli_render": 3, "__main__": 3, "commands": 2, "optvis": 1, "metrics": 1, "jobs": 1, "training": 1, "report": 1}
 FOUNDATION = 0
 
 

@@ -43,7 +43,8 @@ def test_resolve_device_on_this_machine_follows_the_rule():
 
 
 @pytest.mark.parametrize("spec, rank, cuda, count, chosen", [
-    ("auto", 1, True, 2, "cuda:1"), ("cuda", 0, True, 2, "cuda:0"), ("auto", 3, False, 0, "cpu"), ("cpu", 1, True, 2, "cpu"),
+    ("auto", 1, True, 2, "cuda:1"), ("cuda", 0, True, 2, "cuda:0"), ("auto", 3, False, 0, "cpu"),
+    ("cpu", 1, True, 2, "cpu"),
 ])
 def test_each_training_rank_takes_its_own_gpu_or_the_cpu(spec, rank, cuda, count, chosen):
     assert choose_rank_device(spec, rank, cuda_available=cuda, cuda_count=count) == chosen

@@ -7,7 +7,11 @@ from typing import Sequence
 
 from .errors import FeatureshiftError
 
-DEFAULT_COLUMNS = 5
+DEFAULT_COLUMNS = 5  # channels a command shows when none are chosen
+# compare alone shows more by default: its sheet is only two rows (A above B) where a timeline
+# has a row per snapshot, so more channels still make a small picture. Kept at 8 so that its
+# sheets stay as they were.
+COMPARE_COLUMNS = 8
 
 
 def parse_indices(spec: str | int | Sequence[int], what: str = "index") -> list[int]:

@@ -21,7 +21,7 @@ from ..errors import FeatureshiftError, did_you_mean
 from ..models.info import model_info
 from ..optvis.settings import DEFAULT_SETTINGS, RenderSettings
 from ..run import trained_image_size
-from ..selection import check_exclusive, select_channels
+from ..selection import COMPARE_COLUMNS, check_exclusive, select_channels
 from ..metrics.drift import cross_activation, visual_drift
 from ..metrics.driver import CHANGE_METRICS
 from ..metrics.probe import DEFAULT_PROBE_LIMIT, probe_stats, resolve_probe
@@ -29,9 +29,6 @@ from ..metrics.similarity import channel_correlation, cka
 from ..metrics.weights import weight_change
 from ..models.layers import layer_info
 from ..network import open_network
-
-DEFAULT_COLUMNS = 8
-
 
 @dataclasses.dataclass
 class CompareResult:
@@ -127,7 +124,7 @@ def compare(a, b, layer: str, *, columns: int | None = None, channels: str | Seq
             **changes) -> CompareResult:
     """Compare `layer` of networks A and B (snapshot files, model names, or modules).
 
-    Channels on the sheet: the first `columns` (default 8), the `channels` given ("0-4,17"),
+    Channels on the sheet: the first `columns` (default COMPARE_COLUMNS, 8), the `channels` given ("0-4,17"),
     or the `most_changed` N by the measure `by` (weight, correlation, drift, cross; see
     docs/metrics.md). Representation measures use the `probe` folder, or else the
     validation images of the run A or B belongs to; without either they are left out.
@@ -154,7 +151,7 @@ def compare(a, b, layer: str, *, columns: int | None = None, channels: str | Seq
     count = _check_pair(model_a, model_b, name_a, name_b, layer)
 
     def select(scores=None) -> list[int]:
-        return select_channels(count, columns, channels, most_changed, scores, layer=layer, default=DEFAULT_COLUMNS)
+        return select_channels(count, columns, channels, most_changed, scores, layer=layer, default=COMPARE_COLUMNS)
 
     if most_changed is None:
         select()  # a bad choice fails now, not after the probe pass

@@ -14,11 +14,12 @@ import hashlib
 import os
 from typing import Any
 
+from ..device import PRECISIONS
+from ..flags import flag
 from .transforms import Transforms
 
 OBJECTIVES = ("channel", "neuron", "negative", "logit", "diversity")
 PARAMS = ("fft", "pixel")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DIVERSITY_WEIGHT = 100.0
 METHODS = ("lucid", "maco", "accent")
 # Each method's learning rate and schedule (lr, lr_hold, lr_final), measured for each: MACO
@@ -33,37 +34,63 @@ METHOD_FIELDS = {"lucid": (), "maco": ("spectrum", "crops", "crop_scale", "noise
                  "accent": ("image", "accent_weight")}
 
 
+_LUCID_LR = METHOD_LR["lucid"]
+
+
 @dataclasses.dataclass(frozen=True)
 class RenderSettings:
-    steps: int = 64  # Adam steps (Lucid: 512, the original tool: 2048; see docs/render.md)
-    size: int = 128  # canvas in pixels (the original tool: 144)
-    seed: int = 0  # fixes each target's starting noise and transforms
+    """The fields with a flag are the rendering commands' options (help and default written here)."""
+
+    steps: int = flag(64, "Optimization steps per image (the original tool: 2048).")  # Lucid: 512; docs/render.md
+    size: int = flag(128, "Image size in pixels (the original tool: 144).")
+    seed: int = flag(0, "Seed of each channel's starting noise and transforms; same seed, same image.")
     # Adam's learning rate, then its schedule: the lr is held for the first lr_hold of the steps,
     # then falls linearly to lr_final * lr at the last step. None: the method's own (METHOD_LR,
     # LUCID_LR_BUDGET; Lucid's recipe: 0.05, constant; see docs/render.md, "Time to quality").
-    lr: float | None = None
-    lr_hold: float | None = None
-    lr_final: float | None = None
+    lr: float | None = flag(None, "Adam learning rate.", type=float, default_text=(
+        f"lucid: {_LUCID_LR[0]:g}, or {LUCID_LR_BUDGET:g}/steps where that is lower; "
+        + ", ".join(f"{m}: {lr:g}" for m, (lr, _, _) in METHOD_LR.items() if m != "lucid")
+        + "; Lucid's own recipe: 0.05"))
+    lr_hold: float | None = flag(None, "The fraction of the steps at the full learning rate, after which it falls "
+                                 "linearly.", type=float,
+                                 default_text=f"{_LUCID_LR[1]:g} (lucid), 1 (maco, accent); Lucid's: 1, constant")
+    lr_final: float | None = flag(None, "The learning rate at the last step, as a fraction of --lr.", type=float,
+                                  default_text=f"{_LUCID_LR[2]:g} (lucid), 1 (maco, accent)")
     betas: tuple[float, float] = (0.5, 0.99)  # Adam's moment decay rates (Lucid: torch's 0.9, 0.999)
-    param: str = "fft"  # 1/f-scaled Fourier spectrum with decorrelated colour, or plain pixels
-    objective: Any = "channel"  # a name from OBJECTIVES, or an Objective from optvis.objectives
-    diversity: int | None = None  # images per target (default 4 with objective "diversity", else 1)
-    diversity_weight: float = DIVERSITY_WEIGHT
+    param: str = flag("fft", "Image parameterization: 1/f-scaled Fourier spectrum with decorrelated colour, or plain "
+                      "pixels.", choices=PARAMS)
+    # a name from OBJECTIVES, or an Objective from optvis.objectives
+    objective: Any = flag("channel", "channel: spatial mean; neuron: center position; negative: minimize; logit: "
+                          "class logit (layer 'logits', channels = class indices); diversity: several different "
+                          "images per channel.", choices=OBJECTIVES)
+    diversity: int | None = flag(None, "Images per channel, pushed apart by a Gram-matrix penalty.", type=int,
+                                 default_text="4 with --objective diversity, else 1")  # see `copies`
+    diversity_weight: float = flag(DIVERSITY_WEIGHT, "Weight of the diversity penalty (Lucid's; it depends on the "
+                                   "scale of the layer's activations).")
     transforms: Transforms = Transforms()
     decay_power: float = 1.0
     init_sd: float = 0.01
     fft_divisor: float = 4.0
     decorrelate: bool = True
     relu_redirect_steps: int = 16
-    precision: str = "auto"  # of the network: auto (bf16 where native), fp32, bf16, fp16
-    include_cls: bool = False  # token layers: average over the class (prefix) tokens too, not patch tokens only
-    method: str = "lucid"  # a name from METHODS: lucid, maco (optvis.maco), accent (optvis.accent)
-    spectrum: str | None = None  # maco: magnitude spectrum file (maco.save_spectrum); None: the shipped one
-    crops: int = 4  # maco: random crops of the canvas the network sees per step
+    precision: str = flag("auto", "The network's arithmetic during a render: auto is bf16 on CUDA and on CPUs with "
+                          "native bf16 (AMX or AVX-512 BF16), where it is about 1.5x faster, else fp32.",
+                          choices=PRECISIONS)  # the parameterization stays fp32
+    include_cls: bool = flag(False, "Token layers of vision transformers: average a unit over the class (prefix) "
+                             "tokens too, not the patch tokens only.", default_text="patch tokens only")
+    method: str = flag("lucid", "lucid: Lucid's recipe (1/f spectrum, transforms); maco: only the Fourier phase is "
+                       "optimized, the magnitude fixed to a natural-image spectrum (the run's own images where there "
+                       "is a run); accent: start from --image and change it only as much as the channel needs.",
+                       choices=METHODS)  # optvis.maco, optvis.accent
+    spectrum: str | None = flag(None, "--method maco: a magnitude spectrum file (.npz/.npy).", path="file",
+                                default_text="the run's training images, else the spectrum shipped with "
+                                             "featureshift")  # maco.save_spectrum writes one
+    crops: int = flag(4, "--method maco: random crops of the canvas the network sees per step.")
     crop_scale: tuple[float, float] = (0.5, 1.0)  # maco: range of a crop's side, as a fraction of the canvas
-    noise: float = 0.05  # maco: sd of the Gaussian noise added to every crop
-    image: str | tuple[str, ...] | None = None  # accent: the photo to start from (or one per target)
-    accent_weight: float = 3.0  # accent: how strongly the image is held to the photo
+    noise: float = flag(0.05, "--method maco: sd of the Gaussian noise added to every crop each step.")
+    image: str | tuple[str, ...] | None = flag(None, "--method accent: the photo to accentuate (the same photo on "
+                                               "every snapshot).", path="file")  # or one per target
+    accent_weight: float = flag(3.0, "--method accent: how strongly the picture is held to the photo.")
 
     def replace(self, **changes: Any) -> "RenderSettings":
         """A copy with CHANGES; None values keep the current setting ("as before")."""

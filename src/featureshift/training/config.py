@@ -7,54 +7,77 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..device import DEVICE_CHOICES, MAX_LOADER_WORKERS
 from ..errors import FeatureshiftError, did_you_mean
+from ..flags import flag
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULES = ("none", "cosine", "step")
 MIN_IMAGE_SIZE = 16  # the smallest --image-size
+WEIGHTS_HELP = "imagenet (download-and-cache; squeezenet1_1 works offline), random, or a weights file."
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Every option of a training run, with its default. The CLI and TOML files fill this."""
+    """Every option of a training run, with its default and its flag's help. The CLI and TOML files fill this."""
 
-    data: str | None = None  # ImageFolder root: one sub-folder of images per class
-    model: str = "googlenet"  # model name, or a snapshot file to continue from
-    weights: str = "imagenet"  # imagenet, random, or a weights file
-    val: str | None = None  # a separate validation folder; else a seeded split of `data`
-    val_fraction: float = 0.2
-    epochs: int = 10
-    batch_size: int = 32
-    cutoff: int | str | None = None  # freeze the first N parameter-holding layers, or up to a layer name
-    optimizer: str = "adam"
-    lr: float = 1e-3  # the new head's rate, and every layer's when training from random weights
+    data: str | None = flag(None, "Training images: a folder with one sub-folder of images per class.", metavar="DIR")
+    model: str = flag("googlenet", "Model name (googlenet, inception_v3, vgg16, squeezenet1_1, resnet50, timm/...) "
+                      "or a snapshot file to continue from.", metavar="NAME|SNAPSHOT")
+    weights: str = flag("imagenet", "Starting weights: " + WEIGHTS_HELP, metavar="WEIGHTS")
+    val: str | None = flag(None, "A separate validation folder (same class folders).", metavar="DIR",
+                           default_text="split --data")
+    val_fraction: float = flag(0.2, "Share of each class held out for validation by a seeded split that is the same "
+                               "on every run and resume.")
+    epochs: int = flag(10, "Epochs to train; 0 only saves the original network. With --resume: the new total.")
+    batch_size: int = flag(32, "Images per step (with --nproc: of all processes together).")
+    cutoff: int | str | None = flag(None, "Freeze the first N parameter-holding layers (forward order), or every layer "
+                                    "up to and including LAYER (a name from `featureshift layers`).",
+                                    metavar="N|LAYER", type=str, default_text="all layers train")
+    optimizer: str = flag("adam", "The optimizer.", choices=OPTIMIZERS)
+    lr: float = flag(1e-3, "Learning rate of the new classifier head, and of every layer with --weights random.")
     # Layers that start from trained weights learn at this fraction of lr. Adam at 1e-3 on every
     # layer of the ImageNet SqueezeNet killed up to 94% of its last fire module's channels within
     # an epoch on handwritten digits (validation at chance for some seeds); README, "The fine-tuning recipe".
-    pretrained_lr_scale: float = 0.1
-    weight_decay: float = 0.0
-    momentum: float = 0.9  # sgd and rmsprop
-    nesterov: bool = False  # sgd
-    schedule: str = "none"  # none, cosine (to 0 over the epochs), step (x gamma every step_size epochs)
-    step_size: int = 10
-    gamma: float = 0.1
-    snapshot_every: int = 1
-    image_size: int | None = None  # default: the model's own input size
-    in_chans: int = 3  # input bands of a model built from its name (timm's in_chans); a snapshot keeps its own
-    img_size: int | None = None  # the size a vision transformer is built for (timm's img_size)
-    augment: bool = True
-    seed: int = 0
+    pretrained_lr_scale: float = flag(0.1, "Layers that start from trained weights learn at F x --lr: fine-tuning "
+                                      "every layer at the head's rate wrecks the pretrained features (1 trains all "
+                                      "at --lr; --cutoff freezes layers).", metavar="F")
+    weight_decay: float = flag(0.0, "The optimizer's weight decay.")
+    momentum: float = flag(0.9, "For sgd and rmsprop.")
+    nesterov: bool = flag(False, "Nesterov momentum for sgd.")
+    schedule: str = flag("none", "Learning-rate schedule: cosine decays to 0 over the epochs; step multiplies by "
+                         "--gamma every --step-size epochs.", choices=SCHEDULES)
+    step_size: int = flag(10, "Epochs between steps of the step schedule.")
+    gamma: float = flag(0.1, "Factor of the step schedule.")
+    snapshot_every: int = flag(1, "Save a snapshot every K epochs (and always before training and after the last "
+                               "epoch).")
+    image_size: int | None = flag(None, "Input size in pixels.", type=int, default_text="the model's own")
+    # a snapshot keeps its own bands
+    in_chans: int = flag(3, "Input bands of a model built from its name: 1 trains on grayscale images, 4 on RGBA "
+                         "(timm models).")
+    img_size: int | None = flag(None, "The image size a vision transformer is built for (timm's img_size).",
+                                type=int, default_text="the model's own")
+    augment: bool = flag(True, "Random crops and flips of training images (never of validation images).")
+    seed: int = flag(0, "Seed of the split, initialization and data order; the same seed gives the same metrics on "
+                     "CPU.")
     # How to run; these may change when resuming.
-    out: str | None = None
-    device: str = "auto"
-    workers: int | None = None  # DataLoader worker processes; default: see loop.default_workers
-    nproc: int = 1  # training processes on this machine (DistributedDataParallel); see distributed.py
-    amp: bool = True  # mixed precision (CUDA only)
-    channels_last: bool = True  # (CUDA only)
-    tensorboard: bool = False
-    quiet: bool = False
-    force: bool = False
-    resume: str | None = None
+    out: str | None = flag(None, "Run folder to write.", metavar="DIR", default_text="runs/MODEL-DATA-TIME")
+    device: str = flag("auto", f"{DEVICE_CHOICES}.", metavar="DEVICE")
+    workers: int | None = flag(None, "Image-decoding worker processes; 0 decodes in the main process.", type=int,
+                               default_text=f"with CUDA CPUs - 1, at most {MAX_LOADER_WORKERS}; on CPU 1, or 2 "
+                                            "from 8 cores")
+    nproc: int = flag(1, "Train in N processes on this machine, one per GPU (DistributedDataParallel; with --device "
+                      "cpu they share the cores). --batch-size is then the global batch, split among them. Several "
+                      "machines: torchrun (see the README).", metavar="N")
+    amp: bool = flag(True, "Mixed precision on CUDA (bf16 where the GPU has it, else fp16).")
+    channels_last: bool = flag(True, "channels_last memory format on CUDA.")
+    tensorboard: bool = flag(False, "Also write TensorBoard scalars to RUN/tensorboard (needs `pip install "
+                             "'featureshift[tensorboard]'`).", switch=True)
+    quiet: bool = flag(False, "No progress bars or per-epoch lines (warnings and errors still go to stderr).",
+                       short="-q", switch=True)
+    force: bool = flag(False, "Replace a run already in --out.", switch=True)
+    resume: str | None = flag(None, "Continue the run in this folder from its last finished epoch (with --epochs N: "
+                              "extend it to N epochs).", metavar="RUN", path="folder")
 
 
 # Options that only change how a run executes, not what it trains: a resume may set them anew.
