@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime as _dt
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,22 +20,24 @@ import torch
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from ..data import Sample, scan_image_folder, stratified_split
+from ..data import DatasetIndex, Sample, scan_image_folder, stratified_split
 from ..device import amp_dtype, core_count, loader_workers, resolve_device
 from ..errors import FeatureshiftError
 from ..io import WriteError, write_error
 from ..models.info import ModelInfo, attach_info, model_info
 from ..models.zoo import replace_head
 from ..network import open_network
-from ..run import (METRICS_FILE, RUN_FILE, SNAPSHOT_DIR, SPLIT_FILE, STATE_FILE, add_session, add_skipped,
-                    describe_status, is_run, new_run, read_run, read_split, snapshot_path, software_versions,
-                    this_process, trainer_alive, update_run, write_metrics, write_run, write_split)
+from ..run import (METRICS_FILE, RUN_FILE, SNAPSHOT_DIR, SPLIT_FILE, STATE_FILE, add_session, add_skipped, new_run,
+                    read_run, read_split, snapshot_path, software_versions, this_process, update_run, write_metrics,
+                    write_run, write_split)
 from ..snapshot import build_from_state, save_snapshot, state_on_cpu, with_input_size
 from .config import NOT_STORED, RESUMABLE, TrainConfig, changed_options, check_keys, lr_at, make_config, stored_config
 from .cutoff import CutoffPlan, apply_cutoff, plan_cutoff
 from .distributed import Group, join, launch, launched_world, leave
 from .loop import (Loaders, evaluate, make_loaders, make_optimizer, make_scaler,
                    param_groups, set_lr, train_one_epoch)
+from .messages import Tensorboard, note, summary_writer, warn, warn_skipped, warn_unreadable_snapshots
+from .outdir import check_out, clear_run, refuse_if_training, restartable
 from .precheck import AuxChoice, check_input_size, check_training_step, choose_aux, first_batch
 from .state import TrainState, load_state, save_state, seed_all, set_rng_state, rng_state
 
@@ -84,7 +84,7 @@ def _launch(cfg: TrainConfig, resumed: dict[str, Any] | None) -> Path:
                                 "--nproc_per_node says how many processes each machine runs).")
     if resumed is None:
         cfg.data, cfg.val = _abs(cfg.data), _abs(cfg.val)
-        cfg.out = str(_check_out(cfg))  # every process must write to the same folder; refuse early
+        cfg.out = str(check_out(cfg))  # every process must write to the same folder; refuse early
     run_dir = Path(cfg.out)
     config = dataclasses.asdict(cfg)
     config["nproc"] = 1
@@ -138,7 +138,7 @@ class _Session:
         new = [(p, why) for p, why in bad if p not in self.skipped]
         for p, why in new:
             self.skipped[p] = why
-        _warn_skipped(new)
+        warn_skipped(new)
 
     def write_run(self, **changes: Any) -> None:
         if not self.main:
@@ -149,7 +149,7 @@ class _Session:
 
 def _open_device(cfg: TrainConfig, group: Group | None = None) -> torch.device:
     if cfg.tensorboard:
-        _summary_writer()  # fail before anything is written
+        summary_writer()  # fail before anything is written
     return group.device if group is not None else resolve_device(cfg.device)
 
 
@@ -196,7 +196,7 @@ def _run_epochs(s: _Session, start: int) -> None:
 
     cfg = s.cfg
     progress = not cfg.quiet
-    tb = _Tensorboard(s.run_dir, start) if cfg.tensorboard and s.main else None
+    tb = Tensorboard(s.run_dir, start) if cfg.tensorboard and s.main else None
     bar = tqdm(total=cfg.epochs, initial=start, desc="training", unit="epoch", disable=not progress,
                file=sys.stderr)
     common = dict(info=s.info, amp_dtype=s.amp_dtype, channels_last=s.channels_last, on_bad=s.note_bad,
@@ -241,7 +241,7 @@ def _run_epochs(s: _Session, start: int) -> None:
     except KeyboardInterrupt:
         _record(s, status="interrupted")
         if s.main:
-            _warn(f"training interrupted; every finished epoch is saved. Continue with "
+            warn(f"training interrupted; every finished epoch is saved. Continue with "
                   f"`featureshift train --resume {s.run_dir}{f' --nproc {s.group.world}' if s.group else ''}`.")
         raise
     except BaseException as e:
@@ -301,7 +301,7 @@ def _fit_to_size(model: nn.Module, info: ModelInfo) -> AuxChoice | None:
     return choose_aux(model, info.input_size, info.arch)
 
 
-def _finish_epoch(s: _Session, row: dict[str, Any], bar, tb: _Tensorboard | None) -> None:
+def _finish_epoch(s: _Session, row: dict[str, Any], bar, tb: Tensorboard | None) -> None:
     """Snapshot (every K epochs and the last), then state, then logs: each step atomic, in an order
     where a kill between two steps leaves a consistent, resumable run."""
     e = row["epoch"]
@@ -360,21 +360,16 @@ def _fmt(v, spec=".4f") -> str:
 
 # --- a fresh run ---
 
-def _fresh(cfg: TrainConfig, on_epoch_end: EpochHook | None, on_snapshot: SnapshotHook | None,
-           group: Group | None = None) -> Path:
-    cfg.data, cfg.val = _abs(cfg.data), _abs(cfg.val)
-    for k in ("model", "weights"):
-        v = getattr(cfg, k)
-        if Path(v).exists():
-            setattr(cfg, k, _abs(v))
-    run_dir = _check_out(cfg)
-    if group is not None:
-        run_dir = group.share(run_dir)  # a default --out is stamped with the time, which ranks may not agree on
-    device = _open_device(cfg, group)
-    seed_all(cfg.seed)
-    loader_gen = torch.Generator()
-    loader_gen.manual_seed(cfg.seed)
+@dataclasses.dataclass
+class _Data:
+    index: DatasetIndex  # the training folder: its classes and images
+    train: list[Sample]
+    val: list[Sample]
+    skipped: list[tuple[Any, str]]  # (file, why) of files that are not usable images
 
+
+def _read_data(cfg: TrainConfig) -> _Data:
+    """The training and validation images: --val's folder, else a seeded split of --data."""
     index = scan_image_folder(cfg.data, progress=not cfg.quiet)
     skipped = list(index.skipped)
     if cfg.val:
@@ -385,8 +380,28 @@ def _fresh(cfg: TrainConfig, on_epoch_end: EpochHook | None, on_snapshot: Snapsh
             raise FeatureshiftError(f"The validation folder {cfg.val} has no readable images.")
     else:
         train, val = stratified_split(index.samples, cfg.val_fraction, cfg.seed)
+    return _Data(index, train, val, skipped)
+
+
+def _fresh(cfg: TrainConfig, on_epoch_end: EpochHook | None, on_snapshot: SnapshotHook | None,
+           group: Group | None = None) -> Path:
+    cfg.data, cfg.val = _abs(cfg.data), _abs(cfg.val)
+    for k in ("model", "weights"):
+        v = getattr(cfg, k)
+        if Path(v).exists():
+            setattr(cfg, k, _abs(v))
+    run_dir = check_out(cfg)
+    if group is not None:
+        run_dir = group.share(run_dir)  # a default --out is stamped with the time, which ranks may not agree on
+    device = _open_device(cfg, group)
+    seed_all(cfg.seed)
+    loader_gen = torch.Generator()
+    loader_gen.manual_seed(cfg.seed)
+
+    data = _read_data(cfg)
+    index, train, val, skipped = data.index, data.train, data.val, data.skipped
     if group is None or group.main:
-        _warn_skipped(skipped)
+        warn_skipped(skipped)
 
     net = open_network(cfg.model, cfg.weights, in_chans=cfg.in_chans, image_size=cfg.img_size)
     model = net.module
@@ -402,7 +417,7 @@ def _fresh(cfg: TrainConfig, on_epoch_end: EpochHook | None, on_snapshot: Snapsh
     attach_info(model, info)
     aux = _fit_to_size(model, info)
     if aux and not aux.used and not cfg.quiet and (group is None or group.main):
-        _info(f"{info.arch}: {aux.why}.")
+        note(f"{info.arch}: {aux.why}.")
     s = _prepare(cfg, run_dir, device, loader_gen, model, info, train, val, new_layers=new_layers,
                  on_epoch_end=on_epoch_end, on_snapshot=on_snapshot, group=group)
     s.parent = net.meta.checksum if net.meta else None
@@ -431,8 +446,8 @@ def _fresh(cfg: TrainConfig, on_epoch_end: EpochHook | None, on_snapshot: Snapsh
     add_session(s.run, 0, cfg.epochs)
     # Every check has passed: only now is anything written or replaced.
     if s.main:
-        if cfg.force or _restartable(run_dir):
-            _clear_run(run_dir)
+        if cfg.force or restartable(run_dir):
+            clear_run(run_dir)
         with _writing(s, run_dir):
             run_dir.mkdir(parents=True, exist_ok=True)
         with _writing(s, run_dir / SPLIT_FILE):
@@ -440,8 +455,8 @@ def _fresh(cfg: TrainConfig, on_epoch_end: EpochHook | None, on_snapshot: Snapsh
         with _writing(s, run_dir / RUN_FILE):
             write_run(run_dir, s.run)
     if not cfg.quiet:
-        _info(s.plan.table(cfg.cutoff))
-        _info(f"{len(index.classes)} classes, {len(train)} training and {len(val)} validation images; "
+        note(s.plan.table(cfg.cutoff))
+        note(f"{len(index.classes)} classes, {len(train)} training and {len(val)} validation images; "
               f"device {device}; run folder {run_dir}")
     _run_epochs(s, 0)
     return run_dir
@@ -451,81 +466,12 @@ def _abs(p: str | None) -> str | None:
     return str(Path(p).expanduser().resolve()) if p else p
 
 
-def _check_out(cfg: TrainConfig) -> Path:
-    """The run folder to write; refuses one that holds another run, before anything is written."""
-    if cfg.out:
-        out = Path(cfg.out).expanduser()
-    else:
-        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = Path("runs") / f"{Path(cfg.model).stem}-{Path(cfg.data).resolve().name}-{stamp}"
-    data = Path(cfg.data).resolve()
-    if out.resolve() == data or data in out.resolve().parents:
-        raise FeatureshiftError(f"--out {out} is inside the dataset folder {data}; its files would become a class. "
-                                "Choose an --out folder outside the data.")
-    if out.exists() and not out.is_dir():
-        raise FeatureshiftError(f"--out {out} is a file; give a folder.")
-    if not is_run(out):
-        return out
-    try:
-        r = read_run(out)
-    except FeatureshiftError:
-        r = None
-    if cfg.force:
-        _refuse_if_training(r or {}, out, "--force replacing it")
-        return out
-    if r is not None and _restartable(out, r):
-        if not cfg.quiet:
-            _info(f"{out} holds a run that never finished an epoch ({describe_status(r)}); starting it again.")
-        return out
-    what = "" if r is None else (f" ({r.get('model', {}).get('arch', '?')} on {r.get('dataset', {}).get('root', '?')}, "
-                                 f"{r.get('epochs_done', 0)} epochs, {describe_status(r)})")
-    raise FeatureshiftError(
-        f"{out} already holds a training run{what}. Continue it with `featureshift train --resume {out}`, "
-        f"replace it with --force, or choose another --out folder."
-    )
-
-
-def _restartable(out: Path, run: dict[str, Any] | None = None) -> bool:
-    """Whether OUT holds a run that stopped before finishing its first epoch: nothing but the untrained
-    network would be lost, so the same command starts it again (a failed first epoch is retried)."""
-    if run is None:
-        if not is_run(out):
-            return False
-        try:
-            run = read_run(out)
-        except FeatureshiftError:
-            return False
-    trainer, me = run.get("trainer") or {}, this_process()
-    ours = trainer.get("pid") == me["pid"] and trainer.get("host") == me["host"]  # an earlier call in this process
-    stopped = run.get("status") in ("failed", "interrupted") or (
-        run.get("status") == "running" and (trainer_alive(run) is False or ours))
-    trained = any(p.name != "000.safetensors" for p in (out / SNAPSHOT_DIR).glob("*.safetensors"))
-    return stopped and not run.get("epochs_done") and not trained
-
-
-def _clear_run(out: Path) -> None:
-    """--force: remove the files of the run that was there (only files featureshift writes)."""
-    for name in ("run.json", "metrics.jsonl", "split.json", STATE_FILE):
-        (out / name).unlink(missing_ok=True)
-    for p in (out / SNAPSHOT_DIR).glob("*.safetensors"):
-        p.unlink()
-    shutil.rmtree(out / "tensorboard", ignore_errors=True)
-
-
-def _refuse_if_training(run: dict[str, Any], run_dir: Path, what: str) -> None:
-    """Two processes writing one run folder would interleave its snapshots and logs."""
-    if trainer_alive(run) and run["trainer"]["pid"] != os.getpid():
-        raise FeatureshiftError(
-            f"{run_dir} is being trained right now by process {run['trainer']['pid']}; {what} would write into the "
-            f"same folder. Wait for it to finish, or stop it first (Ctrl-C, or `kill {run['trainer']['pid']}`).")
-
-
 # --- a resumed run ---
 
 def _resume_config(overrides: dict[str, Any], run_dir: Path) -> tuple[TrainConfig, dict[str, Any]]:
     """The configuration of the run in RUN_DIR with OVERRIDES, which may only change how it runs."""
     run = read_run(run_dir)
-    _refuse_if_training(run, run_dir, "resuming it")
+    refuse_if_training(run, run_dir, "resuming it")
     stored = run["config"]
     for k, v in overrides.items():
         if k in RESUMABLE or k in NOT_STORED:
@@ -551,10 +497,10 @@ def _resume(cfg: TrainConfig, run: dict[str, Any], on_epoch_end: EpochHook | Non
         raise FeatureshiftError(f"The run {run_dir} has already trained {done} epochs; --epochs {cfg.epochs} would "
                                 f"shorten it. Give --epochs {done} or more.")
     if group is None or group.main:
-        _warn_unreadable_snapshots(run_dir, done, cfg)
+        warn_unreadable_snapshots(run_dir, done, cfg)
     if cfg.epochs == done:
         if not cfg.quiet:
-            _info(f"The run {run_dir} has finished all {done} epochs; nothing to do. "
+            note(f"The run {run_dir} has finished all {done} epochs; nothing to do. "
                   f"Extend it with `featureshift train --resume {run_dir} --epochs N`.")
         # A kill between saving the state and updating run.json leaves these a step behind the state.
         if group is None or group.main:
@@ -569,7 +515,7 @@ def _resume(cfg: TrainConfig, run: dict[str, Any], on_epoch_end: EpochHook | Non
     missing = [(p, "missing since the run started") for p, _ in train + val if not p.exists()]
     if missing:
         if group is None or group.main:
-            _warn_skipped(missing)
+            warn_skipped(missing)
         gone = {p for p, _ in missing}
         train, val = [s for s in train if s[0] not in gone], [s for s in val if s[0] not in gone]
         if not train:
@@ -601,70 +547,6 @@ def _resume(cfg: TrainConfig, run: dict[str, Any], on_epoch_end: EpochHook | Non
     with _writing(s, run_dir / RUN_FILE):
         s.write_run()
     if not cfg.quiet:
-        _info(f"resuming {run_dir} after epoch {done}, training to epoch {cfg.epochs}")
+        note(f"resuming {run_dir} after epoch {done}, training to epoch {cfg.epochs}")
     _run_epochs(s, done)
     return run_dir
-
-
-# --- messages and TensorBoard ---
-
-def _info(msg: str) -> None:
-    from tqdm import tqdm
-
-    tqdm.write(msg, file=sys.stderr)
-
-
-def _warn(msg: str) -> None:
-    from tqdm import tqdm
-
-    tqdm.write(f"featureshift: warning: {msg}", file=sys.stderr)
-
-
-def _warn_unreadable_snapshots(run_dir: Path, done: int, cfg: TrainConfig) -> None:
-    """Resuming needs only train_state.pt, but a damaged snapshot leaves its epoch out of every later
-    timeline, atlas and report: say so while it can still be restored."""
-    from ..run import unreadable_snapshots
-
-    for bad in unreadable_snapshots(run_dir):
-        e = bad.epoch
-        if done < e <= cfg.epochs and (e % cfg.snapshot_every == 0 or e == cfg.epochs):
-            _warn(f"{bad.why} Training resumes from {STATE_FILE} and writes it again when it reaches epoch {e}.")
-        else:
-            _warn(f"{bad.why} Training resumes from {STATE_FILE}, which does not need it, but does not write it "
-                  f"again, so timelines, atlases and reports leave epoch {e} out. Restore the file from a copy, or "
-                  f"train the run again into another folder with the settings in {run_dir / RUN_FILE} (on a CPU "
-                  "the same settings and seed give the same weights).")
-
-
-def _warn_skipped(skipped: list[tuple[Any, str]]) -> None:
-    if not skipped:
-        return
-    shown = "; ".join(f"{p} ({why})" for p, why in skipped[:10])
-    more = f"; and {len(skipped) - 10} more (all listed in run.json)" if len(skipped) > 10 else ""
-    _warn(f"skipping {len(skipped)} file(s) that are not usable images: {shown}{more}")
-
-
-def _summary_writer():
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        raise FeatureshiftError(
-            "--tensorboard needs the tensorboard package, which is not installed. Install it with "
-            "`pip install 'featureshift[tensorboard]'`, or leave out --tensorboard (metrics.jsonl has the same numbers)."
-        ) from e
-    return SummaryWriter
-
-
-class _Tensorboard:
-    def __init__(self, run_dir: Path, start_epoch: int):
-        SummaryWriter = _summary_writer()
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_epoch + 1 if start_epoch else None)
-
-    def log(self, row: dict[str, Any]) -> None:
-        for k, v in row.items():
-            if k != "epoch" and isinstance(v, (int, float)) and v is not None:
-                self.writer.add_scalar(k, v, row["epoch"])
-        self.writer.flush()
-
-    def close(self) -> None:
-        self.writer.close()
