@@ -24,11 +24,18 @@ BATCH = "batch"
 def require_onnx() -> None:
     """Import the optional ONNX stack, or say how to install it."""
     missing = []
-    for name in ("onnx", "onnxruntime", "onnx2torch"):
-        try:
-            __import__(name)
-        except ImportError:
-            missing.append(name)
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        missing.append("onnx")
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        missing.append("onnxruntime")
+    try:
+        import onnx2torch  # noqa: F401
+    except ImportError:
+        missing.append("onnx2torch")
     if missing:
         raise FeatureshiftError(
             f"ONNX support needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
