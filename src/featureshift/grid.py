@@ -8,6 +8,7 @@ with matplotlib) at a size that grows with the tiles.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 from pathlib import Path
@@ -186,22 +187,10 @@ def make_grid(rows: Sequence[Sequence[np.ndarray | Image.Image | None]],
     column labels on top, the title above everything, in DejaVu Sans at `font_size`
     px (default: a tenth of the largest tile side, at least 10 px).
     """
-    rows = [list(r) for r in rows]
     tiles = [[t if t is None or t is NO_RESPONSE else to_pil(t) for t in r] for r in rows]
-    ncols = max((len(r) for r in tiles), default=0)
     present = [t for r in tiles for t in r if isinstance(t, Image.Image)]
-    # The size a gap takes when nothing else in its row or column gives one.
-    fallback_w = max((t.width for t in present), default=64)
-    fallback_h = max((t.height for t in present), default=64)
-
-    col_w = []
-    for c in range(max(ncols, 1)):
-        ws = [r[c].width for r in tiles if c < len(r) and isinstance(r[c], Image.Image)]
-        col_w.append(max(ws) if ws else fallback_w)
-    row_h = []
-    for r in tiles:
-        hs = [t.height for t in r if isinstance(t, Image.Image)]
-        row_h.append(max(hs) if hs else fallback_h)
+    cells = _cell_sizes(tiles, present)
+    col_w, row_h = cells.col_w, cells.row_h
 
     scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     if font_size is None:
@@ -209,9 +198,8 @@ def make_grid(rows: Sequence[Sequence[np.ndarray | Image.Image | None]],
     font = label_font(font_size)
     row_labels = list(row_labels or [])
     # A column label wider than its column is wrapped at spaces; what still does not fit widens the column.
-    col_labels = [None if not l else _wrap(scratch, str(l), font, col_w[c] if c < len(col_w) else fallback_w)
+    col_labels = [None if not l else _wrap(scratch, str(l), font, col_w[c] if c < len(col_w) else cells.fallback_w)
                   for c, l in enumerate(col_labels or [])]
-    gap_w = list(col_w)  # a gap is as wide as the column's tiles, not its label
     for c, l in enumerate(col_labels[:len(col_w)]):
         if l:
             col_w[c] = max(col_w[c], _text_size(scratch, l, font)[0])
@@ -230,33 +218,67 @@ def make_grid(rows: Sequence[Sequence[np.ndarray | Image.Image | None]],
 
     if title:
         draw.multiline_text((pad + 2, pad + 2), title, fill=TEXT, font=font)
-    x0s, x = [], label_w + pad
+    x = label_w + pad
     for w in col_w:
-        x0s.append(x)
+        cells.x0s.append(x)
         x += w + pad
     for c, label in enumerate(col_labels[:len(col_w)]):
         if label:
             tw, _ = _text_size(draw, str(label), font)
-            draw.multiline_text((x0s[c] + max((col_w[c] - tw) // 2, 0), title_h + pad + 2), str(label),
+            draw.multiline_text((cells.x0s[c] + max((col_w[c] - tw) // 2, 0), title_h + pad + 2), str(label),
                                 fill=TEXT, font=font, align="center")
+    _paste_rows(canvas, tiles, cells, row_labels, top=title_h + header_h + pad, pad=pad, font_size=font_size,
+                missing_label=missing_label)
+    return canvas
 
-    y = title_h + header_h + pad
+
+@dataclasses.dataclass
+class _Cells:
+    """Where a grid's tiles go: each column's width and left edge, each row's height."""
+    col_w: list[int]  # widened where a column label needs it
+    gap_w: list[int]  # a gap is as wide as the column's tiles, not its label
+    row_h: list[int]
+    fallback_w: int  # the size a gap takes when nothing else in its row or column gives one
+    x0s: list[int] = dataclasses.field(default_factory=list)
+
+
+def _cell_sizes(tiles: list[list], present: list[Image.Image]) -> _Cells:
+    """Each column as wide as its widest tile and each row as tall as its tallest."""
+    ncols = max((len(r) for r in tiles), default=0)
+    fallback_w = max((t.width for t in present), default=64)
+    fallback_h = max((t.height for t in present), default=64)
+    col_w = []
+    for c in range(max(ncols, 1)):
+        ws = [r[c].width for r in tiles if c < len(r) and isinstance(r[c], Image.Image)]
+        col_w.append(max(ws) if ws else fallback_w)
+    row_h = []
+    for r in tiles:
+        hs = [t.height for t in r if isinstance(t, Image.Image)]
+        row_h.append(max(hs) if hs else fallback_h)
+    return _Cells(col_w=col_w, gap_w=list(col_w), row_h=row_h, fallback_w=fallback_w)
+
+
+def _paste_rows(canvas: Image.Image, tiles: list[list], cells: _Cells, row_labels: list, *, top: int, pad: int,
+                font_size: int, missing_label: str) -> None:
+    """Each row's label and tiles, from TOP down: smaller tiles centred in their cell, gaps marked."""
+    draw = ImageDraw.Draw(canvas)
+    font = label_font(font_size)
+    y = top
     for i, r in enumerate(tiles):
-        h = row_h[i]
+        h = cells.row_h[i]
         if i < len(row_labels) and row_labels[i]:
             _, th = _text_size(draw, str(row_labels[i]), font)
             draw.multiline_text((pad + 2, y + max((h - th) // 2, 0)), str(row_labels[i]), fill=TEXT, font=font)
         if not r:  # a whole row missing: one gap across the grid
-            span = sum(col_w) + pad * (len(col_w) - 1)
-            canvas.paste(_missing_tile(span, h, missing_label, font_size), (x0s[0], y))
+            span = sum(cells.col_w) + pad * (len(cells.col_w) - 1)
+            canvas.paste(_missing_tile(span, h, missing_label, font_size), (cells.x0s[0], y))
             y += h + pad
             continue
         for c, tile in enumerate(r):
-            w = col_w[c]
+            w = cells.col_w[c]
             if tile is None:
-                tile = _missing_tile(gap_w[c], h, missing_label, font_size)
+                tile = _missing_tile(cells.gap_w[c], h, missing_label, font_size)
             elif tile is NO_RESPONSE:
-                tile = no_response_tile(gap_w[c], h, font_size)
-            canvas.paste(tile, (x0s[c] + (w - tile.width) // 2, y + (h - tile.height) // 2))
+                tile = no_response_tile(cells.gap_w[c], h, font_size)
+            canvas.paste(tile, (cells.x0s[c] + (w - tile.width) // 2, y + (h - tile.height) // 2))
         y += h + pad
-    return canvas
