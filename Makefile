@@ -1,10 +1,10 @@
-# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test` (or `make test-fast`).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.featureshift-installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# The tests not marked slow: about 45 s of CPU time on 2 cores, for while you work; `make test` before you commit.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
 
 # Each script prints both sides of its comparison and their ratio. render_speed.py needs Lucent
 # (see docs/render.md); the others need nothing more than the test extra.

@@ -196,6 +196,7 @@ def test_bad_requests_are_clear_errors(run):
 
 # ---------------------------------------------------------------- the atlas in the report
 
+@pytest.mark.slow
 def test_the_report_shows_every_atlased_channel_and_the_findings(run, one_thread):
     import re
 

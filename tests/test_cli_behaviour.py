@@ -83,8 +83,8 @@ def counting_renders(monkeypatch):
 # ---------------------------------------------------------------- closed pipes
 
 @pytest.mark.parametrize("args, reader", [
-    ("layers squeezenet1_1", "head -1"),
-    ("layers squeezenet1_1", "true"),
+    pytest.param("layers squeezenet1_1", "head -1", marks=pytest.mark.slow),
+    pytest.param("layers squeezenet1_1", "true", marks=pytest.mark.slow),
     ("--help", "true"),
     ("vis --help", "true"),
 ])

@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+import pytest
+
 import featureshift
 
 
@@ -9,6 +11,7 @@ def run(*args, input=None):
     return subprocess.run([sys.executable, "-m", "featureshift", *args], capture_output=True, text=True, input=input)
 
 
+@pytest.mark.slow
 def test_layers_is_tab_separated_and_greppable():
     r = run("layers", "googlenet")
     assert r.returncode == 0, r.stderr
@@ -20,6 +23,7 @@ def test_layers_is_tab_separated_and_greppable():
     assert ["inception4c", "Inception", "512", "14x14"] in inc4c
 
 
+@pytest.mark.slow
 def test_layers_of_squeezenet_with_real_weights_and_of_a_snapshot(tmp_path, squeezenet):
     r = run("layers", "squeezenet1_1", "--weights", "imagenet")
     assert r.returncode == 0 and r.stdout.startswith("features.0\tConv2d\t64\t111x111")
@@ -28,6 +32,7 @@ def test_layers_of_squeezenet_with_real_weights_and_of_a_snapshot(tmp_path, sque
     assert r2.returncode == 0 and r2.stdout == r.stdout
 
 
+@pytest.mark.slow
 def test_info_prints_metadata(tmp_path, squeezenet):
     featureshift.save_snapshot(squeezenet, tmp_path / "s.safetensors", epoch=4, metrics={"val_acc": 0.75})
     r = run("info", str(tmp_path / "s.safetensors"))
@@ -35,6 +40,7 @@ def test_info_prints_metadata(tmp_path, squeezenet):
     assert "squeezenet1_1" in r.stdout and "epoch         4" in r.stdout and "val_acc 0.75" in r.stdout
 
 
+@pytest.mark.slow
 def test_user_errors_are_one_paragraph_without_traceback(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"garbage")

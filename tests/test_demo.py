@@ -4,7 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
+
+@pytest.mark.slow
 def test_demo_fine_tunes_renders_and_writes_the_report(tmp_path):
     # (the tests' FEATURESHIFT_CACHE, set in conftest.py, is inherited: the offline weights convert once)
     r = subprocess.run([sys.executable, "-m", "featureshift", "demo", "--out", str(tmp_path / "demo"), "--quiet"],

@@ -71,6 +71,7 @@ def two_processes(data, tmp_path_factory):
     return run, killed, after_kill, resumed
 
 
+@pytest.mark.slow
 def test_killed_process_ends_the_run_and_it_resumes(two_processes):
     run, killed, (info, snapshots), resumed = two_processes
     assert killed.returncode == 2, killed.stderr[-3000:]
@@ -86,6 +87,7 @@ def close(a, b):
     return a == b if a is None or b is None else abs(a - b) <= RTOL * abs(b)
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(one_process, two_processes):
     # Epoch 2 was trained after the resume: it matches only if the optimizer's state, the data
     # order and the weights all came back.
@@ -102,6 +104,7 @@ def test_two_processes_train_like_one(one_process, two_processes):
     assert read_run(run)["config"] == read_run(one_process)["config"]
 
 
+@pytest.mark.slow
 def test_snapshots_match_one_process_format_and_frozen_layers_stay(one_process, two_processes):
     run = two_processes[0]
     assert [e for e, _ in list_snapshots(run)] == [0, 1, 2]

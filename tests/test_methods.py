@@ -136,6 +136,7 @@ def test_maco_raises_the_channel(squeeze):
     assert end.scores[0] > 2 * max(start.scores[0], 0.1)
 
 
+@pytest.mark.slow
 def test_maco_class_renders_are_classified_as_their_class_at_least_4_times_in_5(squeeze):
     classes = [1, 9, 130, 291]  # goldfish, ostrich, flamingo, lion
     assert recognized(squeeze, classes, range(5), steps=64, size=96, method="maco") >= 16

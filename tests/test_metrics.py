@@ -135,6 +135,7 @@ def test_bad_probe_and_mismatched_networks_are_clear_errors(squeezenet, tmp_path
         weight_change(squeezenet, resnet, ["features.6"])
 
 
+@pytest.mark.slow
 def test_run_metrics_files(tmp_path_factory, photos):
     from _fakerun import shared_report
 

@@ -80,6 +80,7 @@ def test_layer_listing_googlenet_order_and_channels():
     assert all(l.channels > 0 for l in layers)
 
 
+@pytest.mark.slow
 def test_layer_listing_vgg16_and_squeezenet(squeezenet):
     vgg = list_layers(create_model("vgg16", weights="random"))
     convs = [l for l in vgg if l.type == "Conv2d"]

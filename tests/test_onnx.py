@@ -57,6 +57,7 @@ def loaded(exported):
 
 # ---------------------------------------------------------------- out
 
+@pytest.mark.slow
 def test_export_checks_with_onnxruntime_and_describes_it(exported):
     assert exported.path.is_file() and exported.opset == 17
     assert exported.check is not None and exported.check.ok
@@ -66,6 +67,7 @@ def test_export_checks_with_onnxruntime_and_describes_it(exported):
     assert "onnxruntime check passed" in text and "largest difference" in text
 
 
+@pytest.mark.slow
 def test_export_writes_classes_and_preprocessing_in_the_metadata(exported):
     meta = read_metadata(onnx.load(str(exported.path)))
     assert meta["arch"] == "squeezenet1_1" and meta["class_names"] == CLASSES
@@ -74,6 +76,7 @@ def test_export_writes_classes_and_preprocessing_in_the_metadata(exported):
     assert meta["epoch"] == 3 and meta["version"]
 
 
+@pytest.mark.slow
 def test_export_fails_above_the_tolerance_and_writes_nothing(snapshot, exported, monkeypatch):
     import featureshift.commands.export as export_command
 
@@ -95,6 +98,7 @@ def test_without_the_extra_the_error_says_what_to_install(monkeypatch):
 
 # ---------------------------------------------------------------- in
 
+@pytest.mark.slow
 def test_round_trip_gives_the_same_logits_classes_and_preprocessing(snapshot, loaded):
     from featureshift.snapshot import load_snapshot
 
@@ -109,6 +113,7 @@ def test_round_trip_gives_the_same_logits_classes_and_preprocessing(snapshot, lo
     assert (got - want).abs().max() <= CHECK_TOLERANCE * max(1.0, want.abs().max())
 
 
+@pytest.mark.slow
 def test_layers_are_readable_stable_and_listed_by_the_cli(exported, loaded):
     from click.testing import CliRunner
 
@@ -126,6 +131,7 @@ def test_layers_are_readable_stable_and_listed_by_the_cli(exported, loaded):
     assert [line.split("\t")[0] for line in result.output.splitlines()] == names
 
 
+@pytest.mark.slow
 def test_open_network_takes_an_onnx_path(exported):
     from featureshift.network import open_network
 
@@ -134,6 +140,7 @@ def test_open_network_takes_an_onnx_path(exported):
     assert net.info.class_names == CLASSES
 
 
+@pytest.mark.slow
 def test_a_layer_of_an_onnx_network_renders(loaded):
     from featureshift.optvis.engine import render
 
@@ -141,6 +148,7 @@ def test_a_layer_of_an_onnx_network_renders(loaded):
     assert result.images.shape == (1, 32, 32, 3) and np.isfinite(result.images).all()
 
 
+@pytest.mark.slow
 def test_googlenet_from_torchs_default_exporter_is_converted_from_opset_18(tmp_path):
     from featureshift.network import create_model
 
@@ -295,6 +303,7 @@ def _variant(model, path, seed, epoch=None):
     return _save(model, path)
 
 
+@pytest.mark.slow
 def test_timeline_over_a_folder_of_onnx_files(exported, tmp_path):
     import hashlib
 
@@ -341,6 +350,7 @@ def test_timeline_over_onnx_files_without_metadata_takes_the_preprocessing(tmp_p
     assert result.rendered == 4 and not result.missing and not result.failed
 
 
+@pytest.mark.slow
 def test_info_on_an_onnx_file(exported):
     import json
 

@@ -62,6 +62,7 @@ FAMILIES = {
 
 
 @pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f == "swin" else f for f in FAMILIES])
+@pytest.mark.slow
 def test_each_family_round_trips_through_onnx(family, tmp_path):
     build, layer, layout, channels, shape = FAMILIES[family]
     torch.manual_seed(0)
@@ -96,6 +97,7 @@ def test_vit_export_reads_back_with_the_cli(tmp_path):
     assert ["blocks.11.mlp.fc2.Add", "OnnxBinaryMathOperation", "192", "197 tokens (1+14x14)"] in rows
 
 
+@pytest.mark.slow
 def test_a_token_layer_of_an_onnx_vit_renders_at_another_size(tmp_path):
     """At a render's size the converted graph resamples its position embeddings (antialiased
     Resize, featureshift's converter) as the torch network does."""
@@ -111,6 +113,7 @@ def test_a_token_layer_of_an_onnx_vit_renders_at_another_size(tmp_path):
     assert result.images.shape == (1, 64, 64, 3)
 
 
+@pytest.mark.slow
 def test_vit_at_opset_17_is_exported_for_its_input_size(tmp_path):
     """Opset 17 cannot express the antialiased resampling, which at the input size does nothing."""
     import onnx

@@ -73,6 +73,7 @@ def fresh_copy(run, dest):
     return dest
 
 
+@pytest.mark.slow
 def test_ray_tiles_are_byte_identical_to_local_ones(tmp_path, reference, ray_instance):
     ref_run, ref_tiles = reference
     run = fresh_copy(ref_run, tmp_path / "run")
@@ -92,6 +93,7 @@ def test_ray_tiles_are_byte_identical_to_local_ones(tmp_path, reference, ray_ins
     assert output.threads == THREADS
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_job_is_retried_and_the_timeline_completes(tmp_path, reference, ray_instance, crash_dir):
     ref_run, ref_tiles = reference
     run = fresh_copy(ref_run, tmp_path / "run")
@@ -106,6 +108,7 @@ def test_a_worker_killed_mid_job_is_retried_and_the_timeline_completes(tmp_path,
     assert tiles(run) == ref_tiles
 
 
+@pytest.mark.slow
 def test_interrupted_ray_run_resumes_with_only_the_missing_tiles(tmp_path, reference, ray_instance):
     ref_run, ref_tiles = reference
     run = fresh_copy(ref_run, tmp_path / "run")
@@ -126,6 +129,7 @@ def test_interrupted_ray_run_resumes_with_only_the_missing_tiles(tmp_path, refer
     assert tiles(run) == ref_tiles
 
 
+@pytest.mark.slow
 def test_a_snapshot_a_worker_cannot_load_is_reported_and_the_rest_rendered(tmp_path, reference, ray_instance):
     ref_run, ref_tiles = reference
     run = fresh_copy(ref_run, tmp_path / "run")
@@ -165,6 +169,7 @@ def test_ray_flag_without_ray_installed_is_exit_2_with_the_install_line(monkeypa
     assert "pip install 'featureshift[ray]'" in r.output and "Traceback" not in r.output
 
 
+@pytest.mark.slow
 def test_vis_of_several_layers_on_ray_matches_local(tmp_path, reference, ray_instance, monkeypatch):
     import featureshift.device as device
     from featureshift.commands.vis import vis

@@ -329,6 +329,7 @@ def test_logit_objective_and_logits_layer(squeeze):
         render(squeeze, [(MID, 1)], objective="logit", steps=1, size=32, quiet=True)
 
 
+@pytest.mark.slow
 def test_diversity_pushes_renders_of_one_channel_apart(squeeze):
     def similarity(images):
         with truncated(squeeze, [MID]) as net, torch.no_grad():
@@ -515,6 +516,7 @@ def test_vis_bad_input_is_one_clear_error(tmp_path, args, input, message):
 
 # --- quality proof (real ImageNet weights) ---------------------------------------------
 
+@pytest.mark.slow
 def test_class_renders_are_classified_as_their_class_at_least_4_times_in_5(squeeze):
     classes = [1, 9, 130, 291]  # goldfish, ostrich, flamingo, lion
     # the default steps, lr and precision (bf16 where the CPU has it): 20 renders, >= 16 recognized

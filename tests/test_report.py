@@ -59,6 +59,7 @@ def test_names_are_escaped(report):
         assert EVIL not in page.read_text()
 
 
+@pytest.mark.slow
 def test_rebuild_reuses_the_cached_renders_and_probe_pass(report, monkeypatch):
     run, index = report
     import featureshift.metrics.driver as driver
@@ -121,6 +122,7 @@ def test_the_report_names_the_precision_the_network_ran_in(report):
     assert row and f"network in {used}" in row.group(0)
 
 
+@pytest.mark.slow
 def test_without_accentuation(report, tmp_path, monkeypatch):
     import featureshift.optvis.engine as render_module
 
@@ -218,6 +220,7 @@ def _findings(index: Path) -> list[str]:
     return [html_lib.unescape(t).strip() for t in re.findall(r"<li>(.*?)<a href", section, re.S)]
 
 
+@pytest.mark.slow
 def test_the_findings_of_a_real_run_rank_only_layers_with_weights_and_set_the_new_head_apart(tmp_path, one_thread):
     # Real fine-tuning on real data: its new head moves most, and SqueezeNet's ReLU and pooling
     # layers after it would repeat its number; none of them may be named "changed most".
@@ -257,6 +260,7 @@ def test_the_findings_of_a_real_run_rank_only_layers_with_weights_and_set_the_ne
     assert rows["classifier.3"] == rows["classifier.2"] == 0  # pooling and ReLU compute as before
 
 
+@pytest.mark.slow
 def test_the_timeline_caption_names_the_timelines_channels_when_an_atlas_of_the_layer_adds_more(tmp_path, photos,
                                                                                               one_thread):
     import featureshift

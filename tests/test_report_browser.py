@@ -93,6 +93,7 @@ def _open(page, path):
     return _broken(page)
 
 
+@pytest.mark.slow
 def test_every_page_loads_cleanly(report, page):
     pages = sorted(report.parent.glob("*.html"))
     assert len(pages) == 2 + len(CHANNELS)
@@ -103,6 +104,7 @@ def test_every_page_loads_cleanly(report, page):
     assert page.problems == []
 
 
+@pytest.mark.slow
 def test_the_slider_changes_the_snapshot(report, page):
     _open(page, report.parent / channel_page(LAYER, 3))
     image = page.locator("#snapshot")
@@ -118,6 +120,7 @@ def test_the_slider_changes_the_snapshot(report, page):
     assert page.problems == []
 
 
+@pytest.mark.slow
 def test_sorting_changes_the_order(report, page):
     _open(page, report.parent / layer_page(LAYER))
     first = lambda: page.locator("#channels tbody tr").first.get_attribute("data-channel")  # noqa: E731
@@ -135,6 +138,7 @@ def test_sorting_changes_the_order(report, page):
     assert page.problems == []
 
 
+@pytest.mark.slow
 def test_a_script_in_a_class_name_is_only_text(report, page):
     _open(page, report)
     cells = page.locator("#class-table td", has_text="alert(1)")
@@ -188,6 +192,7 @@ def atlas_report(tmp_path_factory, photos):
     return build_report(run, image_size=64, examples=0, quiet=True)
 
 
+@pytest.mark.slow
 def test_a_large_atlas_loads_lazily_sorts_and_filters(atlas_report, page):
     from featureshift.report.site import layer_page as page_of
 
@@ -226,6 +231,7 @@ def test_a_large_atlas_loads_lazily_sorts_and_filters(atlas_report, page):
     assert page.problems == []
 
 
+@pytest.mark.slow
 def test_the_overview_of_a_large_atlas(atlas_report, page):
     from featureshift.report.site import channel_page as page_of
 
@@ -243,6 +249,7 @@ def test_the_overview_of_a_large_atlas(atlas_report, page):
     assert page.problems == []
 
 
+@pytest.mark.slow
 def test_a_link_ranked_by_change_and_the_rows_without_renders(report, page):
     _open(page, report)
     page.get_by_text("Channels of this layer, ranked by change").first.click()

@@ -80,6 +80,7 @@ def test_rows_follow_training_order_and_are_labeled(tmp_path, model):
     assert labels == ["epoch 0\nval 30.0%", "epoch 2\nval 34.0%", "epoch 10\nval 50.0%"]
 
 
+@pytest.mark.slow
 def test_cache_rerun_renders_nothing_and_new_snapshot_one_row(tmp_path, model):
     run = make_run(tmp_path, model, [0, 1, 2])
     first = timeline(run, LAYER, "0,5", **FAST)

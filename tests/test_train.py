@@ -99,6 +99,7 @@ class Killed(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_matches_an_uninterrupted_run(data, tmp_path):
     opts = dict(epochs=3, schedule="cosine", workers=1, augment=True, cutoff="features.5")
     whole = fit(data, tmp_path / "whole", **opts)
@@ -263,6 +264,7 @@ def test_separate_validation_folder(data, tmp_path):
         fit(data, tmp_path / "run2", val=str(val), epochs=1)
 
 
+@pytest.mark.slow
 def test_a_run_being_trained_is_not_written_twice_and_a_killed_one_says_so(data, tmp_path):
     import signal
     import subprocess
@@ -310,6 +312,7 @@ def test_resume_after_a_kill_between_the_state_and_the_log(data, tmp_path):
     assert read_metrics(run) == rows
 
 
+@pytest.mark.slow
 def test_a_run_that_cannot_train_fails_before_writing_anything(data, tmp_path):
     # batch norm cannot train on one image whose last maps are 1x1: found by a training step up front
     out = tmp_path / "run"
@@ -337,6 +340,7 @@ def test_the_training_step_up_front_leaves_no_trace(data):
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_a_run_that_never_finished_an_epoch_starts_again_with_the_same_command(data, tmp_path):
     import json
 

@@ -30,6 +30,7 @@ def fit(data, out, **kw):
 
 
 @pytest.mark.parametrize("model", sorted(SMALLEST))
+@pytest.mark.slow
 def test_trains_at_its_smallest_size_and_at_128(model, tiny, tmp_path):
     # vgg16's 100M-parameter classifier stays frozen but for its last layer: the size is what is tested here
     cutoff = "classifier.3" if model == "vgg16" else None
@@ -49,6 +50,7 @@ def test_trains_at_its_smallest_size_and_at_128(model, tiny, tmp_path):
         assert net(torch.zeros(1, 3, size, size)).shape == (1, 2)
 
 
+@pytest.mark.slow
 def test_inception_trains_its_auxiliary_classifier_where_it_fits(tiny, tmp_path):
     run = fit(tiny, tmp_path / "run", model="inception_v3", image_size=299, cutoff="Mixed_7a")
     aux = read_run(run)["model"]["aux_logits"]
@@ -64,6 +66,7 @@ def test_below_the_smallest_size_the_error_names_it(tiny, tmp_path):
         assert not (tmp_path / model).exists()
 
 
+@pytest.mark.slow
 def test_random_inception_v3_starts_at_the_loss_of_a_uniform_guess(tmp_path):
     # torchvision's own init gave a validation loss of 2.2e6 on digits before training (eval-mode
     # BatchNorm, still at its starting statistics, behind convs of std 0.1), 51 after one epoch.
