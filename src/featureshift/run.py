@@ -7,6 +7,10 @@
     RUN/train_state.pt              what resuming needs: weights, optimizer, RNG states
 
 Every file is replaced atomically, so a run killed at any moment stays readable.
+
+A new run's folder is chosen here too (`choose_run_dir`): a folder that holds another run is
+refused before anything is written, one whose run never finished an epoch starts again
+(`restartable`), and --force clears only the files featureshift wrote (`clear_run`).
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import datetime as _dt
 import json
 import os
 import re
+import shutil
 import socket
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -28,6 +33,7 @@ METRICS_FILE = "metrics.jsonl"
 SPLIT_FILE = "split.json"
 STATE_FILE = "train_state.pt"
 SNAPSHOT_DIR = "snapshots"
+TENSORBOARD_DIR = "tensorboard"  # written with --tensorboard
 TIMELINE_DIR = "timeline"  # timelines (one folder per layer) and the tile cache every render command shares
 _SNAPSHOT_RE = re.compile(r"^(\d+)\.safetensors$")
 
@@ -192,6 +198,86 @@ def describe_status(run: dict[str, Any]) -> str:
     if alive is False:
         return "stopped unexpectedly (its training process is gone, e.g. killed); resume it with --resume"
     return status
+
+
+# --- a run folder's lifecycle before training writes it: choose, refuse, restart, clear ---
+
+@dataclasses.dataclass(frozen=True)
+class RunDirChoice:
+    path: Path
+    restarting: str | None = None  # the status of a run there that never finished an epoch, started again
+
+
+def default_run_dir(model: str, data: str) -> Path:
+    """runs/MODEL-DATA-TIME: a new folder for every run started without --out."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{Path(model).stem}-{Path(data).resolve().name}-{stamp}"
+
+
+def choose_run_dir(out: str | None, model: str, data: str, *, force: bool) -> RunDirChoice:
+    """The run folder a new run writes (OUT, or a default one); refuses a folder that holds another
+    run, before anything is written. FORCE replaces a run that is not being trained right now."""
+    out = Path(out).expanduser() if out else default_run_dir(model, data)
+    data_dir = Path(data).resolve()
+    if out.resolve() == data_dir or data_dir in out.resolve().parents:
+        raise FeatureshiftError(f"--out {out} is inside the dataset folder {data_dir}; its files would become a "
+                                "class. Choose an --out folder outside the data.")
+    if out.exists() and not out.is_dir():
+        raise FeatureshiftError(f"--out {out} is a file; give a folder.")
+    if not is_run(out):
+        return RunDirChoice(out)
+    try:
+        r = read_run(out)
+    except FeatureshiftError:
+        r = None
+    if force:
+        refuse_if_training(r or {}, out, "--force replacing it")
+        return RunDirChoice(out)
+    if r is not None and restartable(out, r):
+        return RunDirChoice(out, restarting=describe_status(r))
+    what = "" if r is None else (f" ({r.get('model', {}).get('arch', '?')} on {r.get('dataset', {}).get('root', '?')}, "
+                                 f"{r.get('epochs_done', 0)} epochs, {describe_status(r)})")
+    raise FeatureshiftError(
+        f"{out} already holds a training run{what}. Continue it with `featureshift train --resume {out}`, "
+        f"replace it with --force, or choose another --out folder."
+    )
+
+
+def restartable(out: str | os.PathLike, run: dict[str, Any] | None = None) -> bool:
+    """Whether OUT holds a run that stopped before finishing its first epoch: nothing but the untrained
+    network would be lost, so the same command starts it again (a failed first epoch is retried)."""
+    out = Path(out)
+    if run is None:
+        if not is_run(out):
+            return False
+        try:
+            run = read_run(out)
+        except FeatureshiftError:
+            return False
+    trainer, me = run.get("trainer") or {}, this_process()
+    ours = trainer.get("pid") == me["pid"] and trainer.get("host") == me["host"]  # an earlier call in this process
+    stopped = run.get("status") in ("failed", "interrupted") or (
+        run.get("status") == "running" and (trainer_alive(run) is False or ours))
+    trained = any(p.name != "000.safetensors" for p in (out / SNAPSHOT_DIR).glob("*.safetensors"))
+    return stopped and not run.get("epochs_done") and not trained
+
+
+def clear_run(out: str | os.PathLike) -> None:
+    """--force: remove the files of the run that was there (only files featureshift writes)."""
+    out = Path(out)
+    for name in (RUN_FILE, METRICS_FILE, SPLIT_FILE, STATE_FILE):
+        (out / name).unlink(missing_ok=True)
+    for p in (out / SNAPSHOT_DIR).glob("*.safetensors"):
+        p.unlink()
+    shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
+
+
+def refuse_if_training(run: dict[str, Any], run_dir: str | os.PathLike, what: str) -> None:
+    """Two processes writing one run folder would interleave its snapshots and logs."""
+    if trainer_alive(run) and run["trainer"]["pid"] != os.getpid():
+        raise FeatureshiftError(
+            f"{run_dir} is being trained right now by process {run['trainer']['pid']}; {what} would write into the "
+            f"same folder. Wait for it to finish, or stop it first (Ctrl-C, or `kill {run['trainer']['pid']}`).")
 
 
 def trained_image_size(run_dir: str | os.PathLike | None) -> int | None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FeatureshiftError
-from ..run import RUN_FILE, STATE_FILE
+from ..run import RUN_FILE, STATE_FILE, TENSORBOARD_DIR
 from .config import TrainConfig
 
 
@@ -34,9 +34,9 @@ def warn_unreadable_snapshots(run_dir: Path, done: int, cfg: TrainConfig) -> Non
             warn(f"{bad.why} Training resumes from {STATE_FILE} and writes it again when it reaches epoch {e}.")
         else:
             warn(f"{bad.why} Training resumes from {STATE_FILE}, which does not need it, but does not write it "
-                  f"again, so timelines, atlases and reports leave epoch {e} out. Restore the file from a copy, or "
-                  f"train the run again into another folder with the settings in {run_dir / RUN_FILE} (on a CPU "
-                  "the same settings and seed give the same weights).")
+                 f"again, so timelines, atlases and reports leave epoch {e} out. Restore the file from a copy, or "
+                 f"train the run again into another folder with the settings in {run_dir / RUN_FILE} (on a CPU "
+                 "the same settings and seed give the same weights).")
 
 
 def warn_skipped(skipped: list[tuple[Any, str]]) -> None:
@@ -63,7 +63,7 @@ class Tensorboard:
 
     def __init__(self, run_dir: Path, start_epoch: int):
         SummaryWriter = summary_writer()
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_epoch + 1 if start_epoch else None)
+        self.writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=start_epoch + 1 if start_epoch else None)
 
     def log(self, row: dict[str, Any]) -> None:
         for k, v in row.items():

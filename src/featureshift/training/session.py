@@ -27,9 +27,9 @@ from ..io import WriteError, write_error
 from ..models.info import ModelInfo, attach_info, model_info
 from ..models.zoo import replace_head
 from ..network import open_network
-from ..run import (METRICS_FILE, RUN_FILE, SNAPSHOT_DIR, SPLIT_FILE, STATE_FILE, add_session, add_skipped, new_run,
-                    read_run, read_split, snapshot_path, software_versions, this_process, update_run, write_metrics,
-                    write_run, write_split)
+from ..run import (METRICS_FILE, RUN_FILE, SNAPSHOT_DIR, SPLIT_FILE, STATE_FILE, add_session, add_skipped,
+                   choose_run_dir, clear_run, new_run, read_run, read_split, refuse_if_training, restartable,
+                   snapshot_path, software_versions, this_process, update_run, write_metrics, write_run, write_split)
 from ..snapshot import build_from_state, save_snapshot, state_on_cpu, with_input_size
 from .config import NOT_STORED, RESUMABLE, TrainConfig, changed_options, check_keys, lr_at, make_config, stored_config
 from .cutoff import CutoffPlan, apply_cutoff, plan_cutoff
@@ -37,7 +37,6 @@ from .distributed import Group, join, launch, launched_world, leave
 from .loop import (Loaders, evaluate, make_loaders, make_optimizer, make_scaler,
                    param_groups, set_lr, train_one_epoch)
 from .messages import Tensorboard, note, summary_writer, warn, warn_skipped, warn_unreadable_snapshots
-from .outdir import check_out, clear_run, refuse_if_training, restartable
 from .precheck import AuxChoice, check_input_size, check_training_step, choose_aux, first_batch
 from .state import TrainState, load_state, save_state, seed_all, set_rng_state, rng_state
 
@@ -84,7 +83,7 @@ def _launch(cfg: TrainConfig, resumed: dict[str, Any] | None) -> Path:
                                 "--nproc_per_node says how many processes each machine runs).")
     if resumed is None:
         cfg.data, cfg.val = _abs(cfg.data), _abs(cfg.val)
-        cfg.out = str(check_out(cfg))  # every process must write to the same folder; refuse early
+        cfg.out = str(_check_out(cfg))  # every process must write to the same folder; refuse early
     run_dir = Path(cfg.out)
     config = dataclasses.asdict(cfg)
     config["nproc"] = 1
@@ -242,7 +241,7 @@ def _run_epochs(s: _Session, start: int) -> None:
         _record(s, status="interrupted")
         if s.main:
             warn(f"training interrupted; every finished epoch is saved. Continue with "
-                  f"`featureshift train --resume {s.run_dir}{f' --nproc {s.group.world}' if s.group else ''}`.")
+                 f"`featureshift train --resume {s.run_dir}{f' --nproc {s.group.world}' if s.group else ''}`.")
         raise
     except BaseException as e:
         _record(s, status="failed", error=f"{e.__class__.__name__}: {e}"[:500])
@@ -390,7 +389,7 @@ def _fresh(cfg: TrainConfig, on_epoch_end: EpochHook | None, on_snapshot: Snapsh
         v = getattr(cfg, k)
         if Path(v).exists():
             setattr(cfg, k, _abs(v))
-    run_dir = check_out(cfg)
+    run_dir = _check_out(cfg)
     if group is not None:
         run_dir = group.share(run_dir)  # a default --out is stamped with the time, which ranks may not agree on
     device = _open_device(cfg, group)
@@ -457,13 +456,21 @@ def _fresh(cfg: TrainConfig, on_epoch_end: EpochHook | None, on_snapshot: Snapsh
     if not cfg.quiet:
         note(s.plan.table(cfg.cutoff))
         note(f"{len(index.classes)} classes, {len(train)} training and {len(val)} validation images; "
-              f"device {device}; run folder {run_dir}")
+             f"device {device}; run folder {run_dir}")
     _run_epochs(s, 0)
     return run_dir
 
 
 def _abs(p: str | None) -> str | None:
     return str(Path(p).expanduser().resolve()) if p else p
+
+
+def _check_out(cfg: TrainConfig) -> Path:
+    """The run folder to write; refuses one that holds another run, before anything is written."""
+    chosen = choose_run_dir(cfg.out, cfg.model, cfg.data, force=cfg.force)
+    if chosen.restarting and not cfg.quiet:
+        note(f"{chosen.path} holds a run that never finished an epoch ({chosen.restarting}); starting it again.")
+    return chosen.path
 
 
 # --- a resumed run ---
