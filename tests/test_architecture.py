@@ -112,7 +112,8 @@ def lazy_exports(tree: ast.Module) -> dict[str, tuple[str, int]]:
 
 
 def imports_in(module: str, tree: ast.Module) -> list[Import]:
-    """Every import of MODULE, lazy ones included, and for the lazy public API its targets."""
+    """Every import statement of MODULE (those inside functions too) and, for the lazy public API,
+    the modules its names load from."""
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
