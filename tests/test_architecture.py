@@ -49,8 +49,8 @@ LAYERS = {"cli": 3, "cli_options": 3, "cli_render": 3, "__main__": 3, "commands"
           "optvis": 1, "metrics": 1, "jobs": 1, "training": 1, "report": 1}
 FOUNDATION = 0
 ENGINE_ORDER = ["optvis", "metrics", "jobs", "training", "report"]
-FOUNDATION_ORDER = ["errors", "version", "flags", "io", "selection", "grid", "device", "data", "models", "snapshot", "run",
-                    "states", "network"]
+FOUNDATION_ORDER = ["errors", "version", "flags", "io", "selection", "grid", "device", "data", "models", "snapshot",
+                    "run", "states", "network"]
 LAZY_API = "featureshift"  # the one module allowed to import by name at run time
 MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 80
