@@ -4,12 +4,21 @@ A before/after sheet (each channel's render at A above its render at B, with its
 measures) and a ranking of the channels of the layer, most and least changed first.
 A and B are snapshot files, or model names (with `weights`), e.g. the ImageNet
 original against a fine-tuned snapshot.
+
+The renders are tiles like a timeline's, planned, rendered (here or on Ray) and cached by
+`featureshift.jobs`: a snapshot of a run in the run's tile cache (`run.tile_cache_dir`,
+shared with its timelines, atlas and report), any other network (a model name, a module, a
+loose snapshot) in OUTPUT_cache/ beside the sheet, so a second compare renders only what
+is new. Without a sheet to write and without a run, the tiles live in a temporary folder
+for the call. Drift and cross-activation are measured on the 8-bit tiles, as the report
+measures them.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,6 +27,9 @@ from PIL import Image
 from torch import nn
 
 from ..errors import FeatureshiftError, did_you_mean
+from ..jobs.cache import TileCache, read_tile_about
+from ..jobs.executors import check_ray, render_tiles
+from ..jobs.plan import HeldNetwork, TileRequest, hold_network, plan_jobs
 from ..models.info import model_info
 from ..optvis.settings import DEFAULT_SETTINGS, RenderSettings
 from ..run import trained_image_size
@@ -28,7 +40,7 @@ from ..metrics.probe import DEFAULT_PROBE_LIMIT, probe_stats, resolve_probe
 from ..metrics.similarity import channel_correlation, cka
 from ..metrics.weights import weight_change
 from ..models.layers import layer_info
-from ..network import open_network
+from ..network import Network, open_network
 
 @dataclasses.dataclass
 class CompareResult:
@@ -130,100 +142,173 @@ def compare(a, b, layer: str, *, columns: int | None = None, channels: str | Seq
     validation images of the run A or B belongs to; without either they are left out.
     Both networks render each channel with the same `settings` (a RenderSettings, with
     keyword `changes` to its fields, e.g. steps=64), here or on Ray (`ray`: "auto" or a cluster
-    address, see `featureshift.jobs.executors`). The sheet is written to `output` if given;
-    a sheet that cannot be written raises `featureshift.io.WriteError`. Channels of the output
-    layer ('logits') are labelled with their class names.
+    address, see `featureshift.jobs.executors`), into the tile cache of A's or B's run, else
+    OUTPUT_cache/ beside the sheet (see the module's docstring). The sheet is written to
+    `output` if given; a sheet that cannot be written raises `featureshift.io.WriteError`.
+    Channels of the output layer ('logits') are labelled with their class names.
     """
-    from ..grid import channel_label, make_grid
-    from ..io import is_write_error, save_image, write_error
-    from ..jobs.executors import check_ray, render_network
-
     settings = (settings or DEFAULT_SETTINGS).replace(**changes)
     check_ray(ray)
-    check_exclusive(columns, channels, most_changed)
-    if output is not None and Path(output).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
-        raise FeatureshiftError(f"The sheet {output} needs an image file name ending in .png (or .jpg, .webp).")
-    if by not in CHANGE_METRICS:
-        raise FeatureshiftError(f"Unknown measure '{by}'.{did_you_mean(by, CHANGE_METRICS)} "
-                                f"Rank by one of {', '.join(CHANGE_METRICS)}.")
+    _check_options(columns, channels, most_changed, by, output)
     side_a, side_b = open_network(a, weights), open_network(b, weights)
-    model_a, model_b, name_a, name_b = side_a.module, side_b.module, side_a.label, side_b.label
-    count = _check_pair(model_a, model_b, name_a, name_b, layer)
+    count = _check_pair(side_a.module, side_b.module, side_a.label, side_b.label, layer)
 
     def select(scores=None) -> list[int]:
         return select_channels(count, columns, channels, most_changed, scores, layer=layer, default=COMPARE_COLUMNS)
 
     if most_changed is None:
         select()  # a bad choice fails now, not after the probe pass
-
-    wc = weight_change(model_a, model_b, [layer])[layer]
+    wc = weight_change(side_a.module, side_b.module, [layer])[layer]
     rows = [{"channel": c, "weight_change": float(wc.channels[c]), "correlation": math.nan, "drift": math.nan,
              "cross_b_on_a": math.nan, "cross_a_on_b": math.nan} for c in range(count)]
     run = _run_of(side_a.path) or _run_of(side_b.path)
-    layer_cka, n_probe = None, 0
-    if probe is not None or run is not None:
-        paths = resolve_probe(run, probe, probe_limit)
-        # One size for both networks, or their activations would not be comparable.
-        image_size = image_size or trained_image_size(run) or model_info(model_a).input_size
-        cache = run / "metrics" / "cache" if run is not None and probe is None else None
-        sa = probe_stats(model_a, [layer], paths, image_size=image_size, cache_dir=cache, device=device,
-                         quiet=quiet, desc="probe A")
-        sb = probe_stats(model_b, [layer], paths, image_size=image_size, cache_dir=cache, device=device,
-                         quiet=quiet, desc="probe B")
-        layer_cka, n_probe = cka(sa, sb, layer), len(paths)
-        for c, r in enumerate(channel_correlation(sa, sb, layer)):
-            rows[c]["correlation"] = float(r)
-    elif by == "correlation":
+    if probe is None and run is None and by == "correlation":
         raise FeatureshiftError("Ranking by correlation needs probe images: give --probe DIR (a folder of images).")
+    layer_cka, n_probe = _probe_measures(side_a.module, side_b.module, layer, rows, run, probe, probe_limit,
+                                         image_size, device, quiet)
+    with tempfile.TemporaryDirectory(prefix="featureshift-compare-") as scratch:
+        renders = _Renders(side_a, side_b, layer, settings, rows,
+                           Path(output).with_name(Path(output).stem + "_cache") if output is not None else Path(scratch),
+                           dict(ray=ray, device=device, batch_size=batch_size, quiet=quiet))
+        try:
+            scores = None
+            if most_changed is not None:
+                if by in ("drift", "cross"):  # these need every channel rendered at both snapshots
+                    renders.render(list(range(count)))
+                scores = np.array([change_score(r, by) for r in rows])
+            chosen = select(scores)
+            renders.render(chosen)
+        except OSError as e:
+            raise renders.unwritten(e) from e
+    renders_a = [renders.done[c][0] for c in chosen]
+    renders_b = [renders.done[c][1] for c in chosen]
+    info_b = getattr(side_b.module, "featureshift_info", None)
+    sheet = _sheet(layer, chosen, rows, renders_a, renders_b, side_a.label, side_b.label,
+                   info_b.class_names if info_b is not None else None)
+    result = CompareResult(layer, side_a.label, side_b.label, by, chosen, rows, wc.value, layer_cka, n_probe, sheet,
+                           renders_a, renders_b)
+    if output is not None:
+        result.output = _save_sheet(sheet, Path(output))
+    return result
 
-    def render_both(chans: list[int]):
-        targets = [(layer, c) for c in chans]
-        ra = render_network(model_a, targets, settings, ray=ray, device=device, batch_size=batch_size, quiet=quiet)
-        rb = render_network(model_b, targets, settings, ray=ray, device=device, batch_size=batch_size, quiet=quiet)
-        ia = [None if i in ra.failed else ra.images[i] for i in range(len(chans))]
-        ib = [None if i in rb.failed else rb.images[i] for i in range(len(chans))]
+
+def _check_options(columns: int | None, channels: str | Sequence[int] | None, most_changed: int | None, by: str,
+                   output: str | os.PathLike | None) -> None:
+    check_exclusive(columns, channels, most_changed)
+    if output is not None and Path(output).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise FeatureshiftError(f"The sheet {output} needs an image file name ending in .png (or .jpg, .webp).")
+    if by not in CHANGE_METRICS:
+        raise FeatureshiftError(f"Unknown measure '{by}'.{did_you_mean(by, CHANGE_METRICS)} "
+                                f"Rank by one of {', '.join(CHANGE_METRICS)}.")
+
+
+def _probe_measures(model_a: nn.Module, model_b: nn.Module, layer: str, rows: list[dict[str, Any]],
+                    run: Path | None, probe, probe_limit: int | None, image_size: int | None, device: str,
+                    quiet: bool) -> tuple[float | None, int]:
+    """CKA of the layer and each channel's correlation (into ROWS) on the probe images, or the
+    run's validation images; (None, 0) without either."""
+    if probe is None and run is None:
+        return None, 0
+    paths = resolve_probe(run, probe, probe_limit)
+    # One size for both networks, or their activations would not be comparable.
+    image_size = image_size or trained_image_size(run) or model_info(model_a).input_size
+    cache = run / "metrics" / "cache" if run is not None and probe is None else None
+    sa = probe_stats(model_a, [layer], paths, image_size=image_size, cache_dir=cache, device=device,
+                     quiet=quiet, desc="probe A")
+    sb = probe_stats(model_b, [layer], paths, image_size=image_size, cache_dir=cache, device=device,
+                     quiet=quiet, desc="probe B")
+    for c, r in enumerate(channel_correlation(sa, sb, layer)):
+        rows[c]["correlation"] = float(r)
+    return cka(sa, sb, layer), len(paths)
+
+
+@dataclasses.dataclass
+class _Side:
+    """One of the two networks as the renders need it: where its tiles are cached."""
+
+    source: HeldNetwork
+    cache: TileCache
+
+
+class _Renders:
+    """The channels' renders at A and B, through the tile cache, with the measures taken from them."""
+
+    def __init__(self, side_a: Network, side_b: Network, layer: str, settings: RenderSettings,
+                 rows: list[dict[str, Any]], loose_cache: Path, how: dict[str, Any]):
+        from ..run import tile_cache_dir
+
+        def side(net: Network) -> _Side:
+            run = _run_of(net.path)
+            return _Side(hold_network(net.module, net.meta.checksum if net.meta is not None else None),
+                         TileCache(tile_cache_dir(run) if run is not None else loose_cache))
+
+        self.a, self.b = side(side_a), side(side_b)
+        self.layer, self.settings, self.rows, self.how = layer, settings, rows, how
+        self.done: dict[int, tuple[np.ndarray | None, np.ndarray | None]] = {}  # channel -> (A's, B's), None: failed
+
+    def unwritten(self, e: OSError) -> Exception:
+        """A failed tile write E (a full disk) as one paragraph; any other OSError as it is."""
+        from ..io import is_write_error, write_error
+
+        if not is_write_error(e):
+            return e
+        folders = " and ".join(dict.fromkeys(str(s.cache.root) for s in (self.a, self.b)))
+        return write_error(e, f"The renders stopped: a tile could not be saved in {folders} (the tiles saved so far "
+                              "are kept) and no sheet was written",
+                           "run the same command again: it renders only the missing tiles")
+
+    def _tiles(self, side: _Side, chans: list[int]) -> list[np.ndarray | None]:
+        from ..metrics.drift import read_image
+
+        requests = [TileRequest(side.source, side.source.checksum, self.layer, c) for c in chans]
+        plan = plan_jobs(requests, side.cache, settings=self.settings)
+        report = render_tiles(plan, side.cache, **self.how)
+        out: list[np.ndarray | None] = []
+        for r in requests:
+            path = side.cache.path(plan.keys[r])
+            failed = plan.keys[r] in report.failed or not path.exists() or read_tile_about(path).get("failed")
+            out.append(None if failed else read_image(path))
+        return out
+
+    def render(self, chans: list[int]) -> None:
+        """Render CHANS (those not done yet) at A and B, and measure drift and cross-activation."""
+        chans = [c for c in chans if c not in self.done]
+        if not chans:
+            return
+        ia, ib = self._tiles(self.a, chans), self._tiles(self.b, chans)
+        self.done.update({c: (ia[i], ib[i]) for i, c in enumerate(chans)})
         ok = [i for i in range(len(chans)) if ia[i] is not None and ib[i] is not None]
-        if ok:
-            d = visual_drift([ia[i] for i in ok], [ib[i] for i in ok])
-            x_ba, x_ab = cross_activation(model_a, model_b, [targets[i] for i in ok], [ia[i] for i in ok],
-                                          [ib[i] for i in ok])
-            for j, i in enumerate(ok):
-                rows[chans[i]].update(drift=float(d[j]), cross_b_on_a=float(x_ba[j]), cross_a_on_b=float(x_ab[j]))
-        return ia, ib
+        if not ok:
+            return
+        targets = [(self.layer, chans[i]) for i in ok]
+        d = visual_drift([ia[i] for i in ok], [ib[i] for i in ok])
+        x_ba, x_ab = cross_activation(self.a.source.module, self.b.source.module, targets, [ia[i] for i in ok],
+                                      [ib[i] for i in ok])
+        for j, i in enumerate(ok):
+            self.rows[chans[i]].update(drift=float(d[j]), cross_b_on_a=float(x_ba[j]), cross_a_on_b=float(x_ab[j]))
 
-    scores = None
-    rendered: dict[int, tuple] = {}
-    if most_changed is not None:
-        if by in ("drift", "cross"):  # these need every channel rendered at both snapshots
-            ia, ib = render_both(list(range(count)))
-            rendered = {c: (ia[c], ib[c]) for c in range(count)}
-        scores = np.array([change_score(r, by) for r in rows])
-    chosen = select(scores)
-    todo = [c for c in chosen if c not in rendered]
-    if todo:
-        ia, ib = render_both(todo)
-        rendered.update({c: (ia[i], ib[i]) for i, c in enumerate(todo)})
-    renders_a = [rendered[c][0] for c in chosen]
-    renders_b = [rendered[c][1] for c in chosen]
 
-    info_b = getattr(model_b, "featureshift_info", None)
-    class_names = info_b.class_names if info_b is not None else None
+def _sheet(layer: str, chosen: list[int], rows: list[dict[str, Any]], renders_a, renders_b, name_a: str,
+           name_b: str, class_names) -> Image.Image:
+    from ..grid import channel_label, make_grid
+
     labels = [f"{channel_label(layer, c, class_names, prefix='ch ')}\nw {_fmt(rows[c]['weight_change'], 2)} "
               f"r {_fmt(rows[c]['correlation'], 2)}\n"
               f"d {_fmt(rows[c]['drift'], 2)} x {_fmt(rows[c]['cross_b_on_a'], 2)}" for c in chosen]
     shown = [[_enlarge(t) for t in renders_a], [_enlarge(t) for t in renders_b]]
-    sheet = make_grid(shown, row_labels=[f"A\n{name_a}", f"B\n{name_b}"], col_labels=labels,
-                      title=f"{layer}: A above B (w weight change, r correlation, d drift, x B on A's render)",
-                      missing_label="failed")
-    result = CompareResult(layer, name_a, name_b, by, chosen, rows, wc.value, layer_cka, n_probe, sheet,
-                           renders_a, renders_b)
-    if output is not None:
-        result.output = Path(output)
-        try:
-            save_image(result.output, sheet)
-        except OSError as e:
-            if not is_write_error(e):
-                raise
-            raise write_error(e, f"The measures were computed but the sheet {output} was not written (an "
-                                 "earlier file of that name is unchanged)") from e
-    return result
+    return make_grid(shown, row_labels=[f"A\n{name_a}", f"B\n{name_b}"], col_labels=labels,
+                     title=f"{layer}: A above B (w weight change, r correlation, d drift, x B on A's render)",
+                     missing_label="failed")
+
+
+def _save_sheet(sheet: Image.Image, output: Path) -> Path:
+    from ..io import is_write_error, save_image, write_error
+
+    try:
+        save_image(output, sheet)
+    except OSError as e:
+        if not is_write_error(e):
+            raise
+        raise write_error(e, f"The measures were computed but the sheet {output} was not written (an "
+                             "earlier file of that name is unchanged)") from e
+    return output

@@ -1,7 +1,9 @@
 """`featureshift vis`: what channels of some layers respond to, as one grid image.
 
 Rows are layers, columns channels (several columns per channel with diversity). Every
-tile is also written on its own, as OUTPUT_tiles/<layer>_<channel>.png.
+tile is also written on its own, as OUTPUT_tiles/<layer>_<channel>.png: that folder is the
+call's tile cache (`featureshift.jobs.cache.TileCache` with file names), so the tiles are
+planned, rendered (here or on Ray) and written by `featureshift.jobs`, as a timeline's are.
 """
 from __future__ import annotations
 
@@ -12,12 +14,12 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import FeatureshiftError
-from ..jobs.cache import read_tile, tile_key, write_tile
+from ..jobs.cache import TileCache, read_tile, write_tile
+from ..jobs.executors import JobReport, check_ray, render_tiles
+from ..jobs.plan import HeldNetwork, TileRequest, hold_network, plan_jobs
 from ..optvis.objectives import LOGITS
 from ..optvis.settings import DEFAULT_SETTINGS, RenderSettings
 from ..selection import DEFAULT_COLUMNS, select_channels
-
-
 
 NO_RESPONSE_WHY = "no response (the channel is zero for every input)"
 
@@ -65,22 +67,46 @@ def vis(model, layers: str | Sequence[str], output: str | os.PathLike, *, column
     address: on Ray, see `featureshift.jobs.executors`). labels: the layer left of each row and the
     channel above each column.
 
-    Every tile is written to OUTPUT_tiles/ as soon as it is rendered, tagged with the
-    network's weight checksum and the settings; a later call that finds a tile with the
-    same tag reuses it, so a call stopped by a full disk renders only what is missing
-    when run again. A render that fails (NaN/Inf) leaves a marked gap and is listed in
-    `result.failed`; a channel that is zero for every input is drawn as "no response"
-    and listed in `result.no_response`. A file that cannot be written raises
-    `featureshift.io.WriteError` (a FeatureshiftError) saying what was saved.
+    Every tile is written to OUTPUT_tiles/ as soon as it is rendered, tagged with its tile
+    key (the network's weight checksum, see `jobs.plan.hold_network`, and the settings); a
+    later call that finds a tile with the same key reuses it, so a call stopped by a full
+    disk renders only what is missing when run again. A render that fails (NaN/Inf) leaves
+    a marked gap and is listed in `result.failed`; a channel that is zero for every input is
+    drawn as "no response" and listed in `result.no_response`. A file that cannot be written
+    raises `featureshift.io.WriteError` (a FeatureshiftError) saying what was saved.
     """
-    from ..grid import NO_RESPONSE, bands_note, channel_label, make_grid, no_response_tile, to_pil
-    from ..models.info import input_channels
-    from ..io import is_write_error, save_image, write_error
+    from ..io import is_write_error, write_error
     from ..network import open_network
-    from ..jobs.executors import check_ray, render_network
 
     settings = (settings or DEFAULT_SETTINGS).replace(**changes)
     check_ray(ray)
+    names, chosen, out = _check_request(layers, columns, channels, output)
+    net = open_network(model, weights)
+    source = hold_network(net.module, net.meta.checksum if net.meta is not None else None)
+    tiles = _VisTiles.plan(source, names, chosen, settings, out.with_name(out.stem + "_tiles"))
+    try:
+        report = render_tiles(plan_jobs(tiles.requests.values(), tiles.cache, settings=settings), tiles.cache,
+                              ray=ray, device=device, batch_size=batch_size, quiet=quiet)
+        shown, silent, failed = tiles.as_shown(report, settings.size)
+        _save_grid(out, net.module, names, chosen, settings.copies, shown, labels)
+    except OSError as e:
+        if not is_write_error(e):
+            raise
+        saved = sum(1 for key in tiles.keys.values() if key in tiles.cache)
+        raise write_error(e, f"{saved} of {len(tiles.keys)} tiles are saved in {tiles.cache.root}; the grid {out} "
+                             "was not written",
+                          "run the same command again: it reuses the saved tiles and renders only the missing "
+                          "ones") from e
+    targets = [(name, c) for name in names for c in chosen]
+    rendered = len({(r.layer, r.channel) for r, key in tiles.keys.items() if key in report.written})
+    return VisResult(out, tiles.cache.root, names, chosen, settings.copies, settings,
+                     {where: tiles.cache.path(key) for where, key in tiles.where.items() if key in tiles.cache},
+                     failed, [t for t in targets if t in silent], rendered=rendered, reused=len(targets) - rendered)
+
+
+def _check_request(layers: str | Sequence[str], columns: int | None, channels: str | Sequence[int] | None,
+                   output: str | os.PathLike) -> tuple[list[str], list[int], Path]:
+    """The rows, the columns and the grid's path, or a FeatureshiftError before anything loads."""
     names = [layers] if isinstance(layers, str) else list(dict.fromkeys(layers))
     if not names:
         raise FeatureshiftError("Name at least one layer; `featureshift layers MODEL` lists them.")
@@ -89,98 +115,77 @@ def vis(model, layers: str | Sequence[str], output: str | os.PathLike, *, column
     out = Path(output)
     if out.suffix.lower() != ".png":
         raise FeatureshiftError(f"-o {output}: the grid is written as PNG; give a name ending in .png.")
-    net = open_network(model, weights)
-    module, checksum = net.module, net.meta.checksum if net.meta is not None else None
-    if not checksum:
-        from ..snapshot import state_on_cpu, weights_checksum
+    return names, chosen, out
 
-        checksum = weights_checksum(state_on_cpu(module))
+
+@dataclasses.dataclass
+class _VisTiles:
+    """The tiles of one vis call: a request per (layer, channel, copy), kept in OUTPUT_tiles/
+    under the names people know (<layer>_<channel>[_<copy>].png)."""
+
+    requests: dict[tuple[str, int, int], TileRequest]
+    cache: TileCache
+    keys: dict[TileRequest, str]  # request -> tile key
+    where: dict[tuple[str, int, int], str]  # (layer, channel, copy) -> tile key
+
+    @classmethod
+    def plan(cls, source: HeldNetwork, names: list[str], chosen: list[int], settings: RenderSettings,
+             folder: Path) -> "_VisTiles":
+        from ..jobs.cache import tile_key
+
+        copies = settings.copies
+        requests = {(name, c, k): TileRequest(source, source.checksum, name, c, copy=k)
+                    for name in names for c in chosen for k in range(copies)}
+        keys = {r: tile_key(r.checksum, r.layer, r.channel, settings, copy=r.copy) for r in requests.values()}
+        files = {keys[r]: f"{name}_{c}{f'_{k}' if copies > 1 else ''}.png" for (name, c, k), r in requests.items()}
+        return cls(requests, TileCache(folder, files), keys, {w: keys[r] for w, r in requests.items()})
+
+    def as_shown(self, report: JobReport, size: int):
+        """What the grid shows per (layer, channel, copy): an image, NO_RESPONSE or None (failed);
+        the silent (layer, channel)s; the failed (layer, channel, why)s. The files follow what
+        people see: a channel without response is drawn so, and a failed render leaves no file
+        (a later call tries it again)."""
+        from ..grid import NO_RESPONSE, no_response_tile
+
+        shown: dict[tuple[str, int, int], object] = {}
+        silent: set[tuple[str, int]] = set()
+        failed: list[tuple[str, int, str]] = []
+        abouts = {}
+        for (name, c, k), key in self.where.items():
+            why = report.failed.get(key)
+            if why is not None:
+                self.cache.path(key).unlink(missing_ok=True)
+                failed.append((name, c, why))
+                shown[(name, c, k)] = None
+                continue
+            image, abouts[(name, c, k)] = read_tile(self.cache.path(key))
+            shown[(name, c, k)] = image
+            if abouts[(name, c, k)].get("no_response"):
+                silent.add((name, c))
+        for (name, c, k), about in abouts.items():
+            if (name, c) in silent:
+                key = self.where[(name, c, k)]
+                if key in report.written:  # the starting noise is no picture of the channel: its file says so
+                    write_tile(self.cache.path(key), no_response_tile(size, size), {**about, "no_response": True})
+                shown[(name, c, k)] = NO_RESPONSE
+        return shown, silent, failed
+
+
+def _save_grid(out: Path, module, names: list[str], chosen: list[int], copies: int,
+               shown: dict[tuple[str, int, int], object], labels: bool) -> None:
+    from ..grid import bands_note, channel_label, make_grid
+    from ..io import save_image
+    from ..models.info import input_channels
+
     info = getattr(module, "featureshift_info", None)
     class_names = list(info.class_names) if info is not None else None
-    copies = settings.copies
-    tiles_dir = out.with_name(out.stem + "_tiles")
     shown_as = bands_note(input_channels(module))  # grayscale, or which bands of a multi-band network
-
-    def tile_path(name: str, c: int, k: int) -> Path:
-        return tiles_dir / f"{name}_{c}{f'_{k}' if copies > 1 else ''}.png"
-
-    targets = [(name, c) for name in names for c in chosen]
-    keys = {t: tile_key(checksum, t[0], t[1], settings) for t in targets}
-    earlier = {t: _earlier(keys[t], [tile_path(*t, k) for k in range(copies)]) for t in targets}
-    todo = [t for t in targets if earlier[t] is None]
-
-    tiles: dict[tuple[str, int, int], Path] = {}
-    shown: dict[tuple[str, int, int], object] = {}  # what the grid shows: an image, NO_RESPONSE or None (failed)
-    failed: list[tuple[str, int, str]] = []
-    silent: list[tuple[str, int]] = []
-    for t in targets:
-        if earlier[t] is not None:
-            for k, (image, about) in enumerate(earlier[t]):
-                tiles[(*t, k)] = tile_path(*t, k)
-                shown[(*t, k)] = NO_RESPONSE if about.get("no_response") else image
-            if earlier[t][0][1].get("no_response"):
-                silent.append(t)
-    saved = len(tiles)
-    try:
-        if todo:
-            result = render_network(module, todo, settings, ray=ray, batch_size=batch_size, device=device,
-                                    quiet=quiet)
-            if len(result.targets) != len(todo) * copies:  # the objective decides the copies, not the settings
-                raise RuntimeError(f"render returned {len(result.targets)} images for {len(todo)} channels; "
-                                   f"expected {copies} each")
-            for i, t in enumerate(todo):
-                idx = range(i * copies, (i + 1) * copies)
-                if any(j in result.no_response for j in idx):
-                    silent.append(t)
-                for k, j in enumerate(idx):
-                    if j in result.failed:
-                        failed.append((*t, result.failed[j]))
-                        shown[(*t, k)] = None
-                        continue
-                    quiet_channel = t in silent
-                    # The starting noise of a channel without response is no picture of it: its tile says so.
-                    size = settings.size
-                    image = no_response_tile(size, size) if quiet_channel else to_pil(result.images[j])
-                    about = {"key": keys[t], "layer": t[0], "channel": t[1], "copy": k, "checksum": checksum,
-                             "score": float(result.scores[j]), "no_response": quiet_channel, **settings.key_fields(),
-                             **({"precision_used": result.settings["precision"]} if "precision" in result.settings
-                                else {}),
-                             **({"shown": shown_as} if shown_as else {})}
-                    write_tile(tile_path(*t, k), image, about)
-                    tiles[(*t, k)] = tile_path(*t, k)
-                    saved += 1
-                    shown[(*t, k)] = NO_RESPONSE if quiet_channel else image
-        rows = [[shown[(name, c, k)] for c in chosen for k in range(copies)] for name in names]
-        all_logits = all(name == LOGITS for name in names)
-        col_labels = []
-        for c in chosen:
-            base = channel_label(LOGITS if all_logits else "", c, class_names)
-            col_labels += [base] if copies == 1 else [f"{c}.{k}{base[len(str(c)):]}" for k in range(copies)]
-        grid = make_grid(rows, row_labels=names if labels else None, col_labels=col_labels if labels else None,
-                         title=shown_as if labels else None, pad=2 if labels else 0, missing_label="NaN")
-        save_image(out, grid)
-    except OSError as e:
-        if not is_write_error(e):
-            raise
-        total = len(targets) * copies
-        raise write_error(e, f"{saved} of {total} tiles are saved in {tiles_dir}; the grid {out} was not written",
-                          "run the same command again: it reuses the saved tiles and renders only the missing "
-                          "ones") from e
-    silent_set = set(silent)
-    return VisResult(out, tiles_dir, names, chosen, copies, settings, tiles, failed,
-                     [t for t in targets if t in silent_set], rendered=len(todo), reused=len(targets) - len(todo))
-
-
-def _earlier(key: str, paths: list[Path]):
-    """The tiles an earlier call wrote at PATHS for the tile key KEY, as [(image, about)], or None
-    when any is missing, unreadable or was rendered from other weights or settings."""
-    found = []
-    for path in paths:
-        try:
-            image, about = read_tile(path)
-        except (OSError, ValueError):
-            return None
-        if about.get("key") != key:
-            return None
-        found.append((image, about))
-    return found
+    rows = [[shown[(name, c, k)] for c in chosen for k in range(copies)] for name in names]
+    all_logits = all(name == LOGITS for name in names)
+    col_labels = []
+    for c in chosen:
+        base = channel_label(LOGITS if all_logits else "", c, class_names)
+        col_labels += [base] if copies == 1 else [f"{c}.{k}{base[len(str(c)):]}" for k in range(copies)]
+    grid = make_grid(rows, row_labels=names if labels else None, col_labels=col_labels if labels else None,
+                     title=shown_as if labels else None, pad=2 if labels else 0, missing_label="NaN")
+    save_image(out, grid)

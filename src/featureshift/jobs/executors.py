@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import FeatureshiftError
 from .cache import TileCache
 from ..device import core_count, cuda_available, max_batch, ray_placement, uses_gpu
-from .plan import JobPlan, TileJob
+from .plan import HeldNetwork, JobPlan, TileJob
 
 RAY_ADDRESS_ENV = "FEATURESHIFT_RAY_ADDRESS"
 RAY_INSTALL = "pip install 'featureshift[ray]'"
@@ -48,6 +48,7 @@ class JobOutput:
     error: str | None = None  # the snapshot could not be loaded
     threads: int = 0  # the CPU threads torch used
     precision: str | None = None  # what the network ran in (settings' "auto" resolves per machine)
+    shown: str | None = None  # how the input bands are shown, for a network that does not take RGB (grid.bands_note)
 
 
 @dataclasses.dataclass
@@ -60,6 +61,7 @@ class JobReport:
     no_response: set[str] = dataclasses.field(default_factory=set)  # channels that never responded to the image
     unusable: dict[Path, str] = dataclasses.field(default_factory=dict)  # snapshot -> why it could not be loaded
     written: dict[str, Path] = dataclasses.field(default_factory=dict)  # key -> tile written by this run
+    executor: str | None = None  # where the tiles were rendered (`describe()`); None when none was needed
 
 
 # ---------------------------------------------------------------- the work of one job
@@ -68,14 +70,19 @@ def render_job(model, job: TileJob, *, device: str = "auto", batch_size: int | N
     """Render JOB's channels on MODEL in batches: the same computation wherever it runs."""
     import torch
 
-    from ..grid import to_pil
+    from ..grid import bands_note, to_pil
+    from ..models.info import input_channels
     from ..optvis.engine import render
 
-    out = render(model, list(job.targets), settings=job.settings, device=device, batch_size=batch_size, quiet=True)
-    copies = len(out.images) // len(job)  # the diversity objective renders several per target
+    targets = list(dict.fromkeys(job.targets))  # a target asked for in several copies renders once
+    out = render(model, targets, settings=job.settings, device=device, batch_size=batch_size, quiet=True)
+    copies = len(out.images) // len(targets)  # the diversity objective renders several per target
+    if any(job.copy_of(j) >= copies for j in range(len(job))):  # the objective decides the copies, not the settings
+        raise RuntimeError(f"render gave {copies} image(s) per target, fewer than the copies asked for")
+    position = {t: i for i, t in enumerate(targets)}
     images, scores, failed, no_response = [], [], {}, set()
     for j in range(len(job)):
-        k = j * copies
+        k = position[job.targets[j]] * copies + job.copy_of(j)
         images.append(np.asarray(to_pil(out.images[k])))
         scores.append(float(out.scores[k]))
         if k in out.failed:
@@ -83,24 +90,30 @@ def render_job(model, job: TileJob, *, device: str = "auto", batch_size: int | N
         if k in out.no_response:
             no_response.add(j)
     return JobOutput(np.stack(images), scores, failed, no_response, threads=torch.get_num_threads(),
-                     precision=out.settings.get("precision"))
+                     precision=out.settings.get("precision"), shown=bands_note(input_channels(model)))
 
 
 def tile_about(job: TileJob, index: int, output: JobOutput) -> dict[str, Any]:
-    """The header of a tile: what it shows and everything it was rendered with."""
+    """The header of a tile, the one every command writes: its key, what it shows, how the
+    render went, and the settings' record (`RenderSettings.to_record`) at the top level, where
+    tiles of earlier versions had their settings too (`cache.tile_settings` reads both)."""
     layer, channel = job.targets[index]
-    about: dict[str, Any] = {"layer": layer, "channel": channel}
+    about: dict[str, Any] = {"key": job.keys[index], "layer": layer, "channel": channel}
     if job.epoch is not None:
         about["epoch"] = job.epoch
+    if job.copies:
+        about["copy"] = job.copy_of(index)
     # A channel without a response is still cached (its starting noise), marked so that every
     # command that shows it can say so instead.
     settings = job.settings
     if isinstance(settings.image, tuple):  # one photo per target (plan.batch_photos): this tile's own
         settings = dataclasses.replace(settings, image=settings.image[index])
     about.update({"checksum": job.checksum, "score": output.scores[index], "failed": output.failed.get(index),
-                  "no_response": index in output.no_response, **settings.key_fields()})
-    if output.precision is not None:  # beside the key's "precision" (as given): what it meant here
+                  "no_response": index in output.no_response, **settings.to_record()})
+    if output.precision is not None:  # beside the record's "precision" (as given): what it meant here
         about["precision_used"] = output.precision
+    if output.shown:
+        about["shown"] = output.shown
     return about
 
 
@@ -134,7 +147,15 @@ class LocalExecutor:
         if not snapshots:
             return
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="featureshift-load")
-        load = lambda source: pool.submit(open_state, *source)  # noqa: E731
+
+        def load(source):
+            snapshot, preprocessing = source
+            if isinstance(snapshot, HeldNetwork):  # in hand already
+                done = concurrent.futures.Future()
+                done.set_result(snapshot.module)
+                return done
+            return pool.submit(open_state, snapshot, preprocessing)
+
         try:
             pending = {snapshots[0]: load(snapshots[0])}
             current, model, error = None, None, None
@@ -162,8 +183,9 @@ class LocalExecutor:
 _WORKER_MODEL: tuple[str, Any] | None = None  # (checksum, network): a worker keeps its last snapshot
 
 
-def _worker_job(data: bytes, job: TileJob, device: str, batch_size: int | None, threads: int | None) -> JobOutput:
-    """Runs in a Ray worker: load the snapshot (unless this worker has it already) and render the job."""
+def _worker_job(data, job: TileJob, device: str, batch_size: int | None, threads: int | None) -> JobOutput:
+    """Runs in a Ray worker: load the snapshot (unless this worker has it already) and render the job.
+    DATA: the snapshot file's bytes, or the module of a held network (unpickled from the store)."""
     global _WORKER_MODEL
     import torch
 
@@ -176,23 +198,13 @@ def _worker_job(data: bytes, job: TileJob, device: str, batch_size: int | None, 
     if _WORKER_MODEL is None or _WORKER_MODEL[0] != job.checksum:
         _WORKER_MODEL = None
         try:
-            _WORKER_MODEL = (job.checksum, open_state(job.snapshot, job.preprocessing, data=data))
+            model = data if isinstance(job.snapshot, HeldNetwork) else open_state(job.snapshot, job.preprocessing,
+                                                                                  data=data)
+            _WORKER_MODEL = (job.checksum, model)
         except FeatureshiftError as e:
             return JobOutput(None, error=str(e))
     _crash_once_if_asked()
     return render_job(_WORKER_MODEL[1], job, device=device, batch_size=batch_size)
-
-
-def _worker_render(model, targets: list[tuple[str, int]], settings, device: str, batch_size: int | None,
-                   threads: int | None):
-    """Runs in a Ray worker: the engine's render of TARGETS on MODEL, exactly as a local call returns it."""
-    import torch
-
-    from ..optvis.engine import render
-
-    if threads:
-        torch.set_num_threads(threads)  # as in _worker_job
-    return render(model, targets, settings=settings, device=device, batch_size=batch_size, quiet=True)
 
 
 def _crash_once_if_asked() -> None:
@@ -281,7 +293,7 @@ class RayExecutor:
         """(job, output) as jobs finish anywhere. Leaving early (Ctrl-C, an error) cancels the rest."""
         ray = self.ray
         last_use = {j.snapshot: i for i, j in enumerate(jobs)}
-        refs: dict[Path, Any] = {}  # snapshot -> its bytes in the object store, until its last job is submitted
+        refs: dict[Any, Any] = {}  # snapshot -> its bytes (or module) in the object store, until its last job is submitted
         in_flight: dict[Any, TileJob] = {}
         # Enough queued to keep every worker busy, few enough that snapshots do not pile up in the store.
         window = 2 * self.slots
@@ -292,7 +304,9 @@ class RayExecutor:
                     i, job = todo.popleft()
                     if job.snapshot not in refs:
                         try:
-                            refs[job.snapshot] = ray.put(Path(job.snapshot).read_bytes())
+                            # a held network's module travels pickled, its weights with it
+                            refs[job.snapshot] = ray.put(job.snapshot.module if isinstance(job.snapshot, HeldNetwork)
+                                                         else Path(job.snapshot).read_bytes())
                         except OSError as e:
                             yield job, JobOutput(None, error=f"The snapshot {job.snapshot} cannot be read ({e}).")
                             continue
@@ -321,49 +335,6 @@ class RayExecutor:
         finally:
             for ref in in_flight:
                 ray.cancel(ref)
-
-    def render_network(self, model, targets: list[tuple[str, int]], settings, *, quiet: bool = False):
-        """The engine's render of TARGETS on MODEL (a module in this process), spread over the
-        cluster in jobs of `max_tiles` targets; the module enters the object store once."""
-        from tqdm.auto import tqdm
-
-        from ..optvis.engine import RenderResult
-
-        ray = self.ray
-        model_ref = ray.put(model)
-        remote = ray.remote(max_retries=RAY_RETRIES)(_worker_render).options(**self.options)
-        parts = [targets[i:i + self.max_tiles] for i in range(0, len(targets), self.max_tiles)]
-        refs = [remote.remote(model_ref, part, settings, self.worker_device, self.batch_size, self.threads)
-                for part in parts]
-        index = {ref: i for i, ref in enumerate(refs)}
-        results: list[Any] = [None] * len(refs)
-        bar = tqdm(total=len(targets), unit="image", desc="render", disable=quiet, dynamic_ncols=True)
-        pending = list(refs)
-        try:
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                for ref in done:
-                    try:
-                        results[index[ref]] = ray.get(ref)
-                    except ray.exceptions.RayTaskError as e:
-                        if isinstance(getattr(e, "cause", None), FeatureshiftError):
-                            raise FeatureshiftError(str(e.cause)) from None
-                        raise
-                    bar.update(len(parts[index[ref]]))
-        finally:
-            for ref in pending:
-                ray.cancel(ref)
-            bar.close()
-        # One result, as if rendered in one call: indices shift by the images before each part.
-        images, scores, failed, no_response, offset = [], [], {}, set(), 0
-        for r in results:
-            images.append(r.images)
-            scores.append(r.scores)
-            failed.update({offset + i: why for i, why in r.failed.items()})
-            no_response.update(offset + i for i in r.no_response)
-            offset += len(r.images)
-        return RenderResult(np.concatenate(images), [t for r in results for t in r.targets], np.concatenate(scores),
-                            failed, results[0].settings, no_response)
 
 
 # ---------------------------------------------------------------- choosing and running
@@ -401,17 +372,17 @@ def check_ray(ray: str | None) -> str | None:
     return ray.strip()
 
 
-def render_network(model, targets, settings=None, *, ray: str | None = None, device: str = "auto",
-                   batch_size: int | None = None, quiet: bool = False):
-    """`featureshift.optvis.engine.render` of TARGETS on MODEL, here or on Ray (`ray` as in
-    `make_executor`): for commands that render a network held in memory rather than snapshots."""
-    from ..optvis.engine import render
-
-    executor = make_executor(ray, device=device, batch_size=batch_size, quiet=quiet)
-    if isinstance(executor, LocalExecutor):
-        return render(model, targets, settings, device=device, batch_size=batch_size, quiet=quiet)
-    with executor:
-        return executor.render_network(model, list(targets), settings, quiet=quiet)
+def render_tiles(plan: JobPlan, cache: TileCache, *, ray: str | None = None, device: str = "auto",
+                 batch_size: int | None = None, quiet: bool = False,
+                 on_tile: Callable[[str, Path], None] | None = None, desc: str = "render") -> JobReport:
+    """Run PLAN with the executor `ray` names (see `make_executor`), its jobs sized for it; a
+    plan with nothing to render starts no executor (nor a Ray instance)."""
+    if not plan.jobs:
+        return JobReport(cached=plan.cached)
+    with make_executor(ray, device=device, batch_size=batch_size, quiet=quiet) as executor:
+        report = run_jobs(plan.sized(executor.max_tiles), cache, executor, quiet=quiet, on_tile=on_tile, desc=desc)
+        report.executor = executor.describe()
+    return report
 
 
 def run_jobs(plan: JobPlan, cache: TileCache, executor: LocalExecutor | RayExecutor, *, quiet: bool = False,

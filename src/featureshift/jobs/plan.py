@@ -7,34 +7,82 @@ same weights share their tiles) and cuts the rest into `TileJob`s: one snapshot 
 most `max_tiles` tiles (of any of its layers), in snapshot order. An executor
 (`featureshift.jobs.executors`) runs the plan, locally or on a Ray cluster, and the
 results land in the cache either way.
+
+The network of a request is a saved state (a snapshot or ONNX file, by path: a worker
+loads it) or a `HeldNetwork`, a module already in this process (an API caller's, or one
+that `vis` and `compare` opened by name): it renders here as it is, and a Ray worker gets
+it through the object store. Either is named in the cache by its checksum, so a held
+network's tiles are cached like a snapshot's.
 """
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from ..device import CPU_MAX_BATCH
 from ..optvis.settings import DEFAULT_SETTINGS, RenderSettings
 from ..states import Preprocessing
 from .cache import TileCache, tile_key
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class HeldNetwork:
+    """A network held in memory, rendered in place of a saved state. Two are the same source
+    only when they are the same object (their tiles meet in the cache through `checksum`)."""
+
+    module: Any  # an nn.Module, eval mode, featureshift_info attached (network.open_network)
+    checksum: str
+
+    @property
+    def name(self) -> str:
+        return f"{type(self.module).__name__} in memory"
+
+
+def hold_network(module, checksum: str | None = None) -> HeldNetwork:
+    """MODULE as a render source. checksum: its snapshot's weight checksum when it was loaded
+    from one (its tiles are then the snapshot's); else made here from what decides its
+    pictures: the weights (`snapshot.weights_checksum` of its state dict), its class and the
+    preprocessing it expects (input bands, mean and std)."""
+    if not checksum:
+        import hashlib
+
+        from ..models.info import model_info
+        from ..snapshot import state_on_cpu, weights_checksum
+
+        info = model_info(module)
+        kind = f"{type(module).__module__}.{type(module).__qualname__}"
+        blob = repr((weights_checksum(state_on_cpu(module)), kind, info.in_chans, tuple(info.mean), tuple(info.std)))
+        checksum = "held-" + hashlib.sha256(blob.encode()).hexdigest()
+    return HeldNetwork(module, checksum)
+
+
+Source = Path | HeldNetwork  # what a tile is rendered from
+
+
+def _source(snapshot: str | Path | HeldNetwork) -> Source:
+    return snapshot if isinstance(snapshot, HeldNetwork) else Path(snapshot)
+
+
 @dataclasses.dataclass(frozen=True)
 class TileRequest:
     """One tile a command wants: `channel` of `layer` rendered from the saved state at `snapshot`
-    (a snapshot or an ONNX file, see `featureshift.states`).
+    (a snapshot or an ONNX file, see `featureshift.states`) or from a `HeldNetwork`.
 
     `checksum` is the state's checksum (`State.checksum`: a snapshot's weight checksum, an ONNX
-    file's sha256), which names the tile in the cache. `epoch`, when given, is recorded in the
-    tile's header. `preprocessing`: how to feed an ONNX file that does not carry its own.
+    file's sha256; a held network's own), which names the tile in the cache. `epoch`, when given,
+    is recorded in the tile's header. `preprocessing`: how to feed an ONNX file that does not
+    carry its own. `copy`: which of the images of a target the settings render several of
+    (`RenderSettings.copies`, the diversity objective); 0, the first, is the tile a single
+    render gives.
     """
 
-    snapshot: Path
+    snapshot: Source
     checksum: str
     layer: str
     channel: int
     epoch: int | None = None
     preprocessing: Preprocessing | None = None
+    copy: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,15 +90,20 @@ class TileJob:
     """One unit of work: `targets` ((layer, channel) pairs) rendered from one snapshot, stored under `keys`.
 
     All the targets of a snapshot go in one job, whatever their layers, up to the batch the
-    job is sized for: the engine optimizes them together."""
+    job is sized for: the engine optimizes them together. With `copies` (one per target, see
+    TileRequest.copy) a target may appear once per copy; it is rendered once."""
 
-    snapshot: Path
+    snapshot: Source
     checksum: str
     targets: tuple[tuple[str, int], ...]
     keys: tuple[str, ...]
     settings: RenderSettings
     epoch: int | None = None
     preprocessing: Preprocessing | None = None  # see TileRequest
+    copies: tuple[int, ...] = ()  # the copy of each target; () when every one is the first
+
+    def copy_of(self, index: int) -> int:
+        return self.copies[index] if self.copies else 0
 
     @property
     def layers(self) -> list[str]:
@@ -58,6 +111,16 @@ class TileJob:
 
     def __len__(self) -> int:
         return len(self.targets)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tile:
+    """One tile of a job being planned."""
+
+    target: tuple[str, int]
+    key: str
+    epoch: int | None
+    copy: int
 
 
 @dataclasses.dataclass
@@ -79,11 +142,12 @@ class JobPlan:
         """The same work cut into jobs of at most `max_tiles` tiles (an executor's `max_tiles`)."""
         if max_tiles < 1:
             raise ValueError(f"max_tiles must be at least 1, got {max_tiles}")
-        groups: dict[tuple[Path, str, Preprocessing | None], list[tuple[tuple[str, int], str, int | None]]] = {}
+        groups: dict[tuple[Source, str, Preprocessing | None], list[_Tile]] = {}
         for job in self.jobs:
             groups.setdefault((job.snapshot, job.checksum, job.preprocessing), []).extend(
-                (t, k, job.epoch) for t, k in zip(job.targets, job.keys))
+                _Tile(t, k, job.epoch, job.copy_of(i)) for i, (t, k) in enumerate(zip(job.targets, job.keys)))
         return dataclasses.replace(self, jobs=_cut(groups, self.settings, max_tiles))
+
 
 
 def plan_jobs(requests: Iterable[TileRequest], cache: TileCache, *, settings: RenderSettings | None = None,
@@ -100,10 +164,10 @@ def plan_jobs(requests: Iterable[TileRequest], cache: TileCache, *, settings: Re
     settings = settings or DEFAULT_SETTINGS
     plan = JobPlan([], settings)
     seen: set[str] = set()
-    # (snapshot, checksum, preprocessing) -> [((layer, channel), key, epoch)], in first-seen order
-    groups: dict[tuple[Path, str, Preprocessing | None], list[tuple[tuple[str, int], str, int | None]]] = {}
+    # (snapshot, checksum, preprocessing) -> its tiles, in first-seen order
+    groups: dict[tuple[Source, str, Preprocessing | None], list[_Tile]] = {}
     for r in requests:
-        key = plan.keys[r] = tile_key(r.checksum, r.layer, r.channel, settings)
+        key = plan.keys[r] = tile_key(r.checksum, r.layer, r.channel, settings, copy=r.copy)
         if key in seen:
             continue
         seen.add(key)
@@ -111,20 +175,21 @@ def plan_jobs(requests: Iterable[TileRequest], cache: TileCache, *, settings: Re
         if not force and key in cache:
             plan.cached += 1
             continue
-        groups.setdefault((Path(r.snapshot), r.checksum, r.preprocessing), []).append(
-            ((r.layer, int(r.channel)), key, r.epoch))
+        groups.setdefault((_source(r.snapshot), r.checksum, r.preprocessing), []).append(
+            _Tile((r.layer, int(r.channel)), key, r.epoch, int(r.copy)))
     plan.jobs = _cut(groups, settings, max_tiles)
     return plan
 
 
-def _cut(groups: dict[tuple[Path, str, Preprocessing | None], list[tuple[tuple[str, int], str, int | None]]],
-         settings: RenderSettings, max_tiles: int) -> list[TileJob]:
+def _cut(groups: dict[tuple[Source, str, Preprocessing | None], list[_Tile]], settings: RenderSettings,
+         max_tiles: int) -> list[TileJob]:
     jobs = []
     for (snapshot, checksum, preprocessing), items in groups.items():
         for start in range(0, len(items), max_tiles):
             part = items[start:start + max_tiles]
-            jobs.append(TileJob(snapshot, checksum, tuple(t for t, _, _ in part), tuple(k for _, k, _ in part),
-                                settings, part[0][2], preprocessing))
+            copies = tuple(t.copy for t in part) if any(t.copy for t in part) else ()
+            jobs.append(TileJob(snapshot, checksum, tuple(t.target for t in part), tuple(t.key for t in part),
+                                settings, part[0].epoch, preprocessing, copies))
     return jobs
 
 
@@ -134,7 +199,7 @@ def batch_photos(jobs: Sequence[TileJob], max_tiles: int = CPU_MAX_BATCH) -> lis
     optimizes them together instead of one small batch per photo. Keys are unchanged (each
     tile's key holds its own photo); other jobs pass through as they are."""
     out: list[TileJob] = []
-    groups: dict[tuple, list[tuple[tuple[str, int], str, str]]] = {}
+    groups: dict[tuple, list[tuple[_Tile, str]]] = {}  # -> [(tile, its photo)]
     for job in jobs:
         s = job.settings
         if s.method != "accent" or isinstance(s.image, tuple) or s.image is None:
@@ -142,12 +207,13 @@ def batch_photos(jobs: Sequence[TileJob], max_tiles: int = CPU_MAX_BATCH) -> lis
             continue
         base = dataclasses.replace(s, image=None)
         groups.setdefault((job.snapshot, job.checksum, job.preprocessing, job.epoch, base), []).extend(
-            (t, k, str(s.image)) for t, k in zip(job.targets, job.keys))
+            (_Tile(t, k, job.epoch, job.copy_of(i)), str(s.image)) for i, (t, k) in enumerate(zip(job.targets, job.keys)))
     for (snapshot, checksum, preprocessing, epoch, base), items in groups.items():
         for start in range(0, len(items), max_tiles):
             part = items[start:start + max_tiles]
-            photos = tuple(p for _, _, p in part)
-            out.append(TileJob(snapshot, checksum, tuple(t for t, _, _ in part), tuple(k for _, k, _ in part),
+            photos = tuple(p for _, p in part)
+            copies = tuple(t.copy for t, _ in part) if any(t.copy for t, _ in part) else ()
+            out.append(TileJob(snapshot, checksum, tuple(t.target for t, _ in part), tuple(t.key for t, _ in part),
                                dataclasses.replace(base, image=photos if len(set(photos)) > 1 else photos[0]),
-                               epoch, preprocessing))
+                               epoch, preprocessing, copies))
     return out

@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import os
-from typing import Any
+from typing import Any, Mapping
 
 from ..device import PRECISIONS
 from ..flags import flag
@@ -132,6 +133,43 @@ class RenderSettings:
             d["objective"] = repr(d["objective"])
         return d
 
+    def to_record(self) -> dict[str, Any]:
+        """Every field as given (not resolved: a learning rate left to the method stays None,
+        so settings reused with other steps get those steps' rate), as JSON values: what a
+        tile header, a timeline's merged.png and atlas.json record. Files (spectrum, image) by
+        path (`from_record` reopens them; the tile key holds their content), an Objective
+        object by its repr (enough to name and key it, not to render it again)."""
+        record: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "transforms":
+                value = dataclasses.asdict(value)
+            elif f.name == "objective" and not isinstance(value, str):
+                value = repr(value)
+            elif isinstance(value, os.PathLike):
+                value = os.fspath(value)
+            elif isinstance(value, tuple):
+                value = [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value]
+            record[f.name] = value
+        return json.loads(json.dumps(record))  # the very values a reader gets back from the file
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any] | None) -> "RenderSettings":
+        """The settings a record holds: one from `to_record`, or one written by an earlier version
+        (a timeline's few recorded settings, a tile header or atlas.json's settings with their
+        fields at the top level). Missing fields keep their defaults and other keys (a tile
+        header's layer, channel, score, ...) are ignored; lists come back as tuples."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        changes: dict[str, Any] = {}
+        for name, value in (record or {}).items():
+            if name not in names or value is None:  # None is every optional field's default
+                continue
+            if name == "transforms" and isinstance(value, Mapping):
+                known = {f.name for f in dataclasses.fields(Transforms)}
+                value = Transforms(**{k: _as_tuple(v) for k, v in value.items() if k in known})
+            changes[name] = _as_tuple(value)
+        return cls(**changes)
+
     def describe(self) -> str:
         """One line for people: the settings that differ from the defaults shown first."""
         self = self.resolved()
@@ -146,6 +184,11 @@ class RenderSettings:
 
 
 DEFAULT_SETTINGS = RenderSettings()
+
+
+def _as_tuple(value: Any) -> Any:
+    # JSON has lists only; the settings hold tuples (hashable, as a frozen record needs)
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, list) else value
 
 
 def file_digest(path: str | os.PathLike) -> str:
