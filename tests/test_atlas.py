@@ -299,7 +299,7 @@ def test_an_atlas_with_other_settings_does_not_change_the_timelines_settings(run
     from featureshift.commands.report import existing_timelines
 
     before = existing_timelines(run)[LAYER]["settings"]
-    assert before["size"] == TINY["size"]
+    assert before.size == TINY["size"]
     atlas(run, LAYER, channels="0-1", quiet=True, steps=2, size=24)
     assert existing_timelines(run)[LAYER]["settings"] == before
 
@@ -309,15 +309,14 @@ def test_a_timeline_records_its_settings_as_given(tmp_path, photos, one_thread):
     # a report that reuses the timeline's settings with more steps gets the rate of those steps.
     from featureshift.commands.report import existing_timelines
     from featureshift.commands.timeline import timeline
-    from featureshift.optvis.settings import DEFAULT_SETTINGS
 
     run = make_run(tmp_path, photos, epochs=(0,))
     timeline(run, LAYER, 1, quiet=True, **TINY)
     recorded = existing_timelines(run)[LAYER]["settings"]
-    assert recorded["steps"] == TINY["steps"] and recorded["lr"] is None
-    longer = DEFAULT_SETTINGS.replace(**recorded).replace(steps=512).resolved()
+    assert recorded.steps == TINY["steps"] and recorded.lr is None
+    longer = recorded.replace(steps=512).resolved()
     assert longer.lr == pytest.approx(28.8 / 512)
-    assert recorded["precision"] == "auto"  # not what it resolved to on this machine
+    assert recorded.precision == "auto"  # not what it resolved to on this machine
     timeline(run, LAYER, 1, quiet=True, lr=0.3, precision="fp32", **TINY)  # a rate and a precision given are kept
-    assert existing_timelines(run)[LAYER]["settings"]["lr"] == 0.3
-    assert existing_timelines(run)[LAYER]["settings"]["precision"] == "fp32"
+    assert existing_timelines(run)[LAYER]["settings"].lr == 0.3
+    assert existing_timelines(run)[LAYER]["settings"].precision == "fp32"

@@ -1,4 +1,5 @@
 """featureshift compare: the before/after sheet, the ranking, and its errors."""
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -65,3 +66,27 @@ def test_different_architectures_and_bad_choices_are_clear_errors(run, tmp_path)
         compare(snap, snap, LAYER, output=tmp_path / "sheet.txt", quiet=True)
     with pytest.raises(FeatureshiftError, match="does not exist"):
         compare(snap, snap, LAYER, probe=tmp_path / "missing", quiet=True)
+
+
+def test_compare_caches_its_renders_in_the_run_or_beside_the_sheet(run, tmp_path, monkeypatch):
+    import featureshift.optvis.engine as engine
+    from featureshift.run import tile_cache_dir
+
+    a, b = run / "snapshots/000.safetensors", run / "snapshots/001.safetensors"
+    first = compare(a, b, LAYER, channels="6,7", output=tmp_path / "s.png", image_size=IMAGE_SIZE, quiet=True,
+                    **RENDER)
+    assert not (tmp_path / "s_cache").exists()  # snapshots of a run: the run's tile cache
+    assert len(list(tile_cache_dir(run).glob("*.png"))) >= 2
+    calls = []
+    real = engine.render
+    monkeypatch.setattr(engine, "render", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = compare(a, b, LAYER, channels="6,7", output=tmp_path / "t.png", image_size=IMAGE_SIZE, quiet=True,
+                    **RENDER)
+    assert calls == []  # every render came from the cache
+    assert all(np.array_equal(x, y) for x, y in zip(first.renders_a + first.renders_b,
+                                                    again.renders_a + again.renders_b))
+    assert again.rows[6] == first.rows[6]
+    # Networks of no run (a model name): a cache beside the sheet.
+    compare("squeezenet1_1", b, LAYER, channels="6", output=tmp_path / "u.png", image_size=IMAGE_SIZE, quiet=True,
+            **RENDER)
+    assert len(calls) == 1 and len(list((tmp_path / "u_cache").glob("*.png"))) == 1

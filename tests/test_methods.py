@@ -221,7 +221,7 @@ def test_timeline_accentuates_the_same_photo_at_every_snapshot(tmp_path, photos)
     lucid = timeline(run, LAYER, [2, 3], steps=4, size=32, quiet=True, device="cpu")
     for where, path in accent.tiles.items():
         image, about = read_tile(path)
-        assert about["method"] == "accent" and about["image"][0].startswith("chelsea.png:")
+        assert about["method"] == "accent" and Path(about["image"]).name == "chelsea.png"
         near = np.abs(np.asarray(image, np.float32) / 255 - square).mean()
         far = np.abs(np.asarray(read_tile(lucid.tiles[where])[0], np.float32) / 255 - square).mean()
         assert near < 0.1 and near < far / 2, (where, near, far)

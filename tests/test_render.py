@@ -6,6 +6,7 @@ proofs use the real offline ImageNet SqueezeNet.
 from __future__ import annotations
 
 import io
+import json
 import re
 
 import numpy as np
@@ -542,3 +543,50 @@ def test_channel_renders_beat_natural_images(squeeze):
     natural = channel_means(squeeze, photos, MID)
     for i, c in enumerate(channels):
         assert rendered[i, c] > natural[:, c].max(), c
+
+
+# --- settings records and held networks ---------------------------------------------------
+
+def test_a_settings_record_round_trips_and_records_of_earlier_versions_are_read(tmp_path):
+    from featureshift.optvis.settings import DEFAULT_SETTINGS, RenderSettings
+
+    photo = tmp_path / "p.png"
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(photo)
+    given = RenderSettings(steps=7, size=40, seed=3, precision="fp32", method="accent", image=str(photo),
+                           betas=(0.8, 0.95), transforms=Transforms(jitter=2, scales=(1.0, 1.1)))
+    record = given.to_record()
+    assert json.loads(json.dumps(record)) == record  # JSON values only
+    assert record["lr"] is None  # as given: the method's rate follows the steps when reused
+    back = RenderSettings.from_record(record)
+    assert back == given and back.key_fields() == given.key_fields()
+    # A timeline before to_record recorded a few fields; missing ones keep their defaults.
+    old_timeline = {"steps": 16, "size": 48, "seed": 0, "lr": None, "lr_hold": None, "lr_final": None,
+                    "param": "fft", "precision": "auto"}
+    assert RenderSettings.from_record(old_timeline) == DEFAULT_SETTINGS.replace(steps=16, size=48)
+    # A tile header or atlas.json of an earlier version: key_fields at the top level (resolved lr,
+    # no "method" for Lucid) beside the tile's own keys, which are ignored.
+    lucid = DEFAULT_SETTINGS.replace(steps=16, size=48, transforms=Transforms(jitter=3))
+    old_header = {"layer": MID, "channel": 3, "checksum": "abc", "score": 1.5, "no_response": False,
+                  **json.loads(json.dumps(lucid.key_fields()))}
+    assert RenderSettings.from_record(old_header).key_fields() == lucid.key_fields()
+    assert RenderSettings.from_record(None) == RenderSettings.from_record({}) == DEFAULT_SETTINGS
+
+
+def test_a_module_in_memory_gets_its_tiles_reused_until_its_weights_change(tmp_path):
+    from featureshift.commands.vis import vis
+    from featureshift.jobs.plan import hold_network
+
+    torch.manual_seed(0)
+    model = create_model("squeezenet1_1", weights="random")
+    first = vis(model, MID, tmp_path / "g.png", channels="1-2", steps=2, size=32, quiet=True)
+    assert (first.rendered, first.reused) == (2, 0)
+    before = {k: p.read_bytes() for k, p in first.tiles.items()}
+    again = vis(model, MID, tmp_path / "g.png", channels="1-2", steps=2, size=32, quiet=True)
+    assert (again.rendered, again.reused) == (0, 2)
+    assert {k: p.read_bytes() for k, p in again.tiles.items()} == before
+    checksum = hold_network(model).checksum
+    with torch.no_grad():
+        dict(model.named_modules())["features.9.expand3x3"].bias.add_(0.5)
+    assert hold_network(model).checksum != checksum
+    changed = vis(model, MID, tmp_path / "g.png", channels="1-2", steps=2, size=32, quiet=True)
+    assert (changed.rendered, changed.reused) == (2, 0)

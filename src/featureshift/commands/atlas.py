@@ -26,6 +26,8 @@ from ..run import timestamp
 
 if TYPE_CHECKING:
     from ..jobs.cache import TileCache
+    from ..jobs.executors import JobReport
+    from ..jobs.plan import JobPlan
 
 ATLAS_FILE = "atlas.json"
 ATLAS_FORMAT = "featureshift.atlas/1"
@@ -160,10 +162,6 @@ def atlas_tiles(run_dir: str | Path, record: dict[str, Any] | None = None) -> di
     return out
 
 
-def _settings_record(settings: RenderSettings) -> dict[str, Any]:
-    return json.loads(json.dumps(settings.key_fields(), default=repr))
-
-
 def _unwritten(e: OSError, cache: TileCache, keys: dict[tuple[str, int, int], str], then: str) -> WriteError:
     """A failed write E (a full disk) as one paragraph: how many tiles are saved, what THEN was not written."""
     done = len({key for key in keys.values() if key in cache})
@@ -176,7 +174,8 @@ def _write_record(run_dir: Path, result: AtlasResult, keys: dict[tuple[str, int,
 
     record = read_atlas(run_dir)
     record["format"] = ATLAS_FORMAT
-    fields = _settings_record(result.settings)
+    fields = result.settings.to_record()
+    same_pictures = result.settings.key_fields()
     for layer in result.layers:
         tiles: dict[str, dict[str, str]] = {}
         for (l, epoch, c), key in keys.items():
@@ -186,7 +185,9 @@ def _write_record(run_dir: Path, result: AtlasResult, keys: dict[tuple[str, int,
         epochs, channels = list(result.epochs), list(result.channels[layer])
         # The same pictures asked for again at more snapshots or channels: the atlas grows.
         # Other settings make other pictures, and the newer atlas replaces the older one.
-        if isinstance(old, dict) and old.get("settings") == fields:
+        # (Compared by what decides the pictures: a record of an earlier version reads the same.)
+        if isinstance(old, dict) and isinstance(old.get("settings"), dict) \
+                and RenderSettings.from_record(old["settings"]).key_fields() == same_pictures:
             epochs = sorted(set(epochs) | {int(e) for e in old.get("epochs", [])})
             channels = sorted(set(channels) | {int(c) for c in old.get("channels", [])})
             merged = {e: dict(v) for e, v in (old.get("tiles") or {}).items()}
@@ -236,6 +237,57 @@ def estimate_seconds(model, counts: dict[str, int], settings: RenderSettings, *,
     return total + calls * (sum(fixed) / max(len(fixed), 1)) + 0.5 * loads
 
 
+def _readable_rows(run_dir: Path, snapshots: str | Sequence[int]) -> tuple[list, list]:
+    """The chosen snapshots as rows, and those of them that can be read (a FeatureshiftError if none)."""
+    from ..run import list_snapshots
+    from .timeline import read_rows
+
+    rows = read_rows(atlas_snapshots(snapshots, list_snapshots(run_dir)))
+    good = [r for r in rows if r.meta is not None]
+    if not good:
+        raise FeatureshiftError(f"None of the chosen snapshots in {run_dir / 'snapshots'} can be read "
+                                f"({rows[0].error}). Train the run again or restore its snapshots.")
+    return rows, good
+
+
+def _atlased_channels(model, info, layer: str, channels: str | Sequence[int] | None) -> list[int]:
+    """The channels of LAYER to atlas: those `channels` names, or all of them."""
+    from ..models.layers import layer_info
+    from ..selection import select_channels
+
+    count = info.num_classes if layer == LOGITS else layer_info(model, layer).channels
+    return select_channels(count, channels=channels, layer=layer) if channels is not None else list(range(count))
+
+
+def _estimate(model, plan: JobPlan, settings: RenderSettings, *, device: str, batch_size: int | None) -> float:
+    """The time PLAN takes on this machine (see estimate_seconds)."""
+    todo: dict[str, int] = {}
+    for job in plan.jobs:
+        for layer, _ in job.targets:
+            todo[layer] = todo.get(layer, 0) + 1
+    return estimate_seconds(model, todo, settings, device=device, batch_size=batch_size, calls=len(plan.jobs),
+                            loads=len({j.snapshot for j in plan.jobs}))
+
+
+def _take_report(result: AtlasResult, report: JobReport, good: list, keys: dict[tuple[str, int, int], str]) -> None:
+    """What the render found into RESULT: where it ran, failed and silent tiles, unusable snapshots."""
+    if report.executor is not None:
+        result.executor = report.executor
+    result.rendered = report.rendered
+    by_key: dict[str, list[tuple[str, int, int]]] = {}
+    for where, key in keys.items():
+        by_key.setdefault(key, []).append(where)
+    for key, why in report.failed.items():
+        for where in by_key.get(key, []):
+            result.failed[where] = why
+    for key in report.no_response:
+        result.no_response.update(by_key.get(key, []))
+    for path, why in report.unusable.items():
+        for r in good:
+            if r.path == Path(path):
+                result.missing[r.epoch] = why
+
+
 def atlas(run_dir: str | Path, layers: str | Sequence[str] = (), *, all_layers: bool = False,
           snapshots: str | Sequence[int] = DEFAULT_SNAPSHOTS, channels: str | Sequence[int] | None = None,
           settings: RenderSettings | None = None, device: str = "auto", batch_size: int | None = None,
@@ -256,14 +308,10 @@ def atlas(run_dir: str | Path, layers: str | Sequence[str] = (), *, all_layers: 
     cannot be read are left out and reported in `missing` (`unreadable()`: a paragraph).
     """
     from ..jobs.cache import TileCache
-    from ..jobs.executors import make_executor, run_jobs
+    from ..jobs.executors import render_tiles
     from ..jobs.plan import TileRequest, plan_jobs
-    from ..models.layers import layer_info
-    from ..run import list_snapshots
-    from ..selection import select_channels
-    from ..snapshot import load_snapshot
     from ..run import tile_cache_dir
-    from .timeline import read_rows
+    from ..snapshot import load_snapshot
 
     started = time.perf_counter()
     settings = for_run((settings or DEFAULT_SETTINGS).replace(**changes), run_dir)
@@ -274,23 +322,13 @@ def atlas(run_dir: str | Path, layers: str | Sequence[str] = (), *, all_layers: 
     if not all_layers and not names:
         raise FeatureshiftError("Name at least one layer (--layer), or use --all-layers; "
                                 "`featureshift layers RUN/snapshots/epoch_000.safetensors` lists them.")
-    entries = atlas_snapshots(snapshots, list_snapshots(run_dir))
-    rows = read_rows(entries)
-    good = [r for r in rows if r.meta is not None]
-    if not good:
-        raise FeatureshiftError(f"None of the chosen snapshots in {run_dir / 'snapshots'} can be read "
-                                f"({rows[0].error}). Train the run again or restore its snapshots.")
+    rows, good = _readable_rows(run_dir, snapshots)
     model, meta = load_snapshot(good[0].path)
     if all_layers:
         from ..metrics.driver import overview_layers
 
         names = overview_layers(model)
-    counts = {}
-    for layer in names:
-        counts[layer] = meta.info.num_classes if layer == LOGITS else layer_info(model, layer).channels
-    chosen = {layer: (select_channels(counts[layer], channels=channels, layer=layer) if channels is not None
-                      else list(range(counts[layer]))) for layer in names}
-
+    chosen = {layer: _atlased_channels(model, meta.info, layer, channels) for layer in names}
     cache = TileCache(tile_cache_dir(run_dir))
     requests = [TileRequest(r.path, r.meta.checksum, layer, c, r.epoch)
                 for r in good for layer in names for c in chosen[layer]]
@@ -300,40 +338,19 @@ def atlas(run_dir: str | Path, layers: str | Sequence[str] = (), *, all_layers: 
                          None, executor=f"Ray at {ray}" if ray else f"local, {device}", dry_run=dry_run)
     result.missing = {r.epoch: r.error for r in rows if r.error}
     if plan.tiles and (dry_run or not quiet):  # the estimate is for people; it costs a few seconds
-        todo: dict[str, int] = {}
-        for job in plan.jobs:
-            for layer, _ in job.targets:
-                todo[layer] = todo.get(layer, 0) + 1
-        result.estimate_s = estimate_seconds(model, todo, settings, device=device, batch_size=batch_size,
-                                             calls=len(plan.jobs), loads=len({j.snapshot for j in plan.jobs}))
+        result.estimate_s = _estimate(model, plan, settings, device=device, batch_size=batch_size)
     del model
     if dry_run:  # the plan is the result: the caller prints it (`summary()`), once
         return result
     if not quiet:  # a progress line before a long render, beside the progress bar
         print(result.plan_line(), file=sys.stderr, flush=True)
-
-    if plan.tiles:
-        try:
-            with make_executor(ray, device=device, batch_size=batch_size, quiet=quiet) as executor:
-                result.executor = executor.describe()
-                report = run_jobs(plan.sized(executor.max_tiles), cache, executor, quiet=quiet, desc="atlas")
-        except OSError as e:
-            if not is_write_error(e):
-                raise
-            raise _unwritten(e, cache, keys, f"{run_dir / ATLAS_FILE} was not updated") from e
-        result.rendered = report.rendered
-        by_key: dict[str, list[tuple[str, int, int]]] = {}
-        for where, key in keys.items():
-            by_key.setdefault(key, []).append(where)
-        for key, why in report.failed.items():
-            for where in by_key.get(key, []):
-                result.failed[where] = why
-        for key in report.no_response:
-            result.no_response.update(by_key.get(key, []))
-        for path, why in report.unusable.items():
-            for r in good:
-                if r.path == Path(path):
-                    result.missing[r.epoch] = why
+    try:
+        report = render_tiles(plan, cache, ray=ray, device=device, batch_size=batch_size, quiet=quiet, desc="atlas")
+    except OSError as e:
+        if not is_write_error(e):
+            raise
+        raise _unwritten(e, cache, keys, f"{run_dir / ATLAS_FILE} was not updated") from e
+    _take_report(result, report, good, keys)
     for where, key in keys.items():
         if key in cache:
             result.tiles[where] = cache.path(key)

@@ -26,17 +26,22 @@ from ..selection import DEFAULT_COLUMNS
 from .atlas import atlas_tiles, read_atlas
 
 
-def existing_timelines(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """Layers the run already has timelines of: layer -> {"channels": [...], "settings": {...}}.
+# What the report takes from a timeline's settings: its own renders are Lucid renders of the
+# channel objective, which the timeline decides the size, length, seed, rate and precision of.
+REUSED_SETTINGS = ("steps", "size", "seed", "lr", "lr_hold", "lr_final", "param", "precision")
 
-    The settings are those the timeline recorded in its merged.png (a timeline written before
-    it recorded them: those of a Lucid tile of the layer in the cache), so the report reuses
-    those renders instead of rendering the same channels again with other settings.
+
+def existing_timelines(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """Layers the run already has timelines of: layer -> {"channels": [...], "settings": RenderSettings | None}.
+
+    The settings are those of a Lucid timeline as it recorded them in its merged.png (a timeline
+    written before it recorded them: those of a Lucid tile of the layer in the cache), reduced to
+    REUSED_SETTINGS, so the report reuses those renders instead of rendering the same channels
+    again with other settings. Records of every earlier version are read (`RenderSettings.from_record`).
     """
     from PIL import Image
 
     from ..io import OUTPUT_TEXT_KEY
-    from .timeline import RECORDED_SETTINGS
 
     root = run_dir / TIMELINE_DIR
     found: dict[str, dict[str, Any]] = {}
@@ -50,7 +55,9 @@ def existing_timelines(run_dir: Path) -> dict[str, dict[str, Any]]:
         except (OSError, ValueError):
             continue
         if about.get("kind") == "timeline" and about.get("layer") and about.get("channels"):
-            found[about["layer"]] = {"channels": [int(c) for c in about["channels"]], "settings": about.get("settings")}
+            recorded = about.get("settings")
+            found[about["layer"]] = {"channels": [int(c) for c in about["channels"]],
+                                     "settings": _reused(RenderSettings.from_record(recorded)) if recorded else None}
     # An atlas of the same layer shares the cache, maybe with other settings: the timeline's own
     # tiles are read first, the atlas's only when it has the same ones.
     atlased = {k for entry in read_atlas(run_dir)["layers"].values() for keys in (entry.get("tiles") or {}).values()
@@ -64,12 +71,20 @@ def existing_timelines(run_dir: Path) -> dict[str, dict[str, Any]]:
         except (OSError, ValueError):
             continue
         entry = found.get(about.get("layer"))
-        # (timelines written before they recorded their settings; Lucid tiles only: an accentuation
-        # or MACO tile of the layer has another learning rate)
-        if entry is not None and entry["settings"] is None and about.get("objective", "channel") == "channel" \
-                and about.get("method", "lucid") == "lucid":
-            entry["settings"] = {k: about[k] for k in RECORDED_SETTINGS if k in about}
+        # (timelines written before they recorded their settings; Lucid tiles of the channel objective
+        # only: an accentuation or MACO tile of the layer has another learning rate)
+        if entry is not None and entry["settings"] is None:
+            tile_settings = RenderSettings.from_record(about)
+            if tile_settings.objective == "channel":
+                entry["settings"] = _reused(tile_settings)
     return found
+
+
+def _reused(settings: RenderSettings) -> RenderSettings | None:
+    """The defaults with SETTINGS' REUSED_SETTINGS, or None for the settings of another method."""
+    if settings.method != "lucid":
+        return None
+    return DEFAULT_SETTINGS.replace(**{name: getattr(settings, name) for name in REUSED_SETTINGS})
 
 
 def _default_layer(model) -> str:
@@ -152,7 +167,7 @@ def build_report(run_dir: str | os.PathLike, layers: str | Sequence[str] | None 
         if layer in atlas_only:
             continue
         prior = existing.get(layer, {})
-        base = settings or DEFAULT_SETTINGS.replace(**(prior.get("settings") or {}))
+        base = settings or prior.get("settings") or DEFAULT_SETTINGS
         layer_settings = base.replace(**changes)
         cols = channels if channels is not None else (prior.get("channels") or DEFAULT_COLUMNS)
         tl = timeline(run_dir, [layer], cols, settings=layer_settings, device=device, batch_size=batch_size,

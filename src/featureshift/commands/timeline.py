@@ -22,7 +22,7 @@ from ..errors import FeatureshiftError
 from ..grid import NO_RESPONSE_LABEL, channel_label, make_grid, no_response_tile
 from ..io import SIGNATURE_KEY, is_write_error, png_text, safe_name, save_image, save_merged, write_error
 from ..jobs.cache import TileCache, read_tile, read_tile_about
-from ..jobs.executors import JobReport, check_ray, make_executor, run_jobs
+from ..jobs.executors import JobReport, check_ray, render_tiles
 from ..jobs.plan import TileRequest, plan_jobs
 from ..optvis.maco import for_run
 from ..optvis.objectives import LOGITS
@@ -31,9 +31,6 @@ from ..run import TIMELINE_DIR, tile_cache_dir
 from ..selection import DEFAULT_COLUMNS, select_channels
 from ..states import ONNX, Preprocessing, State, list_states, open_state, read_snapshot_state
 
-# The render settings a timeline records in its merged.png, which a report rebuilt later reuses
-# so that it reads the cached tiles instead of rendering them again with other settings.
-RECORDED_SETTINGS = ("steps", "size", "seed", "lr", "lr_hold", "lr_final", "param", "precision")
 GIF_FRAME_MS = 600
 
 
@@ -245,14 +242,7 @@ def timeline(run_dir: str | Path, layers: str | Sequence[str], channels: int | s
     layers = [layers] if isinstance(layers, str) else list(dict.fromkeys(layers))
     if not layers:
         raise FeatureshiftError("Name at least one layer (--layer); `featureshift layers MODEL` lists them.")
-    rows = list_states(run_dir, snapshots, every, preprocessing=Preprocessing.of(mean, std, input_size))
-    good = [r for r in rows if r.meta is not None]
-    if not good and rows[0].kind == ONNX:
-        raise FeatureshiftError(f"None of the {len(rows)} ONNX file(s) in {run_dir} can be used ({rows[0].error})")
-    if not good:
-        raise FeatureshiftError(
-            f"None of the {len(rows)} snapshot(s) in {run_dir / 'snapshots'} can be read ({rows[0].error}). "
-            "Train the run again or restore its snapshots.")
+    rows = _usable_rows(run_dir, snapshots, every, Preprocessing.of(mean, std, input_size))
     counts = _layer_channels(rows, layers)
     columns = {layer: _choose_channels(layer, counts[layer], channels) for layer in layers}
     cache = TileCache(tile_cache_dir(run_dir))
@@ -261,7 +251,7 @@ def timeline(run_dir: str | Path, layers: str | Sequence[str], channels: int | s
     for r in rows:
         if r.error:
             result.missing[r.epoch] = r.error
-
+    good = [r for r in rows if r.meta is not None]
     # One job list for the whole timeline: the tiles not in the cache, grouped by snapshot.
     requests = {(layer, r.epoch, c): TileRequest(r.path, r.checksum, layer, c, r.epoch, r.preprocessing)
                 for r in good for layer in layers for c in columns[layer]}
@@ -273,12 +263,9 @@ def timeline(run_dir: str | Path, layers: str | Sequence[str], channels: int | s
     for where, key in keys.items():
         first.setdefault(key, where)
     tell = None if on_tile is None else lambda key, path: on_tile(*first[key], path)
-    report = JobReport()
     try:
-        if plan.jobs:  # a cached rerun starts no executor (nor a Ray instance)
-            with make_executor(ray, device=device, batch_size=batch_size, quiet=quiet) as executor:
-                report = run_jobs(plan.sized(executor.max_tiles), cache, executor, quiet=quiet, on_tile=tell,
-                                  desc="timeline")
+        report = render_tiles(plan, cache, ray=ray, device=device, batch_size=batch_size, quiet=quiet,
+                              on_tile=tell, desc="timeline")
     except OSError as e:
         if not is_write_error(e):
             raise
@@ -286,17 +273,7 @@ def timeline(run_dir: str | Path, layers: str | Sequence[str], channels: int | s
         raise write_error(e, f"{done} of {len(set(keys.values()))} tiles are saved in the tile cache {cache.root}; "
                              "the rows, merged.png and GIFs were not updated",
                           "run the same command again: it renders only the missing tiles") from e
-    result.rendered = report.rendered
-    epoch_of = {r.path: r for r in good}
-    for path, why in report.unusable.items():
-        row = epoch_of[Path(path)]
-        result.missing[row.epoch] = row.error = why
-
-    for (layer, epoch, c), key in keys.items():
-        if key in cache:
-            result.tiles[(layer, epoch, c)] = cache.path(key)
-        if key in report.no_response:
-            result.no_response.add((layer, epoch, c))
+    _take_report(result, report, good, keys, cache)
     try:
         _write_outputs(rows, result, labels, settings)
     except OSError as e:
@@ -306,6 +283,34 @@ def timeline(run_dir: str | Path, layers: str | Sequence[str], channels: int | s
                              f"merged images or GIFs in {run_dir / TIMELINE_DIR} were not updated",
                           "run the same command again: it renders nothing and writes the rest") from e
     return result
+
+
+def _usable_rows(run_dir: Path, snapshots: str | Sequence[int] | None, every: int | None,
+                 preprocessing: Preprocessing | None) -> list[State]:
+    """The chosen rows of RUN_DIR; a FeatureshiftError when none of them can be read."""
+    rows = list_states(run_dir, snapshots, every, preprocessing=preprocessing)
+    if any(r.meta is not None for r in rows):
+        return rows
+    if rows[0].kind == ONNX:
+        raise FeatureshiftError(f"None of the {len(rows)} ONNX file(s) in {run_dir} can be used ({rows[0].error})")
+    raise FeatureshiftError(
+        f"None of the {len(rows)} snapshot(s) in {run_dir / 'snapshots'} can be read ({rows[0].error}). "
+        "Train the run again or restore its snapshots.")
+
+
+def _take_report(result: TimelineResult, report: JobReport, good: list[State],
+                 keys: dict[tuple[str, int, int], str], cache: TileCache) -> None:
+    """What the render found into RESULT: tiles, rows whose snapshot proved unusable, silent channels."""
+    result.rendered = report.rendered
+    epoch_of = {r.path: r for r in good}
+    for path, why in report.unusable.items():
+        row = epoch_of[Path(path)]
+        result.missing[row.epoch] = row.error = why
+    for (layer, epoch, c), key in keys.items():
+        if key in cache:
+            result.tiles[(layer, epoch, c)] = cache.path(key)
+        if key in report.no_response:
+            result.no_response.add((layer, epoch, c))
 
 
 def _choose_channels(layer: str, count: int, channels: int | str | Sequence[int]) -> list[int]:
@@ -388,12 +393,10 @@ def _write_outputs(rows: list[State], result: TimelineResult, labels: bool, sett
         if _stored_signature(result.merged[layer]) != sig:
             grid = [[] if k is None else [tile(layer, r.epoch, c) for c in cols] for r, k in zip(rows, keys)]
             merged = make_grid(grid, row_labels=row_labels if labels else None, col_labels=col_labels, title=title)
-            # As given, not resolved: a setting left to its default (None: the learning rate follows
-            # the steps) stays so when a report reuses these settings with other steps.
+            # A report rebuilt later reuses these settings (commands/report.existing_timelines), so
+            # that it reads the cached tiles instead of rendering them again with other settings.
             save_merged(result.merged[layer], merged, signature=sig, kind="timeline", layer=layer,
-                        epochs=result.epochs, channels=cols,
-                        settings={k: getattr(settings, k) for k in RECORDED_SETTINGS}
-                        if settings.method == "lucid" else None)
+                        epochs=result.epochs, channels=cols, settings=settings.to_record())
 
         result.gifs[layer] = {}
         present = [(r, k) for r, k in zip(rows, keys) if k is not None]
