@@ -320,3 +320,42 @@ def test_a_timeline_records_its_settings_as_given(tmp_path, photos, one_thread):
     timeline(run, LAYER, 1, quiet=True, lr=0.3, precision="fp32", **TINY)  # a rate and a precision given are kept
     assert existing_timelines(run)[LAYER]["settings"].lr == 0.3
     assert existing_timelines(run)[LAYER]["settings"].precision == "fp32"
+
+
+def test_settings_recorded_by_earlier_versions_are_still_reused(tmp_path, photos, one_thread):
+    # Earlier versions wrote a timeline's settings as a few fields, tile headers and atlas.json
+    # as the cache key's fields (resolved, at the top level): the report and the atlas read them.
+    import json as json_lib
+
+    from PIL import Image
+
+    from featureshift.commands.report import existing_timelines
+    from featureshift.commands.timeline import timeline
+    from featureshift.io import OUTPUT_TEXT_KEY, save_merged, write_json
+    from featureshift.jobs.cache import read_tile, write_tile
+    from featureshift.optvis.settings import DEFAULT_SETTINGS
+
+    run = make_run(tmp_path, photos, epochs=(0,))
+    tl = timeline(run, LAYER, 1, quiet=True, seed=4, **TINY)
+    merged = tl.merged[LAYER]
+    with Image.open(merged) as im:
+        about, image = json_lib.loads(im.info[OUTPUT_TEXT_KEY]), im.convert("RGB")
+    old = {"steps": 2, "size": 32, "seed": 4, "lr": None, "lr_hold": None, "lr_final": None, "param": "fft",
+           "precision": "auto"}
+    save_merged(merged, image, **{**about, "settings": old})
+    assert existing_timelines(run)[LAYER]["settings"] == DEFAULT_SETTINGS.replace(seed=4, **TINY)
+    # A timeline older still recorded none: the settings of one of its tiles, whose header held key fields.
+    save_merged(merged, image, **{**about, "settings": None})
+    [tile] = tl.tiles.values()
+    picture, header = read_tile(tile)
+    lucid = DEFAULT_SETTINGS.replace(seed=4, **TINY)
+    old_header = {k: header[k] for k in ("layer", "channel", "epoch", "checksum", "score", "failed", "no_response")}
+    write_tile(tile, picture, {**old_header, **json_lib.loads(json_lib.dumps(lucid.key_fields()))})
+    assert existing_timelines(run)[LAYER]["settings"].key_fields() == lucid.key_fields()
+    # atlas.json of an earlier version: the same pictures asked for again grow its atlas.
+    first = atlas(run, LAYER, channels="0-1", quiet=True, seed=4, **TINY)
+    record = read_atlas(run)
+    record["layers"][LAYER]["settings"] = json_lib.loads(json_lib.dumps(lucid.key_fields()))
+    write_json(run / ATLAS_FILE, record)
+    atlas(run, LAYER, channels="2", quiet=True, seed=4, **TINY)
+    assert read_atlas(run)["layers"][LAYER]["channels"] == [0, 1, 2] and first.rendered == 1  # 0: the timeline's

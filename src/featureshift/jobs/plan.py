@@ -33,10 +33,6 @@ class HeldNetwork:
     module: Any  # an nn.Module, eval mode, featureshift_info attached (network.open_network)
     checksum: str
 
-    @property
-    def name(self) -> str:
-        return f"{type(self.module).__name__} in memory"
-
 
 def hold_network(module, checksum: str | None = None) -> HeldNetwork:
     """MODULE as a render source. checksum: its snapshot's weight checksum when it was loaded
