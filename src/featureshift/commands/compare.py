@@ -262,7 +262,7 @@ class _Renders:
 
         requests = [TileRequest(side.source, side.source.checksum, self.layer, c) for c in chans]
         plan = plan_jobs(requests, side.cache, settings=self.settings)
-        report = render_tiles(plan, side.cache, **self.how)
+        report = render_tiles(plan, side.cache, show_steps=True, **self.how)
         out: list[np.ndarray | None] = []
         for r in requests:
             path = side.cache.path(plan.keys[r])

@@ -86,7 +86,7 @@ def vis(model, layers: str | Sequence[str], output: str | os.PathLike, *, column
     tiles = _VisTiles.plan(source, names, chosen, settings, out.with_name(out.stem + "_tiles"))
     try:
         report = render_tiles(plan_jobs(tiles.requests.values(), tiles.cache, settings=settings), tiles.cache,
-                              ray=ray, device=device, batch_size=batch_size, quiet=quiet)
+                              ray=ray, device=device, batch_size=batch_size, quiet=quiet, show_steps=True)
         shown, silent, failed = tiles.as_shown(report, settings.size)
         _save_grid(out, net.module, names, chosen, settings.copies, shown, labels)
     except OSError as e:

@@ -66,8 +66,10 @@ class JobReport:
 
 # ---------------------------------------------------------------- the work of one job
 
-def render_job(model, job: TileJob, *, device: str = "auto", batch_size: int | None = None) -> JobOutput:
-    """Render JOB's channels on MODEL in batches: the same computation wherever it runs."""
+def render_job(model, job: TileJob, *, device: str = "auto", batch_size: int | None = None,
+               quiet: bool = True) -> JobOutput:
+    """Render JOB's channels on MODEL in batches: the same computation wherever it runs.
+    quiet=False shows the engine's progress over the steps."""
     import torch
 
     from ..grid import bands_note, to_pil
@@ -75,7 +77,7 @@ def render_job(model, job: TileJob, *, device: str = "auto", batch_size: int | N
     from ..optvis.engine import render
 
     targets = list(dict.fromkeys(job.targets))  # a target asked for in several copies renders once
-    out = render(model, targets, settings=job.settings, device=device, batch_size=batch_size, quiet=True)
+    out = render(model, targets, settings=job.settings, device=device, batch_size=batch_size, quiet=quiet)
     copies = len(out.images) // len(targets)  # the diversity objective renders several per target
     if any(job.copy_of(j) >= copies for j in range(len(job))):  # the objective decides the copies, not the settings
         raise RuntimeError(f"render gave {copies} image(s) per target, fewer than the copies asked for")
@@ -125,6 +127,9 @@ class LocalExecutor:
     def __init__(self, device: str = "auto", batch_size: int | None = None):
         self.device = device
         self.batch_size = batch_size
+        # The engine's own bar over the steps of each job: for commands whose few tiles make one
+        # long job (vis, compare), where a bar over tiles would stand still until the end.
+        self.show_steps = False
         self.max_tiles = max_batch(uses_gpu(device, cuda_available=device == "auto" and cuda_available()))
 
     def __enter__(self):
@@ -173,7 +178,8 @@ class LocalExecutor:
                 if model is None:
                     yield job, JobOutput(None, error=error)
                 else:
-                    yield job, render_job(model, job, device=self.device, batch_size=self.batch_size)
+                    yield job, render_job(model, job, device=self.device, batch_size=self.batch_size,
+                                          quiet=not self.show_steps)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
@@ -374,12 +380,16 @@ def check_ray(ray: str | None) -> str | None:
 
 def render_tiles(plan: JobPlan, cache: TileCache, *, ray: str | None = None, device: str = "auto",
                  batch_size: int | None = None, quiet: bool = False,
-                 on_tile: Callable[[str, Path], None] | None = None, desc: str = "render") -> JobReport:
+                 on_tile: Callable[[str, Path], None] | None = None, desc: str = "render",
+                 show_steps: bool = False) -> JobReport:
     """Run PLAN with the executor `ray` names (see `make_executor`), its jobs sized for it; a
-    plan with nothing to render starts no executor (nor a Ray instance)."""
+    plan with nothing to render starts no executor (nor a Ray instance). show_steps: a local
+    render also shows the engine's progress over the steps (unless quiet)."""
     if not plan.jobs:
         return JobReport(cached=plan.cached)
     with make_executor(ray, device=device, batch_size=batch_size, quiet=quiet) as executor:
+        if isinstance(executor, LocalExecutor):
+            executor.show_steps = show_steps and not quiet
         report = run_jobs(plan.sized(executor.max_tiles), cache, executor, quiet=quiet, on_tile=on_tile, desc=desc)
         report.executor = executor.describe()
     return report
