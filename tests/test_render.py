@@ -590,3 +590,16 @@ def test_a_module_in_memory_gets_its_tiles_reused_until_its_weights_change(tmp_p
     assert hold_network(model).checksum != checksum
     changed = vis(model, MID, tmp_path / "g.png", channels="1-2", steps=2, size=32, quiet=True)
     assert (changed.rendered, changed.reused) == (2, 0)
+
+
+def test_vis_leaves_a_gap_for_a_render_that_fails_and_tries_it_again_next_time(tmp_path):
+    from featureshift.commands.vis import vis
+
+    net = _tiny(_ExplodeNet())
+    kw = dict(steps=40, size=24, quiet=True, precision="fp32", device="cpu")  # as test_nan_or_inf_stops_that_image_only
+    result = vis(net, "explode", tmp_path / "g.png", channels="0-2", **kw)
+    assert [(layer, c) for layer, c, _ in result.failed] == [("explode", 1)] and "NaN/Inf" in result.failed[0][2]
+    assert sorted(p.name for p in result.tiles_dir.iterdir()) == ["explode_0.png", "explode_2.png"]
+    assert set(result.tiles) == {("explode", 0, 0), ("explode", 2, 0)}
+    again = vis(net, "explode", tmp_path / "g.png", channels="0-2", **kw)
+    assert (again.rendered, again.reused) == (1, 2) and [c for _, c, _ in again.failed] == [1]

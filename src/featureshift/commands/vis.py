@@ -140,7 +140,8 @@ class _VisTiles:
         files = {keys[r]: f"{name}_{c}{f'_{k}' if copies > 1 else ''}.png" for (name, c, k), r in requests.items()}
         return cls(requests, TileCache(folder, files), keys, {w: keys[r] for w, r in requests.items()})
 
-    def as_shown(self, report: JobReport, size: int):
+    def as_shown(self, report: JobReport, size: int) -> tuple[dict[tuple[str, int, int], object], set[tuple[str, int]],
+                                                             list[tuple[str, int, str]]]:
         """What the grid shows per (layer, channel, copy): an image, NO_RESPONSE or None (failed);
         the silent (layer, channel)s; the failed (layer, channel, why)s. The files follow what
         people see: a channel without response is drawn so, and a failed render leaves no file
@@ -152,15 +153,15 @@ class _VisTiles:
         failed: list[tuple[str, int, str]] = []
         abouts = {}
         for (name, c, k), key in self.where.items():
-            why = report.failed.get(key)
-            if why is not None:
+            image, about = read_tile(self.cache.path(key)) if key not in report.failed else (None, {})
+            why = report.failed.get(key) or about.get("failed")
+            if why:
                 self.cache.path(key).unlink(missing_ok=True)
                 failed.append((name, c, why))
                 shown[(name, c, k)] = None
                 continue
-            image, abouts[(name, c, k)] = read_tile(self.cache.path(key))
-            shown[(name, c, k)] = image
-            if abouts[(name, c, k)].get("no_response"):
+            shown[(name, c, k)], abouts[(name, c, k)] = image, about
+            if about.get("no_response"):
                 silent.add((name, c))
         for (name, c, k), about in abouts.items():
             if (name, c) in silent:

@@ -57,11 +57,6 @@ def write_tile(path: str | os.PathLike, image, about: dict[str, Any]) -> None:
     save_image(path, image, pnginfo=png_text(TILE_TEXT_KEY, about))
 
 
-def tile_settings(about: Mapping[str, Any]) -> RenderSettings:
-    """The settings a tile header records, from this version's headers and earlier ones."""
-    return RenderSettings.from_record(about)
-
-
 @dataclasses.dataclass(frozen=True)
 class TileCache:
     """A folder of tiles named `<key>.png`; or, given `names` (key -> file name), a folder that

@@ -98,7 +98,7 @@ def render_job(model, job: TileJob, *, device: str = "auto", batch_size: int | N
 def tile_about(job: TileJob, index: int, output: JobOutput) -> dict[str, Any]:
     """The header of a tile, the one every command writes: its key, what it shows, how the
     render went, and the settings' record (`RenderSettings.to_record`) at the top level, where
-    tiles of earlier versions had their settings too (`cache.tile_settings` reads both)."""
+    tiles of earlier versions had their settings too (`RenderSettings.from_record` reads both)."""
     layer, channel = job.targets[index]
     about: dict[str, Any] = {"key": job.keys[index], "layer": layer, "channel": channel}
     if job.epoch is not None:

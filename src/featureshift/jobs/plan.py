@@ -25,6 +25,7 @@ from ..optvis.settings import DEFAULT_SETTINGS, RenderSettings
 from ..states import Preprocessing
 from .cache import TileCache, tile_key
 
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class HeldNetwork:
     """A network held in memory, rendered in place of a saved state. Two are the same source
