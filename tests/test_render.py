@@ -351,6 +351,14 @@ def test_diversity_pushes_renders_of_one_channel_apart(squeeze):
     assert np.mean(gained) > 0.05, gained
 
 
+def test_diversity_of_class_renders_compares_their_logit_vectors():
+    logits = torch.tensor([[1.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    batch = Batch(feats={"logits": logits}, channels=torch.zeros(3, dtype=torch.long),
+                  rows={"logits": torch.arange(3)}, groups=torch.tensor([0, 0, 0]))
+    # the first two point the same way (similarity 1 with each other), the third apart from both
+    assert objectives.diversity()(batch).tolist() == pytest.approx([1 / 3, 1 / 3, 0.0])
+
+
 def test_objectives_compose():
     torch.manual_seed(0)
     f = {"a": torch.randn(4, 3, 5, 5), "b": torch.randn(4, 2, 3, 3)}

@@ -208,7 +208,8 @@ class Diversity(Objective):
         return {self.layer} if self.layer is not None else set(own)
 
     def _similarity(self, f: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-        f = f.float().flatten(2)  # (n, C, HW)
+        # (n, C, HW); the logits (n, classes) have no positions: their Gram is the outer product
+        f = f.float().flatten(2) if f.dim() > 2 else f.float()[:, :, None]
         grams = torch.nn.functional.normalize((f @ f.transpose(1, 2)).flatten(1), dim=1, eps=1e-10)
         same = (groups[:, None] == groups[None, :]) & ~torch.eye(len(groups), dtype=torch.bool, device=f.device)
         group_size = (groups[:, None] == groups[None, :]).sum(1)
