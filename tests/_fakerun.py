@@ -60,7 +60,7 @@ def make_run(root: Path, photos, epochs=(0, 1, 2), only_first: bool = False) -> 
 
     run = root / "run"
     samples = make_images(root, photos)
-    model = featureshift.create_model("squeezenet1_1", weights="imagenet")
+    model = featureshift.open_network("squeezenet1_1", weights="imagenet").module
     torch.manual_seed(0)
     replace_head(model, len(CLASSES))
     info = dataclasses.replace(featureshift.model_info(model), num_classes=len(CLASSES), class_names=list(CLASSES),

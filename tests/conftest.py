@@ -15,7 +15,7 @@ def squeezenet():
     """The offline ImageNet SqueezeNet: real features for tests that need them."""
     import featureshift
 
-    return featureshift.create_model("squeezenet1_1", weights="imagenet")
+    return featureshift.open_network("squeezenet1_1", weights="imagenet").module
 
 
 @pytest.fixture(scope="session")

@@ -18,9 +18,9 @@ from featureshift.data import ImageDataset, eval_transform, open_image  # noqa: 
 from featureshift.jobs.cache import read_tile_about  # noqa: E402
 from featureshift.models.info import ModelInfo  # noqa: E402
 from featureshift.models.layers import Capture, list_layers, truncated  # noqa: E402
-from featureshift.network import create_model, open_network  # noqa: E402
+from featureshift.network import open_network  # noqa: E402
 from featureshift.optvis.engine import render  # noqa: E402
-from featureshift.snapshot import load_snapshot, save_snapshot  # noqa: E402
+from featureshift.snapshot import save_snapshot  # noqa: E402
 
 SIZE = 48  # timm's test_vit (patch 16, width 64, 6 blocks) sees a 3x3 patch grid and a class token
 FAST = dict(steps=4, size=SIZE, device="cpu", quiet=True)
@@ -30,7 +30,7 @@ FAST = dict(steps=4, size=SIZE, device="cpu", quiet=True)
 def vit(one_thread):
     with torch.random.fork_rng():  # the same random ViT whichever tests ran before
         torch.manual_seed(0)
-        return create_model("timm/test_vit", weights="random", num_classes=3, image_size=SIZE)
+        return open_network("timm/test_vit", weights="random", num_classes=3, image_size=SIZE).module
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def vit_states(vit, tmp_path_factory):
                 p.add_(0.1 * p.std() * torch.randn(p.shape, generator=g))
     b = root / "b.safetensors"
     save_snapshot(vit, b, epoch=1)
-    vit.load_state_dict(load_snapshot(a)[0].state_dict())
+    vit.load_state_dict(open_network(a).module.state_dict())
     return a, b
 
 
@@ -154,7 +154,7 @@ def test_cutoff_by_block_name_freezes_the_blocks_up_to_it(vit):
 def test_grayscale_network_trains_on_gray_images_and_renders_gray(gray_folder, tmp_path, one_thread):
     from featureshift.commands.train import train
 
-    model = create_model("timm/test_resnet", weights="random", num_classes=2, in_chans=1)
+    model = open_network("timm/test_resnet", weights="random", num_classes=2, in_chans=1).module
     info = model.featureshift_info
     assert info.in_chans == 1 and len(info.mean) == len(info.std) == 1
     x, _ = ImageDataset([(next(gray_folder.glob("bars/*.png")), 0)], eval_transform(info, 32), channels=1)[0]
@@ -163,7 +163,8 @@ def test_grayscale_network_trains_on_gray_images_and_renders_gray(gray_folder, t
     save_snapshot(model, start)
     run = train(data=str(gray_folder), model=str(start), epochs=1, batch_size=4, image_size=32, workers=0,
                 device="cpu", out=str(tmp_path / "run"), quiet=True, augment=False)
-    trained, meta = load_snapshot(sorted((run / "snapshots").glob("*.safetensors"))[-1])
+    opened = open_network(sorted((run / "snapshots").glob("*.safetensors"))[-1])
+    trained, meta = opened.module, opened.meta
     assert meta.info.in_chans == 1 and meta.epoch == 1
     result = render(trained, [("layer1", 0)], steps=3, size=32, device="cpu", quiet=True)
     assert result.images.shape == (1, 32, 32, 1)
@@ -176,7 +177,7 @@ def test_grayscale_network_trains_on_gray_images_and_renders_gray(gray_folder, t
 def test_four_band_network_renders_its_first_three_bands_as_rgb(tmp_path, one_thread):
     from featureshift.grid import to_pil
 
-    model = create_model("timm/test_resnet", weights="random", num_classes=2, in_chans=4)
+    model = open_network("timm/test_resnet", weights="random", num_classes=2, in_chans=4).module
     assert len(model.featureshift_info.mean) == 4
     result = render(model, [("layer1", 1)], steps=3, size=32, device="cpu", quiet=True)
     assert result.images.shape == (1, 32, 32, 4)
@@ -210,7 +211,7 @@ def test_vit_trains_with_a_block_cutoff_and_its_timeline_renders(vit, tmp_path):
     save_snapshot(vit, start)
     run = train(data=str(tmp_path / "data"), model=str(start), epochs=1, batch_size=4, workers=0, device="cpu",
                 out=str(tmp_path / "run"), quiet=True, cutoff="blocks.1", lr=1e-2)
-    a, b = (load_snapshot(run / "snapshots" / f"00{e}.safetensors")[0].state_dict() for e in (0, 1))
+    a, b = (open_network(run / "snapshots" / f"00{e}.safetensors").module.state_dict() for e in (0, 1))
     assert torch.equal(a["blocks.1.mlp.fc2.weight"], b["blocks.1.mlp.fc2.weight"])
     assert torch.equal(a["patch_embed.proj.weight"], b["patch_embed.proj.weight"])
     assert not torch.equal(a["blocks.2.mlp.fc2.weight"], b["blocks.2.mlp.fc2.weight"])

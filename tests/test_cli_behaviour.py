@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from PIL import Image
 from torch import nn
 
-from featureshift import create_model, save_snapshot
+from featureshift import open_network, save_snapshot
 from featureshift.cli import main
 from featureshift.grid import NO_RESPONSE_FILL
 from featureshift.models.info import ModelInfo, attach_info
@@ -157,7 +157,7 @@ def test_merge_keeps_an_earlier_output_whole_when_the_new_one_cannot_be_written(
 @pytest.fixture
 def run(tmp_path):
     torch.manual_seed(0)
-    model = create_model("squeezenet1_1", weights="random", num_classes=3)
+    model = open_network("squeezenet1_1", weights="random", num_classes=3).module
     model.featureshift_info.class_names = ["daisy", "rose", "tulip"]
     folder = tmp_path / "run"
     for epoch in (0, 1):
@@ -325,7 +325,7 @@ def test_vis_marks_a_channel_that_does_not_respond(tmp_path, dead_channel):
 def dead_run(tmp_path):
     """A run of two snapshots in which channel 1 of features.3.squeeze_activation is zero for every input."""
     torch.manual_seed(0)
-    model = create_model("squeezenet1_1", weights="random", num_classes=3)
+    model = open_network("squeezenet1_1", weights="random", num_classes=3).module
     folder = tmp_path / "run"
     for epoch in (0, 1):
         with torch.no_grad():

@@ -17,7 +17,7 @@ from featureshift.training.loop import make_optimizer, param_groups, set_lr
 from featureshift.training.config import make_config
 from featureshift.commands.train import train
 from featureshift.models.zoo import head_modules, replace_head
-from featureshift.network import create_model
+from featureshift.network import open_network
 from featureshift.run import read_metrics, read_run
 
 # The command: `featureshift train --model squeezenet1_1 --weights imagenet --data digits
@@ -74,7 +74,7 @@ def test_two_processes_reach_the_accuracy_of_one(one_process, digits, tmp_path):
 
 
 def test_a_new_head_starts_small_and_learns_at_lr_while_pretrained_layers_learn_at_the_scale():
-    model = create_model("squeezenet1_1", weights="imagenet")
+    model = open_network("squeezenet1_1", weights="imagenet").module
     names = replace_head(model, 10)
     assert names == ["classifier.1"]
     head = head_modules(model)[0][1]

@@ -121,7 +121,7 @@ def test_writers_that_give_no_errno_raise_a_full_disk_as_enospc_naming_the_file(
     from featureshift.io import write_json
 
     disk = small_disk("1m")
-    net = featureshift.create_model("squeezenet1_1", weights="random")  # ~5 MB of weights
+    net = featureshift.open_network("squeezenet1_1", weights="random").module  # ~5 MB of weights
     with pytest.raises(OSError) as e:
         featureshift.save_snapshot(net, disk / "net.safetensors")
     assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(disk / "net.safetensors"))
@@ -151,7 +151,7 @@ def assert_nothing_half_written(folder: Path) -> None:
     for path in folder.rglob("*"):
         assert not path.name.startswith("."), f"left behind: {path}"
         if path.suffix == ".safetensors":
-            featureshift.load(str(path))  # its weights match the checksum stored with them
+            featureshift.open_network(path)  # its weights match the checksum stored with them
         elif path.suffix in (".json", ".jsonl"):
             for line in (path.read_text().splitlines() if path.suffix == ".jsonl" else [path.read_text()]):
                 json.loads(line)

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from _measure import channel_means, recognized
-from featureshift import FeatureshiftError, create_model
+from featureshift import FeatureshiftError, open_network
 from featureshift.optvis.accent import load_photo
 from featureshift.optvis.engine import render
 from featureshift.optvis.maco import (PhaseImage, dataset_spectrum, image_spectrum, load_spectrum,
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 @pytest.fixture(scope="module")
 def squeeze():
-    return create_model("squeezenet1_1", weights="imagenet")
+    return open_network("squeezenet1_1", weights="imagenet").module
 
 
 @pytest.fixture(scope="module")

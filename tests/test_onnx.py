@@ -18,8 +18,8 @@ from featureshift.errors import FeatureshiftError  # noqa: E402
 from featureshift.models.layers import list_layers  # noqa: E402
 from featureshift.models.onnx.check import CHECK_TOLERANCE, check_with_onnxruntime  # noqa: E402
 from featureshift.models.onnx.common import require_onnx  # noqa: E402
-from featureshift.models.onnx.convert import load_onnx  # noqa: E402
 from featureshift.models.onnx.metadata import read_metadata  # noqa: E402
+from featureshift.network import open_network  # noqa: E402
 
 CLASSES = ["cat", "dog", "owl", "fox", "elk"]
 SIZE = 64  # the exported networks' input size: small, and still deep enough for squeezenet
@@ -32,11 +32,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def snapshot(tmp_path_factory):
     """A random-weight squeezenet1_1 snapshot with its own classes and input size."""
     from featureshift.models.info import model_info
-    from featureshift.network import create_model
     from featureshift.snapshot import save_snapshot
 
     torch.manual_seed(0)
-    model = create_model("squeezenet1_1", weights="random", num_classes=len(CLASSES))
+    model = open_network("squeezenet1_1", weights="random", num_classes=len(CLASSES)).module
     info = dataclasses.replace(model_info(model), class_names=list(CLASSES), input_size=SIZE, resize_size=73)
     path = tmp_path_factory.mktemp("snap") / "003.safetensors"
     save_snapshot(model, path, epoch=3, info=info)
@@ -52,7 +51,7 @@ def exported(snapshot):
 
 @pytest.fixture(scope="module")
 def loaded(exported):
-    return load_onnx(exported.path)
+    return open_network(exported.path).module
 
 
 # ---------------------------------------------------------------- out
@@ -100,9 +99,8 @@ def test_without_the_extra_the_error_says_what_to_install(monkeypatch):
 
 @pytest.mark.slow
 def test_round_trip_gives_the_same_logits_classes_and_preprocessing(snapshot, loaded):
-    from featureshift.snapshot import load_snapshot
-
-    original, meta = load_snapshot(snapshot)
+    opened = open_network(snapshot)
+    original, meta = opened.module, opened.meta
     info = loaded.featureshift_info
     assert info.class_names == CLASSES and info.num_classes == len(CLASSES)
     assert info.mean == meta.info.mean and info.std == meta.info.std and info.input_size == SIZE
@@ -123,7 +121,7 @@ def test_layers_are_readable_stable_and_listed_by_the_cli(exported, loaded):
     assert names[:3] == ["features.0.Conv", "features.1.Relu", "features.2.MaxPool"]
     assert "features.3.expand3x3.Conv" in names and "features.12.Concat" in names
     assert all(re.fullmatch(r"[A-Za-z0-9_.]+", n) for n in names) and len(set(names)) == len(names)
-    again = load_onnx(exported.path, check=False)
+    again = open_network(exported.path, check=False).module
     assert [layer.name for layer in list_layers(again, 32)] == names
     assert again.featureshift_info.arch == loaded.featureshift_info.arch  # same graph, same layers
     result = CliRunner().invoke(main, ["layers", str(exported.path)])
@@ -133,8 +131,6 @@ def test_layers_are_readable_stable_and_listed_by_the_cli(exported, loaded):
 
 @pytest.mark.slow
 def test_open_network_takes_an_onnx_path(exported):
-    from featureshift.network import open_network
-
     net = open_network(exported.path, weights="ignored for files")
     assert net.meta is None and net.path == exported.path and net.label == "model.onnx"
     assert net.info.class_names == CLASSES
@@ -150,14 +146,12 @@ def test_a_layer_of_an_onnx_network_renders(loaded):
 
 @pytest.mark.slow
 def test_googlenet_from_torchs_default_exporter_is_converted_from_opset_18(tmp_path):
-    from featureshift.network import create_model
-
     torch.manual_seed(0)
-    model = create_model("googlenet", weights="random")
+    model = open_network("googlenet", weights="random").module
     path = tmp_path / "googlenet.onnx"
     torch.onnx.export(model, (torch.randn(1, 3, SIZE, SIZE),), str(path), verbose=False)
     assert max(o.version for o in onnx.load(str(path)).opset_import if o.domain == "") >= 18
-    module = load_onnx(path, **PREPROCESSING)  # checked against onnxruntime while loading
+    module = open_network(path, **PREPROCESSING).module  # checked against onnxruntime while loading
     info = module.featureshift_info
     assert info.input_size == SIZE and info.num_classes == 1000 and info.class_names[:2] == ["0", "1"]
     names = [layer.name for layer in list_layers(module, SIZE)]
@@ -171,9 +165,9 @@ def test_googlenet_from_torchs_default_exporter_is_converted_from_opset_18(tmp_p
 def test_without_preprocessing_the_error_names_the_flags(tmp_path):
     path = _save(_tf_graph(nhwc=False), tmp_path / "bare.onnx")
     with pytest.raises(FeatureshiftError) as err:
-        load_onnx(path)
+        open_network(path).module
     assert all(flag in str(err.value) for flag in ("--mean", "--std", "--input-size"))
-    assert load_onnx(path, **PREPROCESSING).featureshift_info.input_size == 16  # the graph fixes it
+    assert open_network(path, **PREPROCESSING).module.featureshift_info.input_size == 16  # the graph fixes it
 
 
 # ---------------------------------------------------------------- TensorFlow-shaped graphs
@@ -252,7 +246,7 @@ TF_CASES = {
 def test_tensorflow_shaped_graphs_match_onnxruntime(case, tmp_path):
     model = _tf_graph(**TF_CASES[case])
     path = _save(model, tmp_path / f"{case}.onnx")
-    module = load_onnx(path, **PREPROCESSING)  # raises when it differs from onnxruntime
+    module = open_network(path, **PREPROCESSING).module  # raises when it differs from onnxruntime
     nhwc = TF_CASES[case].get("nhwc", True)
     check = check_with_onnxruntime(module, model, nhwc=nhwc, seed=1)
     assert check.ok and check.max_diff < 1e-4, check.describe()
@@ -266,7 +260,6 @@ def test_tensorflow_shaped_graphs_match_onnxruntime(case, tmp_path):
 
 def test_export_of_an_onnx_file_adds_the_preprocessing_and_keeps_the_graph(tmp_path):
     from featureshift.commands.export import export
-    from featureshift.network import open_network
 
     source = _save(_tf_graph(), tmp_path / "epoch_05.onnx")
     result = export(source, tmp_path / "annotated" / "epoch_05.onnx", input_size=16, **PREPROCESSING)
@@ -371,10 +364,10 @@ def test_in_chans_comes_from_the_graphs_input(tmp_path):
     from featureshift.models.onnx.metadata import describe
 
     path = _save(_tf_graph(nhwc=False, lrn=False, pools=False, uneven=False, chans=1), tmp_path / "gray.onnx")
-    module = load_onnx(path, mean=(0.5,), std=(0.25,))  # checked against onnxruntime on one band
+    module = open_network(path, mean=(0.5,), std=(0.25,)).module  # checked against onnxruntime on one band
     assert module.featureshift_info.in_chans == 1 and module.featureshift_info.mean == (0.5,)
     assert module(torch.randn(2, 1, 16, 16)).shape == (2, 4)
-    fitted = load_onnx(path, **PREPROCESSING).featureshift_info  # RGB values fitted to the one band
+    fitted = open_network(path, **PREPROCESSING).module.featureshift_info  # RGB values fitted to the one band
     assert fitted.mean == pytest.approx((0.4,)) and fitted.std == pytest.approx((0.25,))
     assert describe(path)["in_chans"] == 1
 
@@ -423,7 +416,7 @@ def _weights_as_constant_nodes(model):
 def test_weights_stored_as_constant_nodes_are_taken(tmp_path):
     model = _weights_as_constant_nodes(_tf_graph(transpose=False, lrn=False, uneven=False))
     assert not model.graph.initializer and sum(n.op_type == "Constant" for n in model.graph.node) == 5
-    module = load_onnx(_save(model, tmp_path / "paddle.onnx"), **PREPROCESSING)  # checked against onnxruntime
+    module = open_network(_save(model, tmp_path / "paddle.onnx"), **PREPROCESSING).module  # checked against onnxruntime
     check = check_with_onnxruntime(module, model, nhwc=True, seed=2)
     assert check.ok and check.max_diff < 1e-4, check.describe()
     names = [layer.name for layer in list_layers(module, 16)]
@@ -447,7 +440,7 @@ def test_a_batch_written_as_minus_one_or_zero_is_free(free, tmp_path):
         "Reshape", ["gap", "to_rows"], ["rows"], name="model/reshape/Reshape"))
     flat.input[0] = "rows"
     path = _save(model, tmp_path / f"batch{free}.onnx")
-    module = load_onnx(path, **PREPROCESSING)  # the check runs onnxruntime at batch 2
+    module = open_network(path, **PREPROCESSING).module  # the check runs onnxruntime at batch 2
     assert module(torch.randn(3, 3, 16, 16)).shape == (3, 4)
     assert describe(path)["inputs"] == {"input": [None, 3, 16, 16]}
     listed = CliRunner().invoke(main, ["layers", str(path), "--mean", "0.5,0.5,0.5", "--std", "0.2,0.2,0.2"])
@@ -461,7 +454,7 @@ def test_input_size_height_by_width(tmp_path):
     from featureshift.cli import main
 
     free = _save(_conv_net(["N", 3, "H", "W"]), tmp_path / "text_direction.onnx")
-    module = load_onnx(free, input_size=(48, 192), **PREPROCESSING)
+    module = open_network(free, input_size=(48, 192), **PREPROCESSING).module
     info = module.featureshift_info
     assert info.input_size == 192 and module.featureshift_input_hw == (48, 192)
     assert [(l.name, l.height, l.width) for l in list_layers(module)][:2] == [
@@ -478,7 +471,7 @@ def test_input_size_height_by_width(tmp_path):
     written = runner.invoke(main, ["export", str(free), "-o", str(annotated), "--input-size", "48x192", "--mean",
                                    "0.5,0.5,0.5", "--std", "0.2,0.2,0.2", "-q"])
     assert written.exit_code == 0, written.output
-    assert load_onnx(annotated).featureshift_input_hw == (48, 192)
+    assert open_network(annotated).module.featureshift_input_hw == (48, 192)
 
 
 def test_layers_of_an_onnx_file_without_preprocessing_say_it_is_unknown(tmp_path):
@@ -521,7 +514,7 @@ def _keras_like_graph():
 
 
 def test_nhwc_graph_lists_feature_maps_with_their_channels_not_layout_transposes(tmp_path):
-    module = load_onnx(_save(_keras_like_graph(), tmp_path / "vgg_like.onnx"), **PREPROCESSING)
+    module = open_network(_save(_keras_like_graph(), tmp_path / "vgg_like.onnx"), **PREPROCESSING).module
     layers = list_layers(module)
     assert [(l.name, l.channels, l.shape, l.layout) for l in layers] == [
         ("model.block1_conv1.Conv2D", 8, "16x16", "NCHW"), ("model.block1_conv1.Relu", 8, "16x16", "NCHW"),
@@ -544,7 +537,7 @@ def test_detection_head_reshapes_are_no_layers_and_repeated_scopes_collapse(tmp_
     inits = [_init("w", [12, 3, 1, 1], rng), numpy_helper.from_array(np.array([1, 12, 64], np.int64), "rows"),
              numpy_helper.from_array(np.array([1, 4, 3, 64], np.int64), "bins")]
     path = _save(_graph(nodes, inits, [1, 3, 8, 8], [1, 768]), tmp_path / "head.onnx")
-    layers = list_layers(load_onnx(path, **PREPROCESSING))
+    layers = list_layers(open_network(path, **PREPROCESSING).module)
     assert [(l.name, l.channels, l.shape) for l in layers] == [
         ("model.22.cv2.0.0.conv.Conv", 12, "8x8"), ("model.22.cv2.0.0.act.Sigmoid", 12, "8x8"),
         ("model.22.cv2.0.0.act.Mul", 12, "8x8")]
@@ -579,7 +572,7 @@ def test_shapes_lost_before_a_batchnorm_are_found_at_the_input_size(tmp_path):
     model = _graph(nodes, inits, ["N", 3, "H", "W"], ["N", 4])
     assert "r" not in {v.name for v in onnx.shape_inference.infer_shapes(model, data_prop=True).graph.value_info
                        if v.type.tensor_type.HasField("shape")}  # the loss this test is about
-    module = load_onnx(_save(model, tmp_path / "recogniser.onnx"), input_size=(24, 40), **PREPROCESSING)
+    module = open_network(_save(model, tmp_path / "recogniser.onnx"), input_size=(24, 40), **PREPROCESSING).module
     assert type(module.get_submodule("bn")).__name__ == "BatchNorm2d"
     assert [(l.name, l.shape) for l in list_layers(module)][:2] == [("conv", "24x40"), ("bn", "24x40")]
 
@@ -597,7 +590,7 @@ def test_resize_with_antialias_converts_as_onnxruntime_computes_it(mode, tmp_pat
     inits = [numpy_helper.from_array(np.array([1, 1, 0.375, 0.375], np.float32), "scales"),
              _init("w", [2, 3, 1, 1], rng)]
     model = _graph(nodes, inits, ["N", 3, 32, 32], ["N", 2 * 12 * 12], opset=18)
-    module = load_onnx(_save(model, tmp_path / "resize.onnx"), **PREPROCESSING)  # raises when it differs
+    module = open_network(_save(model, tmp_path / "resize.onnx"), **PREPROCESSING).module  # raises when it differs
     check = check_with_onnxruntime(module, model, seed=3)
     assert check.max_diff < 1e-4, check.describe()
 
@@ -639,4 +632,4 @@ def test_an_operator_that_fails_at_the_input_size_is_named(tmp_path):
     model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "H"
     model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "W"
     with pytest.raises(FeatureshiftError, match=r"'model\.flatten\.Reshape'.*24x24"):
-        load_onnx(_save(model, tmp_path / "fixed_flatten.onnx"), input_size=24, **PREPROCESSING)
+        open_network(_save(model, tmp_path / "fixed_flatten.onnx"), input_size=24, **PREPROCESSING).module

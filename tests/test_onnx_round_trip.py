@@ -14,8 +14,8 @@ timm = pytest.importorskip("timm")
 from featureshift.models.info import ModelInfo, attach_info, model_info  # noqa: E402
 from featureshift.models.layers import list_layers  # noqa: E402
 from featureshift.models.onnx.check import CHECK_TOLERANCE  # noqa: E402
-from featureshift.models.onnx.convert import load_onnx  # noqa: E402
 from featureshift.models.onnx.export import save_onnx, to_onnx  # noqa: E402
+from featureshift.network import open_network  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CLASSES = 5
@@ -27,9 +27,8 @@ MOVES = {"OnnxTranspose", "OnnxReshape", "OnnxFlatten", "OnnxSqueezeDynamicAxes"
 def _vit():
     """featureshift's own ViT, one block deep, at 112 px: a 7x7 patch grid and a class token. It
     takes any input size, resampling its position embeddings with antialiasing (opset 18)."""
-    from featureshift.network import create_model
 
-    model = create_model("vit_tiny_patch16_224", weights="random", num_classes=CLASSES, image_size=112)
+    model = open_network("vit_tiny_patch16_224", weights="random", num_classes=CLASSES, image_size=112).module
     model.blocks = model.blocks[:1]
     return model
 
@@ -46,9 +45,7 @@ def _convnext():
 
 
 def _resnet():
-    from featureshift.network import create_model
-
-    model = create_model("resnet18", weights="random", num_classes=CLASSES)
+    model = open_network("resnet18", weights="random", num_classes=CLASSES).module
     return attach_info(model, dataclasses.replace(model_info(model), input_size=32))
 
 
@@ -69,7 +66,7 @@ def test_each_family_round_trips_through_onnx(family, tmp_path):
     original = build().eval()
     info = model_info(original)
     path = save_onnx(to_onnx(original, info), tmp_path / f"{family}.onnx")  # the default opset
-    loaded = load_onnx(path)  # checked against onnxruntime while loading
+    loaded = open_network(path).module  # checked against onnxruntime while loading
     x = torch.randn(3, 3, info.input_size, info.input_size)
     with torch.no_grad():
         want, got = original(x), loaded(x)
@@ -105,7 +102,7 @@ def test_a_token_layer_of_an_onnx_vit_renders_at_another_size(tmp_path):
 
     torch.manual_seed(0)
     original = _vit().eval()
-    loaded = load_onnx(save_onnx(to_onnx(original, model_info(original)), tmp_path / "vit.onnx"))
+    loaded = open_network(save_onnx(to_onnx(original, model_info(original)), tmp_path / "vit.onnx")).module
     x = torch.randn(2, 3, 64, 64)  # shrinks the 7x7 position embeddings to 4x4
     with torch.no_grad():
         assert (loaded(x) - original(x)).abs().max() < 1e-4
@@ -125,7 +122,7 @@ def test_vit_at_opset_17_is_exported_for_its_input_size(tmp_path):
     assert model.opset_import[0].version == 17
     dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["batch", 3, 112, 112]
-    loaded = load_onnx(save_onnx(model, tmp_path / "vit17.onnx"))
+    loaded = open_network(save_onnx(model, tmp_path / "vit17.onnx")).module
     x = torch.randn(2, 3, 112, 112)
     with torch.no_grad():
         assert (loaded(x) - original(x)).abs().max() < 1e-4

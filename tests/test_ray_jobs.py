@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from featureshift import FeatureshiftError, create_model, save_snapshot
+from featureshift import FeatureshiftError, open_network, save_snapshot
 from featureshift.commands.timeline import timeline
 from featureshift.jobs.cache import TileCache
 from featureshift.jobs.executors import CRASH_ONCE_ENV, RAY_ADDRESS_ENV, LocalExecutor, RayExecutor, make_executor
@@ -54,7 +54,7 @@ def reference(tmp_path_factory, threads):
     """A three-snapshot run and its timeline rendered locally: tile name -> bytes."""
     root = tmp_path_factory.mktemp("ref")
     torch.manual_seed(0)
-    model = create_model("squeezenet1_1", weights="random", num_classes=3)
+    model = open_network("squeezenet1_1", weights="random", num_classes=3).module
     for e in range(3):
         with torch.no_grad():
             model.features[0].weight.add_(0.05 * torch.randn_like(model.features[0].weight))

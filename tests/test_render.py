@@ -18,7 +18,7 @@ from torch import nn
 
 import featureshift
 from _measure import channel_means, normalized, recognized
-from featureshift import FeatureshiftError, attach_info, create_model
+from featureshift import FeatureshiftError, attach_info, open_network
 from featureshift.cli import main
 from featureshift.grid import to_pil
 from featureshift.models.info import ModelInfo
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 @pytest.fixture(scope="module")
 def squeeze():
-    return create_model("squeezenet1_1", weights="imagenet")
+    return open_network("squeezenet1_1", weights="imagenet").module
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -70,7 +70,7 @@ def test_target_seed_is_stable_and_distinct():
 
 def test_same_start_on_any_network(squeeze):
     # zero steps: the image is the target's initial noise, which must not depend on the weights
-    other = create_model("squeezenet1_1", weights="random")
+    other = open_network("squeezenet1_1", weights="random").module
     a = render(squeeze, [(MID, 4)], steps=0, size=32, quiet=True)
     b = render(other, [("features.6", 0), (MID, 4)], steps=0, size=32, quiet=True)
     assert np.array_equal(a.images[0], b.images[1])
@@ -150,7 +150,7 @@ def _relu_grad_of_negative_input():
 
 
 def test_model_state_restored_after_render_and_after_an_error(squeeze):
-    net = create_model("squeezenet1_1", weights="random").train()
+    net = open_network("squeezenet1_1", weights="random").module.train()
     net(torch.rand(1, 3, 32, 32)).sum().backward()  # a model in the middle of training has .grad
     net.features[0].weight.requires_grad_(False)
     net.features[0].weight.grad = None
@@ -226,7 +226,7 @@ def test_the_picture_does_not_depend_on_the_scale_of_the_activations(squeeze):
 @pytest.fixture(scope="module")
 def random_googlenet():
     torch.manual_seed(0)
-    return create_model("googlenet", weights="random")
+    return open_network("googlenet", weights="random").module
 
 
 def test_a_randomly_initialized_network_gives_pictures_not_flat_grey(random_googlenet):
@@ -242,7 +242,7 @@ def test_a_randomly_initialized_network_gives_pictures_not_flat_grey(random_goog
 
 def test_a_channel_that_never_responds_is_flagged():
     torch.manual_seed(0)
-    net = create_model("googlenet", weights="random")
+    net = open_network("googlenet", weights="random").module
     branch = net.inception4c.branch1  # channels 0-127 of inception4c
     with torch.no_grad():  # channel 5 is zero for every input
         branch.conv.weight[5].zero_()

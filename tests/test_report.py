@@ -227,7 +227,6 @@ def test_the_findings_of_a_real_run_rank_only_layers_with_weights_and_set_the_ne
     import featureshift
     from _digits import export_digits
     from featureshift.metrics.driver import parameter_modules
-    from featureshift.snapshot import load_snapshot
 
     data = export_digits(tmp_path / "digits", per_class=12)
     run = featureshift.train(data=str(data), model="squeezenet1_1", weights="imagenet", epochs=1, batch_size=16,
@@ -244,7 +243,7 @@ def test_the_findings_of_a_real_run_rank_only_layers_with_weights_and_set_the_ne
     ranked = [t for t in texts if "changed most" in t]
     assert len(ranked) == 1, texts
     most, least = re.search(r"own, (\S+) changed most and (\S+) least", ranked[0]).groups()
-    model, _ = load_snapshot(run / "snapshots" / "000.safetensors")
+    model = featureshift.open_network(run / "snapshots" / "000.safetensors").module
     for layer in (most, least):
         assert parameter_modules(model, layer), f"{layer} has no weights of its own: {ranked[0]}"
         assert not layer.startswith("classifier"), ranked[0]

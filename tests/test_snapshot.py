@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import featureshift
-from featureshift import FeatureshiftError, create_model, load_snapshot, read_meta, save_snapshot
+from featureshift import FeatureshiftError, open_network, read_meta, save_snapshot
 from featureshift.snapshot import weights_checksum
 
 
@@ -17,11 +17,12 @@ def outputs(model, seed=0):
 
 @pytest.mark.parametrize("arch", ["squeezenet1_1", "googlenet", "resnet18"])
 def test_round_trip_gives_identical_outputs(tmp_path, arch):
-    model = create_model(arch, weights="random", num_classes=5)
+    model = open_network(arch, weights="random", num_classes=5).module
     featureshift.model_info(model).class_names = ["a b", "ü", "<b>", "d", "e"]
     path = tmp_path / "000.safetensors"
     meta = save_snapshot(model, path, epoch=3, metrics={"val_acc": 0.5}, config={"lr": 1e-3}, parent="abc")
-    loaded, meta2 = load_snapshot(path)
+    opened = open_network(path)
+    loaded, meta2 = opened.module, opened.meta
     assert torch.equal(outputs(model), outputs(loaded))
     assert not loaded.training
     assert meta2.epoch == 3 and meta2.metrics == {"val_acc": 0.5} and meta2.config == {"lr": 1e-3}
@@ -75,7 +76,7 @@ def test_truncated_snapshot_is_a_clear_error(tmp_path, squeezenet):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(FeatureshiftError, match="s.safetensors"):
-        load_snapshot(path)
+        open_network(path)
     path.write_bytes(b"")
     with pytest.raises(FeatureshiftError, match="not a readable featureshift snapshot"):
         read_meta(path)
@@ -88,7 +89,7 @@ def test_damaged_weights_fail_the_checksum(tmp_path, squeezenet):
     data[-100] ^= 0xFF  # flip bits inside the last tensor
     path.write_bytes(bytes(data))
     with pytest.raises(FeatureshiftError, match="checksum"):
-        load_snapshot(path)
+        open_network(path)
 
 
 def test_architecture_mismatch_is_a_clear_error(tmp_path, squeezenet):
@@ -104,7 +105,7 @@ def test_architecture_mismatch_is_a_clear_error(tmp_path, squeezenet):
     raw["featureshift"] = json.dumps(meta)
     save_file(load_file(path), str(path), metadata=raw)
     with pytest.raises(FeatureshiftError, match="do not fit the 'resnet18' architecture"):
-        load_snapshot(path)
+        open_network(path)
 
 
 def test_plain_safetensors_file_is_not_a_snapshot(tmp_path):
@@ -118,17 +119,15 @@ def test_plain_safetensors_file_is_not_a_snapshot(tmp_path):
 
 def test_missing_snapshot(tmp_path):
     with pytest.raises(FeatureshiftError, match="does not exist"):
-        load_snapshot(tmp_path / "nope.safetensors")
+        open_network(tmp_path / "nope.safetensors")
 
 
 def test_snapshot_bytes_are_checked_like_a_snapshot_file(tmp_path):
     # Ray workers receive a snapshot's bytes: the same format check and message as reading the file
     from safetensors.torch import save as save_bytes
 
-    from featureshift.snapshot import load_snapshot_bytes
-
     plain = save_bytes({"w": torch.zeros(2)})  # safetensors weights without featureshift metadata
     with pytest.raises(FeatureshiftError, match="no featureshift metadata"):
-        load_snapshot_bytes(plain, "plain.safetensors")
+        open_network("plain.safetensors", data=plain)
     with pytest.raises(FeatureshiftError, match="not a readable featureshift snapshot"):
-        load_snapshot_bytes(b"\x01", "short.safetensors")
+        open_network("short.safetensors", data=b"\x01")

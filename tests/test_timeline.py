@@ -5,7 +5,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import featureshift
-from featureshift import FeatureshiftError, create_model, save_snapshot
+from featureshift import FeatureshiftError, open_network, save_snapshot
 from featureshift.cli import main
 from featureshift.grid import MISSING_FILL
 from featureshift.commands.timeline import SnapshotVisualizer
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 @pytest.fixture
 def model():
     torch.manual_seed(0)
-    return create_model("squeezenet1_1", weights="random", num_classes=3)
+    return open_network("squeezenet1_1", weights="random", num_classes=3).module
 
 
 def make_run(tmp_path, model, epochs):
@@ -200,12 +200,12 @@ def test_bad_runs_give_clear_errors(tmp_path, model):
         timeline(run, LAYER, "3,40", **FAST)
 
     # Another architecture that has the layer too: the timeline would compare different networks.
-    other = create_model("squeezenet1_0", weights="random", num_classes=3)
+    other = open_network("squeezenet1_0", weights="random", num_classes=3).module
     save_snapshot(other, run / "snapshots" / "002.safetensors", epoch=2)
     with pytest.raises(FeatureshiftError, match="different architectures.*squeezenet1_0.*002"):
         timeline(run, LAYER, 2, **FAST)
     # One without the layer: the error names the layer and the snapshot.
-    resnet = create_model("resnet18", weights="random", num_classes=3)
+    resnet = open_network("resnet18", weights="random", num_classes=3).module
     save_snapshot(resnet, run / "snapshots" / "002.safetensors", epoch=2)
     with pytest.raises(FeatureshiftError, match=r"Layer 'features.3.squeeze' is missing from 1 .*002.safetensors"):
         timeline(run, LAYER, 2, **FAST)

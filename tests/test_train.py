@@ -53,7 +53,7 @@ def test_snapshots_before_training_and_every_k(data, tmp_path):
     assert info["status"] == "finished" and info["epochs_done"] == 3
     assert info["dataset"]["counts"]["dots"] == {"train": 5, "val": 1}
     assert info["versions"]["torch"] == torch.__version__
-    model, _ = featureshift.load(str(snapshot_path(run, 3)))
+    model = featureshift.open_network(snapshot_path(run, 3)).module
     assert model(torch.zeros(1, 3, 48, 48)).shape == (1, 3)
     assert len(probe_samples(run)) == 3
 
@@ -73,7 +73,7 @@ def test_frozen_layers_stay_bit_identical(data, tmp_path):
 
 
 def test_cutoff_by_count_and_by_name():
-    model = featureshift.create_model("squeezenet1_1", weights="random")
+    model = featureshift.open_network("squeezenet1_1", weights="random").module
     plan = plan_cutoff(model, 4, 64)
     assert plan.frozen == ["features.0", "features.3.squeeze", "features.3.expand1x1", "features.3.expand3x3"]
     assert plan_cutoff(model, "features.3", 64).frozen == plan.frozen
@@ -133,7 +133,7 @@ def test_epochs_zero_saves_only_the_original_network(data, tmp_path):
     run = fit(data, tmp_path / "run", epochs=0, model="resnet18", weights="random", image_size=32)
     assert [e for e, _ in list_snapshots(run)] == [0]
     assert [r["epoch"] for r in read_metrics(run)] == [0]
-    model, meta = featureshift.load(str(snapshot_path(run, 0)))
+    meta = featureshift.open_network(snapshot_path(run, 0)).meta
     assert meta.info.weights == "random" and meta.info.num_classes == 3
 
 
@@ -327,7 +327,7 @@ def test_the_training_step_up_front_leaves_no_trace(data):
     from featureshift.training.cutoff import plan_cutoff
     from featureshift.training.precheck import check_training_step, first_batch
 
-    model = featureshift.create_model("resnet18", weights="random", num_classes=3)
+    model = featureshift.open_network("resnet18", weights="random", num_classes=3).module
     info = featureshift.model_info(model)
     samples = [(p, 0) for p in sorted((data / "dots").iterdir())]
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -416,7 +416,7 @@ def test_a_full_disk_stops_training_with_a_clear_error_and_the_run_resumes(data,
     assert f"Could not write {run}" in msg and name in msg and "nothing half-written is left" in msg
     assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
     for _, p in list_snapshots(run) if (run / "snapshots").exists() else []:
-        featureshift.load(str(p))  # complete, and matching their checksums
+        featureshift.open_network(p)  # complete, and matching their checksums
     if name == "split.json":
         assert "Nothing of the run" in msg and "run the same command again" in msg
         fit(data, run, epochs=3, cutoff="features.5")
@@ -441,7 +441,7 @@ def test_a_snapshot_records_the_size_it_was_trained_at(data, tmp_path):
     assert (meta.info.input_size, meta.info.resize_size) == (64, 73)  # 256/224 of 64
     r = CliRunner().invoke(main, ["info", str(snap)])
     assert r.exit_code == 0 and re.search(r"input\s+64\s*px", r.output), r.output
-    model, _ = featureshift.load(str(snap))
+    model = featureshift.open_network(snap).module
     expected = {l.name: f"{l.height}x{l.width}" for l in list_layers(model, 64)}
     r = CliRunner().invoke(main, ["layers", str(snap)])
     rows = [line.split("\t") for line in r.output.strip().splitlines()]
@@ -449,7 +449,7 @@ def test_a_snapshot_records_the_size_it_was_trained_at(data, tmp_path):
     assert expected["features.0"] == "31x31"  # not 111x111, as at 224 px
 
     # snapshots written before the size was recorded take it from their training configuration
-    old = featureshift.create_model("squeezenet1_1", weights="random")
+    old = featureshift.open_network("squeezenet1_1", weights="random").module
     save_snapshot(old, tmp_path / "old.safetensors", config={"image_size": 48})
     assert read_meta(tmp_path / "old.safetensors").info.input_size == 48
 

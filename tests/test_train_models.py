@@ -45,7 +45,8 @@ def test_trains_at_its_smallest_size_and_at_128(model, tiny, tmp_path):
             assert aux["used"] is False and aux["weight"] == 0.4 and "at least 299 px" in aux["why"]
         else:
             assert "aux_logits" not in info["model"]
-        net, meta = featureshift.load(str(snapshot_path(run, 1)))
+        opened = featureshift.open_network(snapshot_path(run, 1))
+        net, meta = opened.module, opened.meta
         assert meta.info.input_size == size
         assert net(torch.zeros(1, 3, size, size)).shape == (1, 2)
 
@@ -55,7 +56,7 @@ def test_inception_trains_its_auxiliary_classifier_where_it_fits(tiny, tmp_path)
     run = fit(tiny, tmp_path / "run", model="inception_v3", image_size=299, cutoff="Mixed_7a")
     aux = read_run(run)["model"]["aux_logits"]
     assert aux["used"] is True and aux["weight"] == 0.4 and aux["heads"] == ["AuxLogits"]
-    net, _ = featureshift.load(str(snapshot_path(run, 1)))
+    net = featureshift.open_network(snapshot_path(run, 1)).module
     assert net.AuxLogits is not None and net.AuxLogits.fc.out_features == 2
 
 

@@ -1,7 +1,8 @@
 """featureshift: see what transfer learning does to a network.
 
 The Python API has the names of the command line (`featureshift.train`, `.vis`,
-`.timeline`, `.merge`, `.compare`, `.report`, ...). Names load on first use, so
+`.timeline`, `.merge`, `.compare`, `.report`, ...); every network, whatever it is saved as,
+opens with `featureshift.open_network`. Names load on first use, so
 `import featureshift` is instant and changes nothing in the process.
 """
 from importlib import import_module
@@ -14,8 +15,8 @@ _EXPORTS = {
     "ModelInfo": "models.info", "attach_info": "models.info", "model_info": "models.info",
     "available_models": "models.zoo",
     "LayerInfo": "models.layers", "list_layers": "models.layers",
-    "Network": "network", "open_network": "network", "create_model": "network", "load": "network",
-    "SnapshotMeta": "snapshot", "load_snapshot": "snapshot", "read_meta": "snapshot", "save_snapshot": "snapshot",
+    "Network": "network", "open_network": "network",
+    "SnapshotMeta": "snapshot", "read_meta": "snapshot", "save_snapshot": "snapshot",
     "RenderSettings": "optvis.settings", "RenderResult": "optvis.engine", "render": "optvis.engine",
     "TrainConfig": "training.config", "train": "commands.train",
     "VisResult": "commands.vis", "vis": "commands.vis",
@@ -28,7 +29,7 @@ _EXPORTS = {
     "run_demo": "commands.demo", "demo": "commands.demo",
     "AtlasResult": "commands.atlas", "atlas": "commands.atlas",
     "CompareRunsResult": "commands.compare_runs", "compare_runs": "commands.compare_runs",
-    "ExportResult": "commands.export", "export": "commands.export", "load_onnx": "models.onnx.convert",
+    "ExportResult": "commands.export", "export": "commands.export",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

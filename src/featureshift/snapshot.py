@@ -136,26 +136,29 @@ def meta_from_header(raw: dict, source: str | Path) -> SnapshotMeta:
         raise _bad(source, f"its metadata is malformed ({e})") from e
 
 
-def load_snapshot(path: str | Path, device: str | torch.device = "cpu", verify: bool = True
-                  ) -> tuple[nn.Module, SnapshotMeta]:
-    """(network in eval mode, metadata). The weights' checksum is verified unless verify=False."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    meta = read_meta(path)
-    try:
-        state = load_file(str(path))
-    except Exception as e:
-        raise _bad(path, f"{e.__class__.__name__}: {e}") from e
+def load_snapshot(path: str | Path, device: str | torch.device = "cpu", verify: bool = True, *,
+                  data: bytes | None = None) -> tuple[nn.Module, SnapshotMeta]:
+    """(network in eval mode, metadata) of the snapshot at PATH, or in DATA, the file's bytes (what a
+    process receives that cannot read the file; PATH then only names it in messages). The weights'
+    checksum is verified unless verify=False. Commands open networks with `network.open_network`."""
+    meta, state = _read_file(Path(path)) if data is None else _read_bytes(data, str(path))
     if verify and weights_checksum(state) != meta.checksum:
         raise _bad(path, "its weights do not match the checksum stored with them")
     model = build_from_state(meta.info, state, path)
     return attach_info(model.to(device).eval(), meta.info), meta
 
 
-def load_snapshot_bytes(data: bytes, source: str, device: str | torch.device = "cpu") -> nn.Module:
-    """A snapshot file's network (eval mode) from its bytes, its checksum verified as `load_snapshot`
-    does; SOURCE names the file in messages. For processes that receive the file rather than read it."""
+def _read_file(path: Path) -> tuple[SnapshotMeta, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    meta = read_meta(path)
+    try:
+        return meta, load_file(str(path))
+    except Exception as e:
+        raise _bad(path, f"{e.__class__.__name__}: {e}") from e
+
+
+def _read_bytes(data: bytes, source: str) -> tuple[SnapshotMeta, dict[str, torch.Tensor]]:
     import struct
 
     from safetensors.torch import load as load_safetensors
@@ -167,13 +170,9 @@ def load_snapshot_bytes(data: bytes, source: str, device: str | torch.device = "
         raise _bad(source, f"{e.__class__.__name__}: {e}") from e
     meta = meta_from_header(raw, source)  # the same checks as read_meta
     try:
-        state = load_safetensors(data)
+        return meta, load_safetensors(data)
     except Exception as e:
         raise _bad(source, f"{e.__class__.__name__}: {e}") from e
-    if weights_checksum(state) != meta.checksum:
-        raise _bad(source, "its weights do not match the checksum stored with them")
-    model = build_from_state(meta.info, state, source)
-    return attach_info(model.to(device).eval(), meta.info)
 
 
 def build_from_state(info: ModelInfo, state: dict[str, torch.Tensor], source: Path | str) -> nn.Module:

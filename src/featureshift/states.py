@@ -3,7 +3,7 @@ snapshots of a featureshift run (RUN/snapshots/NNN.safetensors) or a folder of O
 (the epochs of a network trained elsewhere, taken in natural order: epoch2 before epoch10).
 
 A `State` names its file, the checksum its tiles are cached under and its metadata (or
-why it cannot be used); `open_state` turns one into a network from its path or from its
+why it cannot be used); `network.open_network` opens either kind from its path or from its
 bytes (what a Ray worker receives), so that commands and executors treat both kinds alike.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ class Preprocessing:
                    else tuple(int(v) for v in input_size))
 
     def kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of `models.onnx.convert.load_onnx`."""
+        """The keyword arguments of `network.open_network` (and `models.onnx.convert.import_onnx`)."""
         return {"mean": self.mean, "std": self.std, "input_size": self.input_size}
 
 
@@ -148,21 +148,3 @@ def onnx_checksum(data: bytes, preprocessing: Preprocessing | None = None) -> st
         return digest
     given = json.dumps([digest, dataclasses.asdict(preprocessing)], sort_keys=True)
     return hashlib.sha256(given.encode()).hexdigest()
-
-
-def open_state(path: str | os.PathLike, preprocessing: Preprocessing | None = None, *, data: bytes | None = None,
-               device: str = "cpu", check: bool = True):
-    """The network (eval mode, info attached) saved at PATH, a snapshot or an ONNX file; from DATA,
-    the file's bytes, when they are already read. An ONNX file is converted with PREPROCESSING
-    and, unless `check` is False, checked against onnxruntime. FeatureshiftError when unusable."""
-    path = Path(path)
-    if path.suffix.lower() == ONNX_SUFFIX:
-        from .models.onnx.convert import load_onnx
-
-        kwargs = (preprocessing or Preprocessing()).kwargs()
-        return load_onnx(path, data=data, check=check, **kwargs).to(device)
-    from .snapshot import load_snapshot, load_snapshot_bytes
-
-    if data is not None:
-        return load_snapshot_bytes(data, str(path), device)
-    return load_snapshot(path, device=device)[0]

@@ -310,8 +310,8 @@ def atlas(run_dir: str | Path, layers: str | Sequence[str] = (), *, all_layers: 
     from ..jobs.cache import TileCache
     from ..jobs.executors import render_tiles
     from ..jobs.plan import TileRequest, plan_jobs
+    from ..network import open_network
     from ..run import tile_cache_dir
-    from ..snapshot import load_snapshot
 
     started = time.perf_counter()
     settings = for_run((settings or DEFAULT_SETTINGS).replace(**changes), run_dir)
@@ -323,7 +323,8 @@ def atlas(run_dir: str | Path, layers: str | Sequence[str] = (), *, all_layers: 
         raise FeatureshiftError("Name at least one layer (--layer), or use --all-layers; "
                                 "`featureshift layers RUN/snapshots/epoch_000.safetensors` lists them.")
     rows, good = _readable_rows(run_dir, snapshots)
-    model, meta = load_snapshot(good[0].path)
+    net = open_network(good[0].path)
+    model, meta = net.module, net.meta
     if all_layers:
         from ..metrics.driver import overview_layers
 

@@ -23,6 +23,7 @@ from ..optvis.settings import DEFAULT_SETTINGS, RenderSettings
 from ..report.site import REPORT_DIR, Accentuation, ReportInputs, write_site
 from ..run import TIMELINE_DIR, tile_cache_dir
 from ..selection import DEFAULT_COLUMNS
+from ..states import State
 from .atlas import atlas_tiles, read_atlas
 
 
@@ -123,8 +124,6 @@ def build_report(run_dir: str | os.PathLike, layers: str | Sequence[str] | None 
     """
     from ..metrics.driver import run_metrics
     from ..run import list_snapshots, read_metrics, read_run
-    from ..snapshot import load_snapshot, read_meta
-    from .timeline import timeline
 
     if examples < 0:
         raise FeatureshiftError(f"--examples must be 0 or more, not {examples}.")
@@ -135,85 +134,142 @@ def build_report(run_dir: str | os.PathLike, layers: str | Sequence[str] | None 
         from ..metrics.probe import resolve_probe
 
         resolve_probe(run_dir, probe, probe_limit)  # the clear error, before any rendering
-    first = None
-    for _, path in entries:
-        try:
-            first = path, read_meta(path)
-            break
-        except FeatureshiftError:
-            continue
-    if first is None:
-        raise FeatureshiftError(f"None of the snapshots in {run_dir / 'snapshots'} can be read.")
-    first_meta = first[1]
-
-    existing = existing_timelines(run_dir)
-    atlased = read_atlas(run_dir)["layers"]
-    # Layers that only have an atlas are shown from its tiles, with no timeline to render.
-    atlas_only: set[str] = set()
-    if layers is None:
-        atlas_only = {l for l in atlased if l not in existing}
-        layers = list(dict.fromkeys([*existing, *atlased])) or [_default_layer(load_snapshot(first[0])[0])]
-    layers = [layers] if isinstance(layers, str) else list(dict.fromkeys(layers))
-    if not layers:
-        raise FeatureshiftError("Name at least one layer (--layer); `featureshift layers MODEL` lists them.")
+    first = first_readable_snapshot(run_dir, entries)
+    choice = choose_layers(run_dir, layers, first)
     DEFAULT_SETTINGS.replace(**changes)  # an unknown setting fails now, before any work
-
-    # The renders: the timeline makes sure every tile exists (cached ones are only read).
-    tiles: dict[tuple[str, int, int], Path] = {}
-    chosen: dict[str, list[int]] = {}
-    merged: dict[str, Path] = {}
-    used_settings: dict[str, RenderSettings] = {}
-    for layer in layers:
-        if layer in atlas_only:
-            continue
-        prior = existing.get(layer, {})
-        base = settings or prior.get("settings") or DEFAULT_SETTINGS
-        layer_settings = base.replace(**changes)
-        cols = channels if channels is not None else (prior.get("channels") or DEFAULT_COLUMNS)
-        tl = timeline(run_dir, [layer], cols, settings=layer_settings, device=device, batch_size=batch_size,
-                      quiet=quiet, ray=ray)
-        tiles.update(tl.tiles)
-        chosen[layer] = tl.channels[layer]
-        merged[layer] = tl.merged[layer]
-        used_settings[layer] = layer_settings
-
-    # Every atlased tile joins in; where a timeline has the same tile position, its render stays,
-    # so that each channel's renders share one set of settings.
-    atlas_settings: dict[str, str] = {}
-    timeline_channels = {l: list(c) for l, c in chosen.items()}
-    if atlased:
-        for where, path in atlas_tiles(run_dir).items():
-            if where[0] in layers:
-                tiles.setdefault(where, path)
-        for layer, entry in atlased.items():
-            if layer in layers:
-                chosen[layer] = sorted(set(chosen.get(layer, [])) | {int(c) for c in entry.get("channels", [])})
-                atlas_settings[layer] = str(entry.get("describe", ""))
+    renders = render_timelines(run_dir, choice, channels, settings, changes, device=device, batch_size=batch_size,
+                               quiet=quiet, ray=ray)
+    atlas_settings = join_atlases(run_dir, choice, renders)
     out = run_dir / REPORT_DIR
-    measured = [l for l in layers if l != "logits"]
+    measured = [l for l in choice.layers if l != "logits"]
     accents: dict[tuple[str, int], Accentuation] = {}
     try:
-        m = run_metrics(run_dir, measured, {l: chosen[l] for l in measured}, renders=tiles, probe=probe,
-                        probe_limit=probe_limit, image_size=image_size, examples=examples, device=device, quiet=quiet)
+        m = run_metrics(run_dir, measured, {l: renders.chosen[l] for l in measured}, renders=renders.tiles,
+                        probe=probe, probe_limit=probe_limit, image_size=image_size, examples=examples,
+                        device=device, quiet=quiet)
         if accent:
             # Only the timelines' channels: an accentuation is a render per snapshot, and an atlas of
             # hundreds of channels would multiply the report's cost (the demo's: 75 s -> 8 min).
-            pages = {l: timeline_channels.get(l, []) for l in m.channels}
+            pages = {l: renders.timeline_channels.get(l, []) for l in m.channels}
             fallback = (settings or DEFAULT_SETTINGS).replace(**changes)
-            accents = accentuate_examples(run_dir, m, pages, {l: used_settings.get(l, fallback) for l in pages},
+            accents = accentuate_examples(run_dir, m, pages, {l: renders.settings.get(l, fallback) for l in pages},
                                           device=device, batch_size=batch_size, quiet=quiet, ray=ray)
     except OSError as e:
         if not is_write_error(e):
             raise
         raise _unwritten_report(e, out) from e
+    inputs = ReportInputs(run_dir=run_dir, run=run, rows=read_metrics(run_dir), meta=first.meta, metrics=m,
+                          chosen=renders.chosen, merged=renders.merged, tiles=renders.tiles,
+                          settings=renders.settings, atlas={l: choice.atlased[l] for l in choice.layers
+                                                            if l in choice.atlased},
+                          atlas_settings=atlas_settings, timeline_channels=renders.timeline_channels,
+                          accents=accents)
+    index = write_report(run_dir, inputs, quiet)
+    if open_browser:
+        import webbrowser
 
+        webbrowser.open(index.resolve().as_uri())
+    return index
+
+
+def first_readable_snapshot(run_dir: Path, entries: list[tuple[int, Path]]) -> State:
+    """The first of the run's snapshots ENTRIES ((epoch, path), run.list_snapshots) whose metadata
+    can be read (weights not loaded)."""
+    from ..states import read_snapshot_state
+
+    for epoch, path in entries:
+        row = read_snapshot_state(epoch, path)
+        if row.meta is not None:
+            return row
+    raise FeatureshiftError(f"None of the snapshots in {run_dir / 'snapshots'} can be read.")
+
+
+@dataclasses.dataclass
+class LayerChoice:
+    """The layers a report shows, and what the run already has of them."""
+    layers: list[str]
+    existing: dict[str, dict[str, Any]]  # existing_timelines
+    atlased: dict[str, dict[str, Any]]  # layer -> its RUN/atlas.json entry
+    atlas_only: set[str]  # layers shown from their atlas's tiles, with no timeline to render
+
+
+def choose_layers(run_dir: Path, layers: str | Sequence[str] | None, first: State) -> LayerChoice:
+    """LAYERS as given, else those the run has timelines or atlases of, else one two thirds up the
+    network of the FIRST snapshot."""
+    from ..network import open_network
+
+    existing = existing_timelines(run_dir)
+    atlased = read_atlas(run_dir)["layers"]
+    atlas_only: set[str] = set()
+    if layers is None:
+        atlas_only = {l for l in atlased if l not in existing}
+        layers = list(dict.fromkeys([*existing, *atlased])) or [_default_layer(open_network(first.path).module)]
+    layers = [layers] if isinstance(layers, str) else list(dict.fromkeys(layers))
+    if not layers:
+        raise FeatureshiftError("Name at least one layer (--layer); `featureshift layers MODEL` lists them.")
+    return LayerChoice(layers, existing, atlased, atlas_only)
+
+
+@dataclasses.dataclass
+class ReportRenders:
+    """The renders a report shows, layer by layer."""
+    tiles: dict[tuple[str, int, int], Path] = dataclasses.field(default_factory=dict)  # (layer, epoch, channel)
+    chosen: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # layer -> channels shown
+    merged: dict[str, Path] = dataclasses.field(default_factory=dict)  # layer -> the timeline's merged.png
+    settings: dict[str, RenderSettings] = dataclasses.field(default_factory=dict)  # layer -> its timeline's
+    timeline_channels: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # layer -> its timeline's
+
+
+def render_timelines(run_dir: Path, choice: LayerChoice, channels, settings: RenderSettings | None,
+                     changes: dict[str, Any], *, device: str, batch_size: int | None, quiet: bool,
+                     ray: str | None) -> ReportRenders:
+    """A timeline of each chosen layer (cached tiles are only read), with the settings of the run's
+    existing timeline of it unless SETTINGS are given, CHANGES on top."""
+    from .timeline import timeline
+
+    renders = ReportRenders()
+    for layer in choice.layers:
+        if layer in choice.atlas_only:
+            continue
+        prior = choice.existing.get(layer, {})
+        base = settings or prior.get("settings") or DEFAULT_SETTINGS
+        layer_settings = base.replace(**changes)
+        cols = channels if channels is not None else (prior.get("channels") or DEFAULT_COLUMNS)
+        tl = timeline(run_dir, [layer], cols, settings=layer_settings, device=device, batch_size=batch_size,
+                      quiet=quiet, ray=ray)
+        renders.tiles.update(tl.tiles)
+        renders.chosen[layer] = tl.channels[layer]
+        renders.merged[layer] = tl.merged[layer]
+        renders.settings[layer] = layer_settings
+    renders.timeline_channels = {l: list(c) for l, c in renders.chosen.items()}
+    return renders
+
+
+def join_atlases(run_dir: Path, choice: LayerChoice, renders: ReportRenders) -> dict[str, str]:
+    """Add every atlased tile of the chosen layers to RENDERS (where a timeline has the same tile
+    position, its render stays, so that each channel's renders share one set of settings); returns
+    layer -> its atlas's settings, described."""
+    atlas_settings: dict[str, str] = {}
+    if not choice.atlased:
+        return atlas_settings
+    for where, path in atlas_tiles(run_dir).items():
+        if where[0] in choice.layers:
+            renders.tiles.setdefault(where, path)
+    for layer, entry in choice.atlased.items():
+        if layer in choice.layers:
+            atlas_channels = {int(c) for c in entry.get("channels", [])}
+            renders.chosen[layer] = sorted(set(renders.chosen.get(layer, [])) | atlas_channels)
+            atlas_settings[layer] = str(entry.get("describe", ""))
+    return atlas_settings
+
+
+def write_report(run_dir: Path, inputs: ReportInputs, quiet: bool) -> Path:
+    """Write the pages into a scratch folder swapped in for RUN/report at the end, so that an
+    interrupted build leaves the previous report intact; returns the new index.html."""
+    out = run_dir / REPORT_DIR
     scratch = Path(tempfile.mkdtemp(prefix=".report-", dir=run_dir))
     os.chmod(scratch, 0o777 & ~current_umask())  # mkdtemp makes 0700: the report is for sharing
     try:
-        inputs = ReportInputs(run_dir=run_dir, run=run, rows=read_metrics(run_dir), meta=first_meta, metrics=m,
-                              chosen=chosen, merged=merged, tiles=tiles, settings=used_settings,
-                              atlas={l: atlased[l] for l in layers if l in atlased}, atlas_settings=atlas_settings,
-                              timeline_channels=timeline_channels, accents=accents)
         write_site(scratch, inputs, quiet)
         old = None
         if out.exists():
@@ -236,12 +292,7 @@ def build_report(run_dir: str | os.PathLike, layers: str | Sequence[str] | None 
     finally:
         if scratch.exists():
             shutil.rmtree(scratch, ignore_errors=True)
-    index = out / "index.html"
-    if open_browser:
-        import webbrowser
-
-        webbrowser.open(index.resolve().as_uri())
-    return index
+    return out / "index.html"
 
 
 def _unwritten_report(e: OSError, out: Path) -> WriteError:

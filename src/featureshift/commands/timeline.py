@@ -29,7 +29,7 @@ from ..optvis.objectives import LOGITS
 from ..optvis.settings import DEFAULT_SETTINGS, RenderSettings
 from ..run import TIMELINE_DIR, tile_cache_dir
 from ..selection import DEFAULT_COLUMNS, select_channels
-from ..states import ONNX, Preprocessing, State, list_states, open_state, read_snapshot_state
+from ..states import ONNX, Preprocessing, State, list_states, read_snapshot_state
 
 GIF_FRAME_MS = 600
 
@@ -106,24 +106,13 @@ def read_rows(entries: list[tuple[int, Path]]) -> list[State]:
 
 
 def _skeleton(row: State, real: bool = False):
-    """The architecture of ROW without weights (meta device) unless REAL: names and shapes for
-    free. An ONNX file's is its converted graph, unchecked."""
-    import torch
+    """The architecture of ROW without weights (meta device), names and shapes for free; REAL: the
+    network itself, for an operator without a meta kernel. An ONNX file's is its converted graph,
+    unchecked, either way."""
+    from ..network import open_network
 
-    from ..models.info import attach_info
-    from ..models.zoo import build
-
-    if row.kind == ONNX:
-        return open_state(row.path, row.preprocessing, check=False)
-    info = row.meta.info
-    kwargs = dict(num_classes=info.num_classes, pretrained=False, in_chans=info.in_chans, img_size=info.img_size)
-    if not real:
-        try:
-            with torch.device("meta"):
-                return attach_info(build(info.arch, **kwargs), info)
-        except Exception:  # some builders insist on real tensors
-            pass
-    return attach_info(build(info.arch, **kwargs), info)
+    device = "cpu" if real else "meta"
+    return open_network(row.path, device=device, check=False, **(row.preprocessing or Preprocessing()).kwargs()).module
 
 
 def _layer_channels(rows: list[State], layers: Sequence[str]) -> dict[str, int]:

@@ -121,6 +121,15 @@ def tile_about(job: TileJob, index: int, output: JobOutput) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- local
 
+def open_saved_state(path: str | os.PathLike, preprocessing=None, *, data: bytes | None = None):
+    """The network saved at PATH, a snapshot or an ONNX file (fed with PREPROCESSING, a
+    states.Preprocessing), from DATA, the file's bytes, when a worker received them."""
+    from ..network import open_network
+    from ..states import Preprocessing
+
+    return open_network(path, data=data, **(preprocessing or Preprocessing()).kwargs()).module
+
+
 class LocalExecutor:
     """Today's behaviour: one snapshot after another in this process, the next one loading in the background."""
 
@@ -146,8 +155,6 @@ class LocalExecutor:
 
     def run(self, jobs: list[TileJob]) -> Iterator[tuple[TileJob, JobOutput]]:
         """(job, output) for each job, in order."""
-        from ..states import open_state
-
         snapshots = list(dict.fromkeys((j.snapshot, j.preprocessing) for j in jobs))
         if not snapshots:
             return
@@ -159,7 +166,7 @@ class LocalExecutor:
                 done = concurrent.futures.Future()
                 done.set_result(snapshot.module)
                 return done
-            return pool.submit(open_state, snapshot, preprocessing)
+            return pool.submit(open_saved_state, snapshot, preprocessing)
 
         try:
             pending = {snapshots[0]: load(snapshots[0])}
@@ -195,8 +202,6 @@ def _worker_job(data, job: TileJob, device: str, batch_size: int | None, threads
     global _WORKER_MODEL
     import torch
 
-    from ..states import open_state
-
     if threads:
         # Ray starts workers with OMP_NUM_THREADS=1; the thread count may change how CPU kernels
         # split their sums, so a worker uses the caller's, and its tiles match local ones.
@@ -204,8 +209,8 @@ def _worker_job(data, job: TileJob, device: str, batch_size: int | None, threads
     if _WORKER_MODEL is None or _WORKER_MODEL[0] != job.checksum:
         _WORKER_MODEL = None
         try:
-            model = data if isinstance(job.snapshot, HeldNetwork) else open_state(job.snapshot, job.preprocessing,
-                                                                                  data=data)
+            model = data if isinstance(job.snapshot, HeldNetwork) else open_saved_state(
+                job.snapshot, job.preprocessing, data=data)
             _WORKER_MODEL = (job.checksum, model)
         except FeatureshiftError as e:
             return JobOutput(None, error=str(e))

@@ -24,9 +24,9 @@ _JUDGE: dict[str, nn.Module] = {}
 
 def _judge() -> nn.Module:
     if "net" not in _JUDGE:
-        from ..models.zoo import create_model
+        from ..network import open_network
 
-        _JUDGE["net"] = create_model("squeezenet1_1", weights="imagenet")
+        _JUDGE["net"] = open_network("squeezenet1_1", weights="imagenet").module
     return _JUDGE["net"]
 
 

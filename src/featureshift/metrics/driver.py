@@ -17,7 +17,9 @@ from ..errors import FeatureshiftError
 from ..io import write_json, write_text
 from ..models.layers import LayerInfo, layer_info, layer_structure
 from ..models.zoo import head_modules
+from ..network import Network, open_network
 from ..run import trained_image_size
+from ..states import State, read_snapshot_state
 from .adaptation import dead_channels
 from .drift import channel_activation, cross_activation, read_image, texture_descriptors, visual_drift_from
 from .examples import find_examples, receptive_field
@@ -95,102 +97,159 @@ def run_metrics(run_dir: str | Path, layers: Sequence[str] = (), channels: dict[
     """
     from tqdm.auto import tqdm
 
-    from ..run import list_snapshots
-    from ..snapshot import load_snapshot, read_meta
-
     run_dir = Path(run_dir)
-    entries = list_snapshots(run_dir)
-    out_dir = run_dir / "metrics"
-    missing: dict[int, str] = {}
-    readable = []
-    for epoch, path in entries:
-        try:
-            readable.append((epoch, path, read_meta(path)))
-        except FeatureshiftError as e:
-            missing[epoch] = str(e)
-    if not readable:
-        raise FeatureshiftError(f"None of the snapshots in {run_dir / 'snapshots'} can be read; "
-                                "train the run again or restore its snapshots.")
-    ref_epoch, ref_path, _ = readable[0]
-    ref_model, ref_meta = load_snapshot(ref_path)
-    layers = [l for l in dict.fromkeys(layers) if l != "logits"]
-    for l in layers:
-        layer_info(ref_model, l)  # an unknown layer fails here, naming the closest ones
-    overview = list(overview) if overview is not None else overview_layers(ref_model)
-    all_layers = sorted(dict.fromkeys([*overview, *layers]), key=lambda l: layer_info(ref_model, l).first)
-    channels = {l: list((channels or {}).get(l, [])) for l in layers}
-    renders = renders or {}
-    image_size = image_size or trained_image_size(run_dir) or ref_meta.info.input_size
-    paths = resolve_probe(run_dir, probe, probe_limit)
-    cache = out_dir / "cache"
-    rf = {l: receptive_field(ref_model, l, image_size) for l in layers}
-
-    layer_rows, channel_rows, found = [], [], {}
+    readable, missing = readable_snapshots(run_dir)
+    first = readable[0]
+    setup = measuring(run_dir, open_network(first.path), first.epoch, layers, channels, renders=renders, probe=probe,
+                    probe_limit=probe_limit, image_size=image_size, overview=overview, examples=examples,
+                    device=device, quiet=quiet)
+    rows = MeasuredRows()
     refs: dict[tuple[str, int], ReferenceRender] = {}  # decoded and measured once, compared with every snapshot
     ref_stats = None
     bar = tqdm(readable, desc="metrics", unit="snapshot", disable=quiet, dynamic_ncols=True)
-    for epoch, path, meta in bar:
-        bar.set_postfix_str(f"epoch {epoch}")
+    for entry in bar:
+        bar.set_postfix_str(f"epoch {entry.epoch}")
         try:
-            model, meta = (ref_model, ref_meta) if epoch == ref_epoch else load_snapshot(path)
+            net = setup.ref if entry.epoch == setup.ref_epoch else open_network(entry.path)
         except FeatureshiftError as e:
-            missing[epoch] = str(e)
+            missing[entry.epoch] = str(e)
             continue
-        stats = probe_stats(model, all_layers, paths, image_size=image_size, meta=meta, cache_dir=cache,
-                            device=device, quiet=quiet, desc=f"probe, epoch {epoch}")
+        stats = probe_stats(net.module, setup.all_layers, setup.paths, image_size=setup.image_size, meta=net.meta,
+                            cache_dir=setup.cache, device=device, quiet=quiet, desc=f"probe, epoch {entry.epoch}")
         if ref_stats is None:
             ref_stats = stats
-        wc = weight_change(ref_model, model, all_layers)
-        fc = cached_function_change(
-            ref_model, model, all_layers, _batches(paths, ref_meta.info, image_size, device, ref_model, model),
-            checksums=(model_checksum(ref_model, ref_meta), model_checksum(model, meta)), probe=(paths, image_size),
-            cache_dir=cache)
-        for l in all_layers:
-            layer_rows.append({"epoch": epoch, "layer": l, "weight_change": wc[l].value,
-                               "function_change": fc[l], "cka": cka(ref_stats, stats, l)})
-        for l in layers:
-            corr = channel_correlation(ref_stats, stats, l)
-            dead = dead_channels(stats.layers[l].peak)
-            per = {c: {"drift": np.nan, "cross_b_on_a": np.nan, "cross_a_on_b": np.nan} for c in range(len(corr))}
-            have = [c for c in channels[l] if (l, ref_epoch, c) in renders and (l, epoch, c) in renders]
-            if have:
-                ref = reference_renders(ref_model, l, [c for c in have if (l, c) not in refs],
-                                        [renders[(l, ref_epoch, c)] for c in have if (l, c) not in refs])
-                refs.update(ref)
-                ra = [refs[(l, c)].image for c in have]
-                rb = [read_image(renders[(l, epoch, c)]) for c in have]
-                # The very same tile (same weights, same settings) has drift 0 by definition; the judge
-                # network would take as long on it as on a changed one, and an atlas has hundreds.
-                same = [renders[(l, ref_epoch, c)] == renders[(l, epoch, c)] for c in have]
-                drift = [0.0] * len(have)
-                todo = [i for i, s in enumerate(same) if not s]
-                if todo:
-                    da = [np.stack(rows) for rows in zip(*(refs[(l, have[i])].descriptors for i in todo))]
-                    for i, d in zip(todo, visual_drift_from(da, [ra[i] for i in todo], [rb[i] for i in todo])):
-                        drift[i] = d
-                b_on_a, a_on_b = cross_activation(ref_model, model, [(l, c) for c in have], ra, rb,
-                                                  own_a=[refs[(l, c)].own for c in have])
-                for i, c in enumerate(have):
-                    per[c] = {"drift": drift[i], "cross_b_on_a": b_on_a[i], "cross_a_on_b": a_on_b[i]}
-            for c in range(len(corr)):
-                channel_rows.append({"epoch": epoch, "layer": l, "channel": c,
-                                     "weight_change": wc[l].channels[c], "correlation": corr[c], **per[c],
-                                     "dead": int(dead[c])})
-            for c in channels[l]:
-                found[(l, c, epoch)] = find_examples(stats.layers[l], c, examples, paths, image_size, rf[l])
-        if model is not ref_model:
-            del model
+        measure_snapshot(setup, entry.epoch, net, ref_stats, stats, refs, rows)
+        if net is not setup.ref:
+            del net  # before the next snapshot loads: one network in memory beside the reference
     bar.close()
-    measured = sorted({r["epoch"] for r in layer_rows})
-    result = RunMetrics(
-        run_dir=run_dir, epochs=measured, reference=ref_epoch, layers=all_layers, channels=channels,
-        layer_rows=layer_rows, channel_rows=channel_rows, probe=paths, image_size=image_size, examples=found,
-        receptive_field=rf, layer_info={l: layer_info(ref_model, l) for l in all_layers},
-        sources={l: [s.module for s in channel_sources(ref_model, l)] for l in all_layers},
-        parameters={l: parameter_modules(ref_model, l) for l in all_layers},
-        head=classifier_head(ref_model), missing=missing)
-    write_run_metrics(out_dir, result)
+    result = metrics_of(setup, rows, missing)
+    write_run_metrics(run_dir / "metrics", result)
     return result
+
+
+def readable_snapshots(run_dir: Path) -> tuple[list[State], dict[int, str]]:
+    """The run's snapshots whose metadata can be read, and epoch -> why for the others; a
+    FeatureshiftError when none can be read."""
+    from ..run import list_snapshots
+
+    rows = [read_snapshot_state(epoch, path) for epoch, path in list_snapshots(run_dir)]
+    readable = [r for r in rows if r.meta is not None]
+    if not readable:
+        raise FeatureshiftError(f"None of the snapshots in {run_dir / 'snapshots'} can be read; "
+                                "train the run again or restore its snapshots.")
+    return readable, {r.epoch: r.error for r in rows if r.meta is None}
+
+
+@dataclasses.dataclass
+class Measuring:
+    """What every snapshot of a run is measured with: the reference network and the choices made once."""
+    run_dir: Path
+    ref: Network  # the reference snapshot (the first readable one)
+    ref_epoch: int
+    layers: list[str]  # with channel-level measures
+    all_layers: list[str]  # with layer-level measures, in network order
+    channels: dict[str, list[int]]  # layer -> the rendered channels
+    renders: dict[tuple[str, int, int], Path]
+    paths: list[Path]  # the probe images
+    image_size: int
+    cache: Path
+    receptive_field: dict[str, int]
+    examples: int
+    device: str
+
+
+@dataclasses.dataclass
+class MeasuredRows:
+    """What the snapshots measured so far gave: the rows of layers.csv and channels.csv, the examples."""
+    layers: list[dict] = dataclasses.field(default_factory=list)
+    channels: list[dict] = dataclasses.field(default_factory=list)
+    examples: dict[tuple[str, int, int], list] = dataclasses.field(default_factory=dict)
+
+
+def measuring(run_dir: Path, ref: Network, ref_epoch: int, layers: Sequence[str],
+              channels: dict[str, Sequence[int]] | None, *, renders, probe, probe_limit: int | None,
+              image_size: int | None, overview: Sequence[str] | None, examples: int, device: str,
+              quiet: bool) -> Measuring:
+    """Check the layers against the reference network REF and decide once what every snapshot is measured on."""
+    model = ref.module
+    layers = [l for l in dict.fromkeys(layers) if l != "logits"]
+    for l in layers:
+        layer_info(model, l)  # an unknown layer fails here, naming the closest ones
+    overview = list(overview) if overview is not None else overview_layers(model)
+    all_layers = sorted(dict.fromkeys([*overview, *layers]), key=lambda l: layer_info(model, l).first)
+    image_size = image_size or trained_image_size(run_dir) or ref.meta.info.input_size
+    return Measuring(
+        run_dir=run_dir, ref=ref, ref_epoch=ref_epoch, layers=layers, all_layers=all_layers,
+        channels={l: list((channels or {}).get(l, [])) for l in layers}, renders=renders or {},
+        paths=resolve_probe(run_dir, probe, probe_limit), image_size=image_size, cache=run_dir / "metrics" / "cache",
+        receptive_field={l: receptive_field(model, l, image_size) for l in layers}, examples=examples, device=device)
+
+
+def measure_snapshot(setup: Measuring, epoch: int, net: Network, ref_stats, stats,
+                     refs: dict[tuple[str, int], ReferenceRender], rows: MeasuredRows) -> None:
+    """Add to ROWS the measures of the snapshot NET (of EPOCH, probe statistics STATS) against the reference."""
+    ref, model = setup.ref.module, net.module
+    wc = weight_change(ref, model, setup.all_layers)
+    batches = _batches(setup.paths, setup.ref.meta.info, setup.image_size, setup.device, ref, model)
+    fc = cached_function_change(
+        ref, model, setup.all_layers, batches,
+        checksums=(model_checksum(ref, setup.ref.meta), model_checksum(model, net.meta)),
+        probe=(setup.paths, setup.image_size), cache_dir=setup.cache)
+    for l in setup.all_layers:
+        rows.layers.append({"epoch": epoch, "layer": l, "weight_change": wc[l].value,
+                            "function_change": fc[l], "cka": cka(ref_stats, stats, l)})
+    for l in setup.layers:
+        corr = channel_correlation(ref_stats, stats, l)
+        dead = dead_channels(stats.layers[l].peak)
+        per = {c: {"drift": np.nan, "cross_b_on_a": np.nan, "cross_a_on_b": np.nan} for c in range(len(corr))}
+        per.update(render_measures(setup, l, epoch, model, refs))
+        for c in range(len(corr)):
+            rows.channels.append({"epoch": epoch, "layer": l, "channel": c,
+                                  "weight_change": wc[l].channels[c], "correlation": corr[c], **per[c],
+                                  "dead": int(dead[c])})
+        for c in setup.channels[l]:
+            rows.examples[(l, c, epoch)] = find_examples(stats.layers[l], c, setup.examples, setup.paths,
+                                                         setup.image_size, setup.receptive_field[l])
+
+
+def render_measures(setup: Measuring, layer: str, epoch: int, model: nn.Module,
+                    refs: dict[tuple[str, int], ReferenceRender]) -> dict[int, dict[str, float]]:
+    """Visual drift and cross-activation of the channels of LAYER rendered at both the reference
+    and EPOCH: channel -> {"drift", "cross_b_on_a", "cross_a_on_b"}. REFS keeps the reference's
+    renders decoded and measured across calls."""
+    renders, ref_epoch = setup.renders, setup.ref_epoch
+    have = [c for c in setup.channels[layer] if (layer, ref_epoch, c) in renders and (layer, epoch, c) in renders]
+    if not have:
+        return {}
+    fresh = [c for c in have if (layer, c) not in refs]
+    refs.update(reference_renders(setup.ref.module, layer, fresh, [renders[(layer, ref_epoch, c)] for c in fresh]))
+    ra = [refs[(layer, c)].image for c in have]
+    rb = [read_image(renders[(layer, epoch, c)]) for c in have]
+    # The very same tile (same weights, same settings) has drift 0 by definition; the judge
+    # network would take as long on it as on a changed one, and an atlas has hundreds.
+    same = [renders[(layer, ref_epoch, c)] == renders[(layer, epoch, c)] for c in have]
+    drift = [0.0] * len(have)
+    todo = [i for i, s in enumerate(same) if not s]
+    if todo:
+        da = [np.stack(rows) for rows in zip(*(refs[(layer, have[i])].descriptors for i in todo))]
+        for i, d in zip(todo, visual_drift_from(da, [ra[i] for i in todo], [rb[i] for i in todo])):
+            drift[i] = d
+    b_on_a, a_on_b = cross_activation(setup.ref.module, model, [(layer, c) for c in have], ra, rb,
+                                      own_a=[refs[(layer, c)].own for c in have])
+    return {c: {"drift": drift[i], "cross_b_on_a": b_on_a[i], "cross_a_on_b": a_on_b[i]} for i, c in enumerate(have)}
+
+
+def metrics_of(setup: Measuring, rows: MeasuredRows, missing: dict[int, str]) -> RunMetrics:
+    """The RunMetrics of the measured ROWS, with what the reference network says of each layer."""
+    ref = setup.ref.module
+    return RunMetrics(
+        run_dir=setup.run_dir, epochs=sorted({r["epoch"] for r in rows.layers}), reference=setup.ref_epoch,
+        layers=setup.all_layers, channels=setup.channels, layer_rows=rows.layers, channel_rows=rows.channels,
+        probe=setup.paths, image_size=setup.image_size, examples=rows.examples, receptive_field=setup.receptive_field,
+        layer_info={l: layer_info(ref, l) for l in setup.all_layers},
+        sources={l: [s.module for s in channel_sources(ref, l)] for l in setup.all_layers},
+        parameters={l: parameter_modules(ref, l) for l in setup.all_layers},
+        head=classifier_head(ref), missing=missing)
 
 
 def parameter_modules(model: nn.Module, layer: str) -> list[str]:

@@ -62,8 +62,8 @@ def model_info(model) -> ModelInfo:
     info = getattr(model, "featureshift_info", None)
     if info is None:
         raise FeatureshiftError(
-            "This network was not made by featureshift.create_model or load_snapshot, so its preprocessing "
-            "and classes are unknown. Create it with featureshift.create_model(name, weights=...) or attach "
+            "This network was not opened by featureshift.open_network, so its preprocessing and classes "
+            "are unknown. Open it with featureshift.open_network(name, weights=...).module or attach "
             "featureshift.ModelInfo to it with featureshift.attach_info(model, info)."
         )
     return info

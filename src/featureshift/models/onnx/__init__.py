@@ -8,7 +8,7 @@
     layouts   which nodes output feature maps or token sequences, and in which layout
     repair    graph edits that let onnx2torch convert what exporters write
     ops       torch modules and onnx2torch converters featureshift adds
-    convert   any ONNX image classifier as a torch module (load_onnx, import_onnx)
+    convert   any ONNX image classifier as a torch module (import_onnx; open with network.open_network)
 
 onnx, onnxruntime and onnx2torch are an optional extra (`featureshift[onnx]`); they are
 imported only inside functions.

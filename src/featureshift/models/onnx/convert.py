@@ -70,10 +70,13 @@ class _Feeding:
     unknown: tuple[str, ...]
 
 
-def load_onnx(path: str | os.PathLike, *, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-              input_size: int | tuple[int, int] | None = None, check: bool = True, tolerance: float = CHECK_TOLERANCE,
-              data: bytes | None = None) -> nn.Module:
-    """An ONNX image classifier as a torch module in eval mode, with `featureshift_info` attached.
+def import_onnx(path: str | os.PathLike, *, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                input_size: int | tuple[int, int] | None = None, check: bool = True,
+                tolerance: float = CHECK_TOLERANCE, data: bytes | None = None,
+                require_preprocessing: bool = True) -> OnnxImport:
+    """An ONNX image classifier converted to torch (`module`: eval mode, `featureshift_info` attached),
+    with the file's graph, its layout and the check's result. Networks are opened with
+    `network.open_network`, which calls this for an ONNX file.
 
     The module takes normalized NCHW images like every featureshift network (an NHWC graph is
     given a transposing input; `info.in_chans` is the graph's channel count), its layers are
@@ -85,16 +88,6 @@ def load_onnx(path: str | os.PathLike, *, mean: Sequence[float] | None = None, s
     is pixels, or (height, width) for an input that is not square; `info.input_size` is then the
     larger side. For a graph of other than 3 bands, RGB MEAN and STD are fitted to its bands
     (models.info.band_stats). DATA: the file's bytes when they are already read.
-    """
-    return import_onnx(path, mean=mean, std=std, input_size=input_size, check=check, tolerance=tolerance,
-                       data=data).module
-
-
-def import_onnx(path: str | os.PathLike, *, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                input_size: int | tuple[int, int] | None = None, check: bool = True,
-                tolerance: float = CHECK_TOLERANCE, data: bytes | None = None,
-                require_preprocessing: bool = True) -> OnnxImport:
-    """load_onnx, with the file's graph, its layout and the check's result.
 
     require_preprocessing=False: a file that does not say its mean and std is converted anyway
     (mean 0, std 1 stand in; `unknown` names them), for what needs only the graph, such as
