@@ -41,7 +41,7 @@ def make_run(root: Path) -> Path:
     classes = ("stripes", "checkers", "dots")
     data = make_synthetic_dataset(root / "data", classes=classes, per_class=8, size=96, seed=0)
     samples = [(p, i) for i, c in enumerate(classes) for p in sorted((data / c).iterdir())]
-    model = featureshift.create_model("squeezenet1_1", weights="imagenet", num_classes=3)
+    model = featureshift.open_network("squeezenet1_1", weights="imagenet", num_classes=3).module
     for epoch in (0, 1):
         if epoch:
             nudge(model, epoch)

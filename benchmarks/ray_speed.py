@@ -58,7 +58,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="fs-ray-bench-"))
     try:
         local_run, ray_run = root / "local", root / "ray"
-        model = featureshift.create_model(args.model, weights=args.weights, num_classes=3)
+        model = featureshift.open_network(args.model, weights=args.weights, num_classes=3).module
         for epoch in range(args.snapshots):
             nudge(model, epoch)
             featureshift.save_snapshot(model, snapshot_path(local_run, epoch), epoch=epoch)
@@ -68,8 +68,6 @@ def main() -> None:
         render(model, [(args.layer, 0)], steps=2, size=args.size, device=args.device, quiet=True)
 
         import ray
-
-        from featureshift.snapshot import load_snapshot_bytes
 
         t = time.perf_counter()
         ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR")
@@ -83,7 +81,7 @@ def main() -> None:
             from featureshift.optvis.engine import render
 
             torch.set_num_threads(threads)
-            net = featureshift.create_model(args.model, weights="random", num_classes=3)
+            net = featureshift.open_network(args.model, weights="random", num_classes=3).module
             render(net, [(args.layer, 0)], steps=2, size=args.size, device=args.device, quiet=True)
             return 0
 
@@ -113,9 +111,8 @@ def main() -> None:
         # The parts of one tile's and one snapshot's cost.
         snap = snapshot_path(local_run, 0)
         data = snap.read_bytes()
-        from featureshift.snapshot import load_snapshot
-        load_s = best(lambda: load_snapshot(snap))
-        from_bytes_s = best(lambda: load_snapshot_bytes(data, str(snap)))
+        load_s = best(lambda: featureshift.open_network(snap))
+        from_bytes_s = best(lambda: featureshift.open_network(snap, data=data))
         put_s = best(lambda: ray.put(data))
         noop = ray.remote(lambda: None)
         ray.get(noop.remote())

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from featureshift.models.info import model_info
-from featureshift.network import create_model
+from featureshift.network import open_network
 from featureshift.models.layers import truncated
 from featureshift.optvis.engine import render
 
@@ -127,7 +127,7 @@ def recognition(seeds: int, lucent_seeds: int = 0) -> None:
     """Class-logit renders at the defaults, classified by the network: does the precision
     featureshift picks on this machine cost recognizability against fp32, and (lucent_seeds)
     how do Lucent's 512-step class renders fare with the same judge?"""
-    model = create_model("squeezenet1_1", weights="imagenet")
+    model = open_network("squeezenet1_1", weights="imagenet").module
     info = model_info(model)
     mean, std = torch.tensor(info.mean).view(1, 3, 1, 1), torch.tensor(info.std).view(1, 3, 1, 1)
     classes = torch.tensor(RECOGNITION_CLASSES)
@@ -216,7 +216,7 @@ def robust_activations(model, layer, images) -> tuple[float, float]:
 
 
 def time_to_quality(max_steps: int, repeats: int = 2, seeds: int = 3) -> None:
-    model = create_model("squeezenet1_1", weights="imagenet")
+    model = open_network("squeezenet1_1", weights="imagenet").module
     layer = QUALITY_LAYER
     print(f"time to quality: squeezenet1_1 (ImageNet weights), {layer}, channels {CHANNELS}, 128 px; activation = "
           f"median over the channels of the channel mean, on the final image (plain) and averaged over {VIEWS} "
@@ -305,7 +305,7 @@ def main():
         return
     steps, n = args.steps, len(CHANNELS)
     torch.manual_seed(0)
-    model = create_model("googlenet", weights="random")
+    model = open_network("googlenet", weights="random").module
     precision = render_precision()
     methods = {}  # key -> (label, function timed)
     if not args.skip_per_channel:
@@ -342,7 +342,7 @@ def main():
 
     if args.quality_steps:
         q = args.quality_steps
-        real = create_model("squeezenet1_1", weights="imagenet")
+        real = open_network("squeezenet1_1", weights="imagenet").module
         print(f"quality: squeezenet1_1 (ImageNet weights), {QUALITY_LAYER}, channels {CHANNELS}, {q} steps, "
               "activation of the final 128 px image")
         results = {}

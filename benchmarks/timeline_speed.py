@@ -56,7 +56,7 @@ def main() -> None:
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="fs-timeline-bench-"))
     run = root / "run"
     shutil.rmtree(run, ignore_errors=True)
-    model = featureshift.create_model("squeezenet1_1", weights="imagenet", num_classes=3)
+    model = featureshift.open_network("squeezenet1_1", weights="imagenet", num_classes=3).module
     for epoch in range(args.snapshots):
         nudge(model, epoch)
         featureshift.save_snapshot(model, snapshot_path(run, epoch), epoch=epoch,

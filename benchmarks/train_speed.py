@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
-from featureshift.network import create_model  # noqa: E402
+from featureshift.network import open_network  # noqa: E402
 from featureshift.models.info import model_info  # noqa: E402
 from featureshift.data import (ImageDataset, eval_transform, make_synthetic_dataset,  # noqa: E402
                                scan_image_folder)
@@ -45,7 +45,7 @@ def _cpu() -> float:
 def plain_loop(args, root: Path, device: torch.device) -> list[tuple[float, float]]:
     """(images/s, CPU s/image) of each epoch of the plainest loop: tensors in memory, random batches."""
     torch.manual_seed(0)
-    model = create_model(args.model, weights=args.weights)
+    model = open_network(args.model, weights=args.weights).module
     index = scan_image_folder(root)
     replace_head(model, len(index.classes))
     ds = ImageDataset(index.samples, eval_transform(model_info(model), args.image_size))
@@ -84,7 +84,7 @@ def pipeline_alone(args, root: Path) -> float:
     """CPU s/image of featureshift's data pipeline by itself (decode, augment, batch, normalize; no network)."""
     from featureshift.data import collate_skip, normalize_batch, train_transform, transform_sizes
 
-    info = model_info(create_model(args.model, weights="random"))
+    info = model_info(open_network(args.model, weights="random").module)
     size, _ = transform_sizes(info, args.image_size)
     ds = ImageDataset(scan_image_folder(root).samples, train_transform(info, args.image_size, normalize=False),
                       min_size=2 * size)
