@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from ..errors import FeatureshiftError
+from ..states import Preprocessing
 from .cache import TileCache
 from ..device import core_count, cuda_available, max_batch, ray_placement, uses_gpu
 from .plan import HeldNetwork, JobPlan, TileJob
@@ -121,11 +122,11 @@ def tile_about(job: TileJob, index: int, output: JobOutput) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- local
 
-def open_saved_state(path: str | os.PathLike, preprocessing=None, *, data: bytes | None = None):
-    """The network saved at PATH, a snapshot or an ONNX file (fed with PREPROCESSING, a
-    states.Preprocessing), from DATA, the file's bytes, when a worker received them."""
+def open_saved_state(path: str | os.PathLike, preprocessing: Preprocessing | None = None, *,
+                     data: bytes | None = None):
+    """The network saved at PATH, a snapshot or an ONNX file (fed with PREPROCESSING), from DATA,
+    the file's bytes, when a worker received them."""
     from ..network import open_network
-    from ..states import Preprocessing
 
     return open_network(path, data=data, **(preprocessing or Preprocessing()).kwargs()).module
 
