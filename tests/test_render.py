@@ -585,7 +585,7 @@ def test_a_module_in_memory_gets_its_tiles_reused_until_its_weights_change(tmp_p
     from featureshift.jobs.plan import hold_network
 
     torch.manual_seed(0)
-    model = create_model("squeezenet1_1", weights="random")
+    model = open_network("squeezenet1_1", weights="random").module
     first = vis(model, MID, tmp_path / "g.png", channels="1-2", steps=2, size=32, quiet=True)
     assert (first.rendered, first.reused) == (2, 0)
     before = {k: p.read_bytes() for k, p in first.tiles.items()}
