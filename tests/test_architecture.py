@@ -403,9 +403,6 @@ def test_every_public_api_name_resolves_to_its_module():
         assert getattr(featureshift, name) is not None, name
 
 
-@pytest.mark.xfail(strict=False, reason="the commands vis, compare, timeline, atlas and report and "
-                                        "metrics.driver.run_metrics are still over 80 lines while the rest of the "
-                                        "redesign lands; remove this mark once they are split")
 def test_no_module_over_600_lines_and_no_function_over_80():
     wrong = [w for m, path in sorted(MODULES.items()) for w in oversized(m, path.read_text())]
     assert not wrong, "\n".join(wrong)
