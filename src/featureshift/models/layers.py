@@ -32,6 +32,10 @@ from .info import input_channels
 # How a layer's output is laid out: a feature map (B, C, H, W), a channels-last one (B, H, W, C),
 # or tokens (B, tokens, width).
 LAYOUTS = ("NCHW", "NHWC", "tokens")
+# A network made of branches (optvis.pair.NetworkPair) names them in this attribute: child modules
+# that each take the network's input, run one after the other. Capture runs each only as far as
+# its own layers need.
+BRANCHES = "featureshift_branches"
 
 
 @dataclasses.dataclass
@@ -63,6 +67,9 @@ class LayerInfo:
 def prefix_tokens(model: nn.Module) -> int:
     """How many tokens a vision transformer puts before its patch tokens (class token, registers):
     timm's num_prefix_tokens, torchvision's class token; 0 for other networks."""
+    branches = getattr(model, BRANCHES, None)
+    if branches:  # the branches of one network share its architecture (optvis.pair)
+        return prefix_tokens(getattr(model, branches[0]))
     n = getattr(model, "num_prefix_tokens", None)
     if isinstance(n, int):
         return n
@@ -114,6 +121,9 @@ def feature_views(model: nn.Module, infos: Iterable["LayerInfo"], include_prefix
 
 def _channels_last_model(model: nn.Module) -> bool:
     """Networks whose feature maps are (B, H, W, C) between their convolutions (swin)."""
+    branches = getattr(model, BRANCHES, None)
+    if branches:
+        return _channels_last_model(getattr(model, branches[0]))
     if getattr(model, "output_fmt", None) == "NHWC":
         return True
     return type(model).__name__ == "SwinTransformer"
@@ -179,7 +189,9 @@ class Capture:
     names: the modules to hook, by their path in the model ("" is the model itself); a module
         called more than once in a forward pass keeps its last output.
     stop_after: module -> number of calls. The forward pass run by `net(x)` ends as soon as every
-        module in it has been called that often, so the layers after the deepest never run.
+        module in it has been called that often, so the layers after the deepest never run. In a
+        network of branches (BRANCHES) each branch ends so on its own modules, and a branch
+        without any is not run; its output is then None.
     on_output(name, module, output): called at every output of a hooked module, in execution
         order, after the output is kept and not where the forward stops. A value it returns
         replaces the output for the rest of the network, not the kept one.
@@ -233,12 +245,11 @@ class Capture:
         """Run the model on `x` (as far as needed) and return the kept outputs by module name."""
         self.outputs.clear()
         self._calls.clear()
-        self._pending = len(self.stop_after)
-        result = None
-        try:
-            result = self.model(x)
-        except _Stop:
-            pass
+        branches = getattr(self.model, BRANCHES, None)
+        if branches:
+            result = {b: self._run(getattr(self.model, b), x, b) for b in branches}
+        else:
+            result = self._run(self.model, x, None)
         if not self._keep:
             return {}
         missing = [n for n in self.names if n not in self.outputs]
@@ -249,6 +260,17 @@ class Capture:
         if self.model_output is not None:
             feats[self.model_output] = result
         return feats
+
+    def _run(self, module: nn.Module, x: torch.Tensor, branch: str | None) -> Any:
+        """MODULE's output on X, or None where it stopped early (or, a BRANCH without stops, never ran)."""
+        stops = [n for n in self.stop_after if branch is None or n == branch or n.startswith(branch + ".")]
+        if branch is not None and self.stop_after and not stops:
+            return None
+        self._pending = len(stops)
+        try:
+            return module(x)
+        except _Stop:
+            return None
 
     def close(self) -> None:
         for h in self._handles:

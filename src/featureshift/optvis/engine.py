@@ -29,7 +29,7 @@ from ..errors import FeatureshiftError
 from ..models.layers import Capture, LayerInfo, blank_input, feature_views, resolve_layers
 from ..device import autocast, max_batch, resolve_device, resolve_precision, torch_dtype
 from ..models.info import input_channels, model_info
-from .objectives import LOGITS, Batch, Diversity, as_objective, fixed_units
+from .objectives import LOGITS, Batch, as_objective, fixed_units, target_layers
 from .settings import METHODS, PARAMS, RenderSettings
 from .transforms import Transforms
 
@@ -236,15 +236,18 @@ def _check_size(net: Capture, size: int, transforms: Transforms, device: torch.d
     )
 
 
-def _check_channels(expanded: list[tuple[str, int]], infos: dict[str, LayerInfo], classes: int | None) -> None:
-    for layer, ch in dict.fromkeys(expanded):
-        count = classes if layer == LOGITS else infos[layer].channels
-        what = "classes (logits)" if layer == LOGITS else "channels"
-        if not 0 <= ch < count:
-            raise FeatureshiftError(
-                f"Channel {ch} is out of range for layer '{layer}', which has {count} {what}: "
-                f"use 0 to {count - 1}."
-            )
+def _check_channels(units: list[tuple[str, int]], infos: dict[str, LayerInfo], classes: int | None,
+                    own: dict[str, list[str]]) -> None:
+    """Each unit's channel against the layers it is read in (OWN: a target layer's, see target_layers)."""
+    for layer, ch in dict.fromkeys(units):
+        for read in own.get(layer, [layer]):
+            count = classes if read == LOGITS else infos[read].channels
+            what = "classes (logits)" if read == LOGITS else "channels"
+            if not 0 <= ch < count:
+                raise FeatureshiftError(
+                    f"Channel {ch} is out of range for layer '{layer}', which has {count} {what}: "
+                    f"use 0 to {count - 1}."
+                )
 
 
 # --- memory ---------------------------------------------------------------------------
@@ -362,7 +365,7 @@ def render(model: nn.Module, targets: Sequence[tuple[str, int]], settings: Rende
             if LOGITS in work.needed:
                 with torch.no_grad():
                     classes = net(blank_input(model, size, device=dev))[LOGITS].shape[1]
-            _check_channels(work.expanded + fixed_units(work.obj), work.infos, classes)
+            _check_channels(work.expanded + fixed_units(work.obj), work.infos, classes, work.own)
             if batch_size is None:
                 batch_size = _memory_batch(net, model, plan, dev)
             copies = work.copies
@@ -401,6 +404,7 @@ class _Work:
     groups: list[int]
     seeds: list[int]
     needed: set[str]  # every layer the objective reads
+    own: dict[str, list[str]]  # target layer -> the layers read for it (objectives.target_layers)
     inner: list[str]  # those inside the network (not the logits), the targets' own first
     infos: dict[str, LayerInfo]
     order: list[int]  # targets, shallow first: a chunk of shallow targets stops its forward early
@@ -409,22 +413,23 @@ class _Work:
 def _plan_targets(model: nn.Module, targets, s: RenderSettings, batch_size: int | None) -> _Work:
     copies = s.copies
     targets = _check_args(targets, s.steps, s.size, s.lr, s.param, batch_size, copies)
-    obj = as_objective(s.objective, s.diversity_weight)
-    if copies > 1 and isinstance(s.objective, str) and s.objective != "diversity":
-        obj = obj - s.diversity_weight * Diversity()
+    obj = as_objective(s.objective, s.diversity_weight, copies)
     needed = obj.layers({layer for layer, _ in targets})
-    inner = [n for n in dict.fromkeys(layer for layer, _ in targets) if n != LOGITS]
+    own = {layer: target_layers(obj, layer) for layer in dict.fromkeys(layer for layer, _ in targets)}
+    inner = [n for n in dict.fromkeys(n for reads in own.values() for n in reads) if n != LOGITS]
     inner += sorted(needed - set(inner) - {LOGITS})
     try:
         infos = {i.name: i for i in resolve_layers(model, inner)} if inner else {}
     except FeatureshiftError as e:
-        raise FeatureshiftError(f"{e} The network's output (class logits) is the layer '{LOGITS}'.") from None
-    depth = {name: info.last for name, info in infos.items()}
+        paired = sorted({n for layer, reads in own.items() for n in reads if n != layer})
+        pair = f" The objective reads {', '.join(paired)}: layers of two networks in one (optvis.pair)." * bool(paired)
+        raise FeatureshiftError(f"{e} The network's output (class logits) is the layer '{LOGITS}'.{pair}") from None
+    depth = {layer: max(infos[n].last if n in infos else math.inf for n in reads) for layer, reads in own.items()}
     return _Work(targets=targets, obj=obj, copies=copies,
                  expanded=[t for t in targets for _ in range(copies)],
                  groups=[i for i in range(len(targets)) for _ in range(copies)],
                  seeds=[target_seed(s.seed, layer, ch, k) for (layer, ch) in targets for k in range(copies)],
-                 needed=needed, inner=inner, infos=infos,
+                 needed=needed, own=own, inner=inner, infos=infos,
                  order=sorted(range(len(targets)), key=lambda t: depth.get(targets[t][0], math.inf)))
 
 

@@ -11,6 +11,8 @@ per layer with tensor indexing, not a Python loop over images.
     logit()                          the class logit (layer "logits", the network output)
     channel() - 100 * diversity()    several different images of one channel
     channel() + 0.5 * channel("inception4b", 7)   also excite a fixed second unit
+    gained(), lost()                 a channel's change between two networks in one (optvis.pair):
+                                     channel(network="after") - channel(network="before") and its negative
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from ..errors import FeatureshiftError, did_you_mean
 from .settings import DIVERSITY_WEIGHT
 
 LOGITS = "logits"  # the layer name meaning the network's output
+# The two networks of a pair (optvis.pair.NetworkPair): their layers are "before.L" and "after.L".
+BEFORE, AFTER = "before", "after"
 
 
 @dataclasses.dataclass
@@ -116,21 +120,38 @@ class Scaled(Objective):
         return f"-{self.inner!r}" if self.k == -1 else f"{self.k:g}*{self.inner!r}"
 
 
+def in_network(network: str | None, layer: str) -> str:
+    """The name of LAYER in NETWORK of a pair ("after.features.9"); LAYER itself without a network."""
+    return layer if network is None else f"{network}.{layer}"
+
+
+def target_layers(objective: Objective, layer: str) -> list[str]:
+    """The layers an image whose own target is in LAYER reads for that target: LAYER itself for
+    the ordinary objectives and for those that read fixed units only, "after.L" and "before.L"
+    for gained() and lost(). The engine sizes and checks a target by them."""
+    # what a fixed unit reads is read for every image, whatever its target
+    own = sorted(objective.layers({layer}) - objective.layers(set()))
+    return own or [layer]
+
+
 class _Unit(Objective):
-    """Reads one unit per image: each image's own target, or a fixed (layer, channel) for all."""
+    """Reads one unit per image: each image's own target, or a fixed (layer, channel) for all;
+    with NETWORK, in that network of a pair (optvis.pair)."""
     name = "unit"
 
-    def __init__(self, layer: str | None = None, channel: int | None = None):
+    def __init__(self, layer: str | None = None, channel: int | None = None, network: str | None = None):
         if (layer is None) != (channel is None):
             raise ValueError(f"{self.name}(): give both layer and channel, or neither (each image's own target)")
-        self.layer, self.channel = layer, channel
+        self.network = network
+        self.layer = None if layer is None else in_network(network, layer)
+        self.channel = channel
 
     def reduce(self, values: torch.Tensor) -> torch.Tensor:
         """(n, H, W) or (n,) values of the unit's channel -> (n,)."""
         raise NotImplementedError
 
     def layers(self, own):
-        return {self.layer} if self.layer is not None else set(own)
+        return {self.layer} if self.layer is not None else {in_network(self.network, layer) for layer in own}
 
     def __call__(self, batch):
         # fp32 before reducing: under autocast the features are bf16/fp16
@@ -138,11 +159,14 @@ class _Unit(Objective):
             return self.reduce(batch.feats[self.layer][:, self.channel].float())
         out = torch.zeros(batch.size, device=batch.channels.device)
         for layer, rows in batch.rows.items():
-            out = out.index_put((rows,), self.reduce(batch.feats[layer][rows, batch.channels[rows]].float()))
+            feats = batch.feats[in_network(self.network, layer)]
+            out = out.index_put((rows,), self.reduce(feats[rows, batch.channels[rows]].float()))
         return out
 
     def __repr__(self):
         args = "" if self.layer is None else f"{self.layer!r}, {self.channel}"
+        if self.layer is None and self.network is not None:
+            args = f"network={self.network!r}"
         return f"{self.name}({args})"
 
 
@@ -160,8 +184,8 @@ class Neuron(_Unit):
     name = "neuron"
 
     def __init__(self, layer: str | None = None, channel: int | None = None, x: int | None = None,
-                 y: int | None = None):
-        super().__init__(layer, channel)
+                 y: int | None = None, network: str | None = None):
+        super().__init__(layer, channel, network)
         self.x, self.y = x, y
 
     def reduce(self, values):
@@ -198,14 +222,15 @@ class Diversity(Objective):
 
     Subtract it (`channel() - 100 * diversity()`) to push several renders of one channel
     apart. Groups are copies of one target (render(..., diversity=N)); an image alone in its
-    group scores 0.
+    group scores 0. With NETWORK, the features of that network of a pair (optvis.pair).
     """
 
-    def __init__(self, layer: str | None = None):
-        self.layer = layer
+    def __init__(self, layer: str | None = None, network: str | None = None):
+        self.network = network
+        self.layer = None if layer is None else in_network(network, layer)
 
     def layers(self, own):
-        return {self.layer} if self.layer is not None else set(own)
+        return {self.layer} if self.layer is not None else {in_network(self.network, layer) for layer in own}
 
     def _similarity(self, f: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
         # (n, C, HW); the logits (n, classes) have no positions: their Gram is the outer product
@@ -220,20 +245,23 @@ class Diversity(Objective):
             return self._similarity(batch.feats[self.layer], batch.groups)
         out = torch.zeros(batch.size, device=batch.channels.device)
         for layer, rows in batch.rows.items():
-            out = out.index_put((rows,), self._similarity(batch.feats[layer][rows], batch.groups[rows]))
+            feats = batch.feats[in_network(self.network, layer)]
+            out = out.index_put((rows,), self._similarity(feats[rows], batch.groups[rows]))
         return out
 
     def __repr__(self):
+        if self.layer is None and self.network is not None:
+            return f"diversity(network={self.network!r})"
         return f"diversity({'' if self.layer is None else repr(self.layer)})"
 
 
-def channel(layer: str | None = None, channel: int | None = None) -> Objective:
-    return Channel(layer, channel)
+def channel(layer: str | None = None, channel: int | None = None, network: str | None = None) -> Objective:
+    return Channel(layer, channel, network)
 
 
 def neuron(layer: str | None = None, channel: int | None = None, x: int | None = None,
-           y: int | None = None) -> Objective:
-    return Neuron(layer, channel, x, y)
+           y: int | None = None, network: str | None = None) -> Objective:
+    return Neuron(layer, channel, x, y, network)
 
 
 def negative(layer: str | None = None, channel: int | None = None) -> Objective:
@@ -244,8 +272,19 @@ def logit(cls: int | None = None) -> Objective:
     return Logit(cls)
 
 
-def diversity(layer: str | None = None) -> Objective:
-    return Diversity(layer)
+def diversity(layer: str | None = None, network: str | None = None) -> Objective:
+    return Diversity(layer, network)
+
+
+def gained(layer: str | None = None, channel: int | None = None) -> Objective:
+    """What the channel responds to after and not before: act_after(x) - act_before(x), read in the
+    two networks of a pair (optvis.pair.NetworkPair)."""
+    return Channel(layer, channel, AFTER) - Channel(layer, channel, BEFORE)
+
+
+def lost(layer: str | None = None, channel: int | None = None) -> Objective:
+    """What the channel responded to before and no longer: act_before(x) - act_after(x)."""
+    return Channel(layer, channel, BEFORE) - Channel(layer, channel, AFTER)
 
 
 NAMED: dict[str, Callable[[float], Objective]] = {
@@ -254,13 +293,28 @@ NAMED: dict[str, Callable[[float], Objective]] = {
     "negative": lambda w: negative(),
     "logit": lambda w: logit(),
     "diversity": lambda w: channel() - w * diversity(),
+    "gained": lambda w: gained(),
+    "lost": lambda w: lost(),
+}
+# Copies of a named objective's image (diversity > 1) are pushed apart in the features of the
+# network the picture is about: what was gained is seen by the network after, what was lost by
+# the one before.
+DIVERSE: dict[str, Callable[[], Objective]] = {
+    "gained": lambda: diversity(network=AFTER),
+    "lost": lambda: diversity(network=BEFORE),
 }
 
 
-def as_objective(objective: str | Objective, diversity_weight: float = DIVERSITY_WEIGHT) -> Objective:
+def as_objective(objective: str | Objective, diversity_weight: float = DIVERSITY_WEIGHT, copies: int = 1
+                 ) -> Objective:
+    """The Objective an objective setting names (an Objective is taken as it is); with COPIES > 1,
+    a named objective other than "diversity" gets its diversity term as well."""
     if isinstance(objective, Objective):
         return objective
     if objective not in NAMED:
         raise FeatureshiftError(f"Unknown objective '{objective}'.{did_you_mean(objective, NAMED)} "
                                 f"Choose one of {', '.join(NAMED)}.")
-    return NAMED[objective](diversity_weight)
+    obj = NAMED[objective](diversity_weight)
+    if copies > 1 and objective != "diversity":
+        obj = obj - diversity_weight * DIVERSE.get(objective, diversity)()
+    return obj
