@@ -168,5 +168,16 @@ def test_networks_with_other_preprocessing_are_refused_naming_it(pair):
 
 def test_a_gained_render_of_one_network_says_it_needs_two(pair):
     before, _ = pair
-    with pytest.raises(FeatureshiftError, match=r"reads after\.block, before\.block: layers of two networks in one"):
+    with pytest.raises(FeatureshiftError, match=r"compares two networks, before and after: it reads after\.block, "
+                                                r"before\.block"):
         render(before, [("block", 0)], objective="gained", steps=1, size=32, quiet=True)
+
+
+def test_a_pair_renders_in_chunks_and_in_bf16_as_any_network(pair):
+    before, after = pair
+    targets = [("block", CHANNEL), ("stem.1", 1), ("block", 0)]
+    together = render(NetworkPair(before, after), targets, objective="gained", **KW)
+    one_by_one = render(NetworkPair(before, after), targets, objective="gained", batch_size=1, **KW)
+    assert np.array_equal(together.images, one_by_one.images) and together.targets == targets
+    bf16 = render(NetworkPair(before, after), targets[:1], objective="gained", precision="bf16", **KW)
+    assert bf16.settings["precision"] == "bf16" and bf16.scores[0] > 0.5 * together.scores[0]

@@ -26,7 +26,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import FeatureshiftError
-from ..models.layers import Capture, LayerInfo, blank_input, feature_views, resolve_layers
+from ..models.layers import BRANCHES, Capture, LayerInfo, blank_input, feature_views, resolve_layers
 from ..device import autocast, max_batch, resolve_device, resolve_precision, torch_dtype
 from ..models.info import input_channels, model_info
 from .objectives import LOGITS, Batch, as_objective, fixed_units, target_layers
@@ -422,8 +422,11 @@ def _plan_targets(model: nn.Module, targets, s: RenderSettings, batch_size: int 
         infos = {i.name: i for i in resolve_layers(model, inner)} if inner else {}
     except FeatureshiftError as e:
         paired = sorted({n for layer, reads in own.items() for n in reads if n != layer})
-        pair = f" The objective reads {', '.join(paired)}: layers of two networks in one (optvis.pair)." * bool(paired)
-        raise FeatureshiftError(f"{e} The network's output (class logits) is the layer '{LOGITS}'.{pair}") from None
+        if paired and not getattr(model, BRANCHES, None):
+            raise FeatureshiftError(f"The objective {obj!r} compares two networks, before and after: it reads "
+                                    f"{', '.join(paired)}, layers of a pair rendered together (optvis.pair), and "
+                                    "this is one network.") from None
+        raise FeatureshiftError(f"{e} The network's output (class logits) is the layer '{LOGITS}'.") from None
     depth = {layer: max(infos[n].last if n in infos else math.inf for n in reads) for layer, reads in own.items()}
     return _Work(targets=targets, obj=obj, copies=copies,
                  expanded=[t for t in targets for _ in range(copies)],
