@@ -8,6 +8,7 @@
     lucid.py        Lucid's method as a plan for that loop (parameterization + transforms)
     maco.py         MACO: phase only, a natural magnitude spectrum, random noisy crops
     accent.py       feature accentuation: start from a photo, held near it
+    pair.py         two networks as one (NetworkPair): what a channel gained and lost between them
 
     from featureshift.optvis.engine import render
     result = render(model, [("inception4a", 3), ("inception4c", 7)], steps=64, size=128, seed=0)

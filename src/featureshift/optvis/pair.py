@@ -143,7 +143,8 @@ def render_difference(before: nn.Module, after: nn.Module, targets: Sequence[tup
     """The gained and lost pictures of each (layer, channel) target between the network BEFORE
     and the network AFTER (one architecture, one preprocessing), rendered with SETTINGS (its
     objective replaced by "gained" and "lost"; seeds, transforms and the rest as for any render).
-    OPTIONS are render()'s: device, batch_size, quiet, mean, std."""
+    OPTIONS are render()'s: device, batch_size, quiet, mean, std, or a setting to change (steps=64).
+    The target layer "logits" is refused: the pair's output holds both networks' logits."""
     s = settings or RenderSettings()
     if any(layer == LOGITS for layer, _ in targets):
         raise FeatureshiftError(f"Gained and lost renders read inner layers; the network output '{LOGITS}' is not "
