@@ -181,3 +181,29 @@ def test_a_pair_renders_in_chunks_and_in_bf16_as_any_network(pair):
     assert np.array_equal(together.images, one_by_one.images) and together.targets == targets
     bf16 = render(NetworkPair(before, after), targets[:1], objective="gained", precision="bf16", **KW)
     assert bf16.settings["precision"] == "bf16" and bf16.scores[0] > 0.5 * together.scores[0]
+
+
+def test_each_network_of_a_pair_runs_only_as_deep_as_the_objective_reads(pair):
+    before, after = pair
+    both = NetworkPair(before, after)
+    modules = dict(both.named_modules())
+
+    def calls_per_step(objective, target) -> dict[str, int]:
+        """How often each network's modules run in one more step (listing the layers runs them all once)."""
+        counts = []
+        for steps in (2, 3):
+            calls = dict.fromkeys(("before.stem.0", "before.block", "after.stem.0", "after.block", "after.head"), 0)
+            handles = [modules[name].register_forward_hook(lambda m, a, o, name=name: calls.__setitem__(
+                name, calls[name] + 1)) for name in calls]
+            try:
+                render(both, [target], objective=objective, steps=steps, size=32, quiet=True)
+            finally:
+                for h in handles:
+                    h.remove()
+            counts.append(calls)
+        return {name: counts[1][name] - counts[0][name] for name in counts[0]}
+
+    assert calls_per_step("gained", ("stem.1", 0)) == {"before.stem.0": 1, "before.block": 0, "after.stem.0": 1,
+                                                       "after.block": 0, "after.head": 0}
+    assert calls_per_step(objectives.channel(network="after"), ("block", 0)) == {
+        "before.stem.0": 0, "before.block": 0, "after.stem.0": 1, "after.block": 1, "after.head": 0}
