@@ -207,3 +207,13 @@ def test_each_network_of_a_pair_runs_only_as_deep_as_the_objective_reads(pair):
                                                        "after.block": 0, "after.head": 0}
     assert calls_per_step(objectives.channel(network="after"), ("block", 0)) == {
         "before.stem.0": 0, "before.block": 0, "after.stem.0": 1, "after.block": 1, "after.head": 0}
+
+
+def test_a_pair_names_the_layers_and_channels_of_its_networks_in_errors(pair):
+    before, after = pair
+    with pytest.raises(FeatureshiftError, match=r"Channel 9 is out of range for layer 'block', which has 4 channels"):
+        render_difference(before, after, [("block", 9)], steps=1, size=32, quiet=True)
+    with pytest.raises(FeatureshiftError, match=r"'after\.blok' is not a layer.*Did you mean: after\.block"):
+        render_difference(before, after, [("blok", 0)], steps=1, size=32, quiet=True)
+    with pytest.raises(FeatureshiftError, match="Only one of the two networks carries its preprocessing"):
+        NetworkPair(before, copy.deepcopy(Net()))
