@@ -18,6 +18,7 @@ _EXPORTS = {
     "Network": "network", "open_network": "network",
     "SnapshotMeta": "snapshot", "read_meta": "snapshot", "save_snapshot": "snapshot",
     "RenderSettings": "optvis.settings", "RenderResult": "optvis.engine", "render": "optvis.engine",
+    "DifferenceRenders": "optvis.pair", "render_difference": "optvis.pair",
     "TrainConfig": "training.config", "train": "commands.train",
     "VisResult": "commands.vis", "vis": "commands.vis",
     "TimelineResult": "commands.timeline", "timeline": "commands.timeline",

@@ -173,6 +173,9 @@ def atlas(run, layers, all_layers, snapshots, channels, device, batch_size, ray,
 @click.option("--weights", default="imagenet", show_default=True, help="For A or B given as a model name. " + WEIGHTS_HELP)
 @click.option("--rows", "table_rows", type=int, default=5, show_default=True,
               help="Channels listed as most and as least changed.")
+@click.option("--diff", is_flag=True,
+              help="Two more rows: what each channel gained (the picture B responds to more than A) and what it "
+                   "lost (A more than B), A and B rendered together (docs/render.md).")
 @probe_options
 @render_options(objective=False)
 @device_option
@@ -180,7 +183,7 @@ def atlas(run, layers, all_layers, snapshots, channels, device, batch_size, ray,
 @ray_option
 @quiet_option
 @handle_errors
-def compare(a, b, layer, columns, channels, most_changed, by, output, weights, table_rows, probe, probe_limit,
+def compare(a, b, layer, columns, channels, most_changed, by, output, weights, table_rows, diff, probe, probe_limit,
             image_size, device, batch_size, mean, std, input_size, in_chans, img_size, ray, quiet, **render):
     """Compare LAYER of two networks A and B, channel by channel.
 
@@ -193,6 +196,8 @@ def compare(a, b, layer, columns, channels, most_changed, by, output, weights, t
     \b
       featureshift compare runs/f/snapshots/000.safetensors runs/f/snapshots/050.safetensors \\
           --layer inception4c --most-changed 8 -o changed.png
+      featureshift compare runs/f/snapshots/000.safetensors runs/f/snapshots/050.safetensors \\
+          --layer inception4c --channels 3,17 --diff -o gained-lost.png
     """
     from .commands.compare import compare as compare_api
     from .io import safe_name
@@ -201,7 +206,7 @@ def compare(a, b, layer, columns, channels, most_changed, by, output, weights, t
     result = compare_api(a, b, layer, columns=columns, channels=channels, most_changed=most_changed, by=by,
                          output=output or f"compare-{safe_name(layer)}.png", probe=probe, probe_limit=probe_limit,
                          image_size=image_size, weights=weights, settings=settings_from(render), device=device,
-                         batch_size=batch_size, quiet=quiet, ray=ray)
+                         batch_size=batch_size, quiet=quiet, ray=ray, diff=diff)
     click.echo(result.table(table_rows))
     click.echo(f"sheet: {result.output}")
 

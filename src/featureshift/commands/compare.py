@@ -12,6 +12,11 @@ loose snapshot) in OUTPUT_cache/ beside the sheet, so a second compare renders o
 is new. Without a sheet to write and without a run, the tiles live in a temporary folder
 for the call. Drift and cross-activation are measured on the 8-bit tiles, as the report
 measures them.
+
+With `diff`, each channel also gets what it gained and what it lost from A to B (the
+objectives "gained" and "lost" of `optvis.pair`: A and B rendered as one network), two more
+rows of the sheet; those tiles are planned, rendered and cached the same way, the pair
+named in the cache by both networks' checksums.
 """
 from __future__ import annotations
 
@@ -29,8 +34,9 @@ from torch import nn
 from ..errors import FeatureshiftError, did_you_mean
 from ..jobs.cache import TileCache, read_tile_about
 from ..jobs.executors import check_ray, render_tiles
-from ..jobs.plan import HeldNetwork, TileRequest, hold_network, plan_jobs
+from ..jobs.plan import HeldNetwork, PairSource, TileRequest, hold_network, pair_source, plan_jobs
 from ..models.info import model_info
+from ..optvis.pair import check_difference_layers, check_pair
 from ..optvis.settings import DEFAULT_SETTINGS, RenderSettings
 from ..run import trained_image_size
 from ..selection import COMPARE_COLUMNS, check_exclusive, select_channels
@@ -57,6 +63,10 @@ class CompareResult:
     renders_a: list[np.ndarray | None]  # per sheet channel, None where the render failed
     renders_b: list[np.ndarray | None]
     output: Path | None = None
+    # With diff: per sheet channel, what it gained and lost from A to B (None: failed; grid.NO_RESPONSE:
+    # the difference never had a gradient, nothing found); empty without diff
+    renders_gained: list[Any] = dataclasses.field(default_factory=list)
+    renders_lost: list[Any] = dataclasses.field(default_factory=list)
 
     def ranked(self) -> list[dict[str, Any]]:
         """The channels with a `by` measure, most changed first."""
@@ -133,7 +143,7 @@ def compare(a, b, layer: str, *, columns: int | None = None, channels: str | Seq
             probe: str | os.PathLike | None = None, probe_limit: int | None = DEFAULT_PROBE_LIMIT,
             image_size: int | None = None, weights: str = "imagenet", settings: RenderSettings | None = None,
             device: str = "auto", batch_size: int | None = None, quiet: bool = False, ray: str | None = None,
-            **changes) -> CompareResult:
+            diff: bool = False, **changes) -> CompareResult:
     """Compare `layer` of networks A and B (snapshot files, model names, or modules).
 
     Channels on the sheet: the first `columns` (default COMPARE_COLUMNS, 8), the `channels` given ("0-4,17"),
@@ -145,13 +155,18 @@ def compare(a, b, layer: str, *, columns: int | None = None, channels: str | Seq
     address, see `featureshift.jobs.executors`), into the tile cache of A's or B's run, else
     OUTPUT_cache/ beside the sheet (see the module's docstring). The sheet is written to
     `output` if given; a sheet that cannot be written raises `featureshift.io.WriteError`.
-    Channels of the output layer ('logits') are labelled with their class names.
+    Channels of the output layer ('logits') are labelled with their class names. `diff`: two
+    more rows, what each channel gained and lost from A to B (see the module's docstring).
     """
     settings = (settings or DEFAULT_SETTINGS).replace(**changes)
     check_ray(ray)
     _check_options(columns, channels, most_changed, by, output)
+    if diff:
+        check_difference_layers([layer])
     side_a, side_b = open_network(a, weights), open_network(b, weights)
     count = _check_pair(side_a.module, side_b.module, side_a.label, side_b.label, layer)
+    if diff:  # before the probe pass, as every other refusal
+        check_pair(side_a.module, side_b.module)
 
     def select(scores=None) -> list[int]:
         return select_channels(count, columns, channels, most_changed, scores, layer=layer, default=COMPARE_COLUMNS)
@@ -169,7 +184,7 @@ def compare(a, b, layer: str, *, columns: int | None = None, channels: str | Seq
     with tempfile.TemporaryDirectory(prefix="featureshift-compare-") as scratch:
         renders = _Renders(side_a, side_b, layer, settings, rows,
                            Path(output).with_name(Path(output).stem + "_cache") if output is not None else Path(scratch),
-                           dict(ray=ray, device=device, batch_size=batch_size, quiet=quiet))
+                           dict(ray=ray, device=device, batch_size=batch_size, quiet=quiet), diff)
         try:
             scores = None
             if most_changed is not None:
@@ -178,15 +193,19 @@ def compare(a, b, layer: str, *, columns: int | None = None, channels: str | Seq
                 scores = np.array([change_score(r, by) for r in rows])
             chosen = select(scores)
             renders.render(chosen)
+            renders.render_changes(chosen)
         except OSError as e:
             raise renders.unwritten(e) from e
     renders_a = [renders.done[c][0] for c in chosen]
     renders_b = [renders.done[c][1] for c in chosen]
     info_b = getattr(side_b.module, "featureshift_info", None)
-    sheet = _sheet(layer, chosen, rows, renders_a, renders_b, side_a.label, side_b.label,
+    changes = [renders.changes[c] for c in chosen] if diff else []
+    shown = [renders_a, renders_b] + ([[c.gained for c in changes], [c.lost for c in changes]] if diff else [])
+    sheet = _sheet(layer, chosen, rows, shown, side_a.label, side_b.label,
                    info_b.class_names if info_b is not None else None)
     result = CompareResult(layer, side_a.label, side_b.label, by, chosen, rows, wc.value, layer_cka, n_probe, sheet,
-                           renders_a, renders_b)
+                           renders_a, renders_b, renders_gained=[c.gained for c in changes],
+                           renders_lost=[c.lost for c in changes])
     if output is not None:
         result.output = _save_sheet(sheet, Path(output))
     return result
@@ -230,11 +249,21 @@ class _Side:
     cache: TileCache
 
 
+@dataclasses.dataclass
+class _Change:
+    """What one channel gained and lost from A to B: a picture each, None where the render failed,
+    grid.NO_RESPONSE where the difference never had a gradient."""
+
+    gained: Any
+    lost: Any
+
+
 class _Renders:
-    """The channels' renders at A and B, through the tile cache, with the measures taken from them."""
+    """The channels' renders at A and B (and with `diff` what each gained and lost), through the
+    tile cache, with the measures taken from them."""
 
     def __init__(self, side_a: Network, side_b: Network, layer: str, settings: RenderSettings,
-                 rows: list[dict[str, Any]], loose_cache: Path, how: dict[str, Any]):
+                 rows: list[dict[str, Any]], loose_cache: Path, how: dict[str, Any], diff: bool = False):
         from ..run import tile_cache_dir
 
         def side(net: Network) -> _Side:
@@ -245,6 +274,12 @@ class _Renders:
         self.a, self.b = side(side_a), side(side_b)
         self.layer, self.settings, self.rows, self.how = layer, settings, rows, how
         self.done: dict[int, tuple[np.ndarray | None, np.ndarray | None]] = {}  # channel -> (A's, B's), None: failed
+        self.pair: PairSource | None = None
+        self.changes: dict[int, _Change] = {}
+        if diff:
+            run = _run_of(side_a.path) or _run_of(side_b.path)
+            self.pair = pair_source(self.a.source, self.b.source, self.a.source.checksum, self.b.source.checksum)
+            self.pair_cache = TileCache(tile_cache_dir(run) if run is not None else loose_cache)
 
     def unwritten(self, e: OSError) -> Exception:
         """A failed tile write E (a full disk) as one paragraph; any other OSError as it is."""
@@ -257,25 +292,41 @@ class _Renders:
                               "are kept) and no sheet was written",
                            "run the same command again: it renders only the missing tiles")
 
-    def _tiles(self, side: _Side, chans: list[int]) -> list[np.ndarray | None]:
+    def _tiles(self, source: HeldNetwork | PairSource, cache: TileCache, settings: RenderSettings,
+               chans: list[int], mark_silent: bool = False) -> list[Any]:
+        """The tiles of CHANS from SOURCE: each an image, None where it failed, and with
+        MARK_SILENT grid.NO_RESPONSE where the objective never had a gradient."""
+        from ..grid import NO_RESPONSE
         from ..metrics.drift import read_image
 
-        requests = [TileRequest(side.source, side.source.checksum, self.layer, c) for c in chans]
-        plan = plan_jobs(requests, side.cache, settings=self.settings)
-        report = render_tiles(plan, side.cache, show_steps=True, **self.how)
-        out: list[np.ndarray | None] = []
+        requests = [TileRequest(source, source.checksum, self.layer, c) for c in chans]
+        plan = plan_jobs(requests, cache, settings=settings)
+        report = render_tiles(plan, cache, show_steps=True, **self.how)
+        out: list[Any] = []
         for r in requests:
-            path = side.cache.path(plan.keys[r])
-            failed = plan.keys[r] in report.failed or not path.exists() or read_tile_about(path).get("failed")
-            out.append(None if failed else read_image(path))
+            path = cache.path(plan.keys[r])
+            about = read_tile_about(path) if path.exists() else {}
+            if plan.keys[r] in report.failed or not about or about.get("failed"):
+                out.append(None)
+            else:
+                out.append(NO_RESPONSE if mark_silent and about.get("no_response") else read_image(path))
         return out
+
+    def render_changes(self, chans: list[int]) -> None:
+        """What each of CHANS (those not done yet) gained and lost from A to B; only with `diff`."""
+        chans = [c for c in chans if c not in self.changes]
+        if self.pair is None or not chans:
+            return
+        gained, lost = (self._tiles(self.pair, self.pair_cache, self.settings.replace(objective=objective), chans,
+                                    mark_silent=True) for objective in ("gained", "lost"))
+        self.changes.update({c: _Change(gained[i], lost[i]) for i, c in enumerate(chans)})
 
     def render(self, chans: list[int]) -> None:
         """Render CHANS (those not done yet) at A and B, and measure drift and cross-activation."""
         chans = [c for c in chans if c not in self.done]
         if not chans:
             return
-        ia, ib = self._tiles(self.a, chans), self._tiles(self.b, chans)
+        ia, ib = (self._tiles(s.source, s.cache, self.settings, chans) for s in (self.a, self.b))
         self.done.update({c: (ia[i], ib[i]) for i, c in enumerate(chans)})
         ok = [i for i in range(len(chans)) if ia[i] is not None and ib[i] is not None]
         if not ok:
@@ -288,17 +339,20 @@ class _Renders:
             self.rows[chans[i]].update(drift=float(d[j]), cross_b_on_a=float(x_ba[j]), cross_a_on_b=float(x_ab[j]))
 
 
-def _sheet(layer: str, chosen: list[int], rows: list[dict[str, Any]], renders_a, renders_b, name_a: str,
+def _sheet(layer: str, chosen: list[int], rows: list[dict[str, Any]], renders: list[list[Any]], name_a: str,
            name_b: str, class_names) -> Image.Image:
-    from ..grid import channel_label, make_grid
+    """The sheet: a column per channel, rows RENDERS: A's and B's, then (when given) what each
+    channel gained and what it lost from A to B."""
+    from ..grid import NO_RESPONSE, channel_label, make_grid
 
     labels = [f"{channel_label(layer, c, class_names, prefix='ch ')}\nw {_fmt(rows[c]['weight_change'], 2)} "
               f"r {_fmt(rows[c]['correlation'], 2)}\n"
               f"d {_fmt(rows[c]['drift'], 2)} x {_fmt(rows[c]['cross_b_on_a'], 2)}" for c in chosen]
-    shown = [[_enlarge(t) for t in renders_a], [_enlarge(t) for t in renders_b]]
-    return make_grid(shown, row_labels=[f"A\n{name_a}", f"B\n{name_b}"], col_labels=labels,
-                     title=f"{layer}: A above B (w weight change, r correlation, d drift, x B on A's render)",
-                     missing_label="failed")
+    shown = [[t if t is NO_RESPONSE else _enlarge(t) for t in row] for row in renders]
+    names = [f"A\n{name_a}", f"B\n{name_b}", "gained\nmore in B than A", "lost\nmore in A than B"]
+    order = "A above B" if len(shown) == 2 else "A, B, gained, lost"
+    title = f"{layer}: {order} (w weight change, r correlation, d drift, x B on A's render)"
+    return make_grid(shown, row_labels=names[:len(shown)], col_labels=labels, title=title, missing_label="failed")
 
 
 def _save_sheet(sheet: Image.Image, output: Path) -> Path:

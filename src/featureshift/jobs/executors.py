@@ -26,7 +26,7 @@ from ..errors import FeatureshiftError
 from ..states import Preprocessing
 from .cache import TileCache
 from ..device import core_count, cuda_available, max_batch, ray_placement, uses_gpu
-from .plan import HeldNetwork, JobPlan, TileJob
+from .plan import HeldNetwork, JobPlan, PairSource, TileJob
 
 RAY_ADDRESS_ENV = "FEATURESHIFT_RAY_ADDRESS"
 RAY_INSTALL = "pip install 'featureshift[ray]'"
@@ -60,7 +60,8 @@ class JobReport:
     cached: int = 0
     failed: dict[str, str] = dataclasses.field(default_factory=dict)  # key -> why (diverged, or no tile at all)
     no_response: set[str] = dataclasses.field(default_factory=set)  # channels that never responded to the image
-    unusable: dict[Path, str] = dataclasses.field(default_factory=dict)  # snapshot -> why it could not be loaded
+    # snapshot (or pair of them) -> why it could not be loaded
+    unusable: dict[Path | PairSource, str] = dataclasses.field(default_factory=dict)
     written: dict[str, Path] = dataclasses.field(default_factory=dict)  # key -> tile written by this run
     executor: str | None = None  # where the tiles were rendered (`describe()`); None when none was needed
 
@@ -113,6 +114,8 @@ def tile_about(job: TileJob, index: int, output: JobOutput) -> dict[str, Any]:
         settings = dataclasses.replace(settings, image=settings.image[index])
     about.update({"checksum": job.checksum, "score": output.scores[index], "failed": output.failed.get(index),
                   "no_response": index in output.no_response, **settings.to_record()})
+    if isinstance(job.snapshot, PairSource):  # the pair's checksum alone would not say which networks
+        about.update(before_checksum=job.snapshot.before_checksum, after_checksum=job.snapshot.after_checksum)
     if output.precision is not None:  # beside the record's "precision" (as given): what it meant here
         about["precision_used"] = output.precision
     if output.shown:
@@ -129,6 +132,39 @@ def open_saved_state(path: str | os.PathLike, preprocessing: Preprocessing | Non
     from ..network import open_network
 
     return open_network(path, data=data, **(preprocessing or Preprocessing()).kwargs()).module
+
+
+@dataclasses.dataclass
+class PairData:
+    """What a Ray worker receives for a pair of networks: each one's `source_data`."""
+
+    before: Any
+    after: Any
+
+
+def source_data(source: Path | HeldNetwork | PairSource) -> Any:
+    """What a worker needs to open SOURCE: a saved state's file bytes, a held network's module
+    (pickled with its weights on the way), a pair's two of them."""
+    if isinstance(source, PairSource):
+        return PairData(source_data(source.before), source_data(source.after))
+    if isinstance(source, HeldNetwork):
+        return source.module
+    return Path(source).read_bytes()
+
+
+def open_source(source: Path | HeldNetwork | PairSource, preprocessing: Preprocessing | None = None, *,
+                data: Any = None):
+    """The network SOURCE stands for, a pair built from its two networks (`optvis.pair.NetworkPair`).
+    DATA: what `source_data` gave a worker; without it saved states are read from their files."""
+    if isinstance(source, PairSource):
+        from ..optvis.pair import NetworkPair
+
+        parts = data if data is not None else PairData(None, None)
+        return NetworkPair(open_source(source.before, preprocessing, data=parts.before),
+                           open_source(source.after, preprocessing, data=parts.after))
+    if isinstance(source, HeldNetwork):
+        return data if data is not None else source.module
+    return open_saved_state(source, preprocessing, data=data)
 
 
 class LocalExecutor:
@@ -167,7 +203,7 @@ class LocalExecutor:
                 done = concurrent.futures.Future()
                 done.set_result(snapshot.module)
                 return done
-            return pool.submit(open_saved_state, snapshot, preprocessing)
+            return pool.submit(open_source, snapshot, preprocessing)
 
         try:
             pending = {snapshots[0]: load(snapshots[0])}
@@ -199,7 +235,7 @@ _WORKER_MODEL: tuple[str, Any] | None = None  # (checksum, network): a worker ke
 
 def _worker_job(data, job: TileJob, device: str, batch_size: int | None, threads: int | None) -> JobOutput:
     """Runs in a Ray worker: load the snapshot (unless this worker has it already) and render the job.
-    DATA: the snapshot file's bytes, or the module of a held network (unpickled from the store)."""
+    DATA: what `source_data` gave for the job's snapshot, held network or pair (unpickled from the store)."""
     global _WORKER_MODEL
     import torch
 
@@ -210,8 +246,7 @@ def _worker_job(data, job: TileJob, device: str, batch_size: int | None, threads
     if _WORKER_MODEL is None or _WORKER_MODEL[0] != job.checksum:
         _WORKER_MODEL = None
         try:
-            model = data if isinstance(job.snapshot, HeldNetwork) else open_saved_state(
-                job.snapshot, job.preprocessing, data=data)
+            model = open_source(job.snapshot, job.preprocessing, data=data)
             _WORKER_MODEL = (job.checksum, model)
         except FeatureshiftError as e:
             return JobOutput(None, error=str(e))
@@ -316,11 +351,10 @@ class RayExecutor:
                     i, job = todo.popleft()
                     if job.snapshot not in refs:
                         try:
-                            # a held network's module travels pickled, its weights with it
-                            refs[job.snapshot] = ray.put(job.snapshot.module if isinstance(job.snapshot, HeldNetwork)
-                                                         else Path(job.snapshot).read_bytes())
+                            refs[job.snapshot] = ray.put(source_data(job.snapshot))
                         except OSError as e:
-                            yield job, JobOutput(None, error=f"The snapshot {job.snapshot} cannot be read ({e}).")
+                            yield job, JobOutput(None, error=f"The snapshot {e.filename or job.snapshot} cannot be "
+                                                              f"read ({e}).")
                             continue
                     ref = self.remote.remote(refs[job.snapshot], job, self.worker_device, self.batch_size,
                                              self.threads)
@@ -426,7 +460,8 @@ def run_jobs(plan: JobPlan, cache: TileCache, executor: LocalExecutor | RayExecu
             if output.images is None:
                 why = output.error or "not rendered"
                 if output.error:
-                    report.unusable[Path(job.snapshot)] = output.error
+                    report.unusable[job.snapshot if isinstance(job.snapshot, PairSource)
+                                    else Path(job.snapshot)] = output.error
                 for j, key in enumerate(job.keys):
                     report.failed[key] = output.failed.get(j, why)
                 bar.update(len(job.keys))

@@ -12,7 +12,9 @@ The network of a request is a saved state (a snapshot or ONNX file, by path: a w
 loads it) or a `HeldNetwork`, a module already in this process (an API caller's, or one
 that `vis` and `compare` opened by name): it renders here as it is, and a Ray worker gets
 it through the object store. Either is named in the cache by its checksum, so a held
-network's tiles are cached like a snapshot's.
+network's tiles are cached like a snapshot's. A `PairSource` is two of them rendered as one
+network (what a channel gained and lost between them, `optvis.pair`): a worker receives
+both and builds the pair; its checksum covers both networks'.
 """
 from __future__ import annotations
 
@@ -53,17 +55,43 @@ def hold_network(module, checksum: str | None = None) -> HeldNetwork:
     return HeldNetwork(module, checksum)
 
 
-Source = Path | HeldNetwork  # what a tile is rendered from
+@dataclasses.dataclass(frozen=True)
+class PairSource:
+    """Two networks rendered as one (`optvis.pair.NetworkPair`), for the objectives "gained" and
+    "lost": `before` and `after`, each a saved state (a worker loads it) or a `HeldNetwork`.
+    `checksum` names the pair in the cache: it covers both networks' checksums, in their order
+    (what A gained from B is what B lost from A, but not the same picture: the seeds are A's)."""
+
+    before: Path | HeldNetwork
+    after: Path | HeldNetwork
+    before_checksum: str
+    after_checksum: str
+    checksum: str
 
 
-def _source(snapshot: str | Path | HeldNetwork) -> Source:
-    return snapshot if isinstance(snapshot, HeldNetwork) else Path(snapshot)
+def pair_source(before: str | Path | HeldNetwork, after: str | Path | HeldNetwork, before_checksum: str,
+                after_checksum: str) -> PairSource:
+    """BEFORE and AFTER (saved states or held networks, with their checksums) as one render source."""
+    import hashlib
+    import json
+
+    blob = json.dumps({"before": before_checksum, "after": after_checksum}, sort_keys=True)
+    return PairSource(_source(before), _source(after), before_checksum, after_checksum,
+                      "pair-" + hashlib.sha256(blob.encode()).hexdigest())
+
+
+Source = Path | HeldNetwork | PairSource  # what a tile is rendered from
+
+
+def _source(snapshot: str | Path | HeldNetwork | PairSource) -> Source:
+    return snapshot if isinstance(snapshot, (HeldNetwork, PairSource)) else Path(snapshot)
 
 
 @dataclasses.dataclass(frozen=True)
 class TileRequest:
     """One tile a command wants: `channel` of `layer` rendered from the saved state at `snapshot`
-    (a snapshot or an ONNX file, see `featureshift.states`) or from a `HeldNetwork`.
+    (a snapshot or an ONNX file, see `featureshift.states`), from a `HeldNetwork`, or from a
+    `PairSource` (two networks, rendered with the objective "gained" or "lost").
 
     `checksum` is the state's checksum (`State.checksum`: a snapshot's weight checksum, an ONNX
     file's sha256; a held network's own), which names the tile in the cache. `epoch`, when given,

@@ -146,13 +146,19 @@ def render_difference(before: nn.Module, after: nn.Module, targets: Sequence[tup
     OPTIONS are render()'s: device, batch_size, quiet, mean, std, or a setting to change (steps=64).
     The target layer "logits" is refused: the pair's output holds both networks' logits."""
     s = settings or RenderSettings()
-    if any(layer == LOGITS for layer, _ in targets):
-        raise FeatureshiftError(f"Gained and lost renders read inner layers; the network output '{LOGITS}' is not "
-                                "one of them yet. Name a layer from `featureshift layers`.")
+    check_difference_layers([layer for layer, _ in targets])
     pair = NetworkPair(before, after)
     gained = render(pair, targets, s.replace(objective="gained"), **options)
     lost = render(pair, targets, s.replace(objective="lost"), **options)
     return DifferenceRenders(gained, lost, responses(pair, gained, options), responses(pair, lost, options))
+
+
+def check_difference_layers(layers: Sequence[str]) -> None:
+    """Raise a FeatureshiftError unless every one of LAYERS can be rendered gained and lost: the
+    network output is refused, as the pair's output holds both networks' logits."""
+    if LOGITS in layers:
+        raise FeatureshiftError(f"Gained and lost renders read inner layers; the network output '{LOGITS}' is not "
+                                "one of them yet. Name a layer from `featureshift layers`.")
 
 
 def responses(pair: NetworkPair, result: RenderResult, options: dict[str, Any]) -> Responses:
