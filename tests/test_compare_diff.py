@@ -1,4 +1,6 @@
 """featureshift compare --diff: what each channel gained and lost, through the job list and the tile cache."""
+import copy
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -54,27 +56,37 @@ def test_diff_sheet_has_four_rows_and_its_gained_and_lost_tiles_are_cached(run, 
     assert (tmp_path / "again.png").read_bytes() == (tmp_path / "diff.png").read_bytes()
 
 
-def test_a_pair_is_named_in_the_cache_by_both_networks(squeezenet, tmp_path):
+def test_a_pair_is_named_in_the_cache_by_both_networks(tmp_path):
     import torch
 
-    other = hold_network(squeezenet)
-    changed = torch.nn.Module()  # stands in for a network with other weights: only its checksum counts
-    a, b, c = "sum-a", "sum-b", "sum-c"
-    settings = DEFAULT_SETTINGS.replace(objective="gained", steps=2, size=32)
+    from featureshift import open_network
+
+    torch.manual_seed(0)
+    a = open_network("squeezenet1_1", weights="random", num_classes=3).module
+    b, c = copy.deepcopy(a), copy.deepcopy(a)
+    with torch.no_grad():
+        b.features[3].squeeze.weight[0].add_(1.0)
+        c.features[3].squeeze.weight[1].add_(1.0)
+    held = {name: hold_network(m) for name, m in (("a", a), ("b", b), ("c", c))}
+    settings = DEFAULT_SETTINGS.replace(steps=2, size=32)
     cache = TileCache(tmp_path)
 
-    def key(before, after, before_sum, after_sum, objective="gained"):
-        pair = pair_source(before, after, before_sum, after_sum)
+    def key(before: str, after: str, objective: str = "gained") -> str:
+        x, y = held[before], held[after]
+        pair = pair_source(x, y, x.checksum, y.checksum)
         request = TileRequest(pair, pair.checksum, LAYER, 3)
         return plan_jobs([request], cache, settings=settings.replace(objective=objective)).keys[request]
 
-    base = key(other, other, a, b)
-    assert key(other, other, c, b) != base  # the network before changed
-    assert key(other, other, a, c) != base  # the network after changed
-    assert key(other, other, b, a) != base  # the same two, the other way round
-    assert key(other, other, a, b, "lost") != base
-    assert key(tmp_path / "x.safetensors", tmp_path / "y.safetensors", a, b) == base  # held or saved: same tile
-    del changed
+    base = key("a", "b")
+    assert key("c", "b") != base  # the network before changed
+    assert key("a", "c") != base  # the network after changed
+    assert key("b", "a") != base  # the same two, the other way round
+    assert key("a", "b", "lost") != base
+    assert key("a", "b") == base and hold_network(copy.deepcopy(b)).checksum == held["b"].checksum
+    # Saved or held, the same two networks are the same tiles: only their checksums name them.
+    saved = pair_source(tmp_path / "a.safetensors", tmp_path / "b.safetensors", held["a"].checksum,
+                        held["b"].checksum)
+    assert saved.checksum == pair_source(held["a"], held["b"], held["a"].checksum, held["b"].checksum).checksum
 
 
 def test_diff_refuses_the_output_layer_in_one_paragraph(run):

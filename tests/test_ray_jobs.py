@@ -186,3 +186,32 @@ def test_vis_of_several_layers_on_ray_matches_local(tmp_path, reference, ray_ins
     for key, path in here.tiles.items():
         assert there.tiles[key].read_bytes() == path.read_bytes()
     assert (tmp_path / "ray.png").read_bytes() == (tmp_path / "local.png").read_bytes()
+
+
+@pytest.mark.slow
+def test_gained_and_lost_tiles_of_two_snapshots_from_ray_equal_local_ones(tmp_path, reference, ray_instance):
+    from featureshift.jobs.executors import render_tiles
+    from featureshift.jobs.plan import pair_source
+
+    a, b = (reference[0] / "snapshots" / f"{e:03d}.safetensors" for e in (0, 2))
+    # Saved states: a worker receives both files' bytes and builds the pair itself.
+    pair = pair_source(a, b, read_meta(a).checksum, read_meta(b).checksum)
+    requests = [TileRequest(pair, pair.checksum, LAYER, c) for c in (0, 1)]
+    made = {}
+    for where in ("local", "auto"):
+        cache = TileCache(tmp_path / where)
+        for objective in ("gained", "lost"):
+            settings = DEFAULT_SETTINGS.replace(objective=objective, steps=FAST["steps"], size=FAST["size"])
+            plan = plan_jobs(requests, cache, settings=settings)
+            report = render_tiles(plan, cache, ray=where, device="cpu", batch_size=FAST["batch_size"], quiet=True)
+            assert (report.rendered, report.failed, report.unusable) == (2, {}, {})
+            again = plan_jobs(requests, cache, settings=settings)
+            assert (again.tiles, again.cached) == (0, 2)  # a second call renders nothing
+        made[where] = {p.name: p.read_bytes() for p in sorted(cache.root.glob("*.png"))}
+    assert len(made["local"]) == 4 and made["auto"] == made["local"]
+    from featureshift.jobs.cache import read_tile_about
+
+    headers = [read_tile_about(p) for p in (tmp_path / "auto").glob("*.png")]
+    assert not any(h["no_response"] for h in headers)  # the first layer changed: every channel did
+    assert {(h["before_checksum"], h["after_checksum"]) for h in headers} == {(pair.before_checksum,
+                                                                               pair.after_checksum)}
