@@ -101,3 +101,25 @@ def test_compare_help_shows_the_diff_option_and_an_example():
     r = CliRunner().invoke(main, ["compare", "--help"])
     assert r.exit_code == 0
     assert "--diff" in r.output and "gained" in r.output and "--diff -o gained-lost.png" in r.output
+
+
+def test_vis_with_a_gained_objective_says_it_needs_two_networks_and_which_command_has_them(tmp_path):
+    r = CliRunner().invoke(main, ["vis", "squeezenet1_1", LAYER, "--weights", "random", "--objective", "gained",
+                                  "--steps", "1", "--size", "32", "-o", str(tmp_path / "v.png"), "-q"])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "compares two networks" in r.output and "featureshift compare A B --layer L --diff" in r.output
+    assert not (tmp_path / "v.png").exists()
+
+
+def test_cli_diff_writes_the_sheet_quietly(run, tmp_path):
+    out = tmp_path / "d.png"
+    r = CliRunner().invoke(main, ["compare", str(run / "snapshots/000.safetensors"),
+                                  str(run / "snapshots/001.safetensors"), "--layer", LAYER, "--channels", "2,3",
+                                  "--diff", "--steps", str(RENDER["steps"]), "--size", str(RENDER["size"]),
+                                  "--image-size", str(IMAGE_SIZE), "-o", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    assert "most changed by weight" in r.output and f"sheet: {out}" in r.output
+    from PIL import Image
+
+    with Image.open(out) as im:
+        assert im.height > 4 * 112  # four rows of renders, enlarged to at least 112 px

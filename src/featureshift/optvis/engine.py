@@ -425,7 +425,7 @@ def _plan_targets(model: nn.Module, targets, s: RenderSettings, batch_size: int 
         if paired and not getattr(model, BRANCHES, None):
             raise FeatureshiftError(f"The objective {obj!r} compares two networks, before and after: it reads "
                                     f"{', '.join(paired)}, layers of a pair rendered together (optvis.pair), and "
-                                    "this is one network.") from None
+                                    "this is one network: `featureshift compare A B --layer L --diff`.") from None
         raise FeatureshiftError(f"{e} The network's output (class logits) is the layer '{LOGITS}'.") from None
     depth = {layer: max(infos[n].last if n in infos else math.inf for n in reads) for layer, reads in own.items()}
     return _Work(targets=targets, obj=obj, copies=copies,

@@ -63,8 +63,9 @@ class RenderSettings:
     # a name from OBJECTIVES, or an Objective from optvis.objectives
     objective: Any = flag("channel", "channel: spatial mean; neuron: center position; negative: minimize; logit: "
                           "class logit (layer 'logits', channels = class indices); diversity: several different "
-                          "images per channel; gained, lost: with two networks, before and after (optvis.pair), what "
-                          "the channel responds to more after than before, and the reverse.", choices=OBJECTIVES)
+                          "images per channel; gained, lost: what the channel responds to more after than before, and "
+                          "the reverse, with two networks rendered together (`featureshift compare A B --diff`, "
+                          "optvis.pair).", choices=OBJECTIVES)
     diversity: int | None = flag(None, "Images per channel, pushed apart by a Gram-matrix penalty.", type=int,
                                  default_text="4 with --objective diversity, else 1")  # see `copies`
     diversity_weight: float = flag(DIVERSITY_WEIGHT, "Weight of the diversity penalty (Lucid's; it depends on the "
