@@ -274,9 +274,10 @@ class _Renders:
         self.a, self.b = side(side_a), side(side_b)
         self.layer, self.settings, self.rows, self.how = layer, settings, rows, how
         self.done: dict[int, tuple[np.ndarray | None, np.ndarray | None]] = {}  # channel -> (A's, B's), None: failed
-        self.pair: PairSource | None = None
         self.changes: dict[int, _Change] = {}
-        if diff:
+        self.pair: PairSource | None = None
+        self.pair_cache: TileCache | None = None
+        if diff:  # cached with the run's tiles, as A's and B's: a pair of a run's snapshots belongs to it
             run = _run_of(side_a.path) or _run_of(side_b.path)
             self.pair = pair_source(self.a.source, self.b.source, self.a.source.checksum, self.b.source.checksum)
             self.pair_cache = TileCache(tile_cache_dir(run) if run is not None else loose_cache)
@@ -315,7 +316,7 @@ class _Renders:
     def render_changes(self, chans: list[int]) -> None:
         """What each of CHANS (those not done yet) gained and lost from A to B; only with `diff`."""
         chans = [c for c in chans if c not in self.changes]
-        if self.pair is None or not chans:
+        if self.pair is None or self.pair_cache is None or not chans:
             return
         gained, lost = (self._tiles(self.pair, self.pair_cache, self.settings.replace(objective=objective), chans,
                                     mark_silent=True) for objective in ("gained", "lost"))
