@@ -173,6 +173,7 @@ def test_a_gained_render_of_one_network_says_it_needs_two(pair):
         render(before, [("block", 0)], objective="gained", steps=1, size=32, quiet=True)
 
 
+@pytest.mark.slow
 def test_a_pair_renders_in_chunks_and_in_bf16_as_any_network(pair):
     before, after = pair
     targets = [("block", CHANNEL), ("stem.1", 1), ("block", 0)]

@@ -101,6 +101,7 @@ def test_networks_are_opened_through_the_gateway():
     assert not wrong, "open networks with network.open_network:\n" + "\n".join(wrong)
 
 
+@pytest.mark.slow
 def test_timeline_atlas_metrics_and_report_open_the_weights_their_snapshots_record(tmp_path, photos, monkeypatch):
     from _fakerun import LAYER, make_run
     from featureshift import network
