@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import io
 import math
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -26,7 +27,8 @@ from .examples import find_examples, receptive_field
 from .function import cached_function_change
 from .probe import DEFAULT_PROBE_LIMIT, METRICS_VERSION, PROBE_BATCH, model_checksum, probe_loader, probe_stats, \
     resolve_probe
-from .similarity import channel_correlation, cka
+from .similarity import DEFAULT_LEVEL, DEFAULT_RESAMPLES, DEFAULT_SEED, Bootstrap, channel_correlation, cka, \
+    cka_interval, correlation_interval, probe_bootstrap
 from .sources import channel_sources
 from .weights import weight_change
 
@@ -34,6 +36,18 @@ from .weights import weight_change
 CHANGE_METRICS = ("weight", "correlation", "drift", "cross")
 CHANNEL_COLUMNS = ("weight_change", "correlation", "drift", "cross_b_on_a", "cross_a_on_b")
 LAYER_COLUMNS = ("weight_change", "function_change", "cka")
+# Written after the columns above, which the report and compare-runs read by name.
+LAYER_INTERVALS = ("cka_low", "cka_high")
+CHANNEL_INTERVALS = ("correlation_low", "correlation_high")
+
+
+@dataclasses.dataclass
+class IntervalSettings:
+    """How a run's bootstrap intervals were computed, and what they cost."""
+    resamples: int
+    level: float
+    seed: int
+    seconds: float
 
 
 @dataclasses.dataclass
@@ -44,8 +58,10 @@ class RunMetrics:
     reference: int
     layers: list[str]  # layers with layer-level measures
     channels: dict[str, list[int]]  # layers with channel-level measures -> the rendered channels
-    layer_rows: list[dict]  # epoch, layer, weight_change, function_change, cka
-    channel_rows: list[dict]  # epoch, layer, channel, weight_change, correlation, drift, cross_b_on_a, cross_a_on_b
+    layer_rows: list[dict]  # epoch, layer, weight_change, function_change, cka, cka_low, cka_high
+    # epoch, layer, channel, weight_change, correlation, drift, cross_b_on_a, cross_a_on_b, dead,
+    # correlation_low, correlation_high
+    channel_rows: list[dict]
     probe: list[Path]
     image_size: int
     examples: dict[tuple[str, int, int], list]  # (layer, channel, epoch) -> [examples.Example]
@@ -57,6 +73,7 @@ class RunMetrics:
     head: list[str] = dataclasses.field(default_factory=list)  # the classifier's final layer(s) (zoo.head_modules)
     missing: dict[int, str] = dataclasses.field(default_factory=dict)
     files: dict[str, Path] = dataclasses.field(default_factory=dict)
+    intervals: IntervalSettings | None = None  # how the bootstrap intervals were computed; None: not computed
 
     def layer_series(self, layer: str, column: str) -> list[tuple[int, float]]:
         return [(r["epoch"], r[column]) for r in self.layer_rows if r["layer"] == layer]
@@ -83,7 +100,8 @@ def run_metrics(run_dir: str | Path, layers: Sequence[str] = (), channels: dict[
                 *, renders: dict[tuple[str, int, int], Path] | None = None, probe: str | Path | None = None,
                 probe_limit: int | None = DEFAULT_PROBE_LIMIT, image_size: int | None = None,
                 overview: Sequence[str] | None = None, examples: int = 6, device: str = "auto",
-                quiet: bool = False) -> RunMetrics:
+                quiet: bool = False, resamples: int = DEFAULT_RESAMPLES, interval_level: float = DEFAULT_LEVEL,
+                bootstrap_seed: int = DEFAULT_SEED) -> RunMetrics:
     """Measure every snapshot of the run against the first one and write RUN/metrics/.
 
     layers: layers with per-channel measures (all their channels); `channels` names the
@@ -91,7 +109,9 @@ def run_metrics(run_dir: str | Path, layers: Sequence[str] = (), channels: dict[
     a TimelineResult's tiles) give visual drift and cross-activation, and which get
     dataset examples (top `examples` probe images). overview: layers with layer-level
     measures (default: one per stage, see `overview_layers`). Probe statistics are
-    cached in RUN/metrics/cache under each snapshot's checksum and the settings.
+    cached in RUN/metrics/cache under each snapshot's checksum and the settings. CKA and the
+    correlation get percentile bootstrap intervals at `interval_level` over `resamples`
+    resamples of the probe images (seeded by `bootstrap_seed`; 0 resamples: no intervals).
 
     Writes layers.csv, channels.csv, examples.json and summary.json.
     """
@@ -103,6 +123,8 @@ def run_metrics(run_dir: str | Path, layers: Sequence[str] = (), channels: dict[
     setup = measuring(run_dir, open_network(first.path), first.epoch, layers, channels, renders=renders, probe=probe,
                     probe_limit=probe_limit, image_size=image_size, overview=overview, examples=examples,
                     device=device, quiet=quiet)
+    boot = probe_bootstrap(len(setup.paths), PROBE_BATCH, resamples=resamples, level=interval_level,
+                           seed=bootstrap_seed)
     rows = MeasuredRows()
     refs: dict[tuple[str, int], ReferenceRender] = {}  # decoded and measured once, compared with every snapshot
     ref_stats = None
@@ -119,10 +141,12 @@ def run_metrics(run_dir: str | Path, layers: Sequence[str] = (), channels: dict[
         if ref_stats is None:
             ref_stats = stats
         measure_snapshot(setup, entry.epoch, net, ref_stats, stats, refs, rows)
+        add_intervals(setup, entry.epoch, ref_stats, stats, boot, rows)
         if net is not setup.ref:
             del net  # before the next snapshot loads: one network in memory beside the reference
     bar.close()
     result = metrics_of(setup, rows, missing)
+    result.intervals = IntervalSettings(boot.resamples, boot.level, boot.seed, rows.interval_seconds)
     write_run_metrics(run_dir / "metrics", result)
     return result
 
@@ -164,6 +188,7 @@ class MeasuredRows:
     layers: list[dict] = dataclasses.field(default_factory=list)
     channels: list[dict] = dataclasses.field(default_factory=list)
     examples: dict[tuple[str, int, int], list] = dataclasses.field(default_factory=dict)
+    interval_seconds: float = 0.0  # spent on the bootstrap intervals
 
 
 def measuring(run_dir: Path, ref: Network, ref_epoch: int, layers: Sequence[str],
@@ -210,6 +235,22 @@ def measure_snapshot(setup: Measuring, epoch: int, net: Network, ref_stats, stat
         for c in setup.channels[l]:
             rows.examples[(l, c, epoch)] = find_examples(stats.layers[l], c, setup.examples, setup.paths,
                                                          setup.image_size, setup.receptive_field[l])
+
+
+def add_intervals(setup: Measuring, epoch: int, ref_stats, stats, boot: Bootstrap, rows: MeasuredRows) -> None:
+    """Add the bootstrap intervals of CKA and of each channel's correlation to the rows of EPOCH
+    that `measure_snapshot` wrote, from the probe statistics alone (no second probe pass)."""
+    start = time.perf_counter()
+    for r in rows.layers:
+        if r["epoch"] == epoch:
+            iv = cka_interval(ref_stats.layers[r["layer"]].grams, stats.layers[r["layer"]].grams, boot)
+            r["cka_low"], r["cka_high"] = iv.low, iv.high
+    for l in setup.layers:
+        iv = correlation_interval(ref_stats.layers[l].pooled, stats.layers[l].pooled, boot)
+        for r in rows.channels:
+            if r["epoch"] == epoch and r["layer"] == l:
+                r["correlation_low"], r["correlation_high"] = float(iv.low[r["channel"]]), float(iv.high[r["channel"]])
+    rows.interval_seconds += time.perf_counter() - start
 
 
 def render_measures(setup: Measuring, layer: str, epoch: int, model: nn.Module,
@@ -306,8 +347,9 @@ def write_run_metrics(out_dir: Path, m: RunMetrics) -> None:
     """Write `m` as layers.csv, channels.csv, examples.json and summary.json in `out_dir`; sets m.files."""
     files = {"layers": out_dir / "layers.csv", "channels": out_dir / "channels.csv",
              "examples": out_dir / "examples.json", "summary": out_dir / "summary.json"}
-    _write_csv(files["layers"], m.layer_rows, ("epoch", "layer", *LAYER_COLUMNS))
-    _write_csv(files["channels"], m.channel_rows, ("epoch", "layer", "channel", *CHANNEL_COLUMNS, "dead"))
+    _write_csv(files["layers"], m.layer_rows, ("epoch", "layer", *LAYER_COLUMNS, *LAYER_INTERVALS))
+    _write_csv(files["channels"], m.channel_rows,
+               ("epoch", "layer", "channel", *CHANNEL_COLUMNS, "dead", *CHANNEL_INTERVALS))
     write_json(files["examples"], {
         "probe": [str(p) for p in m.probe], "image_size": m.image_size,
         "about": "per layer, channel and epoch: the probe images that activate the channel most (spatial "
@@ -322,9 +364,21 @@ def write_run_metrics(out_dir: Path, m: RunMetrics) -> None:
         "probe_images": len(m.probe), "image_size": m.image_size, "probe_batch": PROBE_BATCH,
         "unreadable_snapshots": {str(k): v for k, v in m.missing.items()},
         "weight_sources": m.sources, "layer_parameters": m.parameters, "head": m.head,
+        "intervals": interval_summary(m),
         "definitions": "docs/metrics.md",
     })
     m.files = files
+
+
+def interval_summary(m: RunMetrics) -> dict:
+    """summary.json's account of the bootstrap intervals: settings, cost, and CKA's per layer and epoch."""
+    iv = m.intervals
+    if iv is None:
+        return {}
+    return {"method": "percentile bootstrap over the probe images, each CKA minibatch resampled on its own",
+            "resamples": iv.resamples, "level": iv.level, "seed": iv.seed, "seconds": round(iv.seconds, 3),
+            "cka": {l: {str(r["epoch"]): [_nan_to_none(r.get("cka_low")), _nan_to_none(r.get("cka_high"))]
+                        for r in m.layer_rows if r["layer"] == l} for l in m.layers}}
 
 
 def _nan_to_none(v):
