@@ -125,3 +125,29 @@ def test_run_metrics_writes_the_intervals_beside_the_unchanged_columns(tmp_path,
     summary = json.loads((run / "metrics" / "summary.json").read_text())["intervals"]
     assert summary["resamples"] == 50 and summary["level"] == 0.95 and summary["seconds"] >= 0
     assert summary["cka"]["features.0"]["1"] == [pytest.approx(1.0), pytest.approx(1.0)]
+
+
+def test_the_plots_draw_the_intervals_as_error_bars_in_valid_svg(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    from featureshift.report import plots
+
+    epochs, nan = [0, 1, 2], float("nan")
+    plots.layer_history(epochs, [0, 0.2, 0.3], [1.0, 0.9, 0.8], tmp_path / "bare.svg")
+    plots.layer_history(epochs, [0, 0.2, 0.3], [1.0, 0.9, 0.8], tmp_path / "bars.svg", [1.0, 0.85, nan],
+                        [1.0, 0.95, nan])
+    series = {"weight change": [0, 0.1, 0.2], "correlation": [1.0, 0.7, 0.5]}
+    plots.channel_history(epochs, series, tmp_path / "channel.svg", {"correlation": ([1.0, 0.6, 0.3], [1.0, 0.8, 0.6])})
+    for name in ("bare", "bars", "channel"):
+        ET.parse(tmp_path / f"{name}.svg")  # well-formed XML
+    assert "LineCollection" not in (tmp_path / "bare.svg").read_text()
+    assert "LineCollection" in (tmp_path / "bars.svg").read_text()
+    assert "LineCollection" in (tmp_path / "channel.svg").read_text()
+
+
+def test_the_layer_table_shows_the_interval_or_a_dash():
+    from featureshift.report.site import interval_text
+
+    assert interval_text({"cka_low": 0.88149, "cka_high": 0.94}, "cka") == "0.881–0.940"
+    assert interval_text({"cka_low": float("nan"), "cka_high": float("nan")}, "cka") == "–"
+    assert interval_text({}, "cka") == "–"

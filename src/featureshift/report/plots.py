@@ -41,6 +41,20 @@ def _finite(xs, ys):
     return [p[0] for p in pts], [float(p[1]) for p in pts]
 
 
+def _error_bars(ax, xs: Sequence, ys: Sequence[float], low: Sequence, high: Sequence, color: str) -> None:
+    """Vertical bars from low to high at each x where both ends are known (a bootstrap interval)."""
+    pts = [(x, y, lo, hi) for x, y, lo, hi in zip(xs, ys, low, high)
+           if y is not None and lo is not None and hi is not None
+           and all(math.isfinite(float(v)) for v in (y, lo, hi))]
+    if not pts:
+        return
+    x, y, lo, hi = (np.array(v, float) for v in zip(*pts))
+    # A percentile interval need not hold the point estimate; a bar never reaches past it the wrong way.
+    below, above = np.maximum(y - lo, 0.0), np.maximum(hi - y, 0.0)
+    ax.errorbar(x, y, yerr=np.vstack([below, above]), fmt="none", ecolor=color, elinewidth=1.0, capsize=2.5,
+                alpha=0.8)
+
+
 def _epoch_axis(ax, epochs: Sequence[int]) -> None:
     ax.set_xlabel("epoch")
     if epochs and len(epochs) <= 12:
@@ -96,20 +110,25 @@ def change_heatmaps(layers: Sequence[str], epochs: Sequence[int], weight: np.nda
     _save(fig, path)
 
 
-def layer_history(epochs: Sequence[int], weight: Sequence[float], cka: Sequence[float], path: Path) -> None:
+def layer_history(epochs: Sequence[int], weight: Sequence[float], cka: Sequence[float], path: Path,
+                  cka_low: Sequence[float] = (), cka_high: Sequence[float] = ()) -> None:
+    """Weight change and CKA per epoch; CKA with its interval (cka_low, cka_high) as error bars where given."""
     fig, (a, b) = _figure(9.5, 2.8, 2)
     for ax, ys, title, color in ((a, weight, "weight change", COLORS[0]), (b, cka, "CKA", COLORS[1])):
         xs, vs = _finite(epochs, ys)
         ax.plot(xs, vs, marker="o", markersize=3, color=color)
         ax.set_title(title, loc="left", fontsize=11)
         _epoch_axis(ax, epochs)
+    _error_bars(b, epochs, cka, cka_low, cka_high, COLORS[1])
     b.set_ylim(min(0.0, b.get_ylim()[0]), 1.02)
     _save(fig, path)
 
 
-def channel_history(epochs: Sequence[int], series: dict[str, Sequence[float]], path: Path) -> None:
+def channel_history(epochs: Sequence[int], series: dict[str, Sequence[float]], path: Path,
+                    intervals: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None) -> None:
     """Three panels, each on its own scale: measures that grow with change (0 = unchanged), the
-    correlation (-1 to 1) and the cross-activations (1 = kept its feature; they can reach far above 1)."""
+    correlation (-1 to 1) and the cross-activations (1 = kept its feature; they can reach far above 1).
+    intervals: series name -> (low, high) per epoch, drawn as error bars."""
     fig, (a, b, c) = _figure(11, 3.0, 3)
     groups = ((a, ("weight change", "drift"), "change (0 = unchanged)"),
               (b, ("correlation",), "correlation (1 = unchanged)"),
@@ -118,7 +137,10 @@ def channel_history(epochs: Sequence[int], series: dict[str, Sequence[float]], p
         for j, name in enumerate(names):
             xs, vs = _finite(epochs, series.get(name, []))
             if xs:
-                ax.plot(xs, vs, marker="o", markersize=3, color=COLORS[j + (2 if ax is c else 0)], label=name)
+                color = COLORS[j + (2 if ax is c else 0)]
+                ax.plot(xs, vs, marker="o", markersize=3, color=color, label=name)
+                if name in (intervals or {}):
+                    _error_bars(ax, epochs, series[name], *intervals[name], color)
         ax.set_title(title, loc="left", fontsize=11)
         _epoch_axis(ax, epochs)
         if ax.get_legend_handles_labels()[0]:

@@ -246,7 +246,8 @@ class _Writer:
                                 "weight_change": _num(r.get("weight_change")), "weight_change_v": _val(r.get("weight_change")),
                                 "function_change": _num(r.get("function_change")),
                                 "function_change_v": _val(r.get("function_change")),
-                                "cka": _num(r.get("cka")), "cka_v": _val(r.get("cka"))})
+                                "cka": _num(r.get("cka")), "cka_v": _val(r.get("cka")),
+                                "cka_interval": interval_text(r, "cka"), "cka_interval_v": _val(r.get("cka_low"))})
         timelines = []
         for layer, path in self.merged.items():
             rel = f"img/timeline-{safe_name(layer)}.png"
@@ -298,7 +299,8 @@ class _Writer:
                   probe_count=len(m.probe), curves=curves, change_plot=change, layer_table=layer_table,
                   timelines=timelines, layer_pages=[{"layer": l, "page": layer_page(l)} for l in m.channels],
                   dataset_rows=dataset_rows, class_rows=class_rows, skipped=ds.get("skipped") or [],
-                  config_rows=config_rows, settings_rows=settings_rows, notes=notes)
+                  config_rows=config_rows, settings_rows=settings_rows, notes=notes,
+                  interval_level=interval_level(m))
 
     def findings(self, finals: list) -> list[dict[str, str]]:
         """The report's conclusions in sentences with numbers, each linking to its evidence."""
@@ -364,7 +366,9 @@ class _Writer:
         if not self.nothing:
             plot = f"img/plots/layer-{safe_name(layer)}.svg"
             plots.layer_history(m.epochs, [v for _, v in m.layer_series(layer, "weight_change")],
-                                [v for _, v in m.layer_series(layer, "cka")], self.out / plot)
+                                [v for _, v in m.layer_series(layer, "cka")], self.out / plot,
+                                [r.get("cka_low") for r in _layer_rows(m, layer)],
+                                [r.get("cka_high") for r in _layer_rows(m, layer)])
         timeline = None
         if layer in self.merged:
             timeline = {"src": f"img/timeline-{safe_name(layer)}.png", "width": _shown_width(self.merged[layer])}
@@ -386,7 +390,8 @@ class _Writer:
         unrendered = sum(1 for r in rows if not r["rendered"])
         self.page(layer_page(layer), "layer.html", layer=layer, layer_type=li.type, channels=li.channels,
                   sources=sources, layer_wc=_num(lr.get("weight_change")), layer_fc=_num(lr.get("function_change")),
-                  layer_cka=_num(lr.get("cka")),
+                  layer_cka=_num(lr.get("cka")), layer_cka_interval=interval_text(lr, "cka"),
+                  interval_level=interval_level(m),
                   rendered=rendered, plot=plot, timeline=timeline, rows=rows, cards=cards,
                   unrendered=unrendered, dead=sum(1 for r in rows if r["dead"]),
                   atlas=self.atlas_settings.get(layer), drift_scale=_num(self.drift_scale(layer), 2))
@@ -458,8 +463,9 @@ class _Writer:
             plot = f"img/plots/channel-{safe_name(layer)}-{c:04d}.svg"
             series = {"weight change": "weight_change", "drift": "drift", "correlation": "correlation",
                       "B on A": "cross_b_on_a", "A on B": "cross_a_on_b"}
-            plots.channel_history(m.epochs, {k: [r[col] for r in own]
-                                             for k, col in series.items()}, self.out / plot)
+            plots.channel_history(m.epochs, {k: [r[col] for r in own] for k, col in series.items()}, self.out / plot,
+                                  {"correlation": ([r.get("correlation_low") for r in own],
+                                                   [r.get("correlation_high") for r in own])})
         self.page(channel_page(layer, c), "channel.html", layer=layer, channel=c, layer_page=layer_page(layer),
                   prev={"channel": prev[1], "page": channel_page(*prev)} if prev else None,
                   next={"channel": nxt[1], "page": channel_page(*nxt)} if nxt else None,
@@ -491,6 +497,24 @@ def _shown_width(path: Path) -> int:
     with Image.open(path) as im:
         w = im.width
     return min(max(w, min(2 * w, 1100)), 1100) if w < 550 else w
+
+
+def interval_text(row: dict, column: str) -> str:
+    """The bootstrap interval of COLUMN in ROW ("0.912–0.957"), or "–" where it was not computed."""
+    low, high = row.get(f"{column}_low"), row.get(f"{column}_high")
+    if low is None or high is None or not (math.isfinite(float(low)) and math.isfinite(float(high))):
+        return "–"
+    return f"{_num(low)}–{_num(high)}"
+
+
+def interval_level(m) -> str:
+    """The level of a RunMetrics' bootstrap intervals, as the pages name it ("95%")."""
+    level = m.intervals.level if getattr(m, "intervals", None) is not None else 0.95
+    return f"{100 * level:g}%"
+
+
+def _layer_rows(m, layer: str) -> list[dict]:
+    return [r for r in m.layer_rows if r["layer"] == layer]
 
 
 def _row(rows: list[dict], epoch: int, layer: str) -> dict:
