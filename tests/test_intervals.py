@@ -151,3 +151,10 @@ def test_the_layer_table_shows_the_interval_or_a_dash():
     assert interval_text({"cka_low": 0.88149, "cka_high": 0.94}, "cka") == "0.881–0.940"
     assert interval_text({"cka_low": float("nan"), "cka_high": float("nan")}, "cka") == "–"
     assert interval_text({}, "cka") == "–"
+
+
+def test_a_small_last_minibatch_does_not_empty_the_interval():
+    # 37 images: a last minibatch of 5, whose resamples mostly hold fewer than 4 different images.
+    a, b = features(37, 0.5)
+    iv = cka_interval(grams(a), grams(b), probe_bootstrap(37, BATCH))
+    assert iv.low <= cka_from_grams(grams(a), grams(b)) <= iv.high

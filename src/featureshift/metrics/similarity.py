@@ -170,7 +170,7 @@ def cka_interval(grams_a: Sequence[np.ndarray], grams_b: Sequence[np.ndarray], b
     ab = np.zeros(boot.resamples)
     aa = np.zeros(boot.resamples)
     bb = np.zeros(boot.resamples)
-    ok = np.ones(boot.resamples, bool)
+    counted = np.zeros(boot.resamples, bool)  # at least one minibatch of the resample has a value
     start = 0
     for ka, kb in zip(grams_a, grams_b):
         size = ka.shape[0]
@@ -178,18 +178,22 @@ def cka_interval(grams_a: Sequence[np.ndarray], grams_b: Sequence[np.ndarray], b
         start += size
         if size < 4:
             continue  # as in cka_from_grams: too few images for the unbiased estimator
+        # A minibatch whose resample holds fewer than 4 different images adds nothing, as a
+        # minibatch of fewer than 4 images adds nothing to the point estimate: a last, small
+        # minibatch (4 to 7 images) often has too few, and dropping whole resamples would keep
+        # only those in which it happened to draw well.
         for total, (x, y) in ((ab, (ka, kb)), (aa, (ka, ka)), (bb, (kb, kb))):
             value, valid = _weighted_hsic(x, y, w)
             total += np.where(valid, value, 0.0)
-            ok &= valid
+        counted |= valid
     if start != boot.weights.shape[1]:
         raise ValueError(f"the resamples are of {boot.weights.shape[1]} probe images, the Gram matrices of {start}")
     with np.errstate(invalid="ignore", divide="ignore"):
         values = np.where((aa <= 0) | (bb <= 0), np.where((aa == 0) & (bb == 0), 1.0, 0.0),
                           ab / np.sqrt(np.abs(aa * bb)))
-    values = np.clip(values[ok], -1.0, 1.0)
-    # A resample with fewer than 4 different images in a minibatch has no CKA; past half of them
-    # the remaining ones say more about which resamples happened to work than about the data.
+    values = np.clip(values[counted], -1.0, 1.0)
+    # Only a probe set of a single minibatch of 4 or 5 images leaves most resamples without a value;
+    # the few left would say more about which resamples happened to work than about the data.
     if len(values) < boot.resamples / 2:
         return Interval(math.nan, math.nan)
     low, high = _percentile(values, boot.level)
