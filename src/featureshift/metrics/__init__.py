@@ -8,7 +8,7 @@ Five families of measures, all defined in docs/metrics.md:
   (median over its channels), the measure that ranks layers against each other;
 - representations on a fixed probe set: linear CKA per layer (minibatch, unbiased
   HSIC) and, per channel, the correlation across probe images of its spatially
-  pooled activation;
+  pooled activation, each with a seeded bootstrap interval over the probe images;
 - visual drift: a texture distance between a channel's renders at the two snapshots;
 - cross-activation: how strongly one snapshot's channel fires on the other
   snapshot's render, relative to its own.
@@ -17,7 +17,8 @@ Five families of measures, all defined in docs/metrics.md:
     weights.py      weight_change: relative weight change per layer and per channel
     function.py     function_change: how differently each layer computes on the same inputs
     probe.py        the probe set and its per-snapshot statistics (probe_stats), cached on disk
-    similarity.py   cka, channel_correlation: representation measures from two snapshots' statistics
+    similarity.py   cka, channel_correlation: representation measures from two snapshots' statistics,
+                    and their bootstrap intervals over the probe images (cka_interval, correlation_interval)
     drift.py        visual_drift, cross_activation: measures from the channel's renders
     examples.py     dataset examples: the probe images that activate a channel most, with a crop
     driver.py       run_metrics: every measure of a training run, written to RUN/metrics/
