@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -36,6 +37,7 @@ class MeasuredRun:
     reference: int
     layer_rows: list[dict[str, Any]]
     channel_rows: list[dict[str, Any]]
+    floors: dict[str, Any] = dataclasses.field(default_factory=dict)  # layer -> metrics.floors.NoiseFloor
 
     def layer_series(self, layer: str, column: str) -> list[tuple[int, float]]:
         return [(r["epoch"], r[column]) for r in self.layer_rows if r["layer"] == layer]
@@ -78,7 +80,19 @@ def read_measures(run_dir: str | os.PathLike, quiet: bool = True) -> MeasuredRun
     epochs = sorted({r["epoch"] for r in layer_rows})
     if not epochs:
         raise FeatureshiftError(f"{layers} holds no measures; build the report of {run_dir} again.")
-    return MeasuredRun(run_dir, epochs, epochs[0], layer_rows, channel_rows)
+    return MeasuredRun(run_dir, epochs, epochs[0], layer_rows, channel_rows, read_floors(folder / "summary.json"))
+
+
+def read_floors(summary: Path) -> dict[str, Any]:
+    """The render-noise floors summary.json records (none for a run measured without them)."""
+    from ..metrics.floors import floor_from_record
+
+    try:
+        data = json.loads(summary.read_text())
+    except (OSError, ValueError):
+        return {}
+    layers = ((data.get("floors") or {}).get("layers") or {}) if isinstance(data, dict) else {}
+    return {l: floor_from_record(l, rec) for l, rec in layers.items() if isinstance(rec, dict)}
 
 
 def run_settings(run: dict[str, Any]) -> dict[str, Any]:

@@ -107,7 +107,7 @@ def build_report(run_dir: str | os.PathLike, layers: str | Sequence[str] | None 
                  probe_limit: int | None = 256, image_size: int | None = None, examples: int = 6,
                  settings: RenderSettings | None = None, device: str = "auto", batch_size: int | None = None,
                  open_browser: bool = False, quiet: bool = False, ray: str | None = None, accent: bool = True,
-                 **changes) -> Path:
+                 floor: bool = True, **changes) -> Path:
     """Write RUN/report/ and return the path of its index.html.
 
     layers: the layers to render and rank channel by channel (default: those the run has
@@ -121,6 +121,9 @@ def build_report(run_dir: str | os.PathLike, layers: str | Sequence[str] | None 
     accent: show on each channel page the channel's top dataset example accentuated at every
     snapshot (`accentuate_examples`, cached like the timeline's renders).
     ray: where the timelines render (None: here; "auto" or a cluster address: on Ray).
+    floor: render a sample of each layer's channels a second time at the reference snapshot
+    (another seed) for the render-noise floors (`metrics.floors`): a channel is called changed
+    only beyond them (False: no floors, every change is reported as measured).
     """
     from ..metrics.driver import run_metrics
     from ..run import list_snapshots, read_metrics, read_run
@@ -144,8 +147,10 @@ def build_report(run_dir: str | os.PathLike, layers: str | Sequence[str] | None 
     measured = [l for l in choice.layers if l != "logits"]
     accents: dict[tuple[str, int], Accentuation] = {}
     try:
+        floor_tiles = render_report_floors(run_dir, first, renders, measured, device=device, batch_size=batch_size,
+                                           quiet=quiet, ray=ray) if floor else {}
         m = run_metrics(run_dir, measured, {l: renders.chosen[l] for l in measured}, renders=renders.tiles,
-                        probe=probe, probe_limit=probe_limit, image_size=image_size, examples=examples,
+                        floor_renders=floor_tiles, probe=probe, probe_limit=probe_limit, image_size=image_size, examples=examples,
                         device=device, quiet=quiet)
         if accent:
             # Only the timelines' channels: an accentuation is a render per snapshot, and an atlas of
@@ -261,6 +266,32 @@ def join_atlases(run_dir: Path, choice: LayerChoice, renders: ReportRenders) -> 
             renders.chosen[layer] = sorted(set(renders.chosen.get(layer, [])) | atlas_channels)
             atlas_settings[layer] = str(entry.get("describe", ""))
     return atlas_settings
+
+
+def render_report_floors(run_dir: Path, reference: State, renders: ReportRenders, layers: Sequence[str], *,
+                         device: str, batch_size: int | None, quiet: bool,
+                         ray: str | None) -> dict[tuple[str, int], Path]:
+    """The second renders of the noise floors of LAYERS (`jobs.floors`): the timeline's channels and
+    others of the layer's rendered channels (`metrics.floors.floor_channels`), each with the
+    settings its reference tile was rendered with (read from the tile's header), so that a
+    layer shown from a timeline and an atlas gets each channel's own settings."""
+    from ..jobs.cache import TileCache
+    from ..jobs.floors import plan_floors, render_floors
+    from ..metrics.floors import floor_channels
+
+    wanted = {}
+    for layer in layers:
+        for c in floor_channels(renders.timeline_channels.get(layer, []), renders.chosen.get(layer, [])):
+            tile = renders.tiles.get((layer, reference.epoch, c))
+            try:
+                about = read_tile_about(tile) if tile is not None else None
+            except (OSError, ValueError):
+                about = None
+            if about:
+                wanted[(layer, c)] = RenderSettings.from_record(about)
+    cache = TileCache(tile_cache_dir(run_dir))
+    return render_floors(plan_floors(reference, wanted, cache), cache, ray=ray, device=device, batch_size=batch_size,
+                         quiet=quiet)
 
 
 def write_report(run_dir: Path, inputs: ReportInputs, quiet: bool) -> Path:

@@ -87,13 +87,22 @@ def channel_speeds(metrics, layer: str, column: str = "weight_change") -> dict[i
 
 # ---------------------------------------------------------------- reuse
 
+def called_repurposed(b_on_a: float, floor: float | None = None, threshold: float = KEPT_THRESHOLD) -> bool:
+    """Whether a kept score B on A says the feature was replaced: below `threshold` and, where the
+    layer has a render-noise floor (`metrics.floors`), below that too, so that a score render noise
+    alone gives an unchanged channel is never called a change."""
+    limit = threshold if floor is None or not math.isfinite(float(floor)) else min(threshold, float(floor))
+    return math.isfinite(float(b_on_a)) and float(b_on_a) < limit
+
+
 def channel_fate(b_on_a: float | None, dead_before: bool = False, dead_after: bool = False,
-                 threshold: float = KEPT_THRESHOLD) -> str | None:
+                 threshold: float = KEPT_THRESHOLD, floor: float | None = None) -> str | None:
     """What became of one channel's feature: "kept", "repurposed", "died", or None.
 
     died: it responded to the probe images before fine-tuning and responds to none after.
-    kept: the fine-tuned channel fires on its epoch-0 render at least `threshold` times as
-    strongly as on its own render (B on A >= threshold). repurposed: less than that.
+    repurposed: the fine-tuned channel fires on its epoch-0 render less than `threshold` times
+    as strongly as on its own render (B on A < threshold), and less than the layer's noise
+    floor `floor` of B on A where there is one (`called_repurposed`). kept: otherwise.
     None: dead already before fine-tuning, or B on A was not measured (no renders, or a
     failed render).
     """
@@ -103,7 +112,7 @@ def channel_fate(b_on_a: float | None, dead_before: bool = False, dead_after: bo
         return "died"
     if b_on_a is None or not math.isfinite(float(b_on_a)):
         return None
-    return "kept" if float(b_on_a) >= threshold else "repurposed"
+    return "repurposed" if called_repurposed(b_on_a, floor, threshold) else "kept"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,9 +145,11 @@ def layer_fates(metrics, layer: str, epoch: int | None = None,
     """Per channel of `layer`: its fate at `epoch` (default the last) from a RunMetrics' channel rows
     (cross_b_on_a, and the dead column at the reference and at `epoch`).
 
-    Only channels rendered at both snapshots get a fate (their drift was measured), so that
-    the shares of a layer are of one set of channels: a channel that died but was never
-    rendered would otherwise count while its rendered neighbours alone could be kept.
+    Where the rows carry the layer's render-noise floor of B on A (column kept_floor, see
+    metrics.floors), a channel is repurposed only below it. Only channels rendered at both
+    snapshots get a fate (their drift was measured), so that the shares of a layer are of one
+    set of channels: a channel that died but was never rendered would otherwise count while
+    its rendered neighbours alone could be kept.
     """
     epoch = metrics.epochs[-1] if epoch is None else epoch
     before = {r["channel"]: bool(r.get("dead")) for r in metrics.channel_table(layer, metrics.reference)}
@@ -146,6 +157,14 @@ def layer_fates(metrics, layer: str, epoch: int | None = None,
     for r in metrics.channel_table(layer, epoch):
         drift = r.get("drift")
         rendered = drift is not None and math.isfinite(float(drift))
+        floor = _number(r.get("kept_floor"))
         out[r["channel"]] = channel_fate(r.get("cross_b_on_a"), before.get(r["channel"], False),
-                                         bool(r.get("dead")), threshold) if rendered else None
+                                         bool(r.get("dead")), threshold, floor) if rendered else None
     return out
+
+
+def _number(v) -> float | None:
+    """A row's value as a float: None for a missing or empty one (a CSV cell)."""
+    if v is None or v == "":
+        return None
+    return float(v)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .adaptation import Reuse, Speed, channel_speeds, layer_fates, layer_speed, reuse
+from .floors import NoiseFloor
 from .spatial import coarsening, dominant_frequency, layer_coarsening
 
 
@@ -33,6 +34,8 @@ class LayerFacts:
     reuse: Reuse
     coarsening: float  # geometric mean over the responsive channels rendered at both ends
     scale_pairs: int  # responsive channels (alive before and after) with renders at both ends
+    floor: NoiseFloor | None = None  # the layer's render-noise floor; None: not measured (report --no-floor)
+    drifted: int = 0  # channels with a fate whose renders drifted beyond the floor (0 without a floor)
 
 
 def analyse_layer(metrics, layer: str, tiles: dict[tuple[str, int, int], Path]) -> LayerFacts:
@@ -56,10 +59,13 @@ def analyse_layer(metrics, layer: str, tiles: dict[tuple[str, int, int], Path]) 
         facts[c] = f
     # A channel that responds to nothing renders as noise, whose frequency says nothing about its feature.
     ratios = [f.coarsening for f in facts.values() if math.isfinite(f.coarsening) and not (f.dead or f.dead_before)]
-    shown = [facts[c] for c in sorted(compared) if c in facts]
+    shown = [c for c in sorted(compared) if c in facts]
+    floor = metrics.floors.get(layer)
+    drifts = {r["channel"]: r.get("drift") for r in metrics.channel_table(layer, last)}
+    drifted = sum(1 for c in shown if facts[c].fate is not None and floor is not None and floor.drift_beyond(drifts[c]))
     return LayerFacts(layer, layer_speed(metrics, layer), facts,
-                      reuse([f.fate for f in shown], [f.dead_before for f in shown]),
-                      layer_coarsening(ratios), len(ratios))
+                      reuse([facts[c].fate for c in shown], [facts[c].dead_before for c in shown]),
+                      layer_coarsening(ratios), len(ratios), floor, drifted)
 
 
 # ---------------------------------------------------------------- which layers changed most

@@ -24,6 +24,7 @@ from ..states import State, read_snapshot_state
 from .adaptation import dead_channels
 from .drift import channel_activation, cross_activation, read_image, texture_descriptors, visual_drift_from
 from .examples import find_examples, receptive_field
+from .floors import FLOOR_PERCENTILE, SEED_OFFSET, NoiseFloor, noise_floor
 from .function import cached_function_change
 from .probe import DEFAULT_PROBE_LIMIT, METRICS_VERSION, PROBE_BATCH, model_checksum, probe_loader, probe_stats, \
     resolve_probe
@@ -39,6 +40,7 @@ LAYER_COLUMNS = ("weight_change", "function_change", "cka")
 # Written after the columns above, which the report and compare-runs read by name.
 LAYER_INTERVALS = ("cka_low", "cka_high")
 CHANNEL_INTERVALS = ("correlation_low", "correlation_high")
+CHANNEL_FLOORS = ("drift_floor", "kept_floor")  # the layer's render-noise floors (metrics.floors), on each row
 
 
 @dataclasses.dataclass
@@ -74,6 +76,7 @@ class RunMetrics:
     missing: dict[int, str] = dataclasses.field(default_factory=dict)
     files: dict[str, Path] = dataclasses.field(default_factory=dict)
     intervals: IntervalSettings | None = None  # how the bootstrap intervals were computed; None: not computed
+    floors: dict[str, NoiseFloor] = dataclasses.field(default_factory=dict)  # layer -> its render-noise floor
 
     def layer_series(self, layer: str, column: str) -> list[tuple[int, float]]:
         return [(r["epoch"], r[column]) for r in self.layer_rows if r["layer"] == layer]
@@ -97,7 +100,8 @@ def overview_layers(model: nn.Module) -> list[str]:
 
 
 def run_metrics(run_dir: str | Path, layers: Sequence[str] = (), channels: dict[str, Sequence[int]] | None = None,
-                *, renders: dict[tuple[str, int, int], Path] | None = None, probe: str | Path | None = None,
+                *, renders: dict[tuple[str, int, int], Path] | None = None,
+                floor_renders: dict[tuple[str, int], Path] | None = None, probe: str | Path | None = None,
                 probe_limit: int | None = DEFAULT_PROBE_LIMIT, image_size: int | None = None,
                 overview: Sequence[str] | None = None, examples: int = 6, device: str = "auto",
                 quiet: bool = False, resamples: int = DEFAULT_RESAMPLES, interval_level: float = DEFAULT_LEVEL,
@@ -112,6 +116,9 @@ def run_metrics(run_dir: str | Path, layers: Sequence[str] = (), channels: dict[
     cached in RUN/metrics/cache under each snapshot's checksum and the settings. CKA and the
     correlation get percentile bootstrap intervals at `interval_level` over `resamples`
     resamples of the probe images (seeded by `bootstrap_seed`; 0 resamples: no intervals).
+    floor_renders: (layer, channel) -> a second render of the reference snapshot's channel, with
+    the settings of its render in `renders` but another seed (`floors.floor_seed`): they give
+    each layer's render-noise floor (`floors.noise_floor`), written beside drift and B on A.
 
     Writes layers.csv, channels.csv, examples.json and summary.json.
     """
@@ -146,6 +153,8 @@ def run_metrics(run_dir: str | Path, layers: Sequence[str] = (), channels: dict[
             del net  # before the next snapshot loads: one network in memory beside the reference
     bar.close()
     result = metrics_of(setup, rows, missing)
+    result.floors = measure_floors(setup, floor_renders or {}, refs)
+    add_floors(result.floors, rows.channels)
     result.intervals = IntervalSettings(boot.resamples, boot.level, boot.seed, rows.interval_seconds)
     write_run_metrics(run_dir / "metrics", result)
     return result
@@ -280,6 +289,31 @@ def render_measures(setup: Measuring, layer: str, epoch: int, model: nn.Module,
     return {c: {"drift": drift[i], "cross_b_on_a": b_on_a[i], "cross_a_on_b": a_on_b[i]} for i, c in enumerate(have)}
 
 
+def measure_floors(setup: Measuring, floor_renders: dict[tuple[str, int], Path],
+                   refs: dict[tuple[str, int], ReferenceRender]) -> dict[str, NoiseFloor]:
+    """Each channel layer's render-noise floor, from the reference renders and FLOOR_RENDERS."""
+    floors = {}
+    for layer in setup.layers:
+        channels = [c for c in setup.channels[layer]
+                    if (layer, c) in floor_renders and (layer, setup.ref_epoch, c) in setup.renders]
+        if not channels:
+            continue
+        first = {c: refs[(layer, c)].image if (layer, c) in refs else
+                 read_image(setup.renders[(layer, setup.ref_epoch, c)]) for c in channels}
+        floors[layer] = noise_floor(setup.ref.module, layer, first,
+                                    {c: read_image(floor_renders[(layer, c)]) for c in channels})
+    return floors
+
+
+def add_floors(floors: dict[str, NoiseFloor], rows: list[dict]) -> None:
+    """Write each layer's floors on its channel rows, so that a reader of channels.csv sees them
+    beside the measures (and metrics.adaptation.layer_fates finds the kept floor there)."""
+    for r in rows:
+        floor = floors.get(r["layer"])
+        if floor is not None:
+            r["drift_floor"], r["kept_floor"] = floor.drift, floor.kept
+
+
 def metrics_of(setup: Measuring, rows: MeasuredRows, missing: dict[int, str]) -> RunMetrics:
     """The RunMetrics of the measured ROWS, with what the reference network says of each layer."""
     ref = setup.ref.module
@@ -349,7 +383,7 @@ def write_run_metrics(out_dir: Path, m: RunMetrics) -> None:
              "examples": out_dir / "examples.json", "summary": out_dir / "summary.json"}
     _write_csv(files["layers"], m.layer_rows, ("epoch", "layer", *LAYER_COLUMNS, *LAYER_INTERVALS))
     _write_csv(files["channels"], m.channel_rows,
-               ("epoch", "layer", "channel", *CHANNEL_COLUMNS, "dead", *CHANNEL_INTERVALS))
+               ("epoch", "layer", "channel", *CHANNEL_COLUMNS, "dead", *CHANNEL_INTERVALS, *CHANNEL_FLOORS))
     write_json(files["examples"], {
         "probe": [str(p) for p in m.probe], "image_size": m.image_size,
         "about": "per layer, channel and epoch: the probe images that activate the channel most (spatial "
@@ -365,6 +399,7 @@ def write_run_metrics(out_dir: Path, m: RunMetrics) -> None:
         "unreadable_snapshots": {str(k): v for k, v in m.missing.items()},
         "weight_sources": m.sources, "layer_parameters": m.parameters, "head": m.head,
         "intervals": interval_summary(m),
+        "floors": floor_summary(m),
         "definitions": "docs/metrics.md",
     })
     m.files = files
@@ -379,6 +414,18 @@ def interval_summary(m: RunMetrics) -> dict:
             "resamples": iv.resamples, "level": iv.level, "seed": iv.seed, "seconds": round(iv.seconds, 3),
             "cka": {l: {str(r["epoch"]): [_nan_to_none(r.get("cka_low")), _nan_to_none(r.get("cka_high"))]
                         for r in m.layer_rows if r["layer"] == l} for l in m.layers}}
+
+
+def floor_summary(m: RunMetrics) -> dict:
+    """summary.json's account of the render-noise floors: how they were made, what measuring them
+    cost, and per layer the floors and each sampled channel's seed-to-seed drift and kept scores."""
+    if not m.floors:
+        return {}
+    return {"method": f"second render of the reference snapshot, seed + {SEED_OFFSET}; drift floor: the "
+                      f"{FLOOR_PERCENTILE:g}th percentile of the seed-to-seed drifts, kept floor: the "
+                      f"{100 - FLOOR_PERCENTILE:g}th percentile of the seed-to-seed kept scores (both ways)",
+            "seconds": round(sum(f.seconds for f in m.floors.values()), 3),
+            "layers": {l: f.to_record() for l, f in m.floors.items()}}
 
 
 def _nan_to_none(v):

@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..metrics.answers import ChangeRanking, LayerFacts
+from ..metrics.floors import FLOOR_PERCENTILE, count_beyond_noise
+
+FLOOR_WORDS = f"{FLOOR_PERCENTILE:g}th percentile of the drifts"
 
 # The measures "most changed" can rank by: name -> (row column, larger means more changed).
 RANKINGS = {"weight change": ("weight_change", True), "visual drift": ("drift", True),
@@ -53,11 +56,11 @@ def layer_findings(f: LayerFacts, page: str, epochs: list[int], made_by: Sequenc
         if r.measured < 10:  # shares of a handful of channels read as more than they are: counted instead
             n = {k: r.counts[k] for k in ("kept", "repurposed", "died")}
             text += (f"{n['kept'] or 'none'} kept {'its' if n['kept'] == 1 else 'their'} feature, "
-                     f"{n['repurposed'] or 'none'} {'was' if n['repurposed'] == 1 else 'were'} repurposed, "
-                     f"{n['died'] or 'none'} died")
+                     f"{n['repurposed'] or 'none'} {'was' if n['repurposed'] == 1 else 'were'} repurposed"
+                     f"{repurposed_floor(f)}, {n['died'] or 'none'} died")
         else:
-            text += (f"{_pct(r.share('kept'))} kept their feature, {_pct(r.share('repurposed'))} were repurposed, "
-                     f"{_pct(r.share('died'))} died")
+            text += (f"{_pct(r.share('kept'))} kept their feature, {_pct(r.share('repurposed'))} were repurposed"
+                     f"{repurposed_floor(f)}, {_pct(r.share('died'))} died")
         aside = []
         if r.dead_before:
             aside.append(f"{r.dead_before} more responded to no probe image already before training")
@@ -66,6 +69,8 @@ def layer_findings(f: LayerFacts, page: str, epochs: list[int], made_by: Sequenc
         if aside:
             text += f" ({'; '.join(aside)})"
         out.append({"text": text + ".", "href": f"{page}#sort=cross_b_on_a"})
+        if f.floor is not None and math.isfinite(f.floor.drift):
+            out.append({"text": drift_finding(f), "href": f"{page}#sort=drift"})
     elif r.dead_before or r.unmeasured:
         rendered = r.dead_before + r.unmeasured
         parts = []
@@ -84,14 +89,44 @@ def layer_findings(f: LayerFacts, page: str, epochs: list[int], made_by: Sequenc
     return out
 
 
+def repurposed_floor(f: LayerFacts) -> str:
+    """The noise floor after a layer's repurposed share: what render noise alone would have the rule
+    call repurposed, and "beyond noise" only where the share clears it."""
+    floor, r = f.floor, f.reuse
+    if floor is None or not math.isfinite(floor.repurposed_share):
+        return ""
+    n = r.counts["repurposed"]
+    verdict = ": no more than noise gives" if n and not count_beyond_noise(n, r.measured, floor.repurposed_share) else ""
+    return f" (noise floor {_pct(floor.repurposed_share)}{verdict})"
+
+
+def drift_finding(f: LayerFacts) -> str:
+    """How many of a layer's channels' pictures changed beyond render noise (the drift floor)."""
+    floor, n = f.floor, f.reuse.measured
+    sample = len(floor.channels)
+    why = (f"visual drift above {floor.drift:.3f}, the {FLOOR_WORDS} of {sample} channel{'s' * (sample != 1)} "
+           "rendered twice before training with two seeds")
+    if not f.drifted:
+        return f"{f.layer}: no rendered channel's picture changed beyond render noise ({why})."
+    chance = 1 - FLOOR_PERCENTILE / 100  # the share of unchanged channels above the floor, by its definition
+    text = (f"{f.layer}: the pictures of {f.drifted} of the {n} rendered channel{'s' * (n != 1)} drifted past the "
+            f"noise floor ({why})")
+    if not count_beyond_noise(f.drifted, n, chance):
+        text += f"; render noise alone puts about {_pct(chance)} of unchanged channels there: no change beyond noise"
+    return text + "."
+
+
 def change_findings(ranking: ChangeRanking, classes: int, head_new: bool | None,
-                    frozen_by: str | None = None) -> list[dict[str, str]]:
+                    frozen_by: str | None = None, layer_rows: dict[str, dict] | None = None,
+                    level: str = "95%") -> list[dict[str, str]]:
     """The sentences on which layers changed most (`metrics.answers.rank_layers`) and on the
     classifier head, which is reported apart: it maps onto this run's classes and, when it
     was made new for them, has no earlier function to keep.
 
     head_new: whether training replaced the head (None: not known). frozen_by: how the
-    frozen layers were chosen (e.g. "--cutoff features.5"), named when some are left out."""
+    frozen layers were chosen (e.g. "--cutoff features.5"), named when some are left out.
+    layer_rows: layer -> its layers.csv row at the ranking's epoch, whose CKA and bootstrap
+    interval (at LEVEL) the sentence gives for the most and least changed layers."""
     out = []
     r = ranking
     if len(r.ranked) >= 2:
@@ -99,6 +134,9 @@ def change_findings(ranking: ChangeRanking, classes: int, head_new: bool | None,
         text = (f"By epoch {r.epoch}, of the {len(r.ranked)} layers with trained weights of their own, {hi.layer} "
                 f"changed most and {lo.layer} least: on the same inputs, their outputs moved by {_size(hi.value)} and "
                 f"{_size(lo.value)} of their size (function change)")
+        cka = [cka_text(layer_rows.get(x.layer, {}), level) for x in (hi, lo)] if layer_rows else ["", ""]
+        if all(cka):
+            text += f"; their CKA with the first snapshot is {cka[0]} and {cka[1]}"
         if r.frozen:
             many = len(r.frozen) != 1
             text += (f"; the {len(r.frozen)} layer{'s' * many} frozen{' by ' + frozen_by if frozen_by else ''} "
@@ -111,6 +149,17 @@ def change_findings(ranking: ChangeRanking, classes: int, head_new: bool | None,
         out.append({"text": f"{what} is not ranked with the other layers ({why}); by epoch {r.epoch} its output on "
                             f"the same inputs moved by {_size(h.value)} of its size.", "href": "index.html#change"})
     return out
+
+
+def cka_text(row: dict, level: str) -> str:
+    """'0.912 (95% interval 0.894–0.930)', or '' where the row has no CKA."""
+    v = row.get("cka")
+    if v is None or not math.isfinite(float(v)):
+        return ""
+    low, high = row.get("cka_low"), row.get("cka_high")
+    if low is None or high is None or not (math.isfinite(float(low)) and math.isfinite(float(high))):
+        return f"{float(v):.3f}"
+    return f"{float(v):.3f} ({level} interval {float(low):.3f}–{float(high):.3f})"
 
 
 def head_is_new(run: dict[str, Any]) -> bool | None:

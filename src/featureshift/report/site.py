@@ -322,7 +322,9 @@ class _Writer:
         cut = self.run.get("cutoff") or {}
         ranking = rank_layers(self.m, self.last, frozen=cut.get("frozen") or ())
         out.extend(change_findings(ranking, self.info.num_classes, head_is_new(self.run),
-                                   f"--cutoff {cut['value']}" if cut.get("value") else None))
+                                   f"--cutoff {cut['value']}" if cut.get("value") else None,
+                                   {r["layer"]: r for r in self.m.layer_rows if r["epoch"] == self.last},
+                                   interval_level(self.m)))
         for layer, facts in self.facts.items():
             made_by = [] if self.m.parameters.get(layer) else self.m.sources.get(layer, [])
             out.extend(layer_findings(facts, layer_page(layer), self.epochs, made_by))
