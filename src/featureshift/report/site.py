@@ -62,9 +62,51 @@ def measure_cells(row: dict | None) -> dict[str, str]:
     dead = bool(row.get("dead"))
     for k in COLUMNS:
         out[k], out[k + "_v"] = _num(row.get(k)), ("" if dead else _val(row.get(k)))
+        out[k + "_beyond"] = False
+    # Past the layer's render-noise floor (metrics.floors): shown in bold, a change render noise does not explain.
+    drift, kept = _finite(row.get("drift")), _finite(row.get("cross_b_on_a"))
+    drift_floor, kept_floor = _finite(row.get("drift_floor")), _finite(row.get("kept_floor"))
+    out["drift_beyond"] = not dead and None not in (drift, drift_floor) and drift > drift_floor
+    out["cross_b_on_a_beyond"] = not dead and None not in (kept, kept_floor) and kept < kept_floor
     if dead:
         out["correlation"] = "dead"
     out["dead"] = dead
+    return out
+
+
+def _finite(v) -> float | None:
+    if v is None or v == "":
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def floor_card(floor) -> tuple[str, str] | None:
+    """The layer page's card of its render-noise floors (None without them)."""
+    if floor is None or not floor.channels:
+        return None
+    n = len(floor.channels)
+    return (f"noise floor, from {n} channel{'s' * (n != 1)} rendered twice",
+            f"drift {_num(floor.drift)} · B on A {_num(floor.kept, 2)}")
+
+
+def floor_lines(floor, channel: int, row: dict) -> list[tuple[str, str]]:
+    """The channel page's lines on render noise: the layer's floors against the channel's measures,
+    and the channel's own two renders of the reference where it was in the floor's sample."""
+    if floor is None:
+        return []
+    out = []
+    drift, kept = _finite(row.get("drift")), _finite(row.get("cross_b_on_a"))
+    if drift is not None:
+        out.append(("visual drift against the layer's noise floor", f"{_num(drift)} vs {_num(floor.drift)}: "
+                    + ("beyond render noise" if drift > floor.drift else "within render noise")))
+    if kept is not None:
+        out.append(("B on A against the layer's noise floor", f"{_num(kept)} vs {_num(floor.kept)}: "
+                    + ("beyond render noise" if kept < floor.kept else "within render noise")))
+    if channel in floor.null_drift:
+        one, other = floor.null_kept.get(channel, (math.nan, math.nan))
+        out.append(("this channel rendered twice before training (two seeds): drift, B on A both ways",
+                    f"{_num(floor.null_drift[channel])}; {_num(one, 2)} / {_num(other, 2)}"))
     return out
 
 
@@ -389,6 +431,8 @@ class _Writer:
                     f"{100 * (r.share(k) or 0):.0f}%" for k in ("kept", "repurposed", "died"))))
             if facts.scale_pairs:
                 cards.append(("spatial scale", scale_phrase(facts.coarsening)))
+            if floor_card(facts.floor):
+                cards.append(floor_card(facts.floor))
         unrendered = sum(1 for r in rows if not r["rendered"])
         self.page(layer_page(layer), "layer.html", layer=layer, layer_type=li.type, channels=li.channels,
                   sources=sources, layer_wc=_num(lr.get("weight_change")), layer_fc=_num(lr.get("function_change")),
@@ -396,7 +440,8 @@ class _Writer:
                   interval_level=interval_level(m),
                   rendered=rendered, plot=plot, timeline=timeline, rows=rows, cards=cards,
                   unrendered=unrendered, dead=sum(1 for r in rows if r["dead"]),
-                  atlas=self.atlas_settings.get(layer), drift_scale=_num(self.drift_scale(layer), 2))
+                  atlas=self.atlas_settings.get(layer), drift_scale=_num(self.drift_scale(layer), 2),
+                  floor=facts.floor if facts is not None else None)
 
     def drift_scale(self, layer: str) -> float | None:
         """The median drift between renders of two different channels at the reference epoch:
@@ -457,6 +502,7 @@ class _Writer:
                          f"{_num(f.freq_before)} → {_num(f.freq_after)} cycles/px" if math.isfinite(f.freq_before)
                          else "–"),
                         ("coarsening (before / after frequency)", cells["coarsening"])]
+            summary += floor_lines(self.facts[layer].floor, c, last)
         plot = None
         # An atlas gives every channel a page; past a few dozen channels the plots would take
         # longer than the rest of the report, and the table below holds the same numbers.
