@@ -98,6 +98,14 @@ def ray_option(fn):
              "else here]. Needs pip install 'featureshift[ray]'.")(fn)
 
 
+def floor_option(fn):
+    return click.option(
+        "--floor/--no-floor", default=True, show_default=True,
+        help="Render a sample of each layer's channels (up to 32) a second time at the first snapshot, another "
+             "seed, for the render-noise floors: a channel is called changed only beyond what render noise alone "
+             "gives (docs/metrics.md, \"Noise floors\"). --no-floor saves those renders.")(fn)
+
+
 def quiet_option(fn):
     return click.option("-q", "--quiet", is_flag=True, help="No progress bars or progress lines (warnings and "
                         "errors still go to stderr).")(fn)

@@ -8,9 +8,9 @@ import sys
 
 import click
 
-from .cli_options import (channel_options, device_option, handle_errors, layers_from_stdin, model_argument,
-                          model_options, preprocessing_options, probe_options, quiet_option, ray_option,
-                          render_options, settings_from, warn)
+from .cli_options import (channel_options, device_option, floor_option, handle_errors, layers_from_stdin,
+                          model_argument, model_options, preprocessing_options, probe_options, quiet_option,
+                          ray_option, render_options, settings_from, warn)
 from .errors import FeatureshiftError
 from .selection import COMPARE_COLUMNS, DEFAULT_COLUMNS, check_exclusive
 from .training.config import WEIGHTS_HELP
@@ -128,9 +128,11 @@ def timeline(run, layers, columns, channels, snapshots, every, device, batch_siz
 @ray_option
 @click.option("--dry-run", is_flag=True, help="Print how many tiles would render and about how long, then stop.")
 @click.option("--force", is_flag=True, help="Render again even what the cache holds.")
+@floor_option
 @quiet_option
 @handle_errors
-def atlas(run, layers, all_layers, snapshots, channels, device, batch_size, ray, dry_run, force, quiet, **render):
+def atlas(run, layers, all_layers, snapshots, channels, device, batch_size, ray, dry_run, force, floor, quiet,
+          **render):
     """Render every channel of layers of the run RUN before and after fine-tuning (an atlas).
 
     Tiles go into the same cache as timelines (an atlas after a timeline reuses its tiles;
@@ -153,7 +155,7 @@ def atlas(run, layers, all_layers, snapshots, channels, device, batch_size, ray,
 
     result = atlas_api(run, list(layers), all_layers=all_layers, snapshots=snapshots, channels=channels,
                        settings=settings_from(render), device=device, batch_size=batch_size, ray=ray,
-                       dry_run=dry_run, force=force, quiet=quiet)
+                       dry_run=dry_run, force=force, quiet=quiet, floor=floor)
     click.echo(result.summary())
     if result.unreadable():
         raise FeatureshiftError(result.unreadable())
@@ -224,12 +226,13 @@ def compare(a, b, layer, columns, channels, most_changed, by, output, weights, t
 @click.option("--accent/--no-accent", default=True, show_default=True,
               help="On the channel pages of the timelines' channels: the channel's top dataset example, "
                    "accentuated at every snapshot (a render per channel and snapshot, cached).")
+@floor_option
 @click.option("--open", "open_browser", is_flag=True, help="Open the report in the web browser.")
 @ray_option
 @quiet_option
 @handle_errors
 def report(run, layers, columns, channels, examples, probe, probe_limit, image_size, device, batch_size, accent,
-           open_browser, ray, quiet, **render):
+           floor, open_browser, ray, quiet, **render):
     """Write the HTML report of the training run RUN to RUN/report/ and print its path.
 
     A static folder that opens from disk (no server, no network): configuration and dataset,
@@ -247,6 +250,7 @@ def report(run, layers, columns, channels, examples, probe, probe_limit, image_s
     check_exclusive(columns, channels)
     index = build_report(run, list(layers) or None, channels if channels is not None else columns, probe=probe,
                          probe_limit=probe_limit, image_size=image_size, examples=examples, device=device,
-                         batch_size=batch_size, accent=accent, open_browser=open_browser, quiet=quiet, ray=ray,
+                         batch_size=batch_size, accent=accent, floor=floor, open_browser=open_browser, quiet=quiet,
+                         ray=ray,
                          **{k: v for k, v in render.items() if v is not None})
     click.echo(str(index))

@@ -27,7 +27,7 @@ from ..run import timestamp
 if TYPE_CHECKING:
     from ..jobs.cache import TileCache
     from ..jobs.executors import JobReport
-    from ..jobs.plan import JobPlan
+    from ..jobs.plan import TileJob
 
 ATLAS_FILE = "atlas.json"
 ATLAS_FORMAT = "featureshift.atlas/1"
@@ -58,6 +58,9 @@ class AtlasResult:
     missing: dict[int, str] = dataclasses.field(default_factory=dict)  # epoch -> why its snapshot is unusable
     failed: dict[tuple[str, int, int], str] = dataclasses.field(default_factory=dict)
     no_response: set[tuple[str, int, int]] = dataclasses.field(default_factory=set)
+    floor_planned: int = 0  # second renders for the noise floors still to render (metrics.floors)
+    floor_cached: int = 0
+    floor_tiles: dict[tuple[str, int], Path] = dataclasses.field(default_factory=dict)  # (layer, channel) -> tile
 
     def plan_line(self) -> str:
         """The line printed before rendering: how many tiles and about how long."""
@@ -65,7 +68,10 @@ class AtlasResult:
         text = (f"atlas: {len(self.layers)} layer(s), {sum(len(c) for c in self.channels.values())} channel(s) x "
                 f"{len(self.epochs)} snapshot(s) (epochs {_epochs(self.epochs)}) = {total} tiles: "
                 f"{self.planned} to render, {self.cached} in the cache")
-        if self.planned:
+        if self.floor_planned or self.floor_cached:
+            text += (f"; and {self.floor_planned + self.floor_cached} second renders of epoch {self.epochs[0]} for the "
+                     f"noise floors, {self.floor_planned} to render (--no-floor leaves them out)")
+        if self.planned or self.floor_planned:
             text += f"; about {format_duration(self.estimate_s)} on this machine ({self.executor})"
         return text
 
@@ -259,14 +265,15 @@ def _atlased_channels(model, info, layer: str, channels: str | Sequence[int] | N
     return select_channels(count, channels=channels, layer=layer) if channels is not None else list(range(count))
 
 
-def _estimate(model, plan: JobPlan, settings: RenderSettings, *, device: str, batch_size: int | None) -> float:
-    """The time PLAN takes on this machine (see estimate_seconds)."""
+def _estimate(model, jobs: Sequence[TileJob], settings: RenderSettings, *, device: str,
+              batch_size: int | None) -> float:
+    """The time JOBS take on this machine (see estimate_seconds)."""
     todo: dict[str, int] = {}
-    for job in plan.jobs:
+    for job in jobs:
         for layer, _ in job.targets:
             todo[layer] = todo.get(layer, 0) + 1
-    return estimate_seconds(model, todo, settings, device=device, batch_size=batch_size, calls=len(plan.jobs),
-                            loads=len({j.snapshot for j in plan.jobs}))
+    return estimate_seconds(model, todo, settings, device=device, batch_size=batch_size, calls=len(jobs),
+                            loads=len({j.snapshot for j in jobs}))
 
 
 def _take_report(result: AtlasResult, report: JobReport, good: list, keys: dict[tuple[str, int, int], str]) -> None:
@@ -292,7 +299,7 @@ def atlas(run_dir: str | Path, layers: str | Sequence[str] = (), *, all_layers: 
           snapshots: str | Sequence[int] = DEFAULT_SNAPSHOTS, channels: str | Sequence[int] | None = None,
           settings: RenderSettings | None = None, device: str = "auto", batch_size: int | None = None,
           ray: str | None = None, dry_run: bool = False, force: bool = False, quiet: bool = False,
-          **changes) -> AtlasResult:
+          floor: bool = True, **changes) -> AtlasResult:
     """Render every channel of `layers` (or, with `all_layers`, one layer per stage of the
     network) at the chosen `snapshots` of the run in `run_dir` into the run's tile cache.
 
@@ -306,10 +313,15 @@ def atlas(run_dir: str | Path, layers: str | Sequence[str] = (), *, all_layers: 
     the time on stderr (unless `quiet`); `dry_run` returns that plan instead (`plan_line()`,
     `summary()`) and renders nothing. Records the atlas in RUN/atlas.json. Snapshots that
     cannot be read are left out and reported in `missing` (`unreadable()`: a paragraph).
+    floor: also render up to `metrics.floors.FLOOR_CHANNELS` channels of each layer a second
+    time at the first atlased snapshot, another seed, for the render-noise floors the report
+    judges change by (`floor_tiles`; counted in the plan and the estimate).
     """
     from ..jobs.cache import TileCache
-    from ..jobs.executors import render_tiles
+    from ..jobs.executors import JobReport, make_executor, run_jobs
+    from ..jobs.floors import FloorPlan, plan_floors, render_floors
     from ..jobs.plan import TileRequest, plan_jobs
+    from ..metrics.floors import floor_channels
     from ..network import open_network
     from ..run import tile_cache_dir
 
@@ -335,18 +347,29 @@ def atlas(run_dir: str | Path, layers: str | Sequence[str] = (), *, all_layers: 
                 for r in good for layer in names for c in chosen[layer]]
     plan = plan_jobs(requests, cache, settings=settings, force=force)
     keys = {(q.layer, q.epoch, q.channel): k for q, k in plan.keys.items()}
+    floors = plan_floors(good[0], {(layer, c): settings for layer in names for c in floor_channels([], chosen[layer])},
+                         cache) if floor else FloorPlan([], {})
     result = AtlasResult(run_dir, names, chosen, [r.epoch for r in good], settings, {}, plan.tiles, plan.cached,
                          None, executor=f"Ray at {ray}" if ray else f"local, {device}", dry_run=dry_run)
     result.missing = {r.epoch: r.error for r in rows if r.error}
-    if plan.tiles and (dry_run or not quiet):  # the estimate is for people; it costs a few seconds
-        result.estimate_s = _estimate(model, plan, settings, device=device, batch_size=batch_size)
+    result.floor_planned, result.floor_cached = floors.tiles, floors.cached
+    jobs = plan.jobs + [j for p in floors.plans for j in p.jobs]
+    if jobs and (dry_run or not quiet):  # the estimate is for people; it costs a few seconds
+        result.estimate_s = _estimate(model, jobs, settings, device=device, batch_size=batch_size)
     del model
     if dry_run:  # the plan is the result: the caller prints it (`summary()`), once
         return result
     if not quiet:  # a progress line before a long render, beside the progress bar
         print(result.plan_line(), file=sys.stderr, flush=True)
     try:
-        report = render_tiles(plan, cache, ray=ray, device=device, batch_size=batch_size, quiet=quiet, desc="atlas")
+        report = JobReport(cached=plan.cached)
+        if jobs:  # one executor (one Ray instance) for the atlas and its floors; none when all is cached
+            with make_executor(ray, device=device, batch_size=batch_size, quiet=quiet) as executor:
+                report = run_jobs(plan.sized(executor.max_tiles), cache, executor, quiet=quiet, desc="atlas")
+                report.executor = executor.describe()
+                result.floor_tiles = render_floors(floors, cache, executor=executor, quiet=quiet)
+        else:
+            result.floor_tiles = floors.found(cache)
     except OSError as e:
         if not is_write_error(e):
             raise

@@ -52,15 +52,19 @@ def plan_floors(reference: State, wanted: Mapping[tuple[str, int], RenderSetting
     return out
 
 
-def render_floors(floor_plan: FloorPlan, cache: TileCache, *, ray: str | None = None, device: str = "auto",
-                  batch_size: int | None = None, quiet: bool = False) -> dict[tuple[str, int], Path]:
-    """Render what FLOOR_PLAN still needs, on one executor (`make_executor`: here or on Ray), and
-    return (layer, channel) -> second render for every planned channel now in the cache."""
+def render_floors(floor_plan: FloorPlan, cache: TileCache, *, executor=None, ray: str | None = None,
+                  device: str = "auto", batch_size: int | None = None,
+                  quiet: bool = False) -> dict[tuple[str, int], Path]:
+    """Render what FLOOR_PLAN still needs on EXECUTOR (one a command already runs), else on one
+    `make_executor` starts (here or on Ray), and return (layer, channel) -> second render for
+    every planned channel now in the cache."""
     from .executors import make_executor, run_jobs
 
     todo = [p for p in floor_plan.plans if p.jobs]
-    if todo:
-        with make_executor(ray, device=device, batch_size=batch_size, quiet=quiet) as executor:
-            for plan in todo:  # a plan is sized as a whole: each keeps its own settings
-                run_jobs(plan.sized(executor.max_tiles), cache, executor, quiet=quiet, desc="noise floor")
+    if todo and executor is not None:
+        for plan in todo:  # a plan is sized as a whole: each keeps its own settings
+            run_jobs(plan.sized(executor.max_tiles), cache, executor, quiet=quiet, desc="noise floor")
+    elif todo:
+        with make_executor(ray, device=device, batch_size=batch_size, quiet=quiet) as started:
+            return render_floors(floor_plan, cache, executor=started, quiet=quiet)
     return floor_plan.found(cache)
