@@ -178,6 +178,7 @@ def atlas(run, layers, all_layers, snapshots, channels, device, batch_size, ray,
 @click.option("--diff", is_flag=True,
               help="Two more rows: what each channel gained (the picture B responds to more than A) and what it "
                    "lost (A more than B), A and B rendered together (docs/render.md).")
+@floor_option
 @probe_options
 @render_options(objective=False)
 @device_option
@@ -185,8 +186,9 @@ def atlas(run, layers, all_layers, snapshots, channels, device, batch_size, ray,
 @ray_option
 @quiet_option
 @handle_errors
-def compare(a, b, layer, columns, channels, most_changed, by, output, weights, table_rows, diff, probe, probe_limit,
-            image_size, device, batch_size, mean, std, input_size, in_chans, img_size, ray, quiet, **render):
+def compare(a, b, layer, columns, channels, most_changed, by, output, weights, table_rows, diff, floor, probe,
+            probe_limit, image_size, device, batch_size, mean, std, input_size, in_chans, img_size, ray, quiet,
+            **render):
     """Compare LAYER of two networks A and B, channel by channel.
 
     A and B are snapshot files (e.g. RUN/snapshots/000.safetensors and RUN/snapshots/010.safetensors)
@@ -208,7 +210,7 @@ def compare(a, b, layer, columns, channels, most_changed, by, output, weights, t
     result = compare_api(a, b, layer, columns=columns, channels=channels, most_changed=most_changed, by=by,
                          output=output or f"compare-{safe_name(layer)}.png", probe=probe, probe_limit=probe_limit,
                          image_size=image_size, weights=weights, settings=settings_from(render), device=device,
-                         batch_size=batch_size, quiet=quiet, ray=ray, diff=diff)
+                         batch_size=batch_size, quiet=quiet, ray=ray, diff=diff, floor=floor)
     click.echo(result.table(table_rows))
     click.echo(f"sheet: {result.output}")
 

@@ -40,7 +40,9 @@ from ..optvis.pair import check_difference_layers, check_pair
 from ..optvis.settings import DEFAULT_SETTINGS, RenderSettings
 from ..run import trained_image_size
 from ..selection import COMPARE_COLUMNS, check_exclusive, select_channels
+from ..metrics.adaptation import KEPT_THRESHOLD, called_repurposed
 from ..metrics.drift import cross_activation, visual_drift
+from ..metrics.floors import SEED_OFFSET, NoiseFloor, floor_channels, floor_seed, noise_floor
 from ..metrics.driver import CHANGE_METRICS
 from ..metrics.probe import DEFAULT_PROBE_LIMIT, probe_stats, resolve_probe
 from ..metrics.similarity import channel_correlation, cka
@@ -67,6 +69,15 @@ class CompareResult:
     # the difference never had a gradient, nothing found); empty without diff
     renders_gained: list[Any] = dataclasses.field(default_factory=list)
     renders_lost: list[Any] = dataclasses.field(default_factory=list)
+    floor: NoiseFloor | None = None  # the layer's render-noise floor (A rendered again, seed + 1); None: --no-floor
+
+    @property
+    def changed(self) -> list[int]:
+        """The rendered channels whose feature B replaced beyond render noise: B on A below both the
+        fate rule's threshold and the noise floor (`metrics.adaptation.called_repurposed`)."""
+        if self.floor is None:
+            return []
+        return [r["channel"] for r in self.rows if called_repurposed(r["cross_b_on_a"], self.floor.kept)]
 
     def ranked(self) -> list[dict[str, Any]]:
         """The channels with a `by` measure, most changed first."""
@@ -88,7 +99,22 @@ class CompareResult:
                       for r in part]
         if not ranked:
             lines.append(f"no channel has a '{self.by}' measure")
+        lines += self.floor_lines()
         return "\n".join(lines)
+
+    def floor_lines(self) -> list[str]:
+        """The table's account of the noise floor and of the channels changed beyond it."""
+        f = self.floor
+        if f is None or not f.channels:
+            return []
+        n = len(f.channels)
+        rendered = sum(1 for r in self.rows if math.isfinite(r["cross_b_on_a"]))
+        changed = self.changed
+        return [f"noise floor ({n} channel{'s' * (n != 1)} of A rendered again with seed + {SEED_OFFSET}): drift "
+                f"{_fmt(f.drift)}, B on A {_fmt(f.kept)}; drift past it: "
+                f"{sum(1 for r in self.rows if f.drift_beyond(r['drift']))} of {rendered} channels",
+                f"changed beyond noise (B on A below {_fmt(min(KEPT_THRESHOLD, f.kept))}): "
+                + (", ".join(map(str, changed)) if changed else f"none of the {rendered} rendered channels")]
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -143,7 +169,7 @@ def compare(a, b, layer: str, *, columns: int | None = None, channels: str | Seq
             probe: str | os.PathLike | None = None, probe_limit: int | None = DEFAULT_PROBE_LIMIT,
             image_size: int | None = None, weights: str = "imagenet", settings: RenderSettings | None = None,
             device: str = "auto", batch_size: int | None = None, quiet: bool = False, ray: str | None = None,
-            diff: bool = False, **changes) -> CompareResult:
+            diff: bool = False, floor: bool = True, **changes) -> CompareResult:
     """Compare `layer` of networks A and B (snapshot files, model names, or modules).
 
     Channels on the sheet: the first `columns` (default COMPARE_COLUMNS, 8), the `channels` given ("0-4,17"),
@@ -157,6 +183,8 @@ def compare(a, b, layer: str, *, columns: int | None = None, channels: str | Seq
     `output` if given; a sheet that cannot be written raises `featureshift.io.WriteError`.
     Channels of the output layer ('logits') are labelled with their class names. `diff`: two
     more rows, what each channel gained and lost from A to B (see the module's docstring).
+    `floor`: render A's channels a second time (seed + 1) for the layer's render-noise floor
+    (`metrics.floors`), which `CompareResult.changed` and the table judge change by.
     """
     settings = (settings or DEFAULT_SETTINGS).replace(**changes)
     check_ray(ray)
@@ -194,6 +222,7 @@ def compare(a, b, layer: str, *, columns: int | None = None, channels: str | Seq
             chosen = select(scores)
             renders.render(chosen)
             renders.render_changes(chosen)
+            layer_floor = renders.measure_floor(chosen) if floor else None
         except OSError as e:
             raise renders.unwritten(e) from e
     renders_a = [renders.done[c][0] for c in chosen]
@@ -205,7 +234,7 @@ def compare(a, b, layer: str, *, columns: int | None = None, channels: str | Seq
                    info_b.class_names if info_b is not None else None)
     result = CompareResult(layer, side_a.label, side_b.label, by, chosen, rows, wc.value, layer_cka, n_probe, sheet,
                            renders_a, renders_b, renders_gained=[c.gained for c in changes],
-                           renders_lost=[c.lost for c in changes])
+                           renders_lost=[c.lost for c in changes], floor=layer_floor)
     if output is not None:
         result.output = _save_sheet(sheet, Path(output))
     return result
@@ -321,6 +350,18 @@ class _Renders:
         gained, lost = (self._tiles(self.pair, self.pair_cache, self.settings.replace(objective=objective), chans,
                                     mark_silent=True) for objective in ("gained", "lost"))
         self.changes.update({c: _Change(gained[i], lost[i]) for i, c in enumerate(chans)})
+
+    def measure_floor(self, chosen: list[int]) -> NoiseFloor:
+        """The layer's render-noise floor: A's renders of CHOSEN (and others rendered, up to
+        FLOOR_CHANNELS) against A's second renders with the next seed; written into the rows."""
+        sample = [c for c in floor_channels(chosen, sorted(self.done)) if self.done.get(c, (None,))[0] is not None]
+        second = self._tiles(self.a.source, self.a.cache, self.settings.replace(seed=floor_seed(self.settings.seed)),
+                             sample)
+        floor = noise_floor(self.a.source.module, self.layer, {c: self.done[c][0] for c in sample},
+                            {c: image for c, image in zip(sample, second) if image is not None})
+        for r in self.rows:
+            r["drift_floor"], r["kept_floor"] = floor.drift, floor.kept
+        return floor
 
     def render(self, chans: list[int]) -> None:
         """Render CHANS (those not done yet) at A and B, and measure drift and cross-activation."""
