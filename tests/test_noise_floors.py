@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from featureshift.cli import main
-from featureshift.metrics.adaptation import called_repurposed, channel_fate, layer_fates
+from featureshift.metrics.adaptation import both_measured, called_repurposed, channel_fate, layer_fates
 from featureshift.metrics.floors import FLOOR_CHANNELS, count_beyond_noise, floor_channels, floors_from
 
 from _fakerun import CHANNELS, IMAGE_SIZE, LAYER, RENDER, shared_report
@@ -78,6 +78,7 @@ def test_the_report_measures_floors_writes_them_beside_the_measures_and_its_find
     assert "rendered twice" in layer_html
 
 
+@pytest.mark.slow
 def test_a_rebuilt_report_finds_its_floors_cached_and_without_floors_states_none(report, tmp_path, monkeypatch):
     import shutil
 
@@ -131,14 +132,16 @@ def test_a_snapshot_compared_with_itself_has_no_channel_changed_even_across_rend
     from featureshift.metrics.drift import cross_activation
 
     same = featureshift.compare(squeezenet, squeezenet, CLAYER, channels="0-11", quiet=True, **SMALL)
-    assert same.changed == [] and same.floor is not None and len(same.floor.channels) == 12
+    # (a channel whose render at one seed does not excite it at all is a failed render: out of the floor)
+    assert same.changed == [] and same.floor is not None and 10 <= len(same.floor.channels) <= 12
     # Other render seeds on one side: the measure is then pure render noise, which the floor (seeds 0
     # and 1) must not call a change.
     other = featureshift.compare(squeezenet, squeezenet, CLAYER, channels="0-11", quiet=True, seed=2, floor=False,
                                  **SMALL)
-    b_on_a, _ = cross_activation(squeezenet, squeezenet, [(CLAYER, c) for c in range(12)], same.renders_a,
-                                 other.renders_a)
-    assert not any(called_repurposed(v, same.floor.kept) for v in b_on_a), (b_on_a, same.floor.kept)
+    b_on_a, a_on_b = cross_activation(squeezenet, squeezenet, [(CLAYER, c) for c in range(12)], same.renders_a,
+                                      other.renders_a)
+    calls = [both_measured(x, y) and called_repurposed(x, same.floor.kept) for x, y in zip(b_on_a, a_on_b)]
+    assert not any(calls), (b_on_a, a_on_b, same.floor.kept)
     assert np.nanmin(b_on_a) < 1.0  # the two seeds did make other pictures
 
 

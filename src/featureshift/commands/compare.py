@@ -40,7 +40,7 @@ from ..optvis.pair import check_difference_layers, check_pair
 from ..optvis.settings import DEFAULT_SETTINGS, RenderSettings
 from ..run import trained_image_size
 from ..selection import COMPARE_COLUMNS, check_exclusive, select_channels
-from ..metrics.adaptation import KEPT_THRESHOLD, called_repurposed
+from ..metrics.adaptation import KEPT_THRESHOLD, both_measured, called_repurposed
 from ..metrics.drift import cross_activation, visual_drift
 from ..metrics.floors import SEED_OFFSET, NoiseFloor, floor_channels, floor_seed, noise_floor
 from ..metrics.driver import CHANGE_METRICS
@@ -77,7 +77,8 @@ class CompareResult:
         fate rule's threshold and the noise floor (`metrics.adaptation.called_repurposed`)."""
         if self.floor is None:
             return []
-        return [r["channel"] for r in self.rows if called_repurposed(r["cross_b_on_a"], self.floor.kept)]
+        return [r["channel"] for r in self.rows if both_measured(r["cross_b_on_a"], r["cross_a_on_b"])
+                and called_repurposed(r["cross_b_on_a"], self.floor.kept)]
 
     def ranked(self) -> list[dict[str, Any]]:
         """The channels with a `by` measure, most changed first."""
@@ -108,7 +109,7 @@ class CompareResult:
         if f is None or not f.channels:
             return []
         n = len(f.channels)
-        rendered = sum(1 for r in self.rows if math.isfinite(r["cross_b_on_a"]))
+        rendered = sum(1 for r in self.rows if both_measured(r["cross_b_on_a"], r["cross_a_on_b"]))
         changed = self.changed
         return [f"noise floor ({n} channel{'s' * (n != 1)} of A rendered again with seed + {SEED_OFFSET}): drift "
                 f"{_fmt(f.drift)}, B on A {_fmt(f.kept)}; drift past it: "

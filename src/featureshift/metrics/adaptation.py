@@ -95,8 +95,18 @@ def called_repurposed(b_on_a: float, floor: float | None = None, threshold: floa
     return math.isfinite(float(b_on_a)) and float(b_on_a) < limit
 
 
+def both_measured(b_on_a: float | None, a_on_b: float | None = None) -> bool:
+    """Whether a cross-activation compares two good renders: B on A is measured and, where A on B is
+    given, so is it (each is NaN where the network's own render does not excite its channel)."""
+    def finite(v) -> bool:
+        return v is not None and v != "" and math.isfinite(float(v))
+
+    return finite(b_on_a) and (a_on_b is None or finite(a_on_b))
+
+
 def channel_fate(b_on_a: float | None, dead_before: bool = False, dead_after: bool = False,
-                 threshold: float = KEPT_THRESHOLD, floor: float | None = None) -> str | None:
+                 threshold: float = KEPT_THRESHOLD, floor: float | None = None,
+                 a_on_b: float | None = None) -> str | None:
     """What became of one channel's feature: "kept", "repurposed", "died", or None.
 
     died: it responded to the probe images before fine-tuning and responds to none after.
@@ -104,13 +114,14 @@ def channel_fate(b_on_a: float | None, dead_before: bool = False, dead_after: bo
     as strongly as on its own render (B on A < threshold), and less than the layer's noise
     floor `floor` of B on A where there is one (`called_repurposed`). kept: otherwise.
     None: dead already before fine-tuning, or B on A was not measured (no renders, or a
-    failed render).
+    failed render: given A on B, a reference render that does not excite its own channel, whose
+    B on A of 0 would read as a lost feature, makes it NaN).
     """
     if dead_before:
         return None
     if dead_after:
         return "died"
-    if b_on_a is None or not math.isfinite(float(b_on_a)):
+    if not both_measured(b_on_a, a_on_b):
         return None
     return "repurposed" if called_repurposed(b_on_a, floor, threshold) else "kept"
 
@@ -159,7 +170,8 @@ def layer_fates(metrics, layer: str, epoch: int | None = None,
         rendered = drift is not None and math.isfinite(float(drift))
         floor = _number(r.get("kept_floor"))
         out[r["channel"]] = channel_fate(r.get("cross_b_on_a"), before.get(r["channel"], False),
-                                         bool(r.get("dead")), threshold, floor) if rendered else None
+                                         bool(r.get("dead")), threshold, floor,
+                                         r.get("cross_a_on_b")) if rendered else None
     return out
 
 

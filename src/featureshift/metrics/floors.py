@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 from torch import nn
 
-from .adaptation import KEPT_THRESHOLD, called_repurposed
+from .adaptation import KEPT_THRESHOLD, both_measured, called_repurposed
 from .drift import cross_activation, visual_drift
 
 FLOOR_CHANNELS = 32  # channels per layer rendered a second time: enough for a 95th percentile, a sixth of a 192-channel atlas
@@ -122,7 +122,10 @@ def noise_floor(model: nn.Module, layer: str, first: dict[int, np.ndarray], seco
     drift = visual_drift(a, b)
     # The same network on both sides: "B on A" is act(first) / act(second), "A on B" the reverse.
     one_way, other_way = cross_activation(model, model, [(layer, c) for c in channels], a, b)
-    floor = floors_from(layer, {c: float(d) for c, d in zip(channels, drift)},
-                        {c: (float(x), float(y)) for c, x, y in zip(channels, one_way, other_way)}, percentile)
+    # A render that does not excite its own channel (NaN one way, 0 the other) is a failed render,
+    # not render noise of a working one: that channel stays out of both floors.
+    good = [i for i in range(len(channels)) if both_measured(one_way[i], other_way[i])]
+    floor = floors_from(layer, {channels[i]: float(drift[i]) for i in good},
+                        {channels[i]: (float(one_way[i]), float(other_way[i])) for i in good}, percentile)
     floor.seconds = time.perf_counter() - start
     return floor
