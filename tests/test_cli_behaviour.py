@@ -365,7 +365,7 @@ def test_a_cached_timeline_still_marks_a_channel_that_does_not_respond(dead_run)
 def test_compare_on_a_full_disk_says_the_sheet_was_not_written(run, tmp_path, monkeypatch):
     a, b = (str(run / "snapshots" / f"{e:03d}.safetensors") for e in (0, 1))
     out = tmp_path / "sheet.png"
-    full_disk_on_call(monkeypatch, 3, tmp_path)  # the two renders (A's and B's) are cached, then the disk is full
+    full_disk_on_call(monkeypatch, 4, tmp_path)  # A's, B's and A's second render (the floor) cached, then full
     r = CliRunner().invoke(main, ["compare", a, b, "--layer", "features.3.squeeze", "--channels", "1", "-o", str(out),
                                   *TINY])
     assert_one_paragraph(r, f"Could not write {out}: No space left on device", "the sheet", "was not written")

@@ -88,5 +88,9 @@ def test_compare_caches_its_renders_in_the_run_or_beside_the_sheet(run, tmp_path
     assert again.rows[6] == first.rows[6]
     # Networks of no run (a model name): a cache beside the sheet.
     compare("squeezenet1_1", b, LAYER, channels="6", output=tmp_path / "u.png", image_size=IMAGE_SIZE, quiet=True,
-            **RENDER)
+            floor=False, **RENDER)
     assert len(calls) == 1 and len(list((tmp_path / "u_cache").glob("*.png"))) == 1
+    # and the second render of A for the noise floor, cached beside the first
+    compare("squeezenet1_1", b, LAYER, channels="6", output=tmp_path / "u.png", image_size=IMAGE_SIZE, quiet=True,
+            **RENDER)
+    assert len(calls) == 2 and len(list((tmp_path / "u_cache").glob("*.png"))) == 2

@@ -27,7 +27,8 @@ from ..run import timestamp
 if TYPE_CHECKING:
     from ..jobs.cache import TileCache
     from ..jobs.executors import JobReport
-    from ..jobs.plan import TileJob
+    from ..jobs.floors import FloorPlan
+    from ..jobs.plan import JobPlan, TileJob
 
 ATLAS_FILE = "atlas.json"
 ATLAS_FORMAT = "featureshift.atlas/1"
@@ -276,6 +277,36 @@ def _estimate(model, jobs: Sequence[TileJob], settings: RenderSettings, *, devic
                             loads=len({j.snapshot for j in jobs}))
 
 
+def _plan_floors(reference, chosen: dict[str, list[int]], settings: RenderSettings, cache: TileCache,
+                 wanted: bool) -> FloorPlan:
+    """The second renders of the noise floors at the REFERENCE snapshot (none unless WANTED)."""
+    from ..jobs.floors import FloorPlan, plan_floors
+    from ..metrics.floors import floor_channels
+
+    if not wanted:
+        return FloorPlan([], {})
+    return plan_floors(reference, {(layer, c): settings for layer, cs in chosen.items() for c in floor_channels([], cs)},
+                       cache)
+
+
+def _render(plan: JobPlan, floors: FloorPlan, cache: TileCache, result: AtlasResult, *, ray: str | None,
+            device: str, batch_size: int | None, quiet: bool) -> JobReport:
+    """Render PLAN and then the floors' second renders on one executor (one Ray instance), none
+    when everything is cached; the floors' tiles go into RESULT."""
+    from ..jobs.executors import JobReport, make_executor, run_jobs
+    from ..jobs.floors import render_floors
+
+    report = JobReport(cached=plan.cached)
+    if plan.jobs or floors.tiles:
+        with make_executor(ray, device=device, batch_size=batch_size, quiet=quiet) as executor:
+            report = run_jobs(plan.sized(executor.max_tiles), cache, executor, quiet=quiet, desc="atlas")
+            report.executor = executor.describe()
+            result.floor_tiles = render_floors(floors, cache, executor=executor, quiet=quiet)
+    else:
+        result.floor_tiles = floors.found(cache)
+    return report
+
+
 def _take_report(result: AtlasResult, report: JobReport, good: list, keys: dict[tuple[str, int, int], str]) -> None:
     """What the render found into RESULT: where it ran, failed and silent tiles, unusable snapshots."""
     if report.executor is not None:
@@ -318,10 +349,7 @@ def atlas(run_dir: str | Path, layers: str | Sequence[str] = (), *, all_layers: 
     judges change by (`floor_tiles`; counted in the plan and the estimate).
     """
     from ..jobs.cache import TileCache
-    from ..jobs.executors import JobReport, make_executor, run_jobs
-    from ..jobs.floors import FloorPlan, plan_floors, render_floors
     from ..jobs.plan import TileRequest, plan_jobs
-    from ..metrics.floors import floor_channels
     from ..network import open_network
     from ..run import tile_cache_dir
 
@@ -347,29 +375,21 @@ def atlas(run_dir: str | Path, layers: str | Sequence[str] = (), *, all_layers: 
                 for r in good for layer in names for c in chosen[layer]]
     plan = plan_jobs(requests, cache, settings=settings, force=force)
     keys = {(q.layer, q.epoch, q.channel): k for q, k in plan.keys.items()}
-    floors = plan_floors(good[0], {(layer, c): settings for layer in names for c in floor_channels([], chosen[layer])},
-                         cache) if floor else FloorPlan([], {})
+    floors = _plan_floors(good[0], chosen, settings, cache, floor)
     result = AtlasResult(run_dir, names, chosen, [r.epoch for r in good], settings, {}, plan.tiles, plan.cached,
                          None, executor=f"Ray at {ray}" if ray else f"local, {device}", dry_run=dry_run)
     result.missing = {r.epoch: r.error for r in rows if r.error}
     result.floor_planned, result.floor_cached = floors.tiles, floors.cached
-    jobs = plan.jobs + [j for p in floors.plans for j in p.jobs]
-    if jobs and (dry_run or not quiet):  # the estimate is for people; it costs a few seconds
-        result.estimate_s = _estimate(model, jobs, settings, device=device, batch_size=batch_size)
+    if (plan.jobs or floors.tiles) and (dry_run or not quiet):  # the estimate is for people; it costs a few seconds
+        result.estimate_s = _estimate(model, plan.jobs + [j for p in floors.plans for j in p.jobs], settings,
+                                      device=device, batch_size=batch_size)
     del model
     if dry_run:  # the plan is the result: the caller prints it (`summary()`), once
         return result
     if not quiet:  # a progress line before a long render, beside the progress bar
         print(result.plan_line(), file=sys.stderr, flush=True)
     try:
-        report = JobReport(cached=plan.cached)
-        if jobs:  # one executor (one Ray instance) for the atlas and its floors; none when all is cached
-            with make_executor(ray, device=device, batch_size=batch_size, quiet=quiet) as executor:
-                report = run_jobs(plan.sized(executor.max_tiles), cache, executor, quiet=quiet, desc="atlas")
-                report.executor = executor.describe()
-                result.floor_tiles = render_floors(floors, cache, executor=executor, quiet=quiet)
-        else:
-            result.floor_tiles = floors.found(cache)
+        report = _render(plan, floors, cache, result, ray=ray, device=device, batch_size=batch_size, quiet=quiet)
     except OSError as e:
         if not is_write_error(e):
             raise
