@@ -196,6 +196,17 @@ def _names(names: Sequence[str], limit: int = 3) -> str:
     return f"{', '.join(names[:limit])} and {len(names) - limit} more"
 
 
+def noise_verdict(row: dict[str, Any], column: str) -> str:
+    """'beyond noise' or 'within noise' for a drift or B on A against the layer's floor on the row; '' for
+    the measures without a render-noise floor, or without floors."""
+    floor = {"drift": row.get("drift_floor"), "cross_b_on_a": row.get("kept_floor")}.get(column)
+    v = row.get(column)
+    if floor is None or v is None or not (math.isfinite(float(floor)) and math.isfinite(float(v))):
+        return ""
+    beyond = float(v) > float(floor) if column == "drift" else float(v) < float(floor)
+    return "beyond noise" if beyond else "within noise"
+
+
 def most_changed(metrics, layers: list[str], tiles: dict[tuple[str, int, int], Path], facts: dict[str, LayerFacts],
                  count: int = 12) -> dict[str, list[dict[str, Any]]]:
     """Per ranking measure: the `count` most changed channels over `layers` that have renders
@@ -215,7 +226,7 @@ def most_changed(metrics, layers: list[str], tiles: dict[tuple[str, int, int], P
                 fc = facts.get(layer).channels.get(c) if layer in facts else None
                 if fc is not None and (fc.dead or fc.dead_before):
                     continue
-                cands.append((float(v) if larger else -float(v), layer, c, float(v)))
+                cands.append((float(v) if larger else -float(v), layer, c, float(v), noise_verdict(r, column)))
         cands.sort(key=lambda t: -t[0])
-        out[name] = [{"layer": l, "channel": c, "value": v} for _, l, c, v in cands[:count]]
+        out[name] = [{"layer": l, "channel": c, "value": v, "noise": n} for _, l, c, v, n in cands[:count]]
     return out
