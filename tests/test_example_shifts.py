@@ -97,6 +97,11 @@ def test_a_top_share_that_ends_inside_an_image_counts_it_in_part():
     doubled = np.concatenate([b, b[[np.argmax(b[:, 0])]]])[np.arange(29) != np.argmin(b[:, 0])]
     doubled_a = np.concatenate([a, a[[np.argmax(b[:, 0])]]])[np.arange(29) != np.argmin(b[:, 0])]
     assert retention_of(a, b, w)[0, 0] == pytest.approx(example_retention(doubled_a, doubled)[0])
+    # A resample that drew only images far down a channel's order is computed over all of them too.
+    last = np.argsort(-a[:, 1])[-5:]
+    w = np.zeros((1, 28))
+    w[0, last] = 1
+    assert retention_of(a, b, w)[0, 1] == pytest.approx(example_retention(a[last], b[last])[1])
 
 
 def test_a_channel_that_fires_on_nothing_has_no_retention():

@@ -408,15 +408,22 @@ def layer_facts(m, tiles: dict[tuple[str, int, int], Path]) -> dict[str, Any]:
     return {layer: analyse_layer(m, layer, tiles) for layer in m.channels}
 
 
+# Channels per ranking of the overview's most changed ones that get gained and lost renders: the
+# overview lists 12 per ranking, and rendering all of them (34 channels in the demo) nearly doubled
+# the demo's report.
+DIFF_MOST_CHANGED = 4
+
+
 def change_channels(m, renders: ReportRenders, choice: LayerChoice, facts: dict[str, Any]) -> dict[str, list[int]]:
     """The channels whose pages show what they gained and lost: the timelines' channels and the
-    atlases' most changed ones (`report.analysis.most_changed`, those the overview lists)."""
+    DIFF_MOST_CHANGED first of each ranking of the atlases' most changed ones
+    (`report.analysis.most_changed`, the overview's list)."""
     from ..report.analysis import most_changed
 
     out = {layer: list(renders.timeline_channels.get(layer, [])) for layer in m.channels}
     atlased = [layer for layer in m.channels if layer in choice.atlased]
     if atlased and len(m.epochs) > 1:
-        for items in most_changed(m, atlased, renders.tiles, facts).values():
+        for items in most_changed(m, atlased, renders.tiles, facts, count=DIFF_MOST_CHANGED).values():
             for it in items:
                 out[it["layer"]].append(it["channel"])
     return {layer: list(dict.fromkeys(cs)) for layer, cs in out.items() if cs}

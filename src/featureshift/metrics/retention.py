@@ -26,11 +26,20 @@ def _top_sums(order: np.ndarray, values: np.ndarray, weights: np.ndarray, share:
     `order` and `values`, (n, C)): the weighted sum of `values` over the images in the first
     `share` of the total weight, taken in the channel's `order` (an image at the boundary in
     part). Returns (R, C)."""
-    w = weights[:, order.T]  # (R, C, n): each channel's draw counts in its own order
-    before = np.cumsum(w, axis=2) - w
     total = weights.sum(1)[:, None, None]
-    taken = np.clip(share * total - before, 0.0, w)
-    ordered = np.take_along_axis(values, order, axis=0).T  # (C, n)
+    n = len(order)
+    # Only the first images of each order can be in the share: a resample rarely needs more than
+    # twice the share's count to fill it, and one that does is computed over every image.
+    depth = min(n, int(np.ceil(2 * share * n)) + 8)
+    while True:
+        head = order[:depth]
+        w = weights[:, head.T]  # (R, C, depth): each channel's draw counts in its own order
+        before = np.cumsum(w, axis=2) - w
+        taken = np.clip(share * total - before, 0.0, w)
+        if depth == n or np.allclose(taken.sum(2), share * total[:, :, 0]):
+            break
+        depth = n
+    ordered = np.take_along_axis(values, head, axis=0).T  # (C, depth)
     return np.einsum("rcn,cn->rc", taken, ordered)
 
 
