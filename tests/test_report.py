@@ -357,11 +357,15 @@ def test_the_most_changed_channels_of_an_atlas_get_their_gained_and_lost_too(tmp
     featureshift.timeline(run, [LAYER], [2], quiet=True, steps=2, size=32)
     atlas(run, LAYER, channels="0-15", quiet=True, steps=3, size=32)
     index = build_report(run, image_size=IMAGE_SIZE, examples=2, accent=False, quiet=True)
-    listed = re.findall(r'href="(channel-[^"]*)"', _section(index.read_text(), 'id="most-changed"', "<h2"))
-    assert listed
-    shown = {p for p in (index.parent / channel_page(LAYER, c) for c in range(16))
+    from featureshift.commands.report import DIFF_MOST_CHANGED
+
+    # The first channels of each ranking the overview lists, and the timeline's channel.
+    groups = re.findall(r'<div class="top-channels"(.*?)</div>', index.read_text(), re.S)
+    firsts = {p for g in groups for p in re.findall(r'href="(channel-[^"]*)"', g)[:DIFF_MOST_CHANGED]}
+    assert len(groups) == 4 and len(firsts) > DIFF_MOST_CHANGED
+    shown = {p.name for p in (index.parent / channel_page(LAYER, c) for c in range(16))
              if 'id="gained-lost"' in p.read_text()}
-    assert {index.parent / p for p in listed} | {index.parent / channel_page(LAYER, 2)} == shown
+    assert firsts | {channel_page(LAYER, 2)} == shown
     # Each with the settings of the channel's own renders: the atlas's for its channels.
     html = (index.parent / channel_page(LAYER, 3)).read_text()
     gained = re.findall(r'<img src="([^"]*)" alt="gained', html)[0]
