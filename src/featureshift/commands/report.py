@@ -456,7 +456,10 @@ def render_changes(run_dir: str | os.PathLike, m, channels: dict[str, Sequence[i
     # One group per (settings, objective): a plan holds one set of settings.
     by_settings: dict[RenderSettings, list[tuple[str, int]]] = {}
     for layer, c in wanted:
-        own = RenderSettings.from_record(read_tile_about(tiles[(layer, m.reference, c)]))
+        try:
+            own = RenderSettings.from_record(read_tile_about(tiles[(layer, m.reference, c)]))
+        except (OSError, ValueError):
+            continue  # a damaged tile: its page shows what it can without its settings
         by_settings.setdefault(own.replace(objective="gained"), []).append((layer, c))
     groups = [(settings.replace(objective=objective), [TileRequest(pair, pair.checksum, layer, c, last)
                                                         for layer, c in items])
