@@ -1,9 +1,11 @@
 """The bootstrap intervals of CKA over the probe images: how often a 95% interval holds the true
 CKA on constructed features (ours, against feeding resamples with repeated images straight to
 the unbiased HSIC, and against resampling whole minibatches), and what the intervals cost on a
-probe set like the demo's.
+probe set like the demo's; the same for the example retention of a channel (the dataset
+examples' measure, metrics/retention.py) on constructed peak activations of known retention.
 
     python benchmarks/probe_intervals.py coverage --trials 200    # constructed features, known CKA
+    python benchmarks/probe_intervals.py retention --trials 200   # constructed peaks, known retention
     python benchmarks/probe_intervals.py cost --per-class 36       # the demo's dataset (28 probe images)
     python benchmarks/probe_intervals.py cost --per-class 320      # 256 probe images, the default limit
 
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featureshift.metrics.retention import example_retention, retention_interval
 from featureshift.metrics.similarity import cka_from_grams, cka_interval, correlation_interval, probe_bootstrap
 
 BATCH = 32  # featureshift.metrics.probe.PROBE_BATCH
@@ -96,6 +99,39 @@ def coverage(trials: int) -> None:
                 print(f"    {name:38s} {text}")
 
 
+def peaks(rng, n: int, kind: str, rho: float, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Peak activations of `channels` channels on n images at A and at B, correlated by rho:
+    lognormal (heavy-tailed, as the peaks of a deep layer) or rectified normal (half of them 0)."""
+    z = rng.normal(size=(n, channels))
+    w = rho * z + np.sqrt(1 - rho ** 2) * rng.normal(size=(n, channels))
+    if kind == "lognormal":
+        return np.exp(0.6 * z), np.exp(0.6 * w)
+    return np.maximum(z, 0), np.maximum(w, 0)
+
+
+def retention_coverage(trials: int) -> None:
+    """Coverage of the example retention's interval: the truth is the retention of 1 000 000 images."""
+    channels = 8  # independent channels per trial: 8 x trials intervals per row
+    for kind in ("lognormal", "rectified"):
+        for rho in (0.9, 0.5):
+            a, b = peaks(np.random.default_rng(7), 1_000_000, kind, rho, 1)
+            truth = float(example_retention(a, b)[0])
+            for n in (12, 28, 256):
+                hits, widths, seconds, values = [], [], 0.0, []
+                for t in range(trials):
+                    a, b = peaks(np.random.default_rng(1000 + t), n, kind, rho, channels)
+                    start = time.perf_counter()
+                    iv = retention_interval(a, b, probe_bootstrap(n, BATCH, seed=t))
+                    seconds += time.perf_counter() - start
+                    ok = np.isfinite(iv.low)
+                    hits += list((iv.low[ok] <= truth) & (truth <= iv.high[ok]))
+                    widths += list(iv.high[ok] - iv.low[ok])
+                    values += list(example_retention(a, b))
+                print(f"{kind:9s} rho {rho}: true retention {truth:.3f}, {n:3d} images: coverage {np.mean(hits):.2f} "
+                      f"of {len(hits)}, mean width {np.mean(widths):.3f}, mean estimate {np.nanmean(values):.3f}, "
+                      f"{1000 * seconds / trials / channels:.2f} ms per channel")
+
+
 def cost(per_class: int) -> None:
     import torch
 
@@ -134,11 +170,12 @@ def cost(per_class: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["coverage", "cost"])
+    ap.add_argument("what", choices=["coverage", "retention", "cost"])
     ap.add_argument("--trials", type=int, default=200)
     ap.add_argument("--per-class", type=int, default=36)
     args = ap.parse_args()
-    coverage(args.trials) if args.what == "coverage" else cost(args.per_class)
+    {"coverage": lambda: coverage(args.trials), "retention": lambda: retention_coverage(args.trials),
+     "cost": lambda: cost(args.per_class)}[args.what]()
 
 
 if __name__ == "__main__":

@@ -118,7 +118,9 @@ def test_run_metrics_writes_the_intervals_beside_the_unchanged_columns(tmp_path,
     stem = [r for r in layers if r["layer"] == "features.0"]
     assert all(float(r["cka_low"]) == pytest.approx(1.0) == float(r["cka_high"]) for r in stem)
     channels = list(csv.DictReader((run / "metrics" / "channels.csv").open()))
-    assert list(channels[0])[8:11] == ["dead", "correlation_low", "correlation_high"]
+    # The earlier columns first, in their order; later additions (the example retention) come after them.
+    assert list(channels[0])[:11] == ["epoch", "layer", "channel", "weight_change", "correlation", "drift",
+                                      "cross_b_on_a", "cross_a_on_b", "dead", "correlation_low", "correlation_high"]
     changed = {int(r["channel"]): r for r in channels if r["epoch"] == "1"}
     assert float(changed[2]["correlation_low"]) == pytest.approx(1.0)  # untouched channel: exactly unchanged
     assert float(changed[3]["correlation_low"]) < float(changed[3]["correlation_high"])  # re-initialized

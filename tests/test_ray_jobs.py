@@ -215,3 +215,24 @@ def test_gained_and_lost_tiles_of_two_snapshots_from_ray_equal_local_ones(tmp_pa
     assert not any(h["no_response"] for h in headers)  # the first layer changed: every channel did
     assert {(h["before_checksum"], h["after_checksum"]) for h in headers} == {(pair.before_checksum,
                                                                                pair.after_checksum)}
+
+
+@pytest.mark.slow
+def test_groups_of_tiles_with_their_own_settings_render_on_ray_as_locally(tmp_path, reference, ray_instance):
+    # The report's gained and lost renders (and its accentuations): one plan per set of settings,
+    # all run by one executor.
+    from featureshift.jobs.executors import render_groups
+    from featureshift.jobs.plan import pair_source
+
+    a, b = (reference[0] / "snapshots" / f"{e:03d}.safetensors" for e in (0, 2))
+    pair = pair_source(a, b, read_meta(a).checksum, read_meta(b).checksum)
+    requests = [TileRequest(pair, pair.checksum, LAYER, c, 2) for c in (0, 1)]
+    groups = [(DEFAULT_SETTINGS.replace(objective=objective, steps=FAST["steps"], size=size), requests)
+              for objective in ("gained", "lost") for size in (32, 48)]
+    made = {}
+    for where in ("local", "auto"):
+        cache = TileCache(tmp_path / where)
+        keys = render_groups(groups, cache, ray=where, device="cpu", batch_size=FAST["batch_size"], quiet=True)
+        assert len({k for group in keys for k in group.values()}) == 8 and all(k in cache for g in keys for k in g.values())
+        made[where] = {p.name: p.read_bytes() for p in sorted(cache.root.glob("*.png"))}
+    assert len(made["local"]) == 8 and made["auto"] == made["local"]

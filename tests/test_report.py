@@ -79,9 +79,12 @@ def test_rebuild_reuses_the_cached_renders_and_probe_pass(report, monkeypatch):
 
     monkeypatch.setattr(driver, "probe_stats", counting)
     monkeypatch.setattr(probe, "probe_loader", lambda *a, **k: (_ for _ in ()).throw(AssertionError("probe pass ran")))
+    tiles = sorted((run / "timeline" / "cache").glob("*.png"))
     again = build_report(run, [LAYER], CHANNELS, image_size=IMAGE_SIZE, quiet=True, **RENDER)
     assert again == index and index.is_file() and ran
     assert all('id="accentuation"' in (index.parent / channel_page(LAYER, c)).read_text() for c in CHANNELS)
+    assert all('id="gained-lost"' in (index.parent / channel_page(LAYER, c)).read_text() for c in CHANNELS)
+    assert sorted((run / "timeline" / "cache").glob("*.png")) == tiles  # no new tile, gained and lost included
 
 
 def _accent_section(html: str) -> str:
@@ -106,6 +109,73 @@ def test_channel_pages_show_the_top_example_accentuated_at_each_snapshot(report)
         assert all(a["method"] == "accent" and a["layer"] == LAYER and a["channel"] == c for a in abouts)
         assert all((run / "timeline" / "cache" / Path(src).name).is_file() for src in images[1:])  # the run's cache
     assert "accentuations of " + LAYER in index.read_text()
+
+
+def _section(html: str, start: str, end: str) -> str:
+    return html[html.index(start):html.index(end, html.index(start))]
+
+
+def test_channel_pages_show_what_each_channel_gained_and_lost_and_the_images_that_rose_and_fell(report):
+    from featureshift.jobs.cache import read_tile_about
+    from featureshift.snapshot import read_meta
+
+    run, index = report
+    checksums = [read_meta(run / "snapshots" / f"00{e}.safetensors").checksum for e in (0, 2)]
+    for c in CHANNELS:
+        html = (index.parent / channel_page(LAYER, c)).read_text()
+        pictures = _section(html, 'id="gained-lost-pictures"', "</div>")
+        images = re.findall(r'<img src="([^"]*)" alt="([^"]*)"', pictures)
+        assert [alt for _, alt in images] == ["before: epoch 0", "after: epoch 2", "gained: fires more at epoch 2",
+                                              "lost: fired more at epoch 0"]
+        assert all((index.parent / src).is_file() for src, _ in images)
+        abouts = [read_tile_about(run / "timeline" / "cache" / Path(src).name) for src, _ in images[2:]]
+        assert [a["objective"] for a in abouts] == ["gained", "lost"]  # from the run's tile cache
+        assert all([a["before_checksum"], a["after_checksum"]] == checksums for a in abouts)
+        assert all(a["steps"] == RENDER["steps"] and a["size"] == RENDER["size"] for a in abouts)  # the timeline's
+        assert f"gained, {RENDER['steps']} steps, {RENDER['size']} px" in html
+        assert 'id="rose-fell"' in html
+    # Channel 3 was re-initialized: its gained picture is a real render, and some probe images rose and
+    # some fell, each cropped and captioned with both activations. Channel 2 never changed: nothing
+    # to gain, its picture marked, and no image rose or fell.
+    changed = (index.parent / channel_page(LAYER, 3)).read_text()
+    for side in ("rose", "fell"):
+        crops = re.findall(r'<img src="(img/examples/[^"]*-{0}-\d+\.png)"'.format(side),
+                           _section(changed, f'id="{side}"', "</section>"))
+        assert crops and all((index.parent / src).is_file() for src in crops)
+    assert re.search(r"<br>[\d.e+]+ → [\d.e+]+ \(\+[\d.e+]+\)</figcaption>", _section(changed, 'id="rose"', "</section>"))
+    gained_3 = re.findall(r'<img src="([^"]*)" alt="gained', changed)[0]
+    assert not read_tile_about(run / "timeline" / "cache" / Path(gained_3).name).get("no_response")
+    same = (index.parent / channel_page(LAYER, 2)).read_text()
+    gained_2 = re.findall(r'<img src="([^"]*)" alt="gained', same)[0]
+    assert read_tile_about(run / "timeline" / "cache" / Path(gained_2).name)["no_response"]
+    assert "On no probe image did its activation rise." in same and "On no probe image did its activation fall." in same
+
+
+@pytest.mark.slow
+def test_without_gained_and_lost(report, tmp_path, monkeypatch):
+    import featureshift.optvis.engine as render_module
+
+    run, _ = report
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("report", "cache"))  # no tile cache: nothing to reuse
+    shutil.copytree(run / "timeline" / "cache", copy / "timeline" / "cache",
+                    ignore=lambda d, names: [n for n in names if n.endswith(".png") and _is_pair_tile(Path(d) / n)])
+    monkeypatch.setattr(render_module, "render", lambda *a, **k: pytest.fail("rendered: every other tile is cached"))
+    index = build_report(copy, [LAYER], CHANNELS, image_size=IMAGE_SIZE, quiet=True, diff=False, **RENDER)
+    for c in CHANNELS:
+        html = (index.parent / channel_page(LAYER, c)).read_text()
+        assert 'id="gained-lost"' not in html and 'id="rose-fell"' in html  # the examples cost no render
+
+
+def _is_pair_tile(path: Path) -> bool:
+    from featureshift.jobs.cache import read_tile_about
+
+    return read_tile_about(path).get("objective") in ("gained", "lost")
+
+
+def test_the_report_help_offers_to_leave_the_gained_and_lost_renders_out():
+    r = CliRunner().invoke(main, ["report", "--help"])
+    assert r.exit_code == 0 and "--diff / --no-diff" in r.output
 
 
 def test_the_report_names_the_precision_the_network_ran_in(report):
@@ -275,3 +345,28 @@ def test_the_timeline_caption_names_the_timelines_channels_when_an_atlas_of_the_
     assert "Columns: channels 2, 3." in timelines
     layer_html = (index.parent / layer_page(LAYER)).read_text()
     assert all(channel_page(LAYER, c) in layer_html for c in range(8))  # the atlas's channels are all in the report
+
+
+@pytest.mark.slow
+def test_the_most_changed_channels_of_an_atlas_get_their_gained_and_lost_too(tmp_path, photos, one_thread):
+    import featureshift
+    from featureshift.commands.atlas import atlas
+    from featureshift.jobs.cache import read_tile_about
+
+    run = make_run(tmp_path, photos, epochs=(0, 1))
+    featureshift.timeline(run, [LAYER], [2], quiet=True, steps=2, size=32)
+    atlas(run, LAYER, channels="0-15", quiet=True, steps=3, size=32)
+    index = build_report(run, image_size=IMAGE_SIZE, examples=2, accent=False, quiet=True)
+    from featureshift.commands.report import DIFF_MOST_CHANGED
+
+    # The first channels of each ranking the overview lists, and the timeline's channel.
+    groups = re.findall(r'<div class="top-channels"(.*?)</div>', index.read_text(), re.S)
+    firsts = {p for g in groups for p in re.findall(r'href="(channel-[^"]*)"', g)[:DIFF_MOST_CHANGED]}
+    assert len(groups) == 4 and len(firsts) > DIFF_MOST_CHANGED
+    shown = {p.name for p in (index.parent / channel_page(LAYER, c) for c in range(16))
+             if 'id="gained-lost"' in p.read_text()}
+    assert firsts | {channel_page(LAYER, 2)} == shown
+    # Each with the settings of the channel's own renders: the atlas's for its channels.
+    html = (index.parent / channel_page(LAYER, 3)).read_text()
+    gained = re.findall(r'<img src="([^"]*)" alt="gained', html)[0]
+    assert read_tile_about(run / "timeline" / "cache" / Path(gained).name)["steps"] == 3

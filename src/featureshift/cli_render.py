@@ -229,19 +229,23 @@ def compare(a, b, layer, columns, channels, most_changed, by, output, weights, t
               help="On the channel pages of the timelines' channels: the channel's top dataset example, "
                    "accentuated at every snapshot (a render per channel and snapshot, cached).")
 @floor_option
+@click.option("--diff/--no-diff", default=True, show_default=True,
+              help="On the channel pages of the timelines' and the most changed channels: what each gained and lost "
+                   "from the first to the last snapshot (two renders per channel, of both snapshots at once, cached).")
 @click.option("--open", "open_browser", is_flag=True, help="Open the report in the web browser.")
 @ray_option
 @quiet_option
 @handle_errors
 def report(run, layers, columns, channels, examples, probe, probe_limit, image_size, device, batch_size, accent,
-           floor, open_browser, ray, quiet, **render):
+           floor, diff, open_browser, ray, quiet, **render):
     """Write the HTML report of the training run RUN to RUN/report/ and print its path.
 
     A static folder that opens from disk (no server, no network): configuration and dataset,
     training curves, weight change and CKA of every stage over the epochs, the timelines, a page
     per layer with its channels sortable by each measure, and a page per rendered channel with
     its render at every snapshot (a slider), its dataset examples before and after, and its
-    measures over time. Renders come from the timeline cache (only missing ones are rendered),
+    measures over time; the pages of the timelines' and the most changed channels also show what
+    each gained and lost and the probe images whose activation rose and fell most. Renders come from the timeline cache (only missing ones are rendered),
     probe statistics from RUN/metrics/cache; the measures are also written to RUN/metrics/.
 
     \b
@@ -252,7 +256,7 @@ def report(run, layers, columns, channels, examples, probe, probe_limit, image_s
     check_exclusive(columns, channels)
     index = build_report(run, list(layers) or None, channels if channels is not None else columns, probe=probe,
                          probe_limit=probe_limit, image_size=image_size, examples=examples, device=device,
-                         batch_size=batch_size, accent=accent, floor=floor, open_browser=open_browser, quiet=quiet,
-                         ray=ray,
+                         batch_size=batch_size, accent=accent, floor=floor, diff=diff,
+                         open_browser=open_browser, quiet=quiet, ray=ray,
                          **{k: v for k, v in render.items() if v is not None})
     click.echo(str(index))

@@ -20,6 +20,7 @@ from ..errors import FeatureshiftError
 from ..io import WriteError, current_umask, is_write_error, write_error
 from ..jobs.cache import read_tile_about
 from ..optvis.settings import DEFAULT_SETTINGS, RenderSettings
+from ..report.changes import ChannelChange
 from ..report.site import REPORT_DIR, Accentuation, ReportInputs, write_site
 from ..run import TIMELINE_DIR, tile_cache_dir
 from ..selection import DEFAULT_COLUMNS
@@ -107,7 +108,7 @@ def build_report(run_dir: str | os.PathLike, layers: str | Sequence[str] | None 
                  probe_limit: int | None = 256, image_size: int | None = None, examples: int = 6,
                  settings: RenderSettings | None = None, device: str = "auto", batch_size: int | None = None,
                  open_browser: bool = False, quiet: bool = False, ray: str | None = None, accent: bool = True,
-                 floor: bool = True, **changes) -> Path:
+                 floor: bool = True, diff: bool = True, **changes) -> Path:
     """Write RUN/report/ and return the path of its index.html.
 
     layers: the layers to render and rank channel by channel (default: those the run has
@@ -119,7 +120,10 @@ def build_report(run_dir: str | os.PathLike, layers: str | Sequence[str] | None 
     a folder of images for the representation measures and dataset examples (default:
     the run's validation images, at most `probe_limit`). examples: probe images per channel.
     accent: show on each channel page the channel's top dataset example accentuated at every
-    snapshot (`accentuate_examples`, cached like the timeline's renders).
+    snapshot (`accentuate_examples`, cached like the timeline's renders). diff: show on the channel
+    pages of the timelines' and the most changed channels what each gained and lost from the
+    first to the last snapshot (`render_changes`, cached likewise); the probe images whose
+    activation rose and fell most are shown there either way.
     ray: where the timelines render (None: here; "auto" or a cluster address: on Ray).
     floor: render a sample of each layer's channels a second time at the reference snapshot
     (another seed) for the render-noise floors (`metrics.floors`): a channel is called changed
@@ -146,6 +150,7 @@ def build_report(run_dir: str | os.PathLike, layers: str | Sequence[str] | None 
     out = run_dir / REPORT_DIR
     measured = [l for l in choice.layers if l != "logits"]
     accents: dict[tuple[str, int], Accentuation] = {}
+    shown: dict[tuple[str, int], ChannelChange] = {}
     try:
         floor_tiles = render_report_floors(run_dir, first, renders, measured, device=device, batch_size=batch_size,
                                            quiet=quiet, ray=ray) if floor else {}
@@ -159,6 +164,9 @@ def build_report(run_dir: str | os.PathLike, layers: str | Sequence[str] | None 
             fallback = (settings or DEFAULT_SETTINGS).replace(**changes)
             accents = accentuate_examples(run_dir, m, pages, {l: renders.settings.get(l, fallback) for l in pages},
                                           device=device, batch_size=batch_size, quiet=quiet, ray=ray)
+        facts = layer_facts(m, renders.tiles)
+        shown = render_changes(run_dir, m, change_channels(m, renders, choice, facts), renders.tiles, render=diff,
+                               device=device, batch_size=batch_size, quiet=quiet, ray=ray)
     except OSError as e:
         if not is_write_error(e):
             raise
@@ -168,7 +176,7 @@ def build_report(run_dir: str | os.PathLike, layers: str | Sequence[str] | None 
                           settings=renders.settings, atlas={l: choice.atlased[l] for l in choice.layers
                                                             if l in choice.atlased},
                           atlas_settings=atlas_settings, timeline_channels=renders.timeline_channels,
-                          accents=accents)
+                          accents=accents, changes=shown, facts=facts)
     index = write_report(run_dir, inputs, quiet)
     if open_browser:
         import webbrowser
@@ -355,8 +363,8 @@ def accentuate_examples(run_dir: str | os.PathLike, m, channels: dict[str, Seque
     `settings` and method "accent" with the example as image. The tiles go through the job
     list into the timeline's tile cache, so a rebuilt report renders none of them again."""
     from ..jobs.cache import TileCache
-    from ..jobs.executors import make_executor, run_jobs
-    from ..jobs.plan import JobPlan, TileRequest, batch_photos, plan_jobs
+    from ..jobs.executors import render_groups
+    from ..jobs.plan import TileRequest, batch_photos
     from ..states import list_states
 
     run_dir = Path(run_dir)
@@ -374,29 +382,97 @@ def accentuate_examples(run_dir: str | os.PathLike, m, channels: dict[str, Seque
         return {}
     states = [r for r in list_states(run_dir) if r.meta is not None and r.epoch in m.epochs]
     cache = TileCache(tile_cache_dir(run_dir))
-    # A plan holds one set of settings and each example is its own: one plan per (layer, example),
+    # A plan holds one set of settings and each example is its own: one group per (layer, example),
     # whose jobs batch_photos then puts together, one batch per snapshot.
     groups: dict[tuple[str, str], list[tuple[int, TileRequest]]] = {}
     for (layer, c), a in wanted.items():
         groups.setdefault((layer, str(a.example)), []).extend(
             (c, TileRequest(r.path, r.checksum, layer, c, r.epoch, r.preprocessing)) for r in states)
-    jobs, cached, requested, keys = [], 0, 0, {}
-    for (layer, _), items in groups.items():
-        plan = plan_jobs([req for _, req in items], cache, settings=wanted[(layer, items[0][0])].settings)
-        jobs += plan.jobs
-        cached, requested = cached + plan.cached, requested + plan.requested
-        keys.update({(layer, req.epoch, c): plan.keys[req] for c, req in items})
-    if jobs:  # a cached rebuild starts no executor
-        # The local executor loads each snapshot once when its jobs follow one another.
-        order = {r.path: i for i, r in enumerate(states)}
-        jobs.sort(key=lambda j: order[Path(j.snapshot)])
-        with make_executor(ray, device=device, batch_size=batch_size, quiet=quiet) as executor:
-            combined = JobPlan(batch_photos(jobs, executor.max_tiles), DEFAULT_SETTINGS, cached=cached,
-                               requested=requested)
-            run_jobs(combined, cache, executor, quiet=quiet, desc="accentuate")
+    planned = render_groups([(wanted[(layer, items[0][0])].settings, [req for _, req in items])
+                             for (layer, _), items in groups.items()], cache, ray=ray, device=device,
+                            batch_size=batch_size, quiet=quiet, desc="accentuate", combine=batch_photos)
+    keys = {(layer, req.epoch, c): found[req]
+            for ((layer, _), items), found in zip(groups.items(), planned) for c, req in items}
     for (layer, epoch, c), key in keys.items():
         if key in cache:
             wanted[(layer, c)].tiles[epoch] = cache.path(key)
     return wanted
 
 
+
+
+def layer_facts(m, tiles: dict[tuple[str, int, int], Path]) -> dict[str, Any]:
+    """metrics.answers.analyse_layer of every layer of the RunMetrics M with channel measures."""
+    from ..metrics.answers import analyse_layer
+
+    return {layer: analyse_layer(m, layer, tiles) for layer in m.channels}
+
+
+# Channels per ranking of the overview's most changed ones that get gained and lost renders: the
+# overview lists 12 per ranking, and rendering all of them (34 channels in the demo) nearly doubled
+# the demo's report.
+DIFF_MOST_CHANGED = 4
+
+
+def change_channels(m, renders: ReportRenders, choice: LayerChoice, facts: dict[str, Any]) -> dict[str, list[int]]:
+    """The channels whose pages show what they gained and lost: the timelines' channels and the
+    DIFF_MOST_CHANGED first of each ranking of the atlases' most changed ones
+    (`report.analysis.most_changed`, the overview's list)."""
+    from ..report.analysis import most_changed
+
+    out = {layer: list(renders.timeline_channels.get(layer, [])) for layer in m.channels}
+    atlased = [layer for layer in m.channels if layer in choice.atlased]
+    if atlased and len(m.epochs) > 1:
+        for items in most_changed(m, atlased, renders.tiles, facts, count=DIFF_MOST_CHANGED).values():
+            for it in items:
+                out[it["layer"]].append(it["channel"])
+    return {layer: list(dict.fromkeys(cs)) for layer, cs in out.items() if cs}
+
+
+def render_changes(run_dir: str | os.PathLike, m, channels: dict[str, Sequence[int]],
+                   tiles: dict[tuple[str, int, int], Path], *, render: bool = True, device: str = "auto",
+                   batch_size: int | None = None, quiet: bool = False,
+                   ray: str | None = None) -> dict[tuple[str, int], ChannelChange]:
+    """What each of CHANNELS (layer -> channels) gained and lost from the reference snapshot of the
+    RunMetrics M to its last: the objectives "gained" and "lost" (optvis/pair.py) on the pair of
+    the two snapshots, with the settings of the channel's own render at the reference (TILES,
+    (layer, epoch, channel) -> its cached tile). The tiles go through the job list into the run's
+    tile cache, named by both snapshots' checksums (`jobs.plan.pair_source`), so a rebuilt report
+    renders none of them again. render=False: the channels' entries without renders."""
+    from ..jobs.cache import TileCache
+    from ..jobs.executors import render_groups
+    from ..jobs.plan import TileRequest, pair_source
+    from ..states import list_states
+
+    last = m.epochs[-1]
+    wanted = [(layer, c) for layer, cs in channels.items() for c in cs if (layer, m.reference, c) in tiles]
+    if last == m.reference or not wanted:
+        return {}
+    if not render:
+        return {w: ChannelChange(None, None, None) for w in wanted}
+    states = {r.epoch: r for r in list_states(run_dir) if r.meta is not None}
+    before, after = states[m.reference], states[last]
+    pair = pair_source(before.path, after.path, before.checksum, after.checksum)
+    # One group per (settings, objective): a plan holds one set of settings.
+    by_settings: dict[RenderSettings, list[tuple[str, int]]] = {}
+    for layer, c in wanted:
+        try:
+            own = RenderSettings.from_record(read_tile_about(tiles[(layer, m.reference, c)]))
+        except (OSError, ValueError):
+            continue  # a damaged tile: its page shows what it can without its settings
+        by_settings.setdefault(own.replace(objective="gained"), []).append((layer, c))
+    groups = [(settings.replace(objective=objective), [TileRequest(pair, pair.checksum, layer, c, last)
+                                                        for layer, c in items])
+              for settings, items in by_settings.items() for objective in ("gained", "lost")]
+    cache = TileCache(tile_cache_dir(run_dir))
+    planned = render_groups(groups, cache, ray=ray, device=device, batch_size=batch_size, quiet=quiet,
+                            desc="gained and lost")
+
+    def tile(key: str) -> Path | None:
+        path = cache.path(key)
+        return path if key in cache and not read_tile_about(path).get("failed") else None
+
+    found = {(req.layer, req.channel, settings.objective): tile(keys[req])
+             for (settings, requests), keys in zip(groups, planned) for req in requests}
+    return {(layer, c): ChannelChange(settings, found[(layer, c, "gained")], found[(layer, c, "lost")])
+            for settings, items in by_settings.items() for layer, c in items}

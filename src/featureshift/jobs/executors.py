@@ -18,7 +18,7 @@ import concurrent.futures
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -26,7 +26,8 @@ from ..errors import FeatureshiftError
 from ..states import Preprocessing
 from .cache import TileCache
 from ..device import core_count, cuda_available, max_batch, ray_placement, uses_gpu
-from .plan import HeldNetwork, JobPlan, PairSource, TileJob
+from ..optvis.settings import RenderSettings
+from .plan import HeldNetwork, JobPlan, PairSource, TileJob, TileRequest, plan_jobs
 
 RAY_ADDRESS_ENV = "FEATURESHIFT_RAY_ADDRESS"
 RAY_INSTALL = "pip install 'featureshift[ray]'"
@@ -433,6 +434,29 @@ def render_tiles(plan: JobPlan, cache: TileCache, *, ray: str | None = None, dev
         report = run_jobs(plan.sized(executor.max_tiles), cache, executor, quiet=quiet, on_tile=on_tile, desc=desc)
         report.executor = executor.describe()
     return report
+
+
+def render_groups(groups: Sequence[tuple[RenderSettings, Sequence[TileRequest]]], cache: TileCache, *,
+                  ray: str | None = None, device: str = "auto", batch_size: int | None = None, quiet: bool = False,
+                  desc: str = "render", combine: Callable[[list[TileJob], int], list[TileJob]] | None = None
+                  ) -> list[dict[TileRequest, str]]:
+    """Render every missing tile of GROUPS, each a (settings, requests) pair planned on its own (a
+    plan holds one set of settings), in one executor (`make_executor`; none when all are cached).
+    combine(jobs, max_tiles): how the sized jobs of all groups are put together (e.g.
+    `plan.batch_photos`); the jobs of one snapshot follow one another, so the local executor loads
+    each snapshot once. Returns each group's request -> tile key."""
+    plans = [plan_jobs(requests, cache, settings=settings) for settings, requests in groups]
+    if any(p.jobs for p in plans):
+        with make_executor(ray, device=device, batch_size=batch_size, quiet=quiet) as executor:
+            jobs = [j for p in plans for j in p.sized(executor.max_tiles).jobs]
+            first: dict[Any, int] = {}
+            for j in jobs:
+                first.setdefault(j.snapshot, len(first))
+            jobs.sort(key=lambda j: first[j.snapshot])
+            combined = JobPlan(combine(jobs, executor.max_tiles) if combine else jobs, plans[0].settings,
+                               cached=sum(p.cached for p in plans), requested=sum(p.requested for p in plans))
+            run_jobs(combined, cache, executor, quiet=quiet, desc=desc)
+    return [p.keys for p in plans]
 
 
 def run_jobs(plan: JobPlan, cache: TileCache, executor: LocalExecutor | RayExecutor, *, quiet: bool = False,

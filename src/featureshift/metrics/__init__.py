@@ -20,7 +20,10 @@ Five families of measures, all defined in docs/metrics.md:
     similarity.py   cka, channel_correlation: representation measures from two snapshots' statistics,
                     and their bootstrap intervals over the probe images (cka_interval, correlation_interval)
     drift.py        visual_drift, cross_activation: measures from the channel's renders
-    examples.py     dataset examples: the probe images that activate a channel most, with a crop
+    examples.py     dataset examples: the probe images that activate a channel most, with a crop, and
+                    those whose activation rose and fell most between two snapshots (shifted_examples)
+    retention.py    example retention: does a channel still fire most on the reference's top examples,
+                    with its bootstrap interval over the probe images
     driver.py       run_metrics: every measure of a training run, written to RUN/metrics/
     adaptation.py   speed of adaptation, dead channels, reuse (kept / repurposed / died) from run_metrics' rows
     spatial.py      dominant spatial frequency of a render and its change (coarsening)

@@ -23,13 +23,14 @@ from ..run import trained_image_size
 from ..states import State, read_snapshot_state
 from .adaptation import dead_channels
 from .drift import channel_activation, cross_activation, read_image, texture_descriptors, visual_drift_from
-from .examples import find_examples, receptive_field
+from .examples import ExampleShifts, find_examples, receptive_field, shifted_examples
 from .floors import FLOOR_PERCENTILE, SEED_OFFSET, NoiseFloor, noise_floor
 from .function import cached_function_change
 from .probe import DEFAULT_PROBE_LIMIT, METRICS_VERSION, PROBE_BATCH, model_checksum, probe_loader, probe_stats, \
     resolve_probe
 from .similarity import DEFAULT_LEVEL, DEFAULT_RESAMPLES, DEFAULT_SEED, Bootstrap, channel_correlation, cka, \
     cka_interval, correlation_interval, probe_bootstrap
+from .retention import TOP_SHARE, example_retention, retention_interval
 from .sources import channel_sources
 from .weights import weight_change
 
@@ -41,6 +42,8 @@ LAYER_COLUMNS = ("weight_change", "function_change", "cka")
 LAYER_INTERVALS = ("cka_low", "cka_high")
 CHANNEL_INTERVALS = ("correlation_low", "correlation_high")
 CHANNEL_FLOORS = ("drift_floor", "kept_floor")  # the layer's render-noise floors (metrics.floors), on each row
+# What the dataset examples say per channel (metrics/retention.py), after the columns above.
+EXAMPLE_COLUMNS = ("example_retention", "example_retention_low", "example_retention_high")
 
 
 @dataclasses.dataclass
@@ -62,7 +65,7 @@ class RunMetrics:
     channels: dict[str, list[int]]  # layers with channel-level measures -> the rendered channels
     layer_rows: list[dict]  # epoch, layer, weight_change, function_change, cka, cka_low, cka_high
     # epoch, layer, channel, weight_change, correlation, drift, cross_b_on_a, cross_a_on_b, dead,
-    # correlation_low, correlation_high
+    # correlation_low, correlation_high, example_retention, example_retention_low, example_retention_high
     channel_rows: list[dict]
     probe: list[Path]
     image_size: int
@@ -77,6 +80,8 @@ class RunMetrics:
     files: dict[str, Path] = dataclasses.field(default_factory=dict)
     intervals: IntervalSettings | None = None  # how the bootstrap intervals were computed; None: not computed
     floors: dict[str, NoiseFloor] = dataclasses.field(default_factory=dict)  # layer -> its render-noise floor
+    # (layer, channel, epoch) -> the probe images whose activation rose and fell most since the reference
+    shifts: dict[tuple[str, int, int], ExampleShifts] = dataclasses.field(default_factory=dict)
 
     def layer_series(self, layer: str, column: str) -> list[tuple[int, float]]:
         return [(r["epoch"], r[column]) for r in self.layer_rows if r["layer"] == layer]
@@ -149,6 +154,7 @@ def run_metrics(run_dir: str | Path, layers: Sequence[str] = (), channels: dict[
             ref_stats = stats
         measure_snapshot(setup, entry.epoch, net, ref_stats, stats, refs, rows)
         add_intervals(setup, entry.epoch, ref_stats, stats, boot, rows)
+        add_example_retention(setup, entry.epoch, ref_stats, stats, boot, rows)
         if net is not setup.ref:
             del net  # before the next snapshot loads: one network in memory beside the reference
     bar.close()
@@ -197,6 +203,7 @@ class MeasuredRows:
     layers: list[dict] = dataclasses.field(default_factory=list)
     channels: list[dict] = dataclasses.field(default_factory=list)
     examples: dict[tuple[str, int, int], list] = dataclasses.field(default_factory=dict)
+    shifts: dict[tuple[str, int, int], ExampleShifts] = dataclasses.field(default_factory=dict)
     interval_seconds: float = 0.0  # spent on the bootstrap intervals
 
 
@@ -244,6 +251,9 @@ def measure_snapshot(setup: Measuring, epoch: int, net: Network, ref_stats, stat
         for c in setup.channels[l]:
             rows.examples[(l, c, epoch)] = find_examples(stats.layers[l], c, setup.examples, setup.paths,
                                                          setup.image_size, setup.receptive_field[l])
+            if epoch != setup.ref_epoch:
+                rows.shifts[(l, c, epoch)] = shifted_examples(ref_stats.layers[l], stats.layers[l], c, setup.examples,
+                                                              setup.paths, setup.image_size, setup.receptive_field[l])
 
 
 def add_intervals(setup: Measuring, epoch: int, ref_stats, stats, boot: Bootstrap, rows: MeasuredRows) -> None:
@@ -259,6 +269,22 @@ def add_intervals(setup: Measuring, epoch: int, ref_stats, stats, boot: Bootstra
         for r in rows.channels:
             if r["epoch"] == epoch and r["layer"] == l:
                 r["correlation_low"], r["correlation_high"] = float(iv.low[r["channel"]]), float(iv.high[r["channel"]])
+    rows.interval_seconds += time.perf_counter() - start
+
+
+def add_example_retention(setup: Measuring, epoch: int, ref_stats, stats, boot: Bootstrap,
+                          rows: MeasuredRows) -> None:
+    """Add each channel's example retention and its bootstrap interval to the rows of EPOCH that
+    `measure_snapshot` wrote (from the probe statistics' peaks; the time counts as the intervals')."""
+    start = time.perf_counter()
+    for l in setup.layers:
+        a, b = ref_stats.layers[l].peak, stats.layers[l].peak
+        value, iv = example_retention(a, b), retention_interval(a, b, boot)
+        for r in rows.channels:
+            if r["epoch"] == epoch and r["layer"] == l:
+                c = r["channel"]
+                r.update(example_retention=float(value[c]), example_retention_low=float(iv.low[c]),
+                         example_retention_high=float(iv.high[c]))
     rows.interval_seconds += time.perf_counter() - start
 
 
@@ -324,7 +350,7 @@ def metrics_of(setup: Measuring, rows: MeasuredRows, missing: dict[int, str]) ->
         layer_info={l: layer_info(ref, l) for l in setup.all_layers},
         sources={l: [s.module for s in channel_sources(ref, l)] for l in setup.all_layers},
         parameters={l: parameter_modules(ref, l) for l in setup.all_layers},
-        head=classifier_head(ref), missing=missing)
+        head=classifier_head(ref), missing=missing, shifts=rows.shifts)
 
 
 def parameter_modules(model: nn.Module, layer: str) -> list[str]:
@@ -383,7 +409,8 @@ def write_run_metrics(out_dir: Path, m: RunMetrics) -> None:
              "examples": out_dir / "examples.json", "summary": out_dir / "summary.json"}
     _write_csv(files["layers"], m.layer_rows, ("epoch", "layer", *LAYER_COLUMNS, *LAYER_INTERVALS))
     _write_csv(files["channels"], m.channel_rows,
-               ("epoch", "layer", "channel", *CHANNEL_COLUMNS, "dead", *CHANNEL_INTERVALS, *CHANNEL_FLOORS))
+               ("epoch", "layer", "channel", *CHANNEL_COLUMNS, "dead", *CHANNEL_INTERVALS, *CHANNEL_FLOORS,
+                *EXAMPLE_COLUMNS))
     write_json(files["examples"], {
         "probe": [str(p) for p in m.probe], "image_size": m.image_size,
         "about": "per layer, channel and epoch: the probe images that activate the channel most (spatial "
@@ -391,6 +418,7 @@ def write_run_metrics(out_dir: Path, m: RunMetrics) -> None:
         "layers": {l: {"receptive_field": m.receptive_field[l], "channels": {
             str(c): {str(e): [[x.index, round(x.value, 6), *x.box] for x in m.examples[(l, c, e)]]
                      for e in m.epochs if (l, c, e) in m.examples} for c in m.channels[l]}} for l in m.channels},
+        **shift_record(m),
     })
     write_json(files["summary"], {
         "metrics_version": METRICS_VERSION, "reference_epoch": m.reference, "epochs": m.epochs,
@@ -400,6 +428,7 @@ def write_run_metrics(out_dir: Path, m: RunMetrics) -> None:
         "weight_sources": m.sources, "layer_parameters": m.parameters, "head": m.head,
         "intervals": interval_summary(m),
         "floors": floor_summary(m),
+        "example_retention": retention_summary(m),
         "definitions": "docs/metrics.md",
     })
     m.files = files
@@ -426,6 +455,33 @@ def floor_summary(m: RunMetrics) -> dict:
                       f"{100 - FLOOR_PERCENTILE:g}th percentile of the seed-to-seed kept scores (both ways)",
             "seconds": round(sum(f.seconds for f in m.floors.values()), 3),
             "layers": {l: f.to_record() for l, f in m.floors.items()}}
+
+
+def shift_record(m: RunMetrics) -> dict:
+    """examples.json's account of the images whose activation rose and fell most (a key of its own,
+    beside "layers", which earlier readers go by)."""
+    def row(x):
+        return [x.index, round(x.before, 6), round(x.after, 6), *x.box]
+
+    return {"shifts_about": "per layer, channel and later epoch: the probe images on which the channel's largest "
+                            "activation rose most (rose) and fell most (fell) since the reference epoch, as [probe "
+                            "index, activation at the reference, activation at the epoch, crop box x0, y0, x1, y1]",
+            "shifts": {l: {str(c): {str(e): {"rose": [row(x) for x in m.shifts[(l, c, e)].rose],
+                                              "fell": [row(x) for x in m.shifts[(l, c, e)].fell]}
+                                     for e in m.epochs if (l, c, e) in m.shifts} for c in m.channels[l]}
+                       for l in m.channels}}
+
+
+def retention_summary(m: RunMetrics) -> dict:
+    """summary.json's account of the example retention: its top share and, per layer, rendered
+    channel and epoch, [value, interval low, interval high] (every channel's: channels.csv)."""
+    rendered = {(l, c) for l in m.channels for c in m.channels[l]}
+    out: dict = {"top_share": TOP_SHARE, "level": m.intervals.level if m.intervals else None, "layers": {}}
+    for r in m.channel_rows:
+        if (r["layer"], r["channel"]) in rendered and "example_retention" in r:
+            out["layers"].setdefault(r["layer"], {}).setdefault(str(r["channel"]), {})[str(r["epoch"])] = [
+                _nan_to_none(r[k]) for k in EXAMPLE_COLUMNS]
+    return out
 
 
 def _nan_to_none(v):

@@ -3,7 +3,9 @@ where it fires, like the dataset examples of OpenAI Microscope.
 
 Found from the probe statistics (`probe.probe_stats`), so they cost nothing beyond
 the pass over the probe set that the metrics make anyway; shown for two snapshots side
-by side they answer "does this neuron still respond to the same things?".
+by side they answer "does this neuron still respond to the same things?", and the images
+whose activation rose and fell most between them (`shifted_examples`) what it now responds
+to more and what less.
 """
 from __future__ import annotations
 
@@ -51,16 +53,60 @@ def find_examples(stats, channel: int, k: int, paths: Sequence[Path], image_size
     channel does not fire at all are left out."""
     peak = stats.peak[:, channel]
     order = [i for i in np.argsort(-peak, kind="stable")[:k] if peak[i] > 0]
+    return [Example(int(i), Path(paths[i]), float(peak[i]), crop_box(stats, int(i), channel, image_size, rf))
+            for i in order]
+
+
+def crop_box(stats, index: int, channel: int, image_size: int, rf: int) -> tuple[int, int, int, int]:
+    """The square crop of the receptive field (at least MIN_CROP_FRACTION of the image) around
+    where `channel` fires most on probe image `index`, in the image_size square the network saw."""
     side = int(min(image_size, max(rf, round(image_size * MIN_CROP_FRACTION))))
-    out = []
-    for i in order:
-        row, col = divmod(int(stats.peak_pos[i, channel]), stats.width)
-        cx = (col + 0.5) * image_size / stats.width
-        cy = (row + 0.5) * image_size / stats.height
-        x0 = int(np.clip(round(cx - side / 2), 0, image_size - side))
-        y0 = int(np.clip(round(cy - side / 2), 0, image_size - side))
-        out.append(Example(int(i), Path(paths[i]), float(peak[i]), (x0, y0, x0 + side, y0 + side)))
-    return out
+    row, col = divmod(int(stats.peak_pos[index, channel]), stats.width)
+    cx = (col + 0.5) * image_size / stats.width
+    cy = (row + 0.5) * image_size / stats.height
+    x0 = int(np.clip(round(cx - side / 2), 0, image_size - side))
+    y0 = int(np.clip(round(cy - side / 2), 0, image_size - side))
+    return x0, y0, x0 + side, y0 + side
+
+
+@dataclasses.dataclass
+class ShiftedExample:
+    """A probe image whose activation of a channel changed between two snapshots."""
+    index: int  # position in the probe list
+    path: Path
+    before: float  # the channel's largest activation on the image at the earlier snapshot
+    after: float  # ... at the later one
+    box: tuple[int, int, int, int]  # crop around where it fires: at the later snapshot if it rose, else the earlier
+
+    @property
+    def change(self) -> float:
+        return self.after - self.before
+
+
+@dataclasses.dataclass
+class ExampleShifts:
+    """The probe images on which a channel's activation rose most and fell most, largest change first."""
+    rose: list[ShiftedExample]
+    fell: list[ShiftedExample]
+
+
+def shifted_examples(before, after, channel: int, k: int, paths: Sequence[Path], image_size: int,
+                     rf: int) -> ExampleShifts:
+    """The `k` probe images on which the largest activation of `channel` (its spatial maximum, as
+    for `find_examples`) rose most from the LayerStats `before` to `after`, and the `k` on which
+    it fell most. An image whose activation did not change is in neither; the crop is where the
+    channel fires where it fires more: at `after` for a rise, at `before` for a fall."""
+    a = before.peak[:, channel].astype(np.float64)
+    b = after.peak[:, channel].astype(np.float64)
+    delta = b - a
+
+    def pick(order, stats) -> list[ShiftedExample]:
+        return [ShiftedExample(int(i), Path(paths[i]), float(a[i]), float(b[i]),
+                               crop_box(stats, int(i), channel, image_size, rf)) for i in order]
+
+    rose = [i for i in np.argsort(-delta, kind="stable")[:k] if delta[i] > 0]
+    fell = [i for i in np.argsort(delta, kind="stable")[:k] if delta[i] < 0]
+    return ExampleShifts(pick(rose, after), pick(fell, before))
 
 
 def probe_image(path: str | Path, info, image_size: int) -> Image.Image:

@@ -24,6 +24,7 @@ from ..optvis.settings import RenderSettings
 from ..run import describe_status
 from ..version import __version__
 from . import plots
+from .changes import ChannelChange, change_pictures, example_items, shift_section
 
 REPORT_DIR = "report"
 # The settings taken over from a run's existing timeline of a layer, so that its renders are reused.
@@ -164,6 +165,9 @@ class ReportInputs:
     timeline_channels: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     # (layer, channel) -> its top dataset example accentuated at each snapshot
     accents: dict[tuple[str, int], Accentuation] = dataclasses.field(default_factory=dict)
+    # (layer, channel) -> its page's change section: gained and lost renders, rose and fell examples
+    changes: dict[tuple[str, int], ChannelChange] = dataclasses.field(default_factory=dict)
+    facts: dict[str, Any] | None = None  # layer -> metrics.answers.LayerFacts, when the caller has them already
 
 
 def write_site(out: Path, inputs: ReportInputs, quiet: bool = False) -> None:
@@ -179,7 +183,7 @@ class _Writer:
         self.settings = inputs.settings
         self.atlas, self.atlas_settings = inputs.atlas, inputs.atlas_settings
         self.timeline_channels = inputs.timeline_channels
-        self.accents = inputs.accents
+        self.accents, self.changes = inputs.accents, inputs.changes
         self.env = _env()
         self.info = self.meta.info
         self.epochs = self.m.epochs
@@ -195,7 +199,8 @@ class _Writer:
         self._copied: dict[Path, str] = {}
         from ..metrics.answers import analyse_layer
 
-        self.facts = {l: analyse_layer(self.m, l, self.tiles) for l in self.m.channels}
+        self.facts = inputs.facts if inputs.facts is not None else \
+            {l: analyse_layer(self.m, l, self.tiles) for l in self.m.channels}
         # (layer, channel) -> its rows in epoch order: an atlas has thousands of channel pages.
         self.channel_rows: dict[tuple[str, int], list[dict]] = {}
         for r in self.m.channel_rows:
@@ -473,13 +478,8 @@ class _Writer:
         for e, title in shown:
             exs = m.examples.get((layer, c, e), [])
             crops = example_crops(exs, self.info, m.image_size, tile=112, cache=self._images)
-            items = []
-            for k, (ex, (_, crop)) in enumerate(zip(exs, crops)):
-                rel = f"img/examples/{safe_name(layer)}-{c:04d}-{e:03d}-{k}.png"
-                save_image(self.out / rel, crop)
-                items.append({"src": rel, "name": f"{ex.path.parent.name}/{ex.path.name}", "path": str(ex.path),
-                              "value": f"{ex.value:.3g}"})
-            sides.append({"title": title, "shown": items})
+            sides.append({"title": title, "shown": example_items(self.out, exs, crops, f"{safe_name(layer)}-{c:04d}-{e:03d}",
+                                                                 lambda ex: f"{ex.value:.3g}")})
         accent = self.accentuation(layer, c)
         own = self.channel_rows.get((layer, c), [])
         history = [{"epoch": r["epoch"], **measure_cells(r)} for r in own]
@@ -518,7 +518,15 @@ class _Writer:
                   prev={"channel": prev[1], "page": channel_page(*prev)} if prev else None,
                   next={"channel": nxt[1], "page": channel_page(*nxt)} if nxt else None,
                   frames=frames, summary=summary, examples=sides, rf=m.receptive_field.get(layer, 0),
-                  image_size=m.image_size, history=history, plot=plot, accent=accent)
+                  image_size=m.image_size, history=history, plot=plot, accent=accent, **self.change_section(layer, c))
+
+    def change_section(self, layer: str, c: int) -> dict[str, Any]:
+        """The channel page's gained/lost pictures and rose/fell examples (None each where it has none)."""
+        if self.nothing or (layer, c) not in self.changes:
+            return {"change": None, "shifts": None}
+        return {"change": change_pictures(self.changes[(layer, c)], self.tile(layer, self.reference, c),
+                                          self.tile(layer, self.last, c), self.cached_tile),
+                "shifts": shift_section(self.out, self.m, layer, c, self.info, self._images)}
 
     def accentuation(self, layer: str, c: int) -> dict[str, Any] | None:
         """The channel page's row: the top dataset example as the accentuation starts from it,
