@@ -438,24 +438,28 @@ def render_tiles(plan: JobPlan, cache: TileCache, *, ray: str | None = None, dev
 
 def render_groups(groups: Sequence[tuple[RenderSettings, Sequence[TileRequest]]], cache: TileCache, *,
                   ray: str | None = None, device: str = "auto", batch_size: int | None = None, quiet: bool = False,
-                  desc: str = "render", combine: Callable[[list[TileJob], int], list[TileJob]] | None = None
-                  ) -> list[dict[TileRequest, str]]:
+                  desc: str = "render", combine: Callable[[list[TileJob], int], list[TileJob]] | None = None,
+                  executor: LocalExecutor | RayExecutor | None = None) -> list[dict[TileRequest, str]]:
     """Render every missing tile of GROUPS, each a (settings, requests) pair planned on its own (a
-    plan holds one set of settings), in one executor (`make_executor`; none when all are cached).
+    plan holds one set of settings), in one executor: EXECUTOR where a command runs one already,
+    else one `make_executor` starts (none when all are cached).
     combine(jobs, max_tiles): how the sized jobs of all groups are put together (e.g.
     `plan.batch_photos`); the jobs of one snapshot follow one another, so the local executor loads
     each snapshot once. Returns each group's request -> tile key."""
     plans = [plan_jobs(requests, cache, settings=settings) for settings, requests in groups]
-    if any(p.jobs for p in plans):
-        with make_executor(ray, device=device, batch_size=batch_size, quiet=quiet) as executor:
-            jobs = [j for p in plans for j in p.sized(executor.max_tiles).jobs]
-            first: dict[Any, int] = {}
-            for j in jobs:
-                first.setdefault(j.snapshot, len(first))
-            jobs.sort(key=lambda j: first[j.snapshot])
-            combined = JobPlan(combine(jobs, executor.max_tiles) if combine else jobs, plans[0].settings,
-                               cached=sum(p.cached for p in plans), requested=sum(p.requested for p in plans))
-            run_jobs(combined, cache, executor, quiet=quiet, desc=desc)
+    if not any(p.jobs for p in plans):
+        return [p.keys for p in plans]
+    if executor is None:
+        with make_executor(ray, device=device, batch_size=batch_size, quiet=quiet) as started:
+            return render_groups(groups, cache, quiet=quiet, desc=desc, combine=combine, executor=started)
+    jobs = [j for p in plans for j in p.sized(executor.max_tiles).jobs]
+    first: dict[Any, int] = {}
+    for j in jobs:
+        first.setdefault(j.snapshot, len(first))
+    jobs.sort(key=lambda j: first[j.snapshot])
+    combined = JobPlan(combine(jobs, executor.max_tiles) if combine else jobs, plans[0].settings,
+                       cached=sum(p.cached for p in plans), requested=sum(p.requested for p in plans))
+    run_jobs(combined, cache, executor, quiet=quiet, desc=desc)
     return [p.keys for p in plans]
 
 

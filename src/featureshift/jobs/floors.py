@@ -21,6 +21,7 @@ class FloorPlan:
 
     plans: list[JobPlan]
     keys: dict[tuple[str, int], str]  # (layer, channel) -> the key of its second render
+    groups: list[tuple[RenderSettings, list[TileRequest]]] = dataclasses.field(default_factory=list)
 
     @property
     def tiles(self) -> int:
@@ -44,7 +45,7 @@ def plan_floors(reference: State, wanted: Mapping[tuple[str, int], RenderSetting
         second = settings.replace(seed=floor_seed(settings.seed))
         groups.setdefault(second, []).append(
             TileRequest(reference.path, reference.checksum, layer, int(c), reference.epoch, reference.preprocessing))
-    out = FloorPlan([], {})
+    out = FloorPlan([], {}, list(groups.items()))
     for settings, requests in groups.items():
         plan = plan_jobs(requests, cache, settings=settings)
         out.plans.append(plan)
@@ -56,15 +57,11 @@ def render_floors(floor_plan: FloorPlan, cache: TileCache, *, executor=None, ray
                   device: str = "auto", batch_size: int | None = None,
                   quiet: bool = False) -> dict[tuple[str, int], Path]:
     """Render what FLOOR_PLAN still needs on EXECUTOR (one a command already runs), else on one
-    `make_executor` starts (here or on Ray), and return (layer, channel) -> second render for
-    every planned channel now in the cache."""
-    from .executors import make_executor, run_jobs
+    `executors.render_groups` starts (here or on Ray), and return (layer, channel) -> second
+    render for every planned channel now in the cache."""
+    from .executors import render_groups
 
-    todo = [p for p in floor_plan.plans if p.jobs]
-    if todo and executor is not None:
-        for plan in todo:  # a plan is sized as a whole: each keeps its own settings
-            run_jobs(plan.sized(executor.max_tiles), cache, executor, quiet=quiet, desc="noise floor")
-    elif todo:
-        with make_executor(ray, device=device, batch_size=batch_size, quiet=quiet) as started:
-            return render_floors(floor_plan, cache, executor=started, quiet=quiet)
+    if floor_plan.tiles:
+        render_groups(floor_plan.groups, cache, ray=ray, device=device, batch_size=batch_size, quiet=quiet,
+                      desc="noise floor", executor=executor)
     return floor_plan.found(cache)
