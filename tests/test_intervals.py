@@ -160,3 +160,20 @@ def test_a_small_last_minibatch_does_not_empty_the_interval():
     a, b = features(37, 0.5)
     iv = cka_interval(grams(a), grams(b), probe_bootstrap(37, BATCH))
     assert iv.low <= cka_from_grams(grams(a), grams(b)) <= iv.high
+
+
+def test_compare_gives_the_cka_and_each_correlation_with_their_intervals(tmp_path, photos):
+    from _fakerun import IMAGE_SIZE, LAYER, make_run
+
+    import featureshift
+
+    run = make_run(tmp_path, photos, epochs=(0, 1))
+    snaps = run / "snapshots"
+    result = featureshift.compare(snaps / "000.safetensors", snaps / "001.safetensors", LAYER, channels="2,3",
+                                  image_size=IMAGE_SIZE, quiet=True, steps=2, size=32, floor=False)
+    iv = result.cka_interval
+    assert iv.low <= result.cka + 1e-9 and result.cka <= iv.high + 1e-9
+    assert result.rows[2]["correlation_low"] == pytest.approx(1.0)  # untouched channel: exactly unchanged
+    assert result.rows[3]["correlation_low"] < result.rows[3]["correlation_high"]  # re-initialized
+    table = result.table()
+    assert f"(95% interval {iv.low:.3f}-{iv.high:.3f})" in table and "interval" in table.splitlines()[3]

@@ -44,8 +44,8 @@ from ..metrics.adaptation import KEPT_THRESHOLD, both_measured, called_repurpose
 from ..metrics.drift import cross_activation, visual_drift
 from ..metrics.floors import SEED_OFFSET, NoiseFloor, floor_channels, floor_seed, noise_floor
 from ..metrics.driver import CHANGE_METRICS
-from ..metrics.probe import DEFAULT_PROBE_LIMIT, probe_stats, resolve_probe
-from ..metrics.similarity import channel_correlation, cka
+from ..metrics.probe import DEFAULT_PROBE_LIMIT, PROBE_BATCH, probe_stats, resolve_probe
+from ..metrics.similarity import Interval, channel_correlation, cka, cka_interval, correlation_interval, probe_bootstrap
 from ..metrics.weights import weight_change
 from ..models.layers import layer_info
 from ..network import Network, open_network
@@ -70,6 +70,8 @@ class CompareResult:
     renders_gained: list[Any] = dataclasses.field(default_factory=list)
     renders_lost: list[Any] = dataclasses.field(default_factory=list)
     floor: NoiseFloor | None = None  # the layer's render-noise floor (A rendered again, seed + 1); None: --no-floor
+    cka_interval: Interval | None = None  # the bootstrap interval of `cka` over the probe images
+    interval_level: float = 0.95
 
     @property
     def changed(self) -> list[int]:
@@ -89,19 +91,26 @@ class CompareResult:
         ranked = self.ranked()
         lines = [f"{self.layer}: {len(self.rows)} channels, A = {self.a}, B = {self.b}",
                  f"layer weight change {_fmt(self.weight_change)}"
-                 + (f", CKA {_fmt(self.cka)} on {self.probe_images} probe images" if self.cka is not None
-                    else " (no probe images: no CKA or correlation; give --probe DIR)")]
-        head = f"  {'channel':>7}  {'weight':>7}  {'corr':>7}  {'drift':>7}  {'B on A':>7}  {'A on B':>7}"
+                 + (f", CKA {_fmt(self.cka)}{self.cka_interval_text()} on {self.probe_images} probe images"
+                    if self.cka is not None else " (no probe images: no CKA or correlation; give --probe DIR)")]
+        head = (f"  {'channel':>7}  {'weight':>7}  {'corr':>7}  {'interval':>11}  {'drift':>7}  {'B on A':>7}  "
+                f"{'A on B':>7}")
         for title, part in ((f"most changed by {self.by}", ranked[:n]),
                             (f"least changed by {self.by}", ranked[::-1][:n])):
             lines += [title + ":", head]
             lines += [f"  {r['channel']:>7}  {_fmt(r['weight_change']):>7}  {_fmt(r['correlation']):>7}  "
-                      f"{_fmt(r['drift']):>7}  {_fmt(r['cross_b_on_a']):>7}  {_fmt(r['cross_a_on_b']):>7}"
+                      f"{_span(r.get('correlation_low'), r.get('correlation_high')):>11}  {_fmt(r['drift']):>7}  {_fmt(r['cross_b_on_a']):>7}  {_fmt(r['cross_a_on_b']):>7}"
                       for r in part]
         if not ranked:
             lines.append(f"no channel has a '{self.by}' measure")
         lines += self.floor_lines()
         return "\n".join(lines)
+
+    def cka_interval_text(self) -> str:
+        iv = self.cka_interval
+        if iv is None or not (math.isfinite(iv.low) and math.isfinite(iv.high)):
+            return ""
+        return f" ({100 * self.interval_level:g}% interval {_fmt(iv.low)}-{_fmt(iv.high)})"
 
     def floor_lines(self) -> list[str]:
         """The table's account of the noise floor and of the channels changed beyond it."""
@@ -116,6 +125,13 @@ class CompareResult:
                 f"{sum(1 for r in self.rows if f.drift_beyond(r['drift']))} of {rendered} channels",
                 f"changed beyond noise (B on A below {_fmt(min(KEPT_THRESHOLD, f.kept))}): "
                 + (", ".join(map(str, changed)) if changed else f"none of the {rendered} rendered channels")]
+
+
+def _span(low, high) -> str:
+    """A correlation's interval, 'low-high', or '-' where it was not computed."""
+    if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
+        return "-"
+    return f"{low:.2f}-{high:.2f}"
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -208,8 +224,8 @@ def compare(a, b, layer: str, *, columns: int | None = None, channels: str | Seq
     run = _run_of(side_a.path) or _run_of(side_b.path)
     if probe is None and run is None and by == "correlation":
         raise FeatureshiftError("Ranking by correlation needs probe images: give --probe DIR (a folder of images).")
-    layer_cka, n_probe = _probe_measures(side_a.module, side_b.module, layer, rows, run, probe, probe_limit,
-                                         image_size, device, quiet)
+    similarity = _probe_measures(side_a.module, side_b.module, layer, rows, run, probe, probe_limit, image_size,
+                                 device, quiet)
     with tempfile.TemporaryDirectory(prefix="featureshift-compare-") as scratch:
         renders = _Renders(side_a, side_b, layer, settings, rows,
                            Path(output).with_name(Path(output).stem + "_cache") if output is not None else Path(scratch),
@@ -233,9 +249,11 @@ def compare(a, b, layer: str, *, columns: int | None = None, channels: str | Seq
     shown = [renders_a, renders_b] + ([[c.gained for c in changes], [c.lost for c in changes]] if diff else [])
     sheet = _sheet(layer, chosen, rows, shown, side_a.label, side_b.label,
                    info_b.class_names if info_b is not None else None)
-    result = CompareResult(layer, side_a.label, side_b.label, by, chosen, rows, wc.value, layer_cka, n_probe, sheet,
+    result = CompareResult(layer, side_a.label, side_b.label, by, chosen, rows, wc.value, similarity.cka,
+                           similarity.probe_images, sheet,
                            renders_a, renders_b, renders_gained=[c.gained for c in changes],
-                           renders_lost=[c.lost for c in changes], floor=layer_floor)
+                           renders_lost=[c.lost for c in changes], floor=layer_floor,
+                           cka_interval=similarity.interval, interval_level=similarity.level)
     if output is not None:
         result.output = _save_sheet(sheet, Path(output))
     return result
@@ -253,11 +271,11 @@ def _check_options(columns: int | None, channels: str | Sequence[int] | None, mo
 
 def _probe_measures(model_a: nn.Module, model_b: nn.Module, layer: str, rows: list[dict[str, Any]],
                     run: Path | None, probe, probe_limit: int | None, image_size: int | None, device: str,
-                    quiet: bool) -> tuple[float | None, int]:
-    """CKA of the layer and each channel's correlation (into ROWS) on the probe images, or the
-    run's validation images; (None, 0) without either."""
+                    quiet: bool) -> LayerSimilarity:
+    """CKA of the layer and each channel's correlation (into ROWS), each with its bootstrap interval,
+    on the probe images, or the run's validation images; no CKA without either."""
     if probe is None and run is None:
-        return None, 0
+        return LayerSimilarity(None, None, 0)
     paths = resolve_probe(run, probe, probe_limit)
     # One size for both networks, or their activations would not be comparable.
     image_size = image_size or trained_image_size(run) or model_info(model_a).input_size
@@ -266,9 +284,23 @@ def _probe_measures(model_a: nn.Module, model_b: nn.Module, layer: str, rows: li
                      quiet=quiet, desc="probe A")
     sb = probe_stats(model_b, [layer], paths, image_size=image_size, cache_dir=cache, device=device,
                      quiet=quiet, desc="probe B")
+    boot = probe_bootstrap(len(paths), PROBE_BATCH)
+    corr_iv = correlation_interval(sa.layers[layer].pooled, sb.layers[layer].pooled, boot)
     for c, r in enumerate(channel_correlation(sa, sb, layer)):
-        rows[c]["correlation"] = float(r)
-    return cka(sa, sb, layer), len(paths)
+        rows[c].update(correlation=float(r), correlation_low=float(corr_iv.low[c]),
+                       correlation_high=float(corr_iv.high[c]))
+    return LayerSimilarity(cka(sa, sb, layer), cka_interval(sa.layers[layer].grams, sb.layers[layer].grams, boot),
+                           len(paths), boot.level)
+
+
+@dataclasses.dataclass
+class LayerSimilarity:
+    """The layer's CKA between A and B on the probe images, with its bootstrap interval."""
+
+    cka: float | None  # None without probe images
+    interval: Interval | None
+    probe_images: int
+    level: float = 0.95
 
 
 @dataclasses.dataclass
