@@ -8,7 +8,10 @@
                   in memory, named by a checksum of its weights)
     executors.py  make_executor, run_jobs, render_tiles: run a plan here (LocalExecutor) or on
                   a Ray cluster (RayExecutor), writing each tile into the cache as its job
-                  ends, with its header (tile_about, the only one)
+                  ends, with its header (tile_about, the only one); render_groups: several
+                  settings on one executor
+    floors.py     plan_floors, render_floors: the second renders (another seed) behind the
+                  render-noise floors of metrics.floors, shared by the atlas and the report
 
 Every render a command shows or keeps (vis, compare, timeline, atlas, the report's
 accentuations) is asked for as TileRequests and made here; only the atlas's timing probe

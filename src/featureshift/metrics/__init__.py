@@ -11,7 +11,10 @@ Five families of measures, all defined in docs/metrics.md:
   pooled activation, each with a seeded bootstrap interval over the probe images;
 - visual drift: a texture distance between a channel's renders at the two snapshots;
 - cross-activation: how strongly one snapshot's channel fires on the other
-  snapshot's render, relative to its own.
+  snapshot's render, relative to its own;
+
+and for the render measures, a render-noise floor per layer (what two renders of the same
+snapshot with other seeds give): a channel is called changed only beyond it.
 
     sources.py      which parameters make each channel of a layer, found by tracing (any architecture)
     weights.py      weight_change: relative weight change per layer and per channel
@@ -20,6 +23,7 @@ Five families of measures, all defined in docs/metrics.md:
     similarity.py   cka, channel_correlation: representation measures from two snapshots' statistics,
                     and their bootstrap intervals over the probe images (cka_interval, correlation_interval)
     drift.py        visual_drift, cross_activation: measures from the channel's renders
+    floors.py       noise_floor: the render-noise floors of a layer from second renders, count_beyond_noise
     examples.py     dataset examples: the probe images that activate a channel most, with a crop, and
                     those whose activation rose and fell most between two snapshots (shifted_examples)
     retention.py    example retention: does a channel still fire most on the reference's top examples,
