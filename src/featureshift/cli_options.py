@@ -98,6 +98,10 @@ def ray_option(fn):
              "else here]. Needs pip install 'featureshift[ray]'.")(fn)
 
 
+def force_option(fn):
+    return click.option("--force", is_flag=True, help="Render again even what the cache holds.")(fn)
+
+
 def floor_option(fn):
     return click.option(
         "--floor/--no-floor", default=True, show_default=True,

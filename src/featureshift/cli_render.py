@@ -8,9 +8,9 @@ import sys
 
 import click
 
-from .cli_options import (channel_options, device_option, floor_option, handle_errors, layers_from_stdin,
-                          model_argument, model_options, preprocessing_options, probe_options, quiet_option,
-                          ray_option, render_options, settings_from, warn)
+from .cli_options import (channel_options, device_option, floor_option, force_option, handle_errors,
+                          layers_from_stdin, model_argument, model_options, preprocessing_options, probe_options,
+                          quiet_option, ray_option, render_options, settings_from, warn)
 from .errors import FeatureshiftError
 from .selection import COMPARE_COLUMNS, DEFAULT_COLUMNS, check_exclusive
 from .training.config import WEIGHTS_HELP
@@ -75,7 +75,7 @@ def vis(model_or_snapshot, layers, output, columns, channels, device, batch_size
 @click.option("--every", type=int, default=None, help="Use the snapshots whose epoch is a multiple of N.")
 @render_options(objective=True)
 @device_option
-@click.option("--force", is_flag=True, help="Render again even what the cache holds.")
+@force_option
 @click.option("--labels/--no-labels", default=True, help="Epoch, accuracy and channel labels, or a bare grid.")
 @ray_option
 @preprocessing_options
@@ -127,7 +127,7 @@ def timeline(run, layers, columns, channels, snapshots, every, device, batch_siz
 @device_option
 @ray_option
 @click.option("--dry-run", is_flag=True, help="Print how many tiles would render and about how long, then stop.")
-@click.option("--force", is_flag=True, help="Render again even what the cache holds.")
+@force_option
 @floor_option
 @quiet_option
 @handle_errors
