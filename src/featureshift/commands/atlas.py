@@ -285,8 +285,8 @@ def _plan_floors(reference, chosen: dict[str, list[int]], settings: RenderSettin
 
     if not wanted:
         return FloorPlan([], {})
-    return plan_floors(reference, {(layer, c): settings for layer, cs in chosen.items() for c in floor_channels([], cs)},
-                       cache)
+    wanted = {(layer, c): settings for layer, cs in chosen.items() for c in floor_channels([], cs)}
+    return plan_floors(reference, wanted, cache)
 
 
 def _render(plan: JobPlan, floors: FloorPlan, cache: TileCache, result: AtlasResult, *, ray: str | None,

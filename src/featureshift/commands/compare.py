@@ -99,7 +99,8 @@ class CompareResult:
                             (f"least changed by {self.by}", ranked[::-1][:n])):
             lines += [title + ":", head]
             lines += [f"  {r['channel']:>7}  {_fmt(r['weight_change']):>7}  {_fmt(r['correlation']):>7}  "
-                      f"{_span(r.get('correlation_low'), r.get('correlation_high')):>11}  {_fmt(r['drift']):>7}  {_fmt(r['cross_b_on_a']):>7}  {_fmt(r['cross_a_on_b']):>7}"
+                      f"{_span(r.get('correlation_low'), r.get('correlation_high')):>11}  {_fmt(r['drift']):>7}  "
+                      f"{_fmt(r['cross_b_on_a']):>7}  {_fmt(r['cross_a_on_b']):>7}"
                       for r in part]
         if not ranked:
             lines.append(f"no channel has a '{self.by}' measure")

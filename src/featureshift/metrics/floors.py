@@ -19,7 +19,8 @@ from torch import nn
 from .adaptation import KEPT_THRESHOLD, both_measured, called_repurposed
 from .drift import cross_activation, visual_drift
 
-FLOOR_CHANNELS = 32  # channels per layer rendered a second time: enough for a 95th percentile, a sixth of a 192-channel atlas
+# Channels per layer rendered a second time: enough for a 95th percentile, a sixth of a 192-channel atlas.
+FLOOR_CHANNELS = 32
 FLOOR_PERCENTILE = 95.0  # a measure is beyond noise past this share of the layer's seed-to-seed values
 SEED_OFFSET = 1  # the second render's seed is the first's plus this
 
@@ -33,7 +34,8 @@ def floor_channels(shown: Sequence[int], others: Sequence[int] = (), limit: int 
     """The channels of a layer that get a second render: the SHOWN ones (a timeline's, whose pages
     give their own seed-to-seed values), then OTHERS evenly spread (an atlas), LIMIT in all."""
     chosen = list(dict.fromkeys(int(c) for c in shown))[:limit]
-    rest = [int(c) for c in dict.fromkeys(others) if int(c) not in set(chosen)]
+    taken = set(chosen)
+    rest = [int(c) for c in dict.fromkeys(others) if int(c) not in taken]
     room = limit - len(chosen)
     if room > 0 and rest:
         step = max(1.0, len(rest) / room)

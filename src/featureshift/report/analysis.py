@@ -96,7 +96,8 @@ def repurposed_floor(f: LayerFacts) -> str:
     if floor is None or not math.isfinite(floor.repurposed_share):
         return ""
     n = r.counts["repurposed"]
-    verdict = ": no more than noise gives" if n and not count_beyond_noise(n, r.measured, floor.repurposed_share) else ""
+    explained = n and not count_beyond_noise(n, r.measured, floor.repurposed_share)
+    verdict = ": no more than noise gives" if explained else ""
     return f" (noise floor {_pct(floor.repurposed_share)}{verdict})"
 
 
