@@ -52,6 +52,7 @@ from featureshift.models.info import model_info
 from featureshift.network import open_network
 from featureshift.models.layers import truncated
 from featureshift.optvis.engine import render
+from featureshift.optvis.transforms import VIEW_COUNT, fixed_views
 
 CHANNELS = [0, 1, 2, 3, 4, 5, 6, 7]
 SPEED_LAYER, QUALITY_LAYER = "inception4a", "features.9"
@@ -183,24 +184,7 @@ def activations(model, layer, images):
 
 # featureshift's ladder of step counts
 TTQ_STEPS = (16, 24, 32, 36, 40, 44, 48, 52, 56, 60, 64, 72, 80, 96, 112, 128, 192, 256, 384, 512)
-VIEWS = 4
-
-
-def views(x: torch.Tensor, count: int = VIEWS, seed: int = 0) -> list[torch.Tensor]:
-    """COUNT fixed random views of (B, 3, S, S) images: shift up to 8 px, scale 0.9-1.1, rotation
-    up to 10 degrees, one bilinear resampling, reflected at the border."""
-    import torch.nn.functional as F
-
-    g = torch.Generator().manual_seed(seed)
-    size = x.shape[-1]
-    out = []
-    for dx, dy, scale, angle in torch.rand(count, 4, generator=g, dtype=torch.float64).tolist():
-        dx, dy, scale, angle = (2 * dx - 1) * 8, (2 * dy - 1) * 8, 0.9 + 0.2 * scale, (2 * angle - 1) * math.radians(10)
-        c, s = math.cos(angle) / scale, math.sin(angle) / scale
-        theta = torch.tensor([[c, -s, dx * 2 / size], [s, c, dy * 2 / size]]).expand(len(x), 2, 3)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        out.append(F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False))
-    return out
+VIEWS = VIEW_COUNT
 
 
 def robust_activations(model, layer, images) -> tuple[float, float]:
@@ -211,7 +195,7 @@ def robust_activations(model, layer, images) -> tuple[float, float]:
     rows = torch.arange(len(CHANNELS))
     with truncated(model, [layer]) as net, torch.no_grad():
         plain = net((x - mean) / std)[layer].mean((2, 3))[rows, CHANNELS]
-        seen = torch.stack([net((v - mean) / std)[layer].mean((2, 3))[rows, CHANNELS] for v in views(x)]).mean(0)
+        seen = torch.stack([net((v - mean) / std)[layer].mean((2, 3))[rows, CHANNELS] for v in fixed_views(x)]).mean(0)
     return statistics.median(plain.tolist()), statistics.median(seen.tolist())
 
 

@@ -22,6 +22,7 @@ from ..network import Network, open_network
 from ..run import trained_image_size
 from ..states import State, read_snapshot_state
 from .adaptation import dead_channels
+from .checks import COLUMNS as CHECK_COLUMNS, TileCheck, check_tiles, summarize
 from .drift import channel_activation, cross_activation, read_image, texture_descriptors, visual_drift_from
 from .examples import ExampleShifts, find_examples, receptive_field, shifted_examples
 from .floors import FLOOR_PERCENTILE, SEED_OFFSET, NoiseFloor, noise_floor
@@ -82,6 +83,8 @@ class RunMetrics:
     floors: dict[str, NoiseFloor] = dataclasses.field(default_factory=dict)  # layer -> its render-noise floor
     # (layer, channel, epoch) -> the probe images whose activation rose and fell most since the reference
     shifts: dict[tuple[str, int, int], ExampleShifts] = dataclasses.field(default_factory=dict)
+    checks: list[TileCheck] | None = None  # the rendered tiles' self-checks (checks.py); None: not computed
+    check_seconds: float = 0.0
 
     def layer_series(self, layer: str, column: str) -> list[tuple[int, float]]:
         return [(r["epoch"], r[column]) for r in self.layer_rows if r["layer"] == layer]
@@ -110,7 +113,7 @@ def run_metrics(run_dir: str | Path, layers: Sequence[str] = (), channels: dict[
                 probe_limit: int | None = DEFAULT_PROBE_LIMIT, image_size: int | None = None,
                 overview: Sequence[str] | None = None, examples: int = 6, device: str = "auto",
                 quiet: bool = False, resamples: int = DEFAULT_RESAMPLES, interval_level: float = DEFAULT_LEVEL,
-                bootstrap_seed: int = DEFAULT_SEED) -> RunMetrics:
+                bootstrap_seed: int = DEFAULT_SEED, self_checks: bool = True) -> RunMetrics:
     """Measure every snapshot of the run against the first one and write RUN/metrics/.
 
     layers: layers with per-channel measures (all their channels); `channels` names the
@@ -124,8 +127,9 @@ def run_metrics(run_dir: str | Path, layers: Sequence[str] = (), channels: dict[
     floor_renders: (layer, channel) -> a second render of the reference snapshot's channel, with
     the settings of its render in `renders` but another seed (`floors.floor_seed`): they give
     each layer's render-noise floor (`floors.noise_floor`), written beside drift and B on A.
+    self_checks: check every render against the probe images (metrics/checks.py; checks.csv).
 
-    Writes layers.csv, channels.csv, examples.json and summary.json.
+    Writes layers.csv, channels.csv, examples.json, checks.csv and summary.json.
     """
     from tqdm.auto import tqdm
 
@@ -155,6 +159,11 @@ def run_metrics(run_dir: str | Path, layers: Sequence[str] = (), channels: dict[
         measure_snapshot(setup, entry.epoch, net, ref_stats, stats, refs, rows)
         add_intervals(setup, entry.epoch, ref_stats, stats, boot, rows)
         add_example_retention(setup, entry.epoch, ref_stats, stats, boot, rows)
+        if self_checks:
+            start = time.perf_counter()
+            rows.checks += check_tiles(net.module, entry.epoch, net is setup.ref, setup.renders, setup.layers, stats,
+                                       ref_stats, rows.channels)
+            rows.check_seconds += time.perf_counter() - start
         if net is not setup.ref:
             del net  # before the next snapshot loads: one network in memory beside the reference
     bar.close()
@@ -162,6 +171,8 @@ def run_metrics(run_dir: str | Path, layers: Sequence[str] = (), channels: dict[
     result.floors = measure_floors(setup, floor_renders or {}, refs)
     add_floors(result.floors, rows.channels)
     result.intervals = IntervalSettings(boot.resamples, boot.level, boot.seed, rows.interval_seconds)
+    if self_checks:
+        result.checks, result.check_seconds = rows.checks, rows.check_seconds
     write_run_metrics(run_dir / "metrics", result)
     return result
 
@@ -205,6 +216,8 @@ class MeasuredRows:
     examples: dict[tuple[str, int, int], list] = dataclasses.field(default_factory=dict)
     shifts: dict[tuple[str, int, int], ExampleShifts] = dataclasses.field(default_factory=dict)
     interval_seconds: float = 0.0  # spent on the bootstrap intervals
+    checks: list[TileCheck] = dataclasses.field(default_factory=list)
+    check_seconds: float = 0.0  # spent on the self-checks
 
 
 def measuring(run_dir: Path, ref: Network, ref_epoch: int, layers: Sequence[str],
@@ -429,8 +442,12 @@ def write_run_metrics(out_dir: Path, m: RunMetrics) -> None:
         "intervals": interval_summary(m),
         "floors": floor_summary(m),
         "example_retention": retention_summary(m),
+        "self_checks": {} if m.checks is None else summarize(m.checks, m.check_seconds),
         "definitions": "docs/metrics.md",
     })
+    if m.checks is not None:
+        files["checks"] = out_dir / "checks.csv"
+        _write_csv(files["checks"], [t.row() for t in m.checks], ("layer", "epoch", "channel", *CHECK_COLUMNS))
     m.files = files
 
 

@@ -160,3 +160,31 @@ def subpixel_shift(images: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     kernel = taps(offsets[:, 1])[:, :, None] * taps(offsets[:, 0])[:, None, :]  # (B, 3, 3): rows y, columns x
     kernel = kernel[:, None].expand(b, c, 3, 3).reshape(b * c, 1, 3, 3)
     return F.conv2d(images.reshape(1, b * c, h, w), kernel, padding=1, groups=b * c).view(b, c, h, w)
+
+
+VIEW_COUNT = 4  # fixed views per image in the transformed-views measure
+VIEW_SHIFT, VIEW_SCALES, VIEW_ANGLE = 8, (0.9, 1.1), 10.0  # px, factor range, degrees
+
+
+def fixed_views(images: torch.Tensor, count: int = VIEW_COUNT, seed: int = 0) -> list[torch.Tensor]:
+    """COUNT fixed random views of (B, C, S, S) images: each a shift of up to VIEW_SHIFT px, a scale
+    in VIEW_SCALES and a rotation of up to VIEW_ANGLE degrees, the same for every image, in one
+    bilinear resampling reflected at the border. Seeded: the same views on every call, so that two
+    pictures measured with them are measured alike (the benchmarks' time to quality, and the
+    report's self-checks)."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    size = images.shape[-1]
+    low, high = VIEW_SCALES
+    out = []
+    for dx, dy, scale, angle in torch.rand(count, 4, generator=g, dtype=torch.float64).tolist():
+        dx, dy = (2 * dx - 1) * VIEW_SHIFT, (2 * dy - 1) * VIEW_SHIFT
+        scale, angle = low + (high - low) * scale, (2 * angle - 1) * math.radians(VIEW_ANGLE)
+        c, s = math.cos(angle) / scale, math.sin(angle) / scale
+        theta = torch.tensor([[c, -s, dx * 2 / size], [s, c, dy * 2 / size]], dtype=images.dtype,
+                             device=images.device).expand(len(images), 2, 3)
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        out.append(F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False))
+    return out
