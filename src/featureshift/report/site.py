@@ -201,6 +201,7 @@ class _Writer:
 
         self.facts = inputs.facts if inputs.facts is not None else \
             {l: analyse_layer(self.m, l, self.tiles) for l in self.m.channels}
+        self.badges = {(t.layer, t.epoch, t.channel): tile_badge(t) for t in (getattr(self.m, "checks", None) or [])}
         # (layer, channel) -> its rows in epoch order: an atlas has thousands of channel pages.
         self.channel_rows: dict[tuple[str, int], list[dict]] = {}
         for r in self.m.channel_rows:
@@ -407,7 +408,8 @@ class _Writer:
             cells = measure_cells(table.get(c))
             extra = _speed_cells(facts.channels.get(c) if facts else None)
             rows.append({"channel": c, "page": page, **cells, **extra, "before": before, "after": after,
-                         "rendered": bool(before or after)})
+                         "rendered": bool(before or after), "badges": [self.badges.get((layer, e, c)) for e in
+                                                                       (self.reference, self.last)]})
         # Rendered channels first: they are the ones with pictures and pages.
         rows.sort(key=lambda r: (r["page"] is None, r["channel"]))
         lr = _row(m.layer_rows, self.last, layer)
@@ -470,7 +472,8 @@ class _Writer:
         for e in self.epochs:
             src = self.tile(layer, e, c)
             if src is not None:
-                frames.append({"epoch": e, "src": src, "label": self.frame_label(e)})
+                frames.append({"epoch": e, "src": src, "label": self.frame_label(e),
+                               "check": self.badges.get((layer, e, c))})
         sides = []
         shown = [(self.reference, f"Epoch {self.reference} (before training)")]
         if not self.nothing:
@@ -544,6 +547,12 @@ class _Writer:
         return {"example": {"src": rel, "name": f"{a.example.parent.name}/{a.example.name}", "path": str(a.example),
                             "epoch": a.epoch, "value": f"{a.value:.3g}"},
                 "frames": frames, "describe": a.settings.describe()}
+
+
+def tile_badge(check) -> dict[str, str]:
+    """A tile's self-check badge (metrics.checks.TileCheck): its mark, class and tooltip."""
+    ok = not check.failed
+    return {"mark": "✓" if ok else "⚠", "cls": "ok" if ok else "warn", "title": check.describe()}
 
 
 def _shown_width(path: Path) -> int:

@@ -103,6 +103,7 @@
     var slider = document.getElementById("slider");
     var image = document.getElementById("snapshot");
     var caption = document.getElementById("snapshot-caption");
+    var check = document.getElementById("snapshot-check");
     var play = document.getElementById("play");
     var buttons = document.querySelectorAll(".strip button");
     var timer = null;
@@ -112,6 +113,16 @@
       image.src = f.src;
       image.alt = f.label;
       caption.textContent = f.label;
+      if (check) {  // the frame's self-check badge and values
+        check.textContent = "";
+        if (f.check) {
+          var mark = document.createElement("span");
+          mark.className = "badge " + f.check.cls;
+          mark.title = f.check.title;
+          mark.textContent = f.check.mark;
+          check.append(mark, " " + f.check.title);
+        }
+      }
       buttons.forEach(function (b, j) { b.setAttribute("aria-pressed", j === i ? "true" : "false"); });
     };
     slider.addEventListener("input", function () { show(parseInt(slider.value, 10)); });
