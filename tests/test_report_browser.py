@@ -121,6 +121,25 @@ def test_the_slider_changes_the_snapshot(report, page):
 
 
 @pytest.mark.slow
+def test_the_self_check_under_the_picture_follows_the_snapshot_shown(report, page):
+    import csv
+
+    run = report.parent.parent
+    checks = {int(r["epoch"]): r for r in csv.DictReader(open(run / "metrics" / "checks.csv"))
+              if r["layer"] == LAYER and int(r["channel"]) == 3}
+    _open(page, report.parent / channel_page(LAYER, 3))
+    line = page.locator("#snapshot-check")
+    for epoch in (2, 0, 1):
+        if epoch != 2:
+            page.locator(".strip button").nth(epoch).click()
+        text = line.inner_text()
+        assert text.startswith(("⚠ doubtful" if checks[epoch]["failed"] else "✓ trustworthy"))
+        assert f"vs. data {float(checks[epoch]['vs_data']):.2f}x" in text
+        assert line.locator(".badge").get_attribute("title") in text
+    assert page.problems == []
+
+
+@pytest.mark.slow
 def test_sorting_changes_the_order(report, page):
     _open(page, report.parent / layer_page(LAYER))
     first = lambda: page.locator("#channels tbody tr").first.get_attribute("data-channel")  # noqa: E731

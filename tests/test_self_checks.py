@@ -43,6 +43,8 @@ def test_the_thresholds_fail_weak_runaway_fragile_and_contradicting_pictures():
     assert failed_checks(DATA_SPREAD * 10 * 1.01, 0.9, None, neighbours=10.0) == ("vs_data",)
     assert failed_checks(DATA_SPREAD * 10 * 0.99, 0.9, None, neighbours=10.0) == ()
     assert failed_checks(DATA_HIGH * 1.01, 0.9, None) == ("vs_data",)  # alone in its layer
+    assert failed_checks(DATA_HIGH * 1.01, 0.9, None, neighbours=DATA_HIGH) == ("vs_data",)
+    assert failed_checks(DATA_HIGH * 0.99, 0.9, None) == ()
     assert failed_checks(math.inf, 0.9, None) == ("vs_data",)  # no real image drives it, the picture does
     assert failed_checks(5.0, VIEWS_LOW * 0.9, False) == ("views", "agreement")
     assert failed_checks(math.nan, math.nan, None) == ()  # nothing measured: nothing to say
@@ -147,7 +149,7 @@ def test_a_planted_fooling_circuit_is_flagged_and_an_ordinary_unit_of_the_same_n
     checks = {(t.epoch, t.channel): t for t in m.checks}
     fooled = checks[(1, FOOLED)]
     assert fooled.verdict == "doubtful" and "vs_data" in fooled.failed
-    # past both bounds: its layer's other render's, and the one for a render alone in its layer
+    # past both bounds: the absolute one, and the one relative to the other render of its layer
     assert fooled.vs_data > DATA_SPREAD * checks[(1, ORDINARY)].vs_data and fooled.vs_data > DATA_HIGH
     assert [checks[k].verdict for k in ((0, FOOLED), (0, ORDINARY), (1, ORDINARY))] == ["trustworthy"] * 3
     rows = list(csv.DictReader(open(run / "metrics" / "checks.csv")))
