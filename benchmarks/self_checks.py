@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from featureshift.commands.report import build_report
-from featureshift.metrics.checks import ratio, render_activations
+from featureshift.metrics.checks import failed_checks, ratio, render_activations
 from featureshift.metrics.driver import run_metrics
 from featureshift.metrics.probe import probe_stats
 from featureshift.network import open_network
@@ -59,7 +59,7 @@ def ordinary(channels: int, steps: int, size: int) -> None:
         stats = probe_stats(model, LAYERS, paths, image_size=128, quiet=True)
     print(f"ordinary units: squeezenet1_1 (ImageNet weights), {channels} channels per layer, {steps} steps at "
           f"{size} px, seed 0; {len(paths)} natural probe images at 128 px", flush=True)
-    every_vs, every_views, every_spread = [], [], []
+    every_vs, every_views, every_spread, every_failed = [], [], [], []
     for layer in LAYERS:
         count = stats.layers[layer].pooled.shape[1]
         chans = sorted({int(c) for c in np.linspace(0, count - 1, channels).round()})
@@ -73,16 +73,22 @@ def ordinary(channels: int, steps: int, size: int) -> None:
             plain, seen = render_activations(model, targets, images)
         check = time.perf_counter() - start
         vs = np.array([ratio(plain[i], float(stats.layers[layer].pooled[:, c].max())) for i, c in enumerate(chans)])
-        views = seen / plain
+        with np.errstate(invalid="ignore", divide="ignore"):
+            views = np.where(plain > 0, seen / plain, np.nan)
         sp = spread(vs)
+        failed = [failed_checks(v, w, None, float(np.median(np.delete(vs, i))))
+                  for i, (v, w) in enumerate(zip(vs, views))]
         every_vs += list(vs)
         every_views += list(views)
         every_spread += list(sp)
+        every_failed += [f for f in failed if f]
         print(f"  {layer:32s} {len(chans):3d} ch  vs. data {vs.min():6.2f} {np.median(vs):6.2f} {vs.max():7.2f}  "
-              f"views {views.min():.2f} {np.median(views):.2f} {views.max():.2f}  spread max {sp.max():5.2f}  "
+              f"views {np.nanmin(views):.2f} {np.nanmedian(views):.2f} {np.nanmax(views):.2f}  spread max "
+              f"{sp.max():5.2f}  doubtful {sum(1 for f in failed if f)} {[' '.join(f) for f in failed if f]}  "
               f"(render {seconds:.1f} s, checks {check:.2f} s)", flush=True)
     print(f"  all {len(every_vs)}: vs. data {min(every_vs):.2f}-{max(every_vs):.2f}, views from "
-          f"{min(every_views):.2f}, spread at most {max(every_spread):.2f}", flush=True)
+          f"{np.nanmin(every_views):.2f}, spread at most {max(every_spread):.2f}; {len(every_failed)} doubtful",
+          flush=True)
 
 
 def fooling(steps: int, size: int) -> None:

@@ -28,6 +28,8 @@ snapshot with other seeds give): a channel is called changed only beyond it.
                     those whose activation rose and fell most between two snapshots (shifted_examples)
     retention.py    example retention: does a channel still fire most on the reference's top examples,
                     with its bootstrap interval over the probe images
+    checks.py       self-checks of every rendered tile against the probe images (vs. data, views,
+                    agreement) and its verdict, for RUN/metrics/checks.csv and the report's badges
     driver.py       run_metrics: every measure of a training run, written to RUN/metrics/
     adaptation.py   speed of adaptation, dead channels, reuse (kept / repurposed / died) from run_metrics' rows
     spatial.py      dominant spatial frequency of a render and its change (coarsening)
