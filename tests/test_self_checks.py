@@ -137,12 +137,13 @@ def test_a_planted_fooling_circuit_is_flagged_and_an_ordinary_unit_of_the_same_n
     import featureshift
     from featureshift.metrics.driver import run_metrics
 
-    from _fooling import FOOLED, LAYER as FOOLED_LAYER, ORDINARY, detector_peak, make_fooled_run, natural_images
+    from _fooling import FOOLED, LAYER as FOOLED_LAYER, ORDINARY, detector_peak, make_fooled_run
 
     run, planted = make_fooled_run(tmp_path)
     fooled_net = featureshift.open_network(run / "snapshots" / "001.safetensors").module
     # the premise: the planted path is silent on every natural probe image
-    assert detector_peak(fooled_net, planted, natural_images(tmp_path / "again"), 64) == 0.0
+    photos = sorted((tmp_path / "photos").rglob("*.png"))
+    assert len(photos) == 85 and detector_peak(fooled_net, planted, photos, 64) == 0.0
     tl = featureshift.timeline(run, FOOLED_LAYER, [FOOLED, ORDINARY], steps=32, size=64, quiet=True)
     m = run_metrics(run, [FOOLED_LAYER], {FOOLED_LAYER: [FOOLED, ORDINARY]}, renders=tl.tiles, overview=[FOOLED_LAYER],
                     image_size=64, quiet=True, resamples=0)
