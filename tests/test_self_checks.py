@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from featureshift.metrics.checks import (AGREEMENT_FACTOR, DATA_HIGH, DATA_LOW, DATA_SPREAD, VIEWS_LOW, agree,
-                                         data_kept, failed_checks, ratio, render_activations)
+                                         failed_checks, ratio, render_activations)
 from featureshift.optvis.transforms import VIEW_COUNT, fixed_views
 from featureshift.report.site import channel_page, layer_page
 
@@ -27,14 +27,6 @@ def test_fixed_views_are_the_same_on_every_call_and_move_the_picture():
     assert not torch.equal(fixed_views(x, seed=1)[0], first[0])
     flat = torch.full((1, 3, 32, 32), 0.3)  # reflected at the border: a flat picture stays flat
     assert all(torch.allclose(v, flat, atol=1e-6) for v in fixed_views(flat))
-
-
-def test_data_kept_is_one_when_the_same_images_still_lead_and_low_when_others_took_over():
-    ref = np.array([[9.0], [8.0], [1.0], [0.5], [0.2], [0.1]])
-    assert data_kept(ref, ref * 3, 0, k=2) == pytest.approx(1.0)
-    swapped = np.array([[0.1], [0.2], [1.0], [0.5], [8.0], [9.0]])  # the old top images now respond least
-    assert data_kept(ref, swapped, 0, k=2) == pytest.approx(0.3 / 17)
-    assert math.isnan(data_kept(ref, np.zeros_like(ref), 0))
 
 
 def test_the_thresholds_fail_weak_runaway_fragile_and_contradicting_pictures():
@@ -88,6 +80,13 @@ def test_every_rendered_tile_gets_its_checks_in_checks_csv_and_the_summary(repor
     # channel 2 never changes (its tiles differ by the snapshot's checksum only): both sides call it kept
     assert by[(2, 2)]["key"] != by[(0, 2)]["key"] and by[(2, 2)]["agreement"] == "1"
     assert float(by[(2, 2)]["render_kept"]) == pytest.approx(1.0, abs=0.05) and float(by[(2, 2)]["data_kept"]) == 1.0
+    # the two kept scores are channels.csv's: B on A and the example retention, not numbers of their own
+    channels = {(int(r["epoch"]), int(r["channel"])): r for r in csv.DictReader(open(run / "metrics" / "channels.csv"))
+                if r["layer"] == LAYER}
+    for (e, c), r in by.items():
+        if e:
+            assert float(r["render_kept"]) == pytest.approx(float(channels[(e, c)]["cross_b_on_a"]), rel=1e-4)
+            assert float(r["data_kept"]) == pytest.approx(float(channels[(e, c)]["example_retention"]), rel=1e-4)
     assert all(float(r["best_real"]) > 0 and float(r["views"]) > 0 for r in rows)
     assert all(r["verdict"] == ("doubtful" if r["failed"] else "trustworthy") for r in rows)
 

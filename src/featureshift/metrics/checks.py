@@ -15,10 +15,11 @@ the cross-activation) and a few forward passes of the render itself:
   optvis.transforms.fixed_views) over the activation on the render itself. Below VIEWS_LOW
   the picture works only at one exact alignment.
 - agreement (later snapshots only): whether the render and the dataset examples tell the
-  same story. The render's kept score is B on A (cross-activation, channels.csv); the data's
-  is the later network's mean activation on the reference's top TOP_EXAMPLES probe images
-  over its mean on its own top ones. They agree when the two scores are within a factor
-  AGREEMENT_FACTOR of each other: both say kept, or both say changed about as much.
+  same story. The render's kept score is B on A (cross-activation), the data's the example
+  retention (retention.py: the later network's mean activation on the reference's top probe
+  images over its mean on its own top ones), both in channels.csv. They agree when the two
+  are within a factor AGREEMENT_FACTOR of each other: both say kept, or both say changed
+  about as much.
 
 docs/metrics.md ("Self-checks") defines the numbers and gives the measured figures behind
 the thresholds.
@@ -43,7 +44,6 @@ VIEWS_LOW = 0.5  # measured: ordinary SqueezeNet units keep at least 0.62 (docs/
 # measured: the two kept scores of the demo's 84 later tiles are within a factor of 2.7; a cut of
 # both at 0.5 (the reuse measure's) split 4 of them whose render scores sat just under it
 AGREEMENT_FACTOR = 4.0
-TOP_EXAMPLES = 5  # probe images averaged on each side of the data's kept score
 TILES_PER_PASS = 32  # renders per forward pass (each with its views): bounds the memory
 CHECKS = ("vs_data", "views", "agreement")
 COLUMNS = ("key", "activation", "best_real", "vs_data", "views", "render_kept", "data_kept", "agreement", "verdict",
@@ -62,7 +62,7 @@ class TileCheck:
     vs_data: float  # activation / best_real (inf: no probe image activates the unit, the render does)
     views: float  # mean activation over the fixed views / activation
     render_kept: float  # B on A; NaN at the reference
-    data_kept: float  # the same question asked of the probe images; NaN at the reference
+    data_kept: float  # the example retention: the same question asked of the probe images; NaN at the reference
     agreement: bool | None  # None at the reference, or where either side was not measured
     failed: tuple[str, ...] = ()  # the checks this tile fails, from CHECKS
 
@@ -88,22 +88,14 @@ class TileCheck:
                 f"agreement {agree}")
 
 
+def _number(v) -> float:
+    return math.nan if v is None else float(v)
+
+
 def _fmt(v: float) -> str:
     if v == math.inf:
         return "inf"
     return f"{v:.2f}" if math.isfinite(v) else "–"
-
-
-def data_kept(ref_pooled: np.ndarray, pooled: np.ndarray, channel: int, k: int = TOP_EXAMPLES) -> float:
-    """The later network's mean spatially averaged activation on the reference's top K probe images
-    over its mean on its own top K (POOLED: (images, channels) at the later snapshot, REF_POOLED at
-    the reference): 1 when the same images still drive the channel most, low when others took over.
-    NaN where the later network responds to no probe image."""
-    k = max(1, min(k, len(pooled)))
-    top_ref = np.argsort(-ref_pooled[:, channel], kind="stable")[:k]
-    top_own = np.argsort(-pooled[:, channel], kind="stable")[:k]
-    own = float(pooled[top_own, channel].mean())
-    return float(pooled[top_ref, channel].mean()) / own if own > 0 else math.nan
 
 
 def agree(render_kept: float, data_kept: float) -> bool | None:
@@ -179,16 +171,15 @@ def render_activations(model, targets: Sequence[tuple[str, int]], images: Sequen
 
 
 def check_tiles(model, epoch: int, reference: bool, renders: dict[tuple[str, int, int], Path],
-                layers: Sequence[str], stats, ref_stats, channel_rows: Sequence[dict]) -> list[TileCheck]:
+                layers: Sequence[str], stats, channel_rows: Sequence[dict]) -> list[TileCheck]:
     """The self-checks of every tile of LAYERS at EPOCH in RENDERS ((layer, epoch, channel) -> file),
-    whose snapshot's network is MODEL and probe statistics STATS (REF_STATS: the reference's);
-    CHANNEL_ROWS: channels.csv's rows so far, for B on A. REFERENCE: EPOCH is the reference (no
-    agreement to check)."""
+    whose snapshot's network is MODEL and probe statistics STATS; CHANNEL_ROWS: channels.csv's rows so far, for B on A and the example retention. REFERENCE: EPOCH
+    is the reference (no agreement to check)."""
     items = sorted(((l, c), p) for (l, e, c), p in renders.items() if e == epoch and l in layers)
     if not items:
         return []
     plain, seen = render_activations(model, [lc for lc, _ in items], [read_image(p) for _, p in items])
-    kept = {(r["layer"], r["channel"]): r.get("cross_b_on_a") for r in channel_rows if r["epoch"] == epoch}
+    rows = {(r["layer"], r["channel"]): r for r in channel_rows if r["epoch"] == epoch}
     out = []
     for i, ((layer, c), path) in enumerate(items):
         pooled = stats.layers[layer].pooled
@@ -196,8 +187,8 @@ def check_tiles(model, epoch: int, reference: bool, renders: dict[tuple[str, int
         kept_render = kept_data = math.nan
         agreement = None
         if not reference:
-            kept_render = float(kept.get((layer, c)) if kept.get((layer, c)) is not None else math.nan)
-            kept_data = data_kept(ref_stats.layers[layer].pooled, pooled, c)
+            kept_render, kept_data = (_number(rows.get((layer, c), {}).get(k))
+                                      for k in ("cross_b_on_a", "example_retention"))
             agreement = agree(kept_render, kept_data)
         best = float(pooled[:, c].max())
         out.append(TileCheck(layer, epoch, c, Path(path).stem, act, best, ratio(act, best),
@@ -214,6 +205,5 @@ def summarize(checks: Sequence[TileCheck], seconds: float) -> dict:
     return {"tiles": len(checks), "trustworthy": len(checks) - len(doubtful), "doubtful": len(doubtful),
             "failed": {name: sum(1 for t in doubtful if name in t.failed) for name in CHECKS},
             "thresholds": {"vs_data_low": DATA_LOW, "vs_data_high": DATA_HIGH, "vs_data_spread": DATA_SPREAD,
-                           "views": VIEWS_LOW, "agreement_factor": AGREEMENT_FACTOR,
-                           "top_examples": TOP_EXAMPLES},
+                           "views": VIEWS_LOW, "agreement_factor": AGREEMENT_FACTOR},
             "seconds": round(seconds, 3), "definitions": "docs/metrics.md, Self-checks"}

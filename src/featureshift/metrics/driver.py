@@ -162,7 +162,7 @@ def run_metrics(run_dir: str | Path, layers: Sequence[str] = (), channels: dict[
         if self_checks:
             start = time.perf_counter()
             rows.checks += check_tiles(net.module, entry.epoch, net is setup.ref, setup.renders, setup.layers, stats,
-                                       ref_stats, rows.channels)
+                                       rows.channels)
             rows.check_seconds += time.perf_counter() - start
         if net is not setup.ref:
             del net  # before the next snapshot loads: one network in memory beside the reference
