@@ -41,7 +41,7 @@ DATA_LOW = 1.0  # a render should excite its unit at least as much as the best r
 DATA_HIGH = 500.0
 DATA_SPREAD = 50.0
 VIEWS_LOW = 0.5  # measured: ordinary SqueezeNet units keep at least 0.62 (docs/metrics.md)
-# measured: the two kept scores of the demo's 84 later tiles are within a factor of 2.7; a cut of
+# measured: the two kept scores of the demo's 84 later tiles are within a factor of 2.4; a cut of
 # both at 0.5 (the reuse measure's) split 4 of them whose render scores sat just under it
 AGREEMENT_FACTOR = 4.0
 TILES_PER_PASS = 32  # renders per forward pass (each with its views): bounds the memory
