@@ -154,3 +154,18 @@ def test_a_planted_fooling_circuit_is_flagged_and_an_ordinary_unit_of_the_same_n
     assert [checks[k].verdict for k in ((0, FOOLED), (0, ORDINARY), (1, ORDINARY))] == ["trustworthy"] * 3
     rows = list(csv.DictReader(open(run / "metrics" / "checks.csv")))
     assert {(int(r["epoch"]), int(r["channel"])): r["verdict"] for r in rows}[(1, FOOLED)] == "doubtful"
+
+
+def test_the_findings_count_the_pictures_that_failed_a_self_check():
+    from featureshift.metrics.checks import TileCheck
+    from featureshift.report.analysis import check_findings
+
+    def tile(channel, failed=()):
+        return TileCheck("L", 1, channel, f"k{channel}", 10.0, 1.0, 10.0, 0.9, 1.0, 1.0, True, tuple(failed))
+
+    (ok,) = check_findings([tile(0), tile(1)], "L", "layer-L.html")
+    assert ok["text"].startswith("L: all 2 rendered pictures pass their self-checks")
+    (bad,) = check_findings([tile(0), tile(1, ["views"]), tile(2, ["vs_data", "views"])], "L", "layer-L.html")
+    assert "2 of the 3 rendered pictures failed a self-check" in bad["text"]
+    assert "against the best probe image: 1; under small transformations: 2" in bad["text"]
+    assert check_findings([tile(0)], "other", "p.html") == []

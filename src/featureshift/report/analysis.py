@@ -117,6 +117,28 @@ def drift_finding(f: LayerFacts) -> str:
     return text + "."
 
 
+def check_findings(checks: Sequence[Any], layer: str, page: str) -> list[dict[str, str]]:
+    """The sentence on a layer's self-checked pictures (metrics.checks.TileCheck): how many failed which check."""
+    own = [t for t in checks if t.layer == layer]
+    if not own:
+        return []
+    bad = [t for t in own if t.failed]
+    n = len(own)
+    if not bad:
+        return [{"text": f"{layer}: all {n} rendered picture{'s' * (n != 1)} pass their self-checks (each excites its "
+                         "unit at least as much as the best probe image and not implausibly more, keeps its activation "
+                         "under small shifts, turns and scalings, and tells the same story as the dataset examples).",
+                 "href": f"{page}#channels"}]
+    names = {"vs_data": "against the best probe image", "views": "under small transformations",
+             "agreement": "render and dataset examples disagree"}
+    which = "; ".join(f"{names[k]}: {sum(1 for t in bad if k in t.failed)}" for k in names
+                      if any(k in t.failed for t in bad))
+    mark = "its badge marks it, and what it shows" if len(bad) == 1 else "their badges mark them, and what they show"
+    return [{"text": f"{layer}: {len(bad)} of the {n} rendered pictures failed a self-check ({which}); {mark} "
+                     "should be read against the dataset examples.",
+             "href": f"{page}#channels"}]
+
+
 def change_findings(ranking: ChangeRanking, classes: int, head_new: bool | None,
                     frozen_by: str | None = None, layer_rows: dict[str, dict] | None = None,
                     level: str = "95%") -> list[dict[str, str]]:

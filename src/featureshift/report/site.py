@@ -353,7 +353,7 @@ class _Writer:
     def findings(self, finals: list) -> list[dict[str, str]]:
         """The report's conclusions in sentences with numbers, each linking to its evidence."""
         from ..metrics.answers import rank_layers
-        from .analysis import change_findings, head_is_new, layer_findings
+        from .analysis import change_findings, check_findings, head_is_new, layer_findings
 
         if self.nothing:
             return []
@@ -376,6 +376,7 @@ class _Writer:
         for layer, facts in self.facts.items():
             made_by = [] if self.m.parameters.get(layer) else self.m.sources.get(layer, [])
             out.extend(layer_findings(facts, layer_page(layer), self.epochs, made_by))
+            out.extend(check_findings(self.m.checks or [], layer, layer_page(layer)))
         return out
 
     def most_changed(self) -> list[dict[str, Any]]:
