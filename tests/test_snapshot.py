@@ -37,6 +37,41 @@ def test_checksum_depends_on_weights_only(tmp_path, squeezenet):
     assert a.checksum == b.checksum == weights_checksum(squeezenet.state_dict())
 
 
+# The caches are keyed by these: a change of either function orphans every cached probe
+# statistic and tile. Computed on a network whose weights are exact small fractions.
+KNOWN_WEIGHTS = "4aa70ebbd5439ca6e64abe65e4c7a69ea312a6d4aa73943cc353c28cb202547d"
+KNOWN_HELD = "held-3cf78cb7e33537f4b6c0f3642226f788c47344fcefdc33e5a89d6567f0ded2b8"
+
+
+def known_network():
+    from torch import nn
+
+    from featureshift.models.info import ModelInfo
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    with torch.no_grad():
+        for i, p in enumerate(net.parameters()):
+            p.copy_(torch.arange(p.numel(), dtype=torch.float32).reshape(p.shape) / (8.0 + i))
+    return featureshift.attach_info(net.eval(), ModelInfo(arch="tiny", num_classes=2, class_names=["a", "b"],
+                                                         mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
+
+
+def test_the_checksums_that_key_the_probe_and_tile_caches_are_unchanged(tmp_path):
+    import dataclasses
+
+    from featureshift.jobs.plan import hold_network
+    from featureshift.snapshot import network_checksum
+
+    net = known_network()
+    assert network_checksum(net) == KNOWN_WEIGHTS == save_snapshot(net, tmp_path / "s.safetensors").checksum
+    assert hold_network(net).checksum == network_checksum(net, with_preprocessing=True) == KNOWN_HELD
+    # a snapshot's own checksum wins, for the probe statistics and the tiles alike
+    assert network_checksum(net, "abc") == hold_network(net, "abc").checksum == "abc"
+    # the preprocessing changes the pictures, so it changes a tile's key, never a snapshot's checksum
+    other = featureshift.attach_info(net, dataclasses.replace(featureshift.model_info(net), mean=(0.4, 0.5, 0.5)))
+    assert network_checksum(other) == KNOWN_WEIGHTS and hold_network(other).checksum != KNOWN_HELD
+
+
 def test_write_is_atomic(tmp_path, squeezenet, monkeypatch):
     path = tmp_path / "s.safetensors"
     save_snapshot(squeezenet, path, epoch=0)

@@ -80,6 +80,26 @@ def state_on_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
 
 
+def network_checksum(model: nn.Module, checksum: str | None = None, *, with_preprocessing: bool = False) -> str:
+    """The checksum that names MODEL in a cache: CHECKSUM, its snapshot's (from the metadata),
+    when it was loaded from one; else one made from the module itself.
+
+    Made here, it is the `weights_checksum` of its state dict, the checksum a snapshot of these
+    weights records, so the probe statistics of a network in memory and of its snapshot share
+    their cache. `with_preprocessing` (tile keys): a picture also depends on the module's class
+    and on the input it expects, so the checksum made here covers those too ("held-" and a
+    sha256 of the weights checksum, the class, the input bands, mean and std)."""
+    if checksum:
+        return checksum
+    weights = weights_checksum(state_on_cpu(model))
+    if not with_preprocessing:
+        return weights
+    info = model_info(model)
+    kind = f"{type(model).__module__}.{type(model).__qualname__}"
+    blob = repr((weights, kind, info.in_chans, tuple(info.mean), tuple(info.std)))
+    return "held-" + hashlib.sha256(blob.encode()).hexdigest()
+
+
 def save_snapshot(model: nn.Module, path: str | Path, *, epoch: int | None = None,
                   metrics: dict[str, Any] | None = None, config: dict[str, Any] | None = None,
                   parent: str | None = None, info: ModelInfo | None = None,

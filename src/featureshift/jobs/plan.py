@@ -39,20 +39,11 @@ class HeldNetwork:
 
 def hold_network(module, checksum: str | None = None) -> HeldNetwork:
     """MODULE as a render source. checksum: its snapshot's weight checksum when it was loaded
-    from one (its tiles are then the snapshot's); else made here from what decides its
-    pictures: the weights (`snapshot.weights_checksum` of its state dict), its class and the
-    preprocessing it expects (input bands, mean and std)."""
-    if not checksum:
-        import hashlib
+    from one (its tiles are then the snapshot's); else made from what decides its pictures
+    (`snapshot.network_checksum` with the preprocessing: the weights, the class, the input)."""
+    from ..snapshot import network_checksum
 
-        from ..models.info import model_info
-        from ..snapshot import state_on_cpu, weights_checksum
-
-        info = model_info(module)
-        kind = f"{type(module).__module__}.{type(module).__qualname__}"
-        blob = repr((weights_checksum(state_on_cpu(module)), kind, info.in_chans, tuple(info.mean), tuple(info.std)))
-        checksum = "held-" + hashlib.sha256(blob.encode()).hexdigest()
-    return HeldNetwork(module, checksum)
+    return HeldNetwork(module, network_checksum(module, checksum, with_preprocessing=True))
 
 
 @dataclasses.dataclass(frozen=True)

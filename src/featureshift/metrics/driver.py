@@ -20,6 +20,7 @@ from ..models.layers import LayerInfo, layer_info, layer_structure
 from ..models.zoo import head_modules
 from ..network import Network, open_network
 from ..run import trained_image_size
+from ..snapshot import network_checksum
 from ..states import State, read_snapshot_state
 from .adaptation import dead_channels
 from .checks import COLUMNS as CHECK_COLUMNS, TileCheck, check_tiles, summarize
@@ -27,7 +28,7 @@ from .drift import channel_activation, cross_activation, read_image, texture_des
 from .examples import ExampleShifts, find_examples, receptive_field, shifted_examples
 from .floors import FLOOR_PERCENTILE, SEED_OFFSET, NoiseFloor, noise_floor
 from .function import cached_function_change
-from .probe import DEFAULT_PROBE_LIMIT, METRICS_VERSION, PROBE_BATCH, model_checksum, probe_loader, probe_stats, \
+from .probe import DEFAULT_PROBE_LIMIT, METRICS_VERSION, PROBE_BATCH, probe_loader, probe_stats, \
     resolve_probe
 from .similarity import DEFAULT_LEVEL, DEFAULT_RESAMPLES, DEFAULT_SEED, Bootstrap, channel_correlation, cka, \
     cka_interval, correlation_interval, probe_bootstrap
@@ -247,7 +248,8 @@ def measure_snapshot(setup: Measuring, epoch: int, net: Network, ref_stats, stat
     batches = _batches(setup.paths, setup.ref.meta.info, setup.image_size, setup.device, ref, model)
     fc = cached_function_change(
         ref, model, setup.all_layers, batches,
-        checksums=(model_checksum(ref, setup.ref.meta), model_checksum(model, net.meta)),
+        checksums=(network_checksum(ref, setup.ref.meta.checksum),
+                   network_checksum(model, net.meta.checksum if net.meta is not None else None)),
         probe=(setup.paths, setup.image_size), cache_dir=setup.cache)
     for l in setup.all_layers:
         rows.layers.append({"epoch": epoch, "layer": l, "weight_change": wc[l].value,

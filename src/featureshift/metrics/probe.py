@@ -56,15 +56,6 @@ def probe_key(paths: Sequence[Path], image_size: int, layers: Sequence[str]) -> 
     return h.hexdigest()[:16]
 
 
-def model_checksum(model: nn.Module, meta=None) -> str:
-    """The snapshot's weights checksum (from its metadata when there is one)."""
-    if meta is not None and getattr(meta, "checksum", ""):
-        return meta.checksum
-    from ..snapshot import state_on_cpu, weights_checksum
-
-    return weights_checksum(state_on_cpu(model))
-
-
 def probe_stats(model: nn.Module, layers: Sequence[str], paths: Sequence[Path], *, image_size: int | None = None,
                 meta=None, cache_dir: str | Path | None = None, device: str = "auto", quiet: bool = False,
                 desc: str = "probe") -> ProbeStats:
@@ -81,7 +72,9 @@ def probe_stats(model: nn.Module, layers: Sequence[str], paths: Sequence[Path], 
             f"The probe set has {len(paths)} image(s); the representation metrics need at least 4. "
             "Use a run with more validation images or pass --probe DIR with more images."
         )
-    checksum = model_checksum(model, meta)
+    from ..snapshot import network_checksum
+
+    checksum = network_checksum(model, meta.checksum if meta is not None else None)
     key = probe_key(paths, image_size, layers)
     cache = Path(cache_dir) / f"probe-{checksum[:16]}-{key}.npz" if cache_dir else None
     if cache is not None and cache.is_file():
