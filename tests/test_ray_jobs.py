@@ -236,3 +236,40 @@ def test_groups_of_tiles_with_their_own_settings_render_on_ray_as_locally(tmp_pa
         assert len({k for group in keys for k in group.values()}) == 8 and all(k in cache for g in keys for k in g.values())
         made[where] = {p.name: p.read_bytes() for p in sorted(cache.root.glob("*.png"))}
     assert len(made["local"]) == 8 and made["auto"] == made["local"]
+
+
+@pytest.mark.slow
+def test_compare_on_ray_sends_a_snapshot_as_its_file_and_a_named_network_as_a_module(tmp_path, threads,
+                                                                                      ray_instance, monkeypatch):
+    import featureshift.jobs.executors as executors
+    from featureshift.commands.compare import compare
+    from featureshift.jobs.plan import HeldNetwork, PairSource
+
+    # The ImageNet network with one layer changed, against the network by name; outside a run,
+    # the tiles are cached beside the sheet.
+    model = open_network("squeezenet1_1", weights="imagenet").module
+    with torch.no_grad():
+        model.features[3].squeeze.weight.mul_(1.5)
+    snap = tmp_path / "changed.safetensors"
+    save_snapshot(model, snap, epoch=1)
+    sent = []
+    real = executors.source_data
+
+    def recording(source):
+        if not isinstance(source, PairSource):  # a pair's two parts come through here too
+            sent.append(source)
+        return real(source)
+
+    monkeypatch.setattr(executors, "source_data", recording)
+    sheets, caches = {}, {}
+    for where in ("local", "auto"):
+        out = tmp_path / where / "sheet.png"
+        result = compare(str(snap), "squeezenet1_1", LAYER, channels="0,1", weights="imagenet", output=out,
+                         diff=True, ray=where, **FAST)
+        assert result.renders_a[0] is not None and result.renders_gained[0] is not None
+        sheets[where] = out.read_bytes()
+        caches[where] = {p.name: p.read_bytes() for p in sorted((tmp_path / where / "sheet_cache").glob("*.png"))}
+    assert len(caches["local"]) == 8 and caches["auto"] == caches["local"] and sheets["auto"] == sheets["local"]
+    # Ray got the snapshot as its file (the worker reads the bytes), the network built by name as a module
+    assert {type(s).__name__ for s in sent} == {type(snap).__name__, HeldNetwork.__name__}
+    assert all(s == snap for s in sent if not isinstance(s, HeldNetwork))

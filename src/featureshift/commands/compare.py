@@ -10,7 +10,8 @@ The renders are tiles like a timeline's, planned, rendered (here or on Ray) and 
 shared with its timelines, atlas and report), any other network (a model name, a module, a
 loose snapshot) in OUTPUT_cache/ beside the sheet, so a second compare renders only what
 is new. Without a sheet to write and without a run, the tiles live in a temporary folder
-for the call. Drift and cross-activation are measured on the 8-bit tiles, as the report
+for the call. A snapshot file is rendered from its file, as a timeline's (a Ray worker gets
+the file's bytes); a network by name or a module, from the module in memory. Drift and cross-activation are measured on the 8-bit tiles, as the report
 measures them.
 
 With `diff`, each channel also gets what it gained and what it lost from A to B (the
@@ -306,10 +307,26 @@ class LayerSimilarity:
 
 @dataclasses.dataclass
 class _Side:
-    """One of the two networks as the renders need it: where its tiles are cached."""
+    """One of the two networks as the renders need it: what its tiles are rendered from (the
+    snapshot file, as a timeline plans it, so that a Ray worker reads the file's bytes; a
+    network that is no file is held in memory), the checksum naming them, the module itself
+    (for the cross-activations) and where its tiles are cached."""
 
-    source: HeldNetwork
+    source: Path | HeldNetwork
+    checksum: str
+    module: nn.Module
     cache: TileCache
+
+
+def _side(net: Network, loose_cache: Path) -> _Side:
+    from ..run import tile_cache_dir
+
+    run = _run_of(net.path)
+    cache = TileCache(tile_cache_dir(run) if run is not None else loose_cache)
+    if net.path is not None and net.meta is not None:  # a snapshot file, named by the checksum it records
+        return _Side(net.path, net.meta.checksum, net.module, cache)
+    held = hold_network(net.module, net.meta.checksum if net.meta is not None else None)
+    return _Side(held, held.checksum, net.module, cache)
 
 
 @dataclasses.dataclass
@@ -329,12 +346,7 @@ class _Renders:
                  rows: list[dict[str, Any]], loose_cache: Path, how: dict[str, Any], diff: bool = False):
         from ..run import tile_cache_dir
 
-        def side(net: Network) -> _Side:
-            run = _run_of(net.path)
-            return _Side(hold_network(net.module, net.meta.checksum if net.meta is not None else None),
-                         TileCache(tile_cache_dir(run) if run is not None else loose_cache))
-
-        self.a, self.b = side(side_a), side(side_b)
+        self.a, self.b = _side(side_a, loose_cache), _side(side_b, loose_cache)
         self.layer, self.settings, self.rows, self.how = layer, settings, rows, how
         self.done: dict[int, tuple[np.ndarray | None, np.ndarray | None]] = {}  # channel -> (A's, B's), None: failed
         self.changes: dict[int, _Change] = {}
@@ -342,7 +354,7 @@ class _Renders:
         self.pair_cache: TileCache | None = None
         if diff:  # cached with the run's tiles, as A's and B's: a pair of a run's snapshots belongs to it
             run = _run_of(side_a.path) or _run_of(side_b.path)
-            self.pair = pair_source(self.a.source, self.b.source, self.a.source.checksum, self.b.source.checksum)
+            self.pair = pair_source(self.a.source, self.b.source, self.a.checksum, self.b.checksum)
             self.pair_cache = TileCache(tile_cache_dir(run) if run is not None else loose_cache)
 
     def unwritten(self, e: OSError) -> Exception:
@@ -356,14 +368,14 @@ class _Renders:
                               "are kept) and no sheet was written",
                            "run the same command again: it renders only the missing tiles")
 
-    def _tiles(self, source: HeldNetwork | PairSource, cache: TileCache, settings: RenderSettings,
-               chans: list[int], mark_silent: bool = False) -> list[Any]:
+    def _tiles(self, source: Path | HeldNetwork | PairSource, checksum: str, cache: TileCache,
+               settings: RenderSettings, chans: list[int], mark_silent: bool = False) -> list[Any]:
         """The tiles of CHANS from SOURCE: each an image, None where it failed, and with
         MARK_SILENT grid.NO_RESPONSE where the objective never had a gradient."""
         from ..grid import NO_RESPONSE
         from ..metrics.drift import read_image
 
-        requests = [TileRequest(source, source.checksum, self.layer, c) for c in chans]
+        requests = [TileRequest(source, checksum, self.layer, c) for c in chans]
         plan = plan_jobs(requests, cache, settings=settings)
         report = render_tiles(plan, cache, show_steps=True, **self.how)
         out: list[Any] = []
@@ -381,7 +393,8 @@ class _Renders:
         chans = [c for c in chans if c not in self.changes]
         if self.pair is None or self.pair_cache is None or not chans:
             return
-        gained, lost = (self._tiles(self.pair, self.pair_cache, self.settings.replace(objective=objective), chans,
+        gained, lost = (self._tiles(self.pair, self.pair.checksum, self.pair_cache,
+                                    self.settings.replace(objective=objective), chans,
                                     mark_silent=True) for objective in ("gained", "lost"))
         self.changes.update({c: _Change(gained[i], lost[i]) for i, c in enumerate(chans)})
 
@@ -402,14 +415,14 @@ class _Renders:
         chans = [c for c in chans if c not in self.done]
         if not chans:
             return
-        ia, ib = (self._tiles(s.source, s.cache, self.settings, chans) for s in (self.a, self.b))
+        ia, ib = (self._tiles(s.source, s.checksum, s.cache, self.settings, chans) for s in (self.a, self.b))
         self.done.update({c: (ia[i], ib[i]) for i, c in enumerate(chans)})
         ok = [i for i in range(len(chans)) if ia[i] is not None and ib[i] is not None]
         if not ok:
             return
         targets = [(self.layer, chans[i]) for i in ok]
         d = visual_drift([ia[i] for i in ok], [ib[i] for i in ok])
-        x_ba, x_ab = cross_activation(self.a.source.module, self.b.source.module, targets, [ia[i] for i in ok],
+        x_ba, x_ab = cross_activation(self.a.module, self.b.module, targets, [ia[i] for i in ok],
                                       [ib[i] for i in ok])
         for j, i in enumerate(ok):
             self.rows[chans[i]].update(drift=float(d[j]), cross_b_on_a=float(x_ba[j]), cross_a_on_b=float(x_ab[j]))
