@@ -197,6 +197,7 @@ def test_open_network_builds_a_timm_vit_at_a_small_size():
     assert net.info.img_size == 32 and net.module(torch.zeros(1, 3, 32, 32)).shape == (1, 1000)
 
 
+@pytest.mark.slow  # test-fast stays under a minute: trains, spawns or builds a large network
 def test_vit_trains_with_a_block_cutoff_and_its_timeline_renders(vit, tmp_path):
     from featureshift.commands.timeline import timeline
     from featureshift.commands.train import train

@@ -128,8 +128,9 @@ def imports_in(module: str, tree: ast.Module) -> list[Import]:
     return found
 
 
-def imports(module: str) -> list[Import]:
-    return imports_in(module, tree_of(module))
+@functools.lru_cache(maxsize=None)  # several checks read every module's imports: walk each tree once
+def imports(module: str) -> tuple[Import, ...]:
+    return tuple(imports_in(module, tree_of(module)))
 
 
 def internal_edges() -> dict[str, set[str]]:

@@ -52,7 +52,9 @@ def test_cli_sheet_and_table(run, tmp_path):
 
 def test_different_architectures_and_bad_choices_are_clear_errors(run, tmp_path):
     snap = str(run / "snapshots/001.safetensors")
-    r = CliRunner().invoke(main, ["compare", "resnet18", snap, "--weights", "random", "--layer", "layer1", "-q"])
+    # SqueezeNet 1.0 against a 1.1 snapshot: another architecture that is quick to build
+    r = CliRunner().invoke(main, ["compare", "squeezenet1_0", snap, "--weights", "random", "--layer", "features.3",
+                                  "-q"])
     assert r.exit_code == 2
     assert "different architectures" in r.output and "Traceback" not in r.output
     with pytest.raises(FeatureshiftError, match="not a layer"):

@@ -91,7 +91,7 @@ def test_a_new_head_starts_small_and_learns_at_lr_while_pretrained_layers_learn_
     assert len(groups) == 1 and groups[0]["lr_scale"] == 1.0
 
 
-def test_the_scale_is_stored_with_the_run_and_a_resume_keeps_the_rates(digits, tmp_path):
+def test_the_scale_is_stored_with_the_run_and_a_resume_keeps_the_rates(tmp_path):
     from _digits import export_digits
 
     data = export_digits(tmp_path / "few", per_class=6)
@@ -106,6 +106,7 @@ def test_the_scale_is_stored_with_the_run_and_a_resume_keeps_the_rates(digits, t
     assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [pytest.approx(1e-3), pytest.approx(1e-4)]
 
 
+@pytest.mark.slow  # test-fast stays under a minute: trains, spawns or builds a large network
 def test_a_run_made_before_the_scale_existed_resumes_with_every_layer_at_lr(tmp_path):
     from _digits import export_digits
 

@@ -78,6 +78,7 @@ def test_unknown_method_and_missing_image(squeeze):
 
 # --- MACO -------------------------------------------------------------------------------
 
+@pytest.mark.slow  # test-fast stays under a minute: trains, spawns or builds a large network
 def test_shipped_spectrum_is_the_sample_photos_spectrum():
     shipped, made = load_spectrum(), sample_photo_spectrum()
     assert shipped.shape == (3, 256, 129)

@@ -90,6 +90,7 @@ def test_layer_listing_vgg16_and_squeezenet(squeezenet):
     assert sq["features.12"].channels == 512
 
 
+@pytest.mark.slow  # test-fast stays under a minute: trains, spawns or builds a large network
 def test_layer_listing_inception_v3_at_its_input_size():
     model = open_network("inception_v3", weights="random").module
     assert model_info(model).input_size == 299

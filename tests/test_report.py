@@ -268,7 +268,8 @@ def test_a_tile_of_a_channel_that_does_not_respond_is_marked_in_the_report(tmp_p
     from featureshift.jobs.cache import read_tile, write_tile
 
     run = make_run(tmp_path, photos, only_first=True)
-    build_report(run, [LAYER], "2", image_size=IMAGE_SIZE, quiet=True, **RENDER)
+    lean = dict(examples=0, accent=False)  # the timeline's tile is what is checked: no photos needed
+    build_report(run, [LAYER], "2", image_size=IMAGE_SIZE, quiet=True, **lean, **RENDER)
     from featureshift.jobs.cache import read_tile_about
 
     # a tile of the timeline (the cache also holds the accentuations of the channel pages)
@@ -277,7 +278,7 @@ def test_a_tile_of_a_channel_that_does_not_respond_is_marked_in_the_report(tmp_p
     image, about = read_tile(tile)
     write_tile(tile, image, {**about, "no_response": True})  # as a render whose channel never responded
     shutil.rmtree(run / "report")
-    index = build_report(run, [LAYER], "2", image_size=IMAGE_SIZE, quiet=True, **RENDER)
+    index = build_report(run, [LAYER], "2", image_size=IMAGE_SIZE, quiet=True, **lean, **RENDER)
     shown = np.asarray(Image.open(index.parent / "img" / "renders" / tile.name).convert("RGB"))
     assert (shown == NO_RESPONSE_FILL).all(-1).mean() > 0.5
 

@@ -15,7 +15,9 @@ def outputs(model, seed=0):
         return model(x)
 
 
-@pytest.mark.parametrize("arch", ["squeezenet1_1", "googlenet", "resnet18"])
+# googlenet's auxiliary heads and resnet18's batch norm take a second each to build: `make test`
+@pytest.mark.parametrize("arch", ["squeezenet1_1", *(pytest.param(a, marks=pytest.mark.slow)
+                                                     for a in ("googlenet", "resnet18"))])
 def test_round_trip_gives_identical_outputs(tmp_path, arch):
     model = open_network(arch, weights="random", num_classes=5).module
     featureshift.model_info(model).class_names = ["a b", "ü", "<b>", "d", "e"]

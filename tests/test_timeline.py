@@ -274,6 +274,7 @@ def test_one_render_call_per_snapshot_with_all_its_targets(tmp_path, model, monk
     assert (run / "timeline" / "logits" / "merged.png").is_file()
 
 
+@pytest.mark.slow  # test-fast stays under a minute: trains, spawns or builds a large network
 def test_train_visualize_renders_each_snapshot_and_resume_renders_the_rest(tmp_path):
     from featureshift.data import make_synthetic_dataset
 

@@ -60,8 +60,8 @@ def test_snapshots_before_training_and_every_k(data, tmp_path):
 
 def test_frozen_layers_stay_bit_identical(data, tmp_path):
     # resnet18 has batch norm: frozen ones must keep their running statistics too
-    run = fit(data, tmp_path / "run", model="resnet18", weights="random", cutoff="layer2", epochs=2, image_size=32)
-    first, last = (load_file(str(p)) for p in (snapshot_path(run, 0), snapshot_path(run, 2)))
+    run = fit(data, tmp_path / "run", model="resnet18", weights="random", cutoff="layer2", epochs=1, image_size=32)
+    first, last = (load_file(str(p)) for p in (snapshot_path(run, 0), snapshot_path(run, 1)))
     frozen = read_run(run)["cutoff"]["frozen"]
     assert frozen[0] == "conv1" and frozen[-1] == "layer2.1.bn2"
     for k in first:
@@ -86,6 +86,7 @@ def test_cutoff_by_count_and_by_name():
         plan_cutoff(model, 99, 64)
 
 
+@pytest.mark.slow  # test-fast stays under a minute: trains, spawns or builds a large network
 def test_the_number_of_workers_does_not_change_the_result(data, tmp_path):
     # Augmentation is seeded per sample from the main process, so a run is reproducible on
     # another machine with another default worker count.
@@ -381,12 +382,14 @@ def uninterrupted(data, tmp_path_factory):
     return fit(data, tmp_path_factory.mktemp("whole") / "run", epochs=3, cutoff="features.5")
 
 
+# Each case trains the run twice; the first two answer the two ways out (resume, or run again),
+# the rest are left to `make test`.
 @pytest.mark.parametrize("name, nth, code", [
-    ("002.safetensors", 1, "ENOSPC"),
     ("train_state.pt", 3, "ENOSPC"),  # epochs 0, 1, 2
-    ("metrics.jsonl", 3, "EDQUOT"),
-    ("run.json", 4, "EROFS"),  # at the start, then epochs 0, 1, 2
     ("split.json", 1, "ENOSPC"),  # before anything is saved
+    pytest.param("002.safetensors", 1, "ENOSPC", marks=pytest.mark.slow),
+    pytest.param("metrics.jsonl", 3, "EDQUOT", marks=pytest.mark.slow),
+    pytest.param("run.json", 4, "EROFS", marks=pytest.mark.slow),  # at the start, then epochs 0, 1, 2
 ])
 def test_a_full_disk_stops_training_with_a_clear_error_and_the_run_resumes(data, tmp_path, monkeypatch, uninterrupted,
                                                                             name, nth, code):
