@@ -229,6 +229,7 @@ def random_googlenet():
     return open_network("googlenet", weights="random").module
 
 
+@pytest.mark.slow  # test-fast stays under a minute; a cheaper test covers the same path
 def test_a_randomly_initialized_network_gives_pictures_not_flat_grey(random_googlenet):
     kw = dict(size=64, quiet=True)
     start = render(random_googlenet, [("inception4c", c) for c in range(3)], steps=0, **kw)

@@ -205,6 +205,7 @@ def test_without_accentuation(report, tmp_path, monkeypatch):
     assert not (index.parent / "img" / "accent").exists() and "accentuations of" not in index.read_text()
 
 
+@pytest.mark.slow  # test-fast stays under a minute; a cheaper test covers the same path
 def test_a_run_with_only_the_first_snapshot(tmp_path, photos):
     run = make_run(tmp_path, photos, only_first=True)
     r = CliRunner().invoke(main, ["report", str(run), "--layer", LAYER, "--channels", "2", "--steps", str(RENDER["steps"]),

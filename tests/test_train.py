@@ -438,18 +438,18 @@ def test_a_snapshot_records_the_size_it_was_trained_at(data, tmp_path):
     from featureshift.models.layers import list_layers
     from featureshift.snapshot import save_snapshot
 
-    run = fit(data, tmp_path / "run", epochs=1, image_size=64)
+    run = fit(data, tmp_path / "run", epochs=1, image_size=48)
     snap = snapshot_path(run, 1)
     meta = read_meta(snap)
-    assert (meta.info.input_size, meta.info.resize_size) == (64, 73)  # 256/224 of 64
+    assert (meta.info.input_size, meta.info.resize_size) == (48, 55)  # 256/224 of 48
     r = CliRunner().invoke(main, ["info", str(snap)])
-    assert r.exit_code == 0 and re.search(r"input\s+64\s*px", r.output), r.output
+    assert r.exit_code == 0 and re.search(r"input\s+48\s*px", r.output), r.output
     model = featureshift.open_network(snap).module
-    expected = {l.name: f"{l.height}x{l.width}" for l in list_layers(model, 64)}
+    expected = {l.name: f"{l.height}x{l.width}" for l in list_layers(model, 48)}
     r = CliRunner().invoke(main, ["layers", str(snap)])
     rows = [line.split("\t") for line in r.output.strip().splitlines()]
     assert r.exit_code == 0 and {row[0]: row[-1] for row in rows if row[0] in expected} == expected
-    assert expected["features.0"] == "31x31"  # not 111x111, as at 224 px
+    assert expected["features.0"] == "23x23"  # not 111x111, as at 224 px
 
     # snapshots written before the size was recorded take it from their training configuration
     old = featureshift.open_network("squeezenet1_1", weights="random").module
