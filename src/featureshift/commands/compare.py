@@ -402,9 +402,9 @@ class _Renders:
         """The layer's render-noise floor: A's renders of CHOSEN (and others rendered, up to
         FLOOR_CHANNELS) against A's second renders with the next seed; written into the rows."""
         sample = [c for c in floor_channels(chosen, sorted(self.done)) if self.done.get(c, (None,))[0] is not None]
-        second = self._tiles(self.a.source, self.a.cache, self.settings.replace(seed=floor_seed(self.settings.seed)),
-                             sample)
-        floor = noise_floor(self.a.source.module, self.layer, {c: self.done[c][0] for c in sample},
+        second = self._tiles(self.a.source, self.a.checksum, self.a.cache,
+                             self.settings.replace(seed=floor_seed(self.settings.seed)), sample)
+        floor = noise_floor(self.a.module, self.layer, {c: self.done[c][0] for c in sample},
                             {c: image for c, image in zip(sample, second) if image is not None})
         for r in self.rows:
             r["drift_floor"], r["kept_floor"] = floor.drift, floor.kept
