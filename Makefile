@@ -18,8 +18,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-# The tests not marked slow, for while you work (47 s, 42 s of CPU, on this 2-core Xeon at load 2,
-# 2026-12-05); `make test` runs them all.
+# The tests not marked slow, for while you work (55 s, 56 s of CPU, on this 2-core Xeon with nothing
+# else running, load 2 from the run itself, 2026-12-06; 119 s while other tests shared the cores);
+# `make test` runs them all.
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 

@@ -129,6 +129,7 @@ def test_vis_renders_a_vit_block(vit, tmp_path):
         assert a.std() > 8  # a picture, not the flat starting noise (about 1 grey level)
 
 
+@pytest.mark.slow  # test-fast stays under a minute; a cheaper test covers the same path
 def test_compare_and_metrics_on_two_vit_states(vit_states, tmp_path):
     probe = tmp_path / "probe"
     probe.mkdir()

@@ -37,6 +37,7 @@ def test_most_changed_channels_of_two_snapshots(run, tmp_path):
     assert "most changed by weight" in most and " 3 " in most and " 5 " in most
 
 
+@pytest.mark.slow  # test-fast stays under a minute; a cheaper test covers the same path
 def test_cli_sheet_and_table(run, tmp_path):
     out = tmp_path / "c.png"
     r = CliRunner().invoke(main, ["compare", str(run / "snapshots/000.safetensors"), str(run / "snapshots/001.safetensors"),

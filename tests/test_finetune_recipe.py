@@ -91,6 +91,7 @@ def test_a_new_head_starts_small_and_learns_at_lr_while_pretrained_layers_learn_
     assert len(groups) == 1 and groups[0]["lr_scale"] == 1.0
 
 
+@pytest.mark.slow  # test-fast stays under a minute: trains, spawns or builds a large network
 def test_the_scale_is_stored_with_the_run_and_a_resume_keeps_the_rates(tmp_path):
     from _digits import export_digits
 

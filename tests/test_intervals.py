@@ -103,6 +103,7 @@ def test_too_few_different_images_give_no_interval_rather_than_a_wrong_one():
     assert np.isnan(iv.low) and np.isnan(iv.high)
 
 
+@pytest.mark.slow  # test-fast stays under a minute; a cheaper test covers the same path
 def test_run_metrics_writes_the_intervals_beside_the_unchanged_columns(tmp_path, photos):
     from _fakerun import LAYER, make_run
 

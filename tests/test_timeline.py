@@ -241,6 +241,7 @@ def test_visualizer_hook_keeps_merged_current(tmp_path, model):
     assert hook.close() is hook.result
 
 
+@pytest.mark.slow  # test-fast stays under a minute; a cheaper test covers the same path
 def test_visualizer_in_background_renders_everything_by_close(tmp_path, model):
     run = tmp_path / "run"
     hook = SnapshotVisualizer(LAYER, 1, device="cpu", background=True, **FAST)

@@ -60,6 +60,7 @@ def test_inception_trains_its_auxiliary_classifier_where_it_fits(tiny, tmp_path)
     assert net.AuxLogits is not None and net.AuxLogits.fc.out_features == 2
 
 
+@pytest.mark.slow  # test-fast stays under a minute: trains, spawns or builds a large network
 def test_below_the_smallest_size_the_error_names_it(tiny, tmp_path):
     for model, size, smallest in (("inception_v3", 74, 75), ("squeezenet1_1", 16, 17)):
         with pytest.raises(FeatureshiftError, match=f"smallest size it accepts is {smallest} px"):
