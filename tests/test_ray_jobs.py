@@ -269,7 +269,7 @@ def test_compare_on_ray_sends_a_snapshot_as_its_file_and_a_named_network_as_a_mo
         assert result.renders_a[0] is not None and result.renders_gained[0] is not None
         sheets[where] = out.read_bytes()
         caches[where] = {p.name: p.read_bytes() for p in sorted((tmp_path / where / "sheet_cache").glob("*.png"))}
-    assert len(caches["local"]) == 4  # A, B, and what channel 0 gained and lost
+    assert len(caches["local"]) == 5  # A, B, what channel 0 gained and lost, A again for the noise floor
     assert caches["auto"] == caches["local"] and sheets["auto"] == sheets["local"]
     # Ray got the snapshot as its file (the worker reads the bytes), the network built by name as a module
     assert {type(s).__name__ for s in sent} == {type(snap).__name__, HeldNetwork.__name__}
