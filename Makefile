@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/timeline_speed.py
 	$(PY) benchmarks/ray_speed.py
 	$(PY) benchmarks/atlas_speed.py
+	$(PY) benchmarks/floor_cost.py
 	$(PY) benchmarks/render_speed.py
 
 clean:
