@@ -91,10 +91,14 @@ def test_a_rebuilt_report_finds_its_floors_cached_and_without_floors_states_none
     monkeypatch.setattr(render_module, "render", lambda *a, **k: pytest.fail("rendered: every tile is cached"))
     build_report(copy_, [LAYER], CHANNELS, image_size=IMAGE_SIZE, quiet=True, accent=False, **RENDER)
     assert json.loads((copy_ / "metrics" / "summary.json").read_text())["floors"]["layers"][LAYER]
+    assert (copy_ / "metrics" / "checks.csv").is_file()
     index = build_report(copy_, [LAYER], CHANNELS, image_size=IMAGE_SIZE, quiet=True, accent=False, floor=False,
-                         **RENDER)
-    assert json.loads((copy_ / "metrics" / "summary.json").read_text())["floors"] == {}
-    assert "noise floor" not in index.read_text()
+                         checks=False, **RENDER)
+    summary = json.loads((copy_ / "metrics" / "summary.json").read_text())
+    assert summary["floors"] == {} and summary["self_checks"] == {}
+    text = index.read_text()
+    assert "noise floor" not in text and "pass their self-checks" not in text and "failed a self-check" not in text
+    assert not (copy_ / "metrics" / "checks.csv").exists()  # no earlier build's checks left to be read as these
     rows = list(csv.DictReader((copy_ / "metrics" / "channels.csv").open()))
     assert {r["kept_floor"] for r in rows} == {""}
 
@@ -117,7 +121,7 @@ def test_atlas_dry_run_counts_the_floor_renders_and_no_floor_leaves_them_out(rep
 @pytest.mark.parametrize("command", ["atlas", "report", "compare"])
 def test_every_command_that_judges_change_offers_no_floor(command):
     out = CliRunner().invoke(main, [command, "--help"]).output
-    assert "--no-floor" in out
+    assert "--no-floor" in out and ("--no-checks" in out) == (command == "report")
 
 
 # ---------------------------------------------------------------- calibration on a real network

@@ -96,7 +96,11 @@ def test_the_checks_leave_the_cached_tiles_as_they_were(report, tmp_path):
 
     from _fakerun import IMAGE_SIZE
 
-    run, _ = report
+    import shutil
+
+    shared, _ = report
+    # a copy: measuring again rewrites RUN/metrics, which the other tests read from the shared run
+    run = shutil.copytree(shared, tmp_path / "run", ignore=shutil.ignore_patterns("report"))
     tiles = sorted((run / "timeline" / "cache").glob("*.png"))
     before = {p: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns) for p in tiles}
     renders = {}
@@ -109,6 +113,7 @@ def test_the_checks_leave_the_cached_tiles_as_they_were(report, tmp_path):
     off = run_metrics(run, [LAYER], {LAYER: CHANNELS}, renders=renders, image_size=IMAGE_SIZE, overview=[LAYER],
                       quiet=True, resamples=0, self_checks=False)
     assert off.checks is None and "checks" not in off.files
+    assert not (run / "metrics" / "checks.csv").exists()  # the earlier checks are not left to be read as these
 
 
 def test_the_layer_and_channel_pages_show_a_badge_per_tile_with_its_values(report):

@@ -232,12 +232,15 @@ def compare(a, b, layer, columns, channels, most_changed, by, output, weights, t
 @click.option("--diff/--no-diff", default=True, show_default=True,
               help="On the channel pages of the timelines' and the most changed channels: what each gained and lost "
                    "from the first to the last snapshot (two renders per channel, of both snapshots at once, cached).")
+@click.option("--checks/--no-checks", default=True, show_default=True,
+              help="Check every rendered picture against the probe images (a badge per tile; docs/metrics.md, "
+                   "\"Self-checks\"): --no-checks saves their few seconds.")
 @click.option("--open", "open_browser", is_flag=True, help="Open the report in the web browser.")
 @ray_option
 @quiet_option
 @handle_errors
 def report(run, layers, columns, channels, examples, probe, probe_limit, image_size, device, batch_size, accent,
-           floor, diff, open_browser, ray, quiet, **render):
+           floor, diff, checks, open_browser, ray, quiet, **render):
     """Write the HTML report of the training run RUN to RUN/report/ and print its path.
 
     A static folder that opens from disk (no server, no network): configuration and dataset,
@@ -256,7 +259,7 @@ def report(run, layers, columns, channels, examples, probe, probe_limit, image_s
     check_exclusive(columns, channels)
     index = build_report(run, list(layers) or None, channels if channels is not None else columns, probe=probe,
                          probe_limit=probe_limit, image_size=image_size, examples=examples, device=device,
-                         batch_size=batch_size, accent=accent, floor=floor, diff=diff,
+                         batch_size=batch_size, accent=accent, floor=floor, diff=diff, checks=checks,
                          open_browser=open_browser, quiet=quiet, ray=ray,
                          **{k: v for k, v in render.items() if v is not None})
     click.echo(str(index))

@@ -108,7 +108,7 @@ def build_report(run_dir: str | os.PathLike, layers: str | Sequence[str] | None 
                  probe_limit: int | None = 256, image_size: int | None = None, examples: int = 6,
                  settings: RenderSettings | None = None, device: str = "auto", batch_size: int | None = None,
                  open_browser: bool = False, quiet: bool = False, ray: str | None = None, accent: bool = True,
-                 floor: bool = True, diff: bool = True, **changes) -> Path:
+                 floor: bool = True, diff: bool = True, checks: bool = True, **changes) -> Path:
     """Write RUN/report/ and return the path of its index.html.
 
     layers: the layers to render and rank channel by channel (default: those the run has
@@ -123,11 +123,11 @@ def build_report(run_dir: str | os.PathLike, layers: str | Sequence[str] | None 
     snapshot (`accentuate_examples`, cached like the timeline's renders). diff: show on the channel
     pages of the timelines' and the most changed channels what each gained and lost from the
     first to the last snapshot (`render_changes`, cached likewise); the probe images whose
-    activation rose and fell most are shown there either way.
-    ray: where the timelines render (None: here; "auto" or a cluster address: on Ray).
-    floor: render a sample of each layer's channels a second time at the reference snapshot
+    activation rose and fell most are shown there either way. ray: where the timelines
+    render (None: here; "auto" or a cluster address: on Ray). floor: render a sample of each layer's channels a second time at the reference snapshot
     (another seed) for the render-noise floors (`metrics.floors`): a channel is called changed
-    only beyond them (False: no floors, every change is reported as measured).
+    only beyond them (False: no floors, every change is reported as measured). checks:
+    self-check every rendered tile against the probe images (`metrics.checks`; badges).
     """
     from ..metrics.driver import run_metrics
     from ..run import list_snapshots, read_metrics, read_run
@@ -155,8 +155,8 @@ def build_report(run_dir: str | os.PathLike, layers: str | Sequence[str] | None 
         floor_tiles = render_report_floors(run_dir, first, renders, measured, device=device, batch_size=batch_size,
                                            quiet=quiet, ray=ray) if floor else {}
         m = run_metrics(run_dir, measured, {l: renders.chosen[l] for l in measured}, renders=renders.tiles,
-                        floor_renders=floor_tiles, probe=probe, probe_limit=probe_limit, image_size=image_size, examples=examples,
-                        device=device, quiet=quiet)
+                        floor_renders=floor_tiles, probe=probe, probe_limit=probe_limit, image_size=image_size,
+                        examples=examples, device=device, quiet=quiet, self_checks=checks)
         if accent:
             # Only the timelines' channels: an accentuation is a render per snapshot, and an atlas of
             # hundreds of channels would multiply the report's cost (the demo's: 75 s -> 8 min).

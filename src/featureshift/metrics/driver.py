@@ -450,6 +450,8 @@ def write_run_metrics(out_dir: Path, m: RunMetrics) -> None:
     if m.checks is not None:
         files["checks"] = out_dir / "checks.csv"
         _write_csv(files["checks"], [t.row() for t in m.checks], ("layer", "epoch", "channel", *CHECK_COLUMNS))
+    else:  # an earlier run's checks would read as this one's
+        (out_dir / "checks.csv").unlink(missing_ok=True)
     m.files = files
 
 
