@@ -102,6 +102,14 @@ def shared_run(tmp_path_factory, photos) -> Path:
     return _BUILT["run"]
 
 
+def copy_of_run(run: Path, dest: Path) -> Path:
+    """A copy of RUN at DEST without its report, its caches included: for a test that builds or
+    measures again, which rewrites RUN/metrics and RUN/report, without touching the shared run."""
+    import shutil
+
+    return Path(shutil.copytree(run, dest, ignore=shutil.ignore_patterns("report")))
+
+
 def shared_report(tmp_path_factory, photos):
     """(run, report index) built once per test session, shared by the metrics, report and browser tests."""
     if "index" not in _BUILT:

@@ -3,7 +3,6 @@ retention (with its bootstrap interval) that sums up what a channel's dataset ex
 import copy
 import csv
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -132,11 +131,10 @@ def test_the_retention_interval_is_seeded_and_narrows_as_the_probe_set_grows():
 
 def test_run_metrics_writes_the_shifts_and_the_retention_beside_what_was_there(tmp_path_factory, photos, tmp_path):
     import featureshift
-    from _fakerun import CHANGED, IMAGE_SIZE, LAYER, shared_run
+    from _fakerun import CHANGED, IMAGE_SIZE, LAYER, copy_of_run, shared_run
 
-    run = tmp_path / "run"
     # (the probe statistics come along where the shared report has made them)
-    shutil.copytree(shared_run(tmp_path_factory, photos), run, ignore=shutil.ignore_patterns("report"))
+    run = copy_of_run(shared_run(tmp_path_factory, photos), tmp_path / "run")
     m = featureshift.run_metrics(run, [LAYER], {LAYER: [2, 3, 5]}, image_size=IMAGE_SIZE, quiet=True, resamples=50)
     assert (LAYER, 3, 0) not in m.shifts  # nothing to compare the reference with
     for epoch in (1, 2):

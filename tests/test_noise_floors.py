@@ -15,7 +15,7 @@ from featureshift.cli import main
 from featureshift.metrics.adaptation import both_measured, called_repurposed, channel_fate, layer_fates
 from featureshift.metrics.floors import FLOOR_CHANNELS, count_beyond_noise, floor_channels, floors_from
 
-from _fakerun import CHANNELS, IMAGE_SIZE, LAYER, RENDER, shared_report
+from _fakerun import CHANNELS, IMAGE_SIZE, LAYER, RENDER, copy_of_run, shared_report
 from test_atlas import _metrics
 
 
@@ -80,14 +80,11 @@ def test_the_report_measures_floors_writes_them_beside_the_measures_and_its_find
 
 @pytest.mark.slow
 def test_a_rebuilt_report_finds_its_floors_cached_and_without_floors_states_none(report, tmp_path, monkeypatch):
-    import shutil
-
     import featureshift.optvis.engine as render_module
     from featureshift.commands.report import build_report
 
     run, _ = report
-    copy_ = tmp_path / "run"
-    shutil.copytree(run, copy_, ignore=shutil.ignore_patterns("report"))
+    copy_ = copy_of_run(run, tmp_path / "run")
     monkeypatch.setattr(render_module, "render", lambda *a, **k: pytest.fail("rendered: every tile is cached"))
     build_report(copy_, [LAYER], CHANNELS, image_size=IMAGE_SIZE, quiet=True, accent=False, **RENDER)
     assert json.loads((copy_ / "metrics" / "summary.json").read_text())["floors"]["layers"][LAYER]
@@ -104,11 +101,8 @@ def test_a_rebuilt_report_finds_its_floors_cached_and_without_floors_states_none
 
 
 def test_atlas_dry_run_counts_the_floor_renders_and_no_floor_leaves_them_out(report, tmp_path):
-    import shutil
-
     run, _ = report
-    copy_ = tmp_path / "run"
-    shutil.copytree(run, copy_, ignore=shutil.ignore_patterns("report"))
+    copy_ = copy_of_run(run, tmp_path / "run")
     with_floor = CliRunner().invoke(main, ["atlas", str(copy_), "--layer", "features.3.expand1x1_activation",
                                            "--steps", "4", "--size", "32", "--dry-run"])
     assert with_floor.exit_code == 0, with_floor.output

@@ -11,7 +11,7 @@ from featureshift.errors import FeatureshiftError
 from featureshift.commands.report import build_report
 from featureshift.report.site import channel_page, layer_page
 
-from _fakerun import CHANNELS, EVIL, IMAGE_SIZE, LAYER, RENDER, make_run, shared_report
+from _fakerun import CHANNELS, EVIL, IMAGE_SIZE, LAYER, RENDER, copy_of_run, make_run, shared_report
 
 
 @pytest.fixture(scope="module")
@@ -197,8 +197,7 @@ def test_without_accentuation(report, tmp_path, monkeypatch):
     import featureshift.optvis.engine as render_module
 
     run, _ = report
-    copy = tmp_path / "run"
-    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("report"))
+    copy = copy_of_run(run, tmp_path / "run")
     monkeypatch.setattr(render_module, "render", lambda *a, **k: pytest.fail("rendered: every tile is cached"))
     index = build_report(copy, [LAYER], CHANNELS, image_size=IMAGE_SIZE, quiet=True, accent=False, **RENDER)
     assert not any('id="accentuation"' in (index.parent / channel_page(LAYER, c)).read_text() for c in CHANNELS)

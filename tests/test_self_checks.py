@@ -96,11 +96,11 @@ def test_the_checks_leave_the_cached_tiles_as_they_were(report, tmp_path):
 
     from _fakerun import IMAGE_SIZE
 
-    import shutil
+    from _fakerun import copy_of_run
 
     shared, _ = report
     # a copy: measuring again rewrites RUN/metrics, which the other tests read from the shared run
-    run = shutil.copytree(shared, tmp_path / "run", ignore=shutil.ignore_patterns("report"))
+    run = copy_of_run(shared, tmp_path / "run")
     tiles = sorted((run / "timeline" / "cache").glob("*.png"))
     before = {p: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns) for p in tiles}
     renders = {}
