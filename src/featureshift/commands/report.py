@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from ..errors import FeatureshiftError
 from ..io import WriteError, current_umask, is_write_error, write_error
-from ..jobs.cache import read_tile_about
+from ..jobs.cache import read_tile_about, tile_settings
 from ..optvis.settings import DEFAULT_SETTINGS, RenderSettings
 from ..report.changes import ChannelChange
 from ..report.site import REPORT_DIR, Accentuation, ReportInputs, write_site
@@ -290,13 +290,9 @@ def render_report_floors(run_dir: Path, reference: State, renders: ReportRenders
     wanted = {}
     for layer in layers:
         for c in floor_channels(renders.timeline_channels.get(layer, []), renders.chosen.get(layer, [])):
-            tile = renders.tiles.get((layer, reference.epoch, c))
-            try:
-                about = read_tile_about(tile) if tile is not None else None
-            except (OSError, ValueError):
-                about = None
-            if about:
-                wanted[(layer, c)] = RenderSettings.from_record(about)
+            settings = tile_settings(renders.tiles.get((layer, reference.epoch, c)))
+            if settings is not None:
+                wanted[(layer, c)] = settings
     cache = TileCache(tile_cache_dir(run_dir))
     return render_floors(plan_floors(reference, wanted, cache), cache, ray=ray, device=device, batch_size=batch_size,
                          quiet=quiet)
@@ -456,9 +452,8 @@ def render_changes(run_dir: str | os.PathLike, m, channels: dict[str, Sequence[i
     # One group per (settings, objective): a plan holds one set of settings.
     by_settings: dict[RenderSettings, list[tuple[str, int]]] = {}
     for layer, c in wanted:
-        try:
-            own = RenderSettings.from_record(read_tile_about(tiles[(layer, m.reference, c)]))
-        except (OSError, ValueError):
+        own = tile_settings(tiles[(layer, m.reference, c)])
+        if own is None:
             continue  # a damaged tile: its page shows what it can without its settings
         by_settings.setdefault(own.replace(objective="gained"), []).append((layer, c))
     groups = [(settings.replace(objective=objective), [TileRequest(pair, pair.checksum, layer, c, last)

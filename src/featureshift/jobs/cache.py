@@ -52,6 +52,18 @@ def read_tile_about(path: str | os.PathLike) -> dict[str, Any]:
         return json.loads(im.info.get(TILE_TEXT_KEY, "{}"))
 
 
+def tile_settings(path: str | os.PathLike | None) -> RenderSettings | None:
+    """The RenderSettings a cached tile was rendered with, from its header; None for no tile, or a
+    damaged or headerless one (a caller then leaves that channel out rather than stop)."""
+    if path is None:
+        return None
+    try:
+        about = read_tile_about(path)
+    except (OSError, ValueError):
+        return None
+    return RenderSettings.from_record(about) if about else None
+
+
 def write_tile(path: str | os.PathLike, image, about: dict[str, Any]) -> None:
     """Save IMAGE (a PIL image) atomically at PATH, tagged with ABOUT (stored as JSON)."""
     save_image(path, image, pnginfo=png_text(TILE_TEXT_KEY, about))
